@@ -1,0 +1,47 @@
+# nearvoice: `make run` starts an edge node, `make test` runs lint, types and tests.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+DATA   ?= .nearvoice
+PORT   ?= 8080
+
+.PHONY: run test lint typecheck pytest bench sysdeps clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+sysdeps:
+	./scripts/system-deps.sh
+
+$(DATA)/keys: | $(VENV)/.installed
+	mkdir -p $(DATA)
+	umask 077 && $(BIN)/nearvoice keygen > $@
+
+run: $(VENV)/.installed $(DATA)/keys
+	@echo "dev keys in $(DATA)/keys; sign with: export NEARVOICE_KEYS=\$$(cat $(DATA)/keys)"
+	NEARVOICE_KEYS="$$(cat $(DATA)/keys)" $(BIN)/nearvoice edge --port $(PORT) --data-dir $(DATA)/edge
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check edge tests bench
+	$(BIN)/ruff format --check edge tests bench
+
+typecheck: $(VENV)/.installed
+	$(BIN)/mypy
+
+pytest: $(VENV)/.installed sysdeps
+	$(BIN)/python -m pytest
+
+test: lint typecheck pytest
+
+bench: $(VENV)/.installed sysdeps
+	$(BIN)/python -m bench.hit_path
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

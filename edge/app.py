@@ -1,0 +1,93 @@
+"""The aiohttp application: routes, typed state and the resources' lifetimes.
+
+The request path starts in `edge.handlers.speech.speech`:
+authorize (`edge.token`) -> lookup (`edge.node`, hot tier then disk) -> deliver
+(`edge.http.deliver`, Range and preconditions) or, on a miss, render
+(`edge.synth.renderer`), store (`edge.cache.store`) and deliver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from edge.config import NodeConfig
+from edge.handlers import admin, health, speech
+from edge.handlers.keys import NODE
+from edge.http.middleware import errors_as_json
+from edge.keyring import Keyring
+from edge.node import Node
+from edge.synth.engine import Engine
+from edge.synth.hibari_engine import HibariEngine
+from edge.synth.renderer import Renderer
+
+log = logging.getLogger("nearvoice.app")
+SPEECH_ROUTE = r"/v1/speech/{key:[0-9a-f]{64}}.{ext:[a-z0-9]{1,8}}"
+
+
+def default_engines(config: NodeConfig) -> list[Engine]:
+    synth = config.synth
+    if not synth.enabled or not synth.voices:
+        return []
+    return [HibariEngine(voices=synth.voices, threads=synth.ort_threads)]
+
+
+def create_app(
+    config: NodeConfig, keyring: Keyring, *, engines: list[Engine] | None = None
+) -> web.Application:
+    """A node's application. `engines` overrides the configured ones (tests pass [])."""
+    app = web.Application(
+        middlewares=[errors_as_json], handler_args={"max_line_size": config.http.max_line_size}
+    )
+    node = Node(config, keyring, renderer=None)
+    chosen = default_engines(config) if engines is None else engines
+    if chosen:
+        node.renderer = Renderer(chosen, config.synth.workers, node.metrics)
+    app[NODE] = node
+    app.cleanup_ctx.append(_node_lifetime)
+
+    app.router.add_get(SPEECH_ROUTE, speech.speech)  # GET also answers HEAD
+    app.router.add_route("*", "/v1/speech/{tail:.*}", speech.malformed)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/metrics", health.metrics)
+    app.router.add_post("/admin/purge", admin.purge)
+    app.router.add_get("/admin/stats", admin.stats)
+    app.router.add_get("/admin/hotkeys", admin.hotkeys)
+    return app
+
+
+async def _node_lifetime(app: web.Application) -> AsyncIterator[None]:
+    node = app[NODE]
+    background = [
+        asyncio.create_task(_warm(node), name="warmup"),
+        asyncio.create_task(_flush_recency_forever(node), name="recency"),
+    ]
+    yield
+    for task in background:
+        task.cancel()
+    for task in background:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await node.flush_recency()
+    node.close()
+
+
+async def _warm(node: Node) -> None:
+    if node.renderer is not None:
+        await node.renderer.warmup()
+    node.ready = True
+    log.info("node ready")
+
+
+async def _flush_recency_forever(node: Node) -> None:
+    while True:
+        await asyncio.sleep(node.config.recency_flush)
+        try:
+            await node.flush_recency()
+        except Exception:
+            log.exception("recency flush failed")

@@ -1,0 +1,142 @@
+"""The hot tier: recently served objects, answered without an executor call or a disk read.
+
+Small objects are held as bytes. Larger ones are held as an open file descriptor, like
+nginx's open_file_cache, and sent with sendfile; the descriptor is reference counted so an
+entry evicted while a response is still sending it is closed only when that send ends.
+
+An entry is trusted for `revalidate_after` seconds and then looked up on disk again, which
+bounds how long an object evicted from disk by another worker can still be served. Purges
+are seen at once: every worker checks the shared purge stamp (one stat) before a hot hit.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.cache.meta import ObjectMeta
+
+
+@dataclass(frozen=True, slots=True)
+class HotSettings:
+    max_object_bytes: int = 2 * 1024**2
+    """Objects up to this many bytes are held in memory; larger ones by descriptor."""
+    memory_budget: int = 256 * 1024**2
+    """Bytes of bodies the tier may hold in memory."""
+    max_open_files: int = 1024
+    """Descriptors the tier may hold open."""
+    revalidate_after: float = 10.0
+    """Seconds an entry is served before the disk store is asked again."""
+
+
+class SharedFile:
+    """An open descriptor shared by the tier and the responses sending it."""
+
+    __slots__ = ("fd", "refs")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.refs = 1  # the tier's own reference
+
+    def acquire(self) -> SharedFile:
+        self.refs += 1
+        return self
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs == 0:
+            os.close(self.fd)
+
+
+@dataclass(slots=True)
+class HotEntry:
+    meta: ObjectMeta
+    body: bytes | None
+    file: SharedFile | None
+    checked_at: float
+
+    @property
+    def memory(self) -> int:
+        return len(self.body) if self.body is not None else 0
+
+
+class PurgeStamp:
+    """A file whose mtime changes on every purge, shared by all workers of a node."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.touch(exist_ok=True)
+        self.seen = self.read()
+
+    def read(self) -> int:
+        return os.stat(self.path).st_mtime_ns
+
+    def bump(self) -> None:
+        now = self.read() + 1
+        os.utime(self.path, ns=(now, now))
+
+    def changed(self) -> bool:
+        current = self.read()
+        if current != self.seen:
+            self.seen = current
+            return True
+        return False
+
+
+class HotTier:
+    def __init__(self, settings: HotSettings) -> None:
+        self.settings = settings
+        self._entries: OrderedDict[str, HotEntry] = OrderedDict()
+        self._memory = 0
+        self._files = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def memory(self) -> int:
+        return self._memory
+
+    def get(self, key: str, now: float) -> HotEntry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if now - entry.checked_at > self.settings.revalidate_after or not entry.meta.fresh(now):
+            self.drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put(self, meta: ObjectMeta, *, body: bytes | None, fd: int, now: float) -> HotEntry:
+        """Adds an object; takes ownership of `fd` when no body is given."""
+        self.drop(meta.key)
+        file = SharedFile(fd) if body is None else None
+        entry = HotEntry(meta, body, file, now)
+        self._entries[meta.key] = entry
+        self._memory += entry.memory
+        self._files += file is not None
+        self._shrink()
+        return entry
+
+    def drop(self, key: str) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        self._memory -= entry.memory
+        if entry.file is not None:
+            self._files -= 1
+            entry.file.release()
+        return True
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self.drop(key)
+
+    def _shrink(self) -> None:
+        limits = self.settings
+        while self._entries and (
+            self._memory > limits.memory_budget or self._files > limits.max_open_files
+        ):
+            self.drop(next(iter(self._entries)))

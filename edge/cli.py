@@ -1,0 +1,187 @@
+"""`nearvoice` command line (DESIGN.md section 4, a contract)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from pathlib import Path
+
+from edge.config import NodeConfig, Role, load
+from edge.formats import AudioFormat
+from edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
+from edge.policy import Policy
+from edge.spec import Spec, SpecError
+from edge.token import parse_network, sign_url
+from edge.voices import UnknownVoice, resolve
+
+DEFAULT_TTL = 3600
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    print(f"nearvoice: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_keygen(_: argparse.Namespace) -> int:
+    print(generate_pair())
+    return 0
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    try:
+        keyring = Keyring.from_env()
+        voice = resolve(args.voice)
+        spec = Spec.create(
+            text=args.text,
+            voice=voice.name,
+            format=AudioFormat(args.format),
+            model=voice.model_id,
+            speed=args.speed,
+            seed=args.seed,
+        )
+        if args.ip:
+            parse_network(args.ip)
+    except KeyringError as exc:
+        return _fail(str(exc))
+    except UnknownVoice as exc:
+        return _fail(f"unknown voice {exc.voice!r}; known: {', '.join(exc.known)}")
+    except (SpecError, ValueError) as exc:
+        return _fail(str(exc))
+    if args.ttl <= 0:
+        return _fail("--ttl must be positive")
+    url = sign_url(keyring, args.base, spec, policy=Policy(args.policy), ttl=args.ttl, ip=args.ip)
+    print(url)
+    return 0
+
+
+def _node_config(args: argparse.Namespace, role: Role) -> NodeConfig:
+    config = load(Path(args.config) if args.config else None, role)
+    return config.replace(
+        host=args.host,
+        port=args.port,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        upstreams=tuple(args.upstream) if args.upstream else None,
+        workers=args.workers,
+    )
+
+
+def _serve(config: NodeConfig, reuse_port: bool) -> None:
+    from aiohttp import web
+
+    from edge.app import create_app
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        pass
+    keyring = Keyring.from_env()
+    app = create_app(config, keyring)
+    access_log = logging.getLogger("aiohttp.access") if config.http.access_log else None
+    web.run_app(
+        app,
+        host=config.host,
+        port=config.port,
+        reuse_port=reuse_port or None,
+        access_log=access_log,
+        print=None,
+        handle_signals=True,
+    )
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    role = Role(args.command)
+    try:
+        config = _node_config(args, role)
+        Keyring.from_env()
+    except (KeyringError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    logging.basicConfig(
+        level=os.environ.get("NEARVOICE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    )
+    log = logging.getLogger("nearvoice")
+    log.info(
+        "%s listening on http://%s:%d (data %s, %d worker(s))",
+        role.value,
+        config.host,
+        config.port,
+        config.data_dir,
+        config.workers,
+    )
+    if config.workers <= 1:
+        _serve(config, reuse_port=False)
+        return 0
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_serve, args=(config, True)) for _ in range(config.workers)]
+    for proc in procs:
+        proc.start()
+
+    def stop(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.pid is not None:
+                os.kill(proc.pid, signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for proc in procs:
+        proc.join()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench import hit_path
+
+    code: int = hit_path.main(args.bench_args)
+    return code
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nearvoice", description="Edge delivery of AI speech.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    keygen = sub.add_parser("keygen", help="print a new kid:secret pair")
+    keygen.set_defaults(func=cmd_keygen)
+
+    sign = sub.add_parser("sign", help=f"print one signed URL (keys from ${KEYS_ENV})")
+    sign.add_argument("--base", required=True, help="edge base URL, e.g. http://127.0.0.1:8080")
+    sign.add_argument("--text", required=True)
+    sign.add_argument("--voice", required=True)
+    sign.add_argument("--format", default="wav", choices=[f.value for f in AudioFormat])
+    sign.add_argument("--speed", type=float, default=1.0)
+    sign.add_argument("--seed", type=int, default=0)
+    sign.add_argument("--policy", default="hot", choices=[p.value for p in Policy])
+    sign.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="seconds the URL is valid")
+    sign.add_argument("--ip", help="bind the URL to a client address or CIDR")
+    sign.set_defaults(func=cmd_sign)
+
+    for role in Role:
+        node = sub.add_parser(role.value, help=f"run a {role.value} node")
+        node.add_argument("--config", help="TOML file (see configs/)")
+        node.add_argument("--host")
+        node.add_argument("--port", type=int)
+        node.add_argument("--data-dir")
+        node.add_argument("--upstream", action="append", help="upstream base URL (repeatable)")
+        node.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
+        node.set_defaults(func=cmd_node)
+
+    bench = sub.add_parser("bench", help="run a benchmark (see bench/)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Node configuration: dataclasses with documented defaults, loaded from TOML by `load()`.
+Secrets never live here; they come from the environment (`NEARVOICE_KEYS`,
+`NEARVOICE_ADMIN_TOKEN`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from edge.cache.hot import HotSettings
+from edge.cache.store import StoreSettings
+from edge.policy import Retention
+
+ADMIN_TOKEN_ENV = "NEARVOICE_ADMIN_TOKEN"  # noqa: S105 (the variable name, not a secret)
+
+
+class Role(StrEnum):
+    EDGE = "edge"
+    SHIELD = "shield"
+
+
+@dataclass(frozen=True, slots=True)
+class SynthSettings:
+    enabled: bool = True
+    """Render misses locally. Off by default on a shield."""
+    voices: tuple[str, ...] = ("heart",)
+    """Voices this node renders itself."""
+    workers: int = 0
+    """Inference threads; 0 means one per CPU core."""
+    ort_threads: int = 1
+    """onnxruntime intra-op threads per inference thread."""
+    max_text_chars: int = 5000
+    """Longest text, in characters after normalization, that a URL may carry."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    max_ranges: int = 16
+    """Most ranges one request may ask for before the Range header is ignored (200)."""
+    sendfile: bool = True
+    """Send large bodies with sendfile(2); off falls back to read-and-write."""
+    clock_skew: float = 30.0
+    """Seconds past `exp` a URL is still accepted, for clocks that disagree."""
+    max_line_size: int = 65536
+    """Bytes allowed in the request line: sealed specs of long texts make long URLs."""
+    access_log: bool = False
+    """Log every request (the hot path is faster without)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    role: Role = Role.EDGE
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path = Path(".nearvoice/edge")
+    workers: int = 1
+    """Processes sharing the port with SO_REUSEPORT."""
+    upstreams: tuple[str, ...] = ()
+    store: StoreSettings = field(default_factory=StoreSettings)
+    hot: HotSettings = field(default_factory=HotSettings)
+    retention: Retention = field(default_factory=Retention)
+    synth: SynthSettings = field(default_factory=SynthSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    hotkeys_capacity: int = 1024
+    """Counters kept for the hot-keys report (bounded memory, Space-Saving)."""
+    recency_flush: float = 30.0
+    """Seconds between write-backs of hit recency to the disk index."""
+
+    @property
+    def admin_token(self) -> str | None:
+        return os.environ.get(ADMIN_TOKEN_ENV) or None
+
+    def replace(self, **changes: Any) -> NodeConfig:
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"unknown setting(s) in [{where}]: {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, f"{where}.{name}".strip("."))
+        elif isinstance(default, tuple):
+            values[name] = tuple(value)
+        elif isinstance(default, Path):
+            values[name] = Path(value)
+        elif isinstance(default, StrEnum):
+            values[name] = type(default)(value)
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def load(path: Path | None = None, role: Role = Role.EDGE) -> NodeConfig:
+    """The role's defaults, overlaid with the TOML file at `path` if given."""
+    base: dict[str, Any] = {"role": role.value}
+    if role is Role.SHIELD:
+        base["synth"] = {"enabled": False}
+        base["data_dir"] = ".nearvoice/shield"
+    if path is not None:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+        for name, value in data.items():
+            if isinstance(value, dict) and isinstance(base.get(name), dict):
+                base[name] = {**base[name], **value}
+            else:
+                base[name] = value
+    config: NodeConfig = _build(NodeConfig, base, "")
+    return config

@@ -1,0 +1,1 @@
+"""Request handlers, one module per surface: speech delivery, admin, health."""

@@ -1,0 +1,76 @@
+"""`GET|HEAD /v1/speech/{key}.{ext}`: the player-facing path.
+
+authorize (nothing touches the cache before this passes) -> hot tier or disk hit ->
+deliver; on a miss, render locally, store, deliver.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from edge.errors import BadRequest, RequestError
+from edge.handlers.keys import NODE
+from edge.http.deliver import DeliveryOptions, deliver
+from edge.metrics import Result, Source
+from edge.node import Node
+from edge.token import Grant
+
+
+def _options(node: Node) -> DeliveryOptions:
+    http = node.config.http
+    return DeliveryOptions(max_ranges=http.max_ranges, use_sendfile=http.sendfile)
+
+
+def _authorize(node: Node, request: web.Request) -> Grant:
+    query = request.rel_url.query
+    flat = {name: query[name] for name in query}
+    repeated = len(flat) != len(query)
+    info = request.match_info
+    return node.authorize(info["key"], info["ext"], flat, repeated, request.remote)
+
+
+async def speech(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    node = request.app[NODE]
+    metrics = node.metrics
+    try:
+        grant = _authorize(node, request)
+    except RequestError:
+        metrics.requests.labels(Result.REJECTED).inc()
+        raise
+
+    held = await node.lookup(grant.spec.key) if grant.policy.stored else None
+    if held is not None:
+        with held.pinned():
+            delivered = await deliver(
+                request,
+                held.meta,
+                body=held.body,
+                file=held.entry.file if held.entry else None,
+                options=_options(node),
+            )
+        result, source = Result.HIT, Source.CACHE
+    else:
+        try:
+            rendered = await node.render(grant)
+        except RequestError:
+            metrics.requests.labels(Result.ERROR).inc()
+            raise
+        meta = await node.store_rendered(grant, rendered)
+        delivered = await deliver(
+            request, meta, body=rendered.body, file=None, options=_options(node)
+        )
+        result = Result.MISS if grant.policy.stored else Result.BYPASS
+        source = Source.SYNTH
+    metrics.requests.labels(result).inc()
+    metrics.response_bytes.labels(source).inc(delivered.body_bytes)
+    metrics.ttfb.labels(result).observe(time.perf_counter() - started)
+    return delivered.response
+
+
+async def malformed(request: web.Request) -> web.StreamResponse:
+    """Anything under /v1/speech/ that is not `{64 hex}.{ext}`: traversal attempts included."""
+    request.app[NODE].metrics.requests.labels(Result.REJECTED).inc()
+    raise BadRequest("malformed_key", "expected /v1/speech/{64 hex key}.{format}")

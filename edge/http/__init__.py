@@ -1,0 +1,1 @@
+"""HTTP semantics: pure Range and precondition logic, and the delivery of cached bodies."""

@@ -1,0 +1,158 @@
+"""Delivering a complete object: preconditions, Range, and the body from memory or a file.
+
+The steps follow RFC 9110 section 13.2.2: preconditions first (412/304), then If-Range,
+then Range (206, multipart 206, or 416), else 200.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+
+from aiohttp import hdrs, web
+
+from edge.cache.hot import SharedFile
+from edge.cache.meta import ObjectMeta
+from edge.errors import PreconditionFailed, RangeNotSatisfiable
+from edge.http.conditional import Precondition, evaluate, if_range_allows
+from edge.http.multipart import Multipart
+from edge.http.ranges import ByteRange, RangeError, content_range, parse_range, unsatisfied_range
+from edge.http.sendfile import send_file_range
+
+RANGE_UNIT = "bytes"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOptions:
+    max_ranges: int
+    use_sendfile: bool
+
+
+@dataclass(slots=True)
+class Delivered:
+    response: web.StreamResponse
+    body_bytes: int
+
+
+def http_date(epoch: float) -> str:
+    return formatdate(epoch, usegmt=True)
+
+
+def base_headers(meta: ObjectMeta) -> dict[str, str]:
+    return {
+        hdrs.ETAG: meta.etag,
+        hdrs.LAST_MODIFIED: http_date(meta.last_modified),
+        hdrs.CACHE_CONTROL: meta.policy.cache_control,
+        hdrs.ACCEPT_RANGES: RANGE_UNIT,
+    }
+
+
+def plan_ranges(request: web.BaseRequest, meta: ObjectMeta, max_ranges: int) -> list[ByteRange]:
+    """The ranges to send; empty for the whole body. Raises 416 as a RequestError."""
+    header = request.headers.get(hdrs.RANGE)
+    # RFC 9110 section 14.2: range handling is defined for GET only.
+    if header is None or request.method != hdrs.METH_GET:
+        return []
+    if not if_range_allows(request.headers.get(hdrs.IF_RANGE), meta.etag, meta.last_modified):
+        return []
+    try:
+        ranges = parse_range(header, meta.length, max_ranges)
+    except RangeError as exc:
+        raise RangeNotSatisfiable(
+            "range_not_satisfiable",
+            str(exc),
+            headers={hdrs.CONTENT_RANGE: unsatisfied_range(meta.length)},
+        ) from exc
+    return ranges or []
+
+
+def check_preconditions(request: web.BaseRequest, meta: ObjectMeta) -> web.Response | None:
+    """A 304 to send instead of the object, None to go on; raises 412."""
+    h = request.headers
+    outcome = evaluate(
+        method_is_get_or_head=request.method in (hdrs.METH_GET, hdrs.METH_HEAD),
+        etag=meta.etag,
+        last_modified=meta.last_modified,
+        if_match=h.get(hdrs.IF_MATCH),
+        if_none_match=h.get(hdrs.IF_NONE_MATCH),
+        if_modified_since=h.get(hdrs.IF_MODIFIED_SINCE),
+        if_unmodified_since=h.get(hdrs.IF_UNMODIFIED_SINCE),
+    )
+    if outcome is Precondition.FAILED:
+        raise PreconditionFailed("precondition_failed", "a precondition did not hold")
+    if outcome is Precondition.NOT_MODIFIED:
+        # RFC 9110 section 15.4.5: a 304 repeats the validators and Cache-Control.
+        return web.Response(status=HTTPStatus.NOT_MODIFIED, headers=base_headers(meta))
+    return None
+
+
+async def deliver(
+    request: web.BaseRequest,
+    meta: ObjectMeta,
+    *,
+    body: bytes | None,
+    file: SharedFile | None,
+    options: DeliveryOptions,
+) -> Delivered:
+    """Answers `request` with `meta`'s object, held in `body` or open as `file`."""
+    not_modified = check_preconditions(request, meta)
+    if not_modified is not None:
+        return Delivered(not_modified, 0)
+    ranges = plan_ranges(request, meta, options.max_ranges)
+    headers = base_headers(meta)
+    head_only = request.method == hdrs.METH_HEAD
+
+    if len(ranges) > 1:
+        multipart = Multipart.plan(ranges, meta.content_type, meta.length)
+        headers[hdrs.CONTENT_TYPE] = multipart.header_value
+        status, length = HTTPStatus.PARTIAL_CONTENT, multipart.body_length
+    elif ranges:
+        multipart = None
+        headers[hdrs.CONTENT_TYPE] = meta.content_type
+        headers[hdrs.CONTENT_RANGE] = content_range(ranges[0], meta.length)
+        status, length = HTTPStatus.PARTIAL_CONTENT, ranges[0][1] - ranges[0][0]
+    else:
+        multipart = None
+        headers[hdrs.CONTENT_TYPE] = meta.content_type
+        status, length = HTTPStatus.OK, meta.length
+        ranges = [(0, meta.length)]
+
+    if body is not None:
+        # From memory: one buffer, one write. aiohttp keeps Content-Length and drops the
+        # body for HEAD itself.
+        if multipart is None:
+            start, end = ranges[0]
+            payload = body[start:end] if (start, end) != (0, meta.length) else body
+        else:
+            out = bytearray()
+            for head, (start, end) in multipart.pieces():
+                out += head
+                out += body[start:end]
+            out += multipart.tail
+            payload = bytes(out)
+        response = web.Response(status=status, headers=headers, body=payload)
+        return Delivered(response, 0 if head_only else length)
+
+    assert file is not None
+    stream = web.StreamResponse(status=status, headers=headers)
+    stream.content_length = length
+    writer = await stream.prepare(request)
+    if head_only or writer is None:
+        await stream.write_eof()
+        return Delivered(stream, 0)
+    use_sendfile = options.use_sendfile
+    if multipart is None:
+        start, end = ranges[0]
+        await send_file_range(
+            request, writer, file.fd, start, end - start, use_sendfile=use_sendfile
+        )
+    else:
+        for head, (start, end) in multipart.pieces():
+            await writer.write(head)
+            await send_file_range(
+                request, writer, file.fd, start, end - start, use_sendfile=use_sendfile
+            )
+        await writer.write(multipart.tail)
+    await stream.write_eof()
+    return Delivered(stream, length)

@@ -1,0 +1,41 @@
+"""Maps every refusal to a JSON body with the right status, in one place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+
+from aiohttp import hdrs, web
+
+from edge.errors import RequestError
+
+log = logging.getLogger("nearvoice.http")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: object
+) -> web.Response:
+    return web.json_response(
+        {"error": code, "message": message, **extra}, status=status, headers=headers
+    )
+
+
+@web.middleware
+async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < HTTPStatus.BAD_REQUEST:
+            raise
+        headers: dict[str, str] = {}
+        if exc.status == HTTPStatus.METHOD_NOT_ALLOWED and hdrs.ALLOW in exc.headers:
+            headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
+        code = HTTPStatus(exc.status).phrase.lower().replace(" ", "_")
+        return json_error(exc.status, code, exc.reason, headers)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal_error", "internal error")

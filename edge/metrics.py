@@ -1,0 +1,95 @@
+"""Prometheus metrics with the contract names of DESIGN.md section 5."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# `*_created` series double the exposition size and no dashboard reads them.
+disable_created_metrics()
+
+
+class Result(StrEnum):
+    HIT = "hit"
+    MISS = "miss"
+    STALE = "stale"
+    COLLAPSED = "collapsed"
+    BYPASS = "bypass"
+    REJECTED = "rejected"
+    ERROR = "error"
+
+
+class Source(StrEnum):
+    CACHE = "cache"
+    SYNTH = "synth"
+    UPSTREAM = "upstream"
+
+
+# Time to first byte spans a memory hit (~100 us) to a long render (seconds).
+TTFB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+SYNTH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "nearvoice_requests", "Speech requests by cache result.", ["result"], registry=r
+        )
+        self.response_bytes = Counter(
+            "nearvoice_response_bytes", "Body bytes sent, by source.", ["source"], registry=r
+        )
+        self.ttfb = Histogram(
+            "nearvoice_ttfb_seconds",
+            "Seconds from request to the first body byte, by result.",
+            ["result"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
+        )
+        self.synth = Counter("nearvoice_synth", "Renders started.", ["engine"], registry=r)
+        self.synth_seconds = Histogram(
+            "nearvoice_synth_seconds", "Seconds per render.", buckets=SYNTH_BUCKETS, registry=r
+        )
+        self.synth_audio = Counter(
+            "nearvoice_synth_audio_seconds", "Seconds of audio rendered.", registry=r
+        )
+        self.render_queue = Gauge(
+            "nearvoice_render_queue_depth", "Renders waiting or running.", registry=r
+        )
+        self.upstream = Counter(
+            "nearvoice_upstream_requests", "Upstream fetches, by reason.", ["reason"], registry=r
+        )
+        self.cache_bytes = Gauge(
+            "nearvoice_cache_bytes", "Bytes held by the disk cache.", registry=r
+        )
+        self.cache_objects = Gauge(
+            "nearvoice_cache_objects", "Objects held by the disk cache.", registry=r
+        )
+        self.evictions = Counter("nearvoice_evictions", "Objects evicted for space.", registry=r)
+        self.token_rejections = Counter(
+            "nearvoice_token_rejections", "Refused signed URLs, by reason.", ["reason"], registry=r
+        )
+        self.store_errors = Counter(
+            "nearvoice_store_errors",
+            "Objects that could not be stored (disk full, I/O).",
+            registry=r,
+        )
+        # Pre-create the label sets of the contract so dashboards see zeros, not gaps.
+        for result in Result:
+            self.requests.labels(result.value)
+        for source in Source:
+            self.response_bytes.labels(source.value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,205 @@
+"""A node's state and its request-independent logic: authorizing URLs, looking objects up
+through the hot tier and the disk store, rendering misses, storing, and purging."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.cache.hot import HotEntry, HotTier, PurgeStamp
+from edge.cache.hotkeys import SpaceSaving
+from edge.cache.meta import ObjectMeta, etag_for
+from edge.cache.store import DiskStore, Outcome
+from edge.config import NodeConfig
+from edge.errors import BadRequest, RequestError
+from edge.formats import AudioFormat
+from edge.keyring import Keyring
+from edge.metrics import Metrics
+from edge.spec import KEY_RE
+from edge.synth.renderer import Rendered, Renderer
+from edge.token import Grant, check_query_shape, verify
+from edge.voices import catalog
+
+log = logging.getLogger("nearvoice.node")
+IO_THREADS = 4  # disk lookups and commits; they are short and mostly wait on the kernel
+
+
+@dataclass(slots=True)
+class Held:
+    """An object ready to deliver, with the file reference released after sending."""
+
+    meta: ObjectMeta
+    body: bytes | None
+    entry: HotEntry | None
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        file = self.entry.file.acquire() if self.entry and self.entry.file else None
+        try:
+            yield
+        finally:
+            if file is not None:
+                file.release()
+
+
+class Node:
+    def __init__(self, config: NodeConfig, keyring: Keyring, renderer: Renderer | None) -> None:
+        self.config = config
+        self.keyring = keyring
+        self.metrics = Metrics()
+        self.renderer = renderer
+        data = Path(config.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.store = DiskStore(data / "cache", config.store)
+        self.hot = HotTier(config.hot)
+        self.purges = PurgeStamp(data / "purge.stamp")
+        self.hotkeys = SpaceSaving(config.hotkeys_capacity)
+        self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
+        self.ready = False
+        self._recent: set[str] = set()
+        self._voices = catalog()
+
+    def close(self) -> None:
+        self.hot.clear()
+        self.io.shutdown(wait=True)
+        self.store.close()
+        if self.renderer is not None:
+            self.renderer.close()
+
+    # -- authorization --------------------------------------------------------------------
+    def authorize(
+        self, key: str, ext: str, query: dict[str, str], repeated: bool, client_ip: str | None
+    ) -> Grant:
+        """Checks everything about a speech URL before any cache or engine sees it."""
+        try:
+            return self._authorize(key, ext, query, repeated, client_ip)
+        except RequestError as exc:
+            self.metrics.token_rejections.labels(exc.code).inc()
+            raise
+
+    def _authorize(
+        self, key: str, ext: str, query: dict[str, str], repeated: bool, client_ip: str | None
+    ) -> Grant:
+        if not KEY_RE.fullmatch(key):
+            raise BadRequest("malformed_key", "key must be 64 lowercase hex characters")
+        fmt = AudioFormat.parse(ext)
+        if fmt is None:
+            known = [f.value for f in AudioFormat]
+            raise BadRequest("unsupported_format", f"unknown format {ext!r}", known=known)
+        check_query_shape(query, repeated)
+        grant = verify(
+            self.keyring,
+            f"/v1/speech/{key}.{ext}",
+            key,
+            query,
+            client_ip=client_ip,
+            now=time.time(),
+            skew=self.config.http.clock_skew,
+        )
+        spec = grant.spec
+        if spec.format is not fmt:
+            raise BadRequest("format_mismatch", "the path's extension is not the spec's format")
+        if len(spec.text) > self.config.synth.max_text_chars:
+            limit = self.config.synth.max_text_chars
+            raise BadRequest("text_too_long", f"text is longer than {limit} characters")
+        if spec.voice not in self._voices:
+            raise BadRequest(
+                "unknown_voice", f"unknown voice {spec.voice!r}", known=sorted(self._voices)
+            )
+        return grant
+
+    # -- lookups --------------------------------------------------------------------------
+    async def lookup(self, key: str) -> Held | None:
+        now = time.time()
+        if self.purges.changed():
+            self.hot.clear()
+        entry = self.hot.get(key, now)
+        if entry is None:
+            loop = asyncio.get_running_loop()
+            opened = await loop.run_in_executor(
+                self.io, self.store.open, key, self.config.hot.max_object_bytes
+            )
+            if opened.outcome is Outcome.CORRUPT:
+                log.warning("dropped corrupt cache entry %s", key)
+            if opened.outcome is not Outcome.HIT or opened.meta is None:
+                return None
+            if not opened.meta.fresh(now):
+                if opened.fd >= 0:
+                    await loop.run_in_executor(self.io, _close, opened.fd)
+                return None
+            entry = self.hot.put(opened.meta, body=opened.body, fd=opened.fd, now=now)
+        self._recent.add(key)
+        self.hotkeys.add(key)
+        return Held(entry.meta, entry.body, entry)
+
+    # -- misses ---------------------------------------------------------------------------
+    async def render(self, grant: Grant) -> Rendered:
+        if self.renderer is None:
+            raise RequestError("no_renderer", "this node does not render")
+        return await self.renderer.render(grant.spec)
+
+    async def store_rendered(self, grant: Grant, rendered: Rendered) -> ObjectMeta:
+        """Commits a render (unless its policy forbids storing) and returns its metadata.
+        A failed store is logged and counted; the client still gets the audio."""
+        body = rendered.body
+        meta = ObjectMeta(
+            key=grant.spec.key,
+            content_type=rendered.content_type,
+            length=len(body),
+            etag=etag_for(grant.spec.key),
+            sha256=hashlib.sha256(body).hexdigest(),
+            policy=grant.policy,
+            stored_at=time.time(),
+            ttl=self.config.retention.ttl(grant.policy),
+        )
+        if not grant.policy.stored:
+            return meta
+        loop = asyncio.get_running_loop()
+        try:
+            evicted = await loop.run_in_executor(self.io, self.store.put, meta, body)
+        except OSError:
+            log.exception("could not store %s", meta.key)
+            self.metrics.store_errors.inc()
+            return meta
+        self.metrics.evictions.inc(evicted)
+        if len(body) <= self.config.hot.max_object_bytes:
+            self.hot.put(meta, body=body, fd=-1, now=meta.stored_at)
+        return meta
+
+    # -- admin ----------------------------------------------------------------------------
+    async def purge(self, key: str) -> bool:
+        self.hot.drop(key)
+        self.hotkeys.discard(key)
+        loop = asyncio.get_running_loop()
+        removed = await loop.run_in_executor(self.io, self.store.delete, key)
+        await loop.run_in_executor(self.io, self.purges.bump)
+        return removed
+
+    async def flush_recency(self) -> None:
+        keys, self._recent = self._recent, set()
+        if keys:
+            await asyncio.get_running_loop().run_in_executor(self.io, self.store.refresh, keys)
+
+    async def refresh_gauges(self) -> tuple[int, int]:
+        """Reads the disk store's size and object count into the gauges; returns both."""
+        loop = asyncio.get_running_loop()
+        volume, count = await loop.run_in_executor(self.io, _volume_and_count, self.store)
+        self.metrics.cache_bytes.set(volume)
+        self.metrics.cache_objects.set(count)
+        return volume, count
+
+
+def _close(fd: int) -> None:
+    os.close(fd)
+
+
+def _volume_and_count(store: DiskStore) -> tuple[int, int]:
+    return store.volume(), store.count()

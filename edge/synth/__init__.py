@@ -1,0 +1,1 @@
+"""Speech synthesis: the engine interface, the engines, and audio encoders."""

@@ -1,0 +1,66 @@
+"""hibari: a 7.9 MB int8 ONNX distillation of Kokoro-82M, from the hibari-tts package."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from edge.synth.engine import Audio
+
+ENGINE_NAME = "hibari"
+
+
+def bundled_voices() -> dict[str, dict[str, Any]]:
+    """Voices whose model ships inside the package; the others would need a download."""
+    from hibari.voices import VOICES
+
+    return {name: info for name, info in VOICES.items() if info.get("bundled")}
+
+
+def hibari_model_id(voice: str) -> str:
+    info = bundled_voices()[voice]
+    return f"hibari-{voice}@{info['sha256']}"
+
+
+class HibariEngine:
+    """One hibari model per voice and per worker thread.
+
+    onnxruntime sessions are thread-safe, but hibari's G2P keeps per-call state, so each
+    inference thread gets its own instance; each uses `threads` onnxruntime threads, and
+    the owner sizes the pool so that threads times workers does not oversubscribe cores.
+    """
+
+    name = ENGINE_NAME
+    sample_rate = 24000
+
+    def __init__(self, voices: tuple[str, ...] = ("heart",), threads: int = 1) -> None:
+        known = bundled_voices()
+        missing = [v for v in voices if v not in known]
+        if missing:
+            raise ValueError(f"hibari voices not bundled in the package: {missing}")
+        self.voices = voices
+        self._threads = threads
+        self._local = threading.local()
+
+    def _model(self, voice: str) -> Any:
+        models: dict[str, Any] | None = getattr(self._local, "models", None)
+        if models is None:
+            models = self._local.models = {}
+        model = models.get(voice)
+        if model is None:
+            from hibari import Hibari
+
+            model = models[voice] = Hibari(voice=voice, threads=self._threads)
+        return model
+
+    def model_id(self, voice: str) -> str:
+        return hibari_model_id(voice)
+
+    def warmup(self) -> None:
+        for voice in self.voices:
+            for _ in self.stream("Warm up.", voice, 1.0, 0):
+                pass
+
+    def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
+        yield from self._model(voice).stream(text, speed=speed, seed=seed)

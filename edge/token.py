@@ -1,0 +1,212 @@
+"""Signed speech URLs (DESIGN.md section 3, a contract).
+
+    GET /v1/speech/{key}.{ext}?s=...&exp=...&kid=...&p=...[&ip=...]&sig=...
+
+* `s` is the canonical spec sealed with AES-256-GCM (12-byte random nonce, the key id as
+  associated data), base64url without padding. The text never appears in a URL or a log,
+  yet any node holding the keyring can render the object from the URL alone.
+* `sig` is HMAC-SHA256 over a canonical, newline-delimited string that binds the path
+  (and so the key and format) and every other signed field; an absent `ip` is bound as
+  empty so it cannot be added later. It is compared in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from hashlib import sha256
+from urllib.parse import urlencode
+
+from cryptography.exceptions import InvalidTag
+
+from edge.errors import BadRequest, Forbidden, Gone, RequestError
+from edge.keyring import Keyring, SigningKey
+from edge.policy import Policy
+from edge.spec import Spec, SpecError
+
+SPEECH_PREFIX = "/v1/speech/"
+SIGNED_FIELDS = ("s", "exp", "kid", "p", "ip")
+QUERY_FIELDS = frozenset((*SIGNED_FIELDS, "sig"))
+REQUIRED_FIELDS = ("s", "exp", "kid", "p", "sig")
+_DOMAIN = b"nearvoice-url-v1"
+_NONCE_BYTES = 12
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _b64e(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _b64d(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def speech_path(spec: Spec) -> str:
+    return f"{SPEECH_PREFIX}{spec.key}.{spec.format.value}"
+
+
+def canonical_string(path: str, fields: Mapping[str, str]) -> bytes:
+    """What `sig` signs: a domain tag, the path, then each signed field as name=value."""
+    lines = [_DOMAIN, path.encode("utf-8")]
+    lines.extend(f"{name}={fields.get(name, '')}".encode() for name in SIGNED_FIELDS)
+    return b"\n".join(lines)
+
+
+def _mac(key: SigningKey, path: str, fields: Mapping[str, str]) -> bytes:
+    return hmac.new(key.sign_key, canonical_string(path, fields), sha256).digest()
+
+
+def seal_spec(key: SigningKey, spec: Spec) -> str:
+    nonce = os.urandom(_NONCE_BYTES)
+    return _b64e(nonce + key.seal.encrypt(nonce, spec.to_json(), key.kid.encode("ascii")))
+
+
+def unseal_spec(key: SigningKey, sealed: str) -> Spec:
+    try:
+        raw = _b64d(sealed)
+        plain = key.seal.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], key.kid.encode("ascii"))
+    except (binascii.Error, ValueError, InvalidTag) as exc:
+        raise Forbidden("bad_seal", "sealed spec does not decrypt") from exc
+    try:
+        return Spec.from_json(plain)
+    except SpecError as exc:
+        raise BadRequest(exc.code, str(exc)) from exc
+
+
+def parse_network(cidr: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(cidr, strict=False)
+    except ValueError as exc:
+        raise ValueError(f"not an IP address or CIDR: {cidr!r}") from exc
+
+
+def sign_query(
+    keyring: Keyring,
+    spec: Spec,
+    *,
+    policy: Policy,
+    ttl: int,
+    ip: str | None = None,
+    now: float | None = None,
+) -> dict[str, str]:
+    """The query fields of a signed URL for `spec`, in URL order."""
+    key = keyring.signer
+    fields = {
+        "s": seal_spec(key, spec),
+        "exp": str(int(now if now is not None else time.time()) + int(ttl)),
+        "kid": key.kid,
+        "p": policy.value,
+    }
+    if ip:
+        fields["ip"] = str(parse_network(ip))
+    fields["sig"] = _b64e(_mac(key, speech_path(spec), fields))
+    return fields
+
+
+def sign_url(
+    keyring: Keyring,
+    base: str,
+    spec: Spec,
+    *,
+    policy: Policy,
+    ttl: int,
+    ip: str | None = None,
+    now: float | None = None,
+) -> str:
+    query = sign_query(keyring, spec, policy=policy, ttl=ttl, ip=ip, now=now)
+    return f"{base.rstrip('/')}{speech_path(spec)}?{urlencode(query)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a verified URL allows: this spec, under this policy, until `expires`."""
+
+    spec: Spec
+    policy: Policy
+    expires: int
+
+
+def check_query_shape(query: Mapping[str, str], repeated: bool) -> None:
+    """Unknown or repeated parameters are refused before any crypto: an edge must not
+    guess which of two `sig` values a client meant, nor ignore a field it cannot verify."""
+    unknown = sorted(set(query) - QUERY_FIELDS)
+    if unknown:
+        raise BadRequest("unknown_parameter", f"unknown query parameter(s): {', '.join(unknown)}")
+    if repeated:
+        raise BadRequest("repeated_parameter", "a query parameter appears more than once")
+    if "sig" not in query:
+        raise Forbidden("bad_signature", "missing signature")
+    missing = [name for name in REQUIRED_FIELDS if name not in query]
+    if missing:
+        raise BadRequest("missing_parameter", f"missing query parameter(s): {', '.join(missing)}")
+
+
+def verify(
+    keyring: Keyring,
+    path: str,
+    key: str,
+    query: Mapping[str, str],
+    *,
+    client_ip: str | None,
+    now: float,
+    skew: float,
+) -> Grant:
+    """Verifies a signed speech URL whose shape `check_query_shape` accepted.
+
+    Order matters: the signature is checked before anything it protects is interpreted,
+    so forged fields never reach the parsers, the cache or an engine.
+    """
+    signing_key = keyring.get(query["kid"])
+    if signing_key is None:
+        raise Forbidden("unknown_kid", "URL is signed with an unknown key id")
+    try:
+        given = _b64d(query["sig"])
+    except (binascii.Error, ValueError):
+        given = b""
+    if not hmac.compare_digest(given, _mac(signing_key, path, query)):
+        raise Forbidden("bad_signature", "signature does not match")
+    try:
+        expires = int(query["exp"])
+    except ValueError as exc:
+        raise BadRequest("bad_expiry", "exp is not an integer") from exc
+    if now > expires + skew:
+        raise Gone("expired", "URL has expired")
+    policy = Policy.parse(query["p"])
+    if policy is None:
+        raise BadRequest("bad_policy", f"unknown policy {query['p']!r}")
+    if "ip" in query:
+        _check_ip(query["ip"], client_ip)
+    spec = unseal_spec(signing_key, query["s"])
+    if not hmac.compare_digest(spec.key, key):
+        raise Forbidden("key_mismatch", "key is not the hash of the sealed spec")
+    return Grant(spec=spec, policy=policy, expires=expires)
+
+
+def _check_ip(cidr: str, client_ip: str | None) -> None:
+    try:
+        network = parse_network(cidr)
+    except ValueError as exc:
+        raise BadRequest("bad_ip", str(exc)) from exc
+    try:
+        allowed = client_ip is not None and ipaddress.ip_address(client_ip) in network
+    except ValueError:
+        allowed = False
+    if not allowed:
+        raise Forbidden("ip_mismatch", "URL is bound to another client address")
+
+
+__all__ = [
+    "Grant",
+    "RequestError",
+    "check_query_shape",
+    "sign_query",
+    "sign_url",
+    "speech_path",
+    "verify",
+]
