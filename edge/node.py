@@ -9,7 +9,8 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +26,13 @@ from edge.keyring import Keyring
 from edge.metrics import Metrics
 from edge.spec import KEY_RE
 from edge.synth.renderer import Rendered, Renderer
-from edge.token import Grant, check_query_shape, verify
+from edge.token import Grant, check_query_shape, check_use, verify_signature
 from edge.voices import catalog
 
 log = logging.getLogger("nearvoice.node")
 IO_THREADS = 4  # disk lookups and commits; they are short and mostly wait on the kernel
+GRANT_MEMO_SIZE = 8192  # verified URLs remembered; each is a few hundred bytes
+PURGE_CHECK_INTERVAL = 0.05  # seconds between checks for purges made by sibling workers
 
 
 @dataclass(slots=True)
@@ -66,6 +69,8 @@ class Node:
         self.ready = False
         self._recent: set[str] = set()
         self._voices = catalog()
+        self._grants: OrderedDict[str, Grant] = OrderedDict()
+        self._purge_checked = 0.0
 
     def close(self) -> None:
         self.hot.clear()
@@ -76,18 +81,40 @@ class Node:
 
     # -- authorization --------------------------------------------------------------------
     def authorize(
-        self, key: str, ext: str, query: dict[str, str], repeated: bool, client_ip: str | None
+        self,
+        target: str,
+        key: str,
+        ext: str,
+        query: Mapping[str, str],
+        repeated: bool,
+        client_ip: str | None,
     ) -> Grant:
-        """Checks everything about a speech URL before any cache or engine sees it."""
+        """Checks everything about a speech URL before any cache or engine sees it.
+
+        Everything but expiry and the client address depends on the URL alone, so a URL
+        that passed once is remembered by its exact request target and only re-checked for
+        those two; a memo hit skips the HMAC, the AES-GCM open and the spec hash.
+        """
         try:
-            return self._authorize(key, ext, query, repeated, client_ip)
+            grant = self._grants.get(target)
+            if grant is None:
+                grant = self._verify_url(key, ext, query, repeated)
+                self._grants[target] = grant
+                if len(self._grants) > GRANT_MEMO_SIZE:
+                    self._grants.popitem(last=False)
+            check_use(
+                grant,
+                query,
+                client_ip=client_ip,
+                now=time.time(),
+                skew=self.config.http.clock_skew,
+            )
+            return grant
         except RequestError as exc:
             self.metrics.token_rejections.labels(exc.code).inc()
             raise
 
-    def _authorize(
-        self, key: str, ext: str, query: dict[str, str], repeated: bool, client_ip: str | None
-    ) -> Grant:
+    def _verify_url(self, key: str, ext: str, query: Mapping[str, str], repeated: bool) -> Grant:
         if not KEY_RE.fullmatch(key):
             raise BadRequest("malformed_key", "key must be 64 lowercase hex characters")
         fmt = AudioFormat.parse(ext)
@@ -95,15 +122,7 @@ class Node:
             known = [f.value for f in AudioFormat]
             raise BadRequest("unsupported_format", f"unknown format {ext!r}", known=known)
         check_query_shape(query, repeated)
-        grant = verify(
-            self.keyring,
-            f"/v1/speech/{key}.{ext}",
-            key,
-            query,
-            client_ip=client_ip,
-            now=time.time(),
-            skew=self.config.http.clock_skew,
-        )
+        grant = verify_signature(self.keyring, f"/v1/speech/{key}.{ext}", key, query)
         spec = grant.spec
         if spec.format is not fmt:
             raise BadRequest("format_mismatch", "the path's extension is not the spec's format")
@@ -119,8 +138,11 @@ class Node:
     # -- lookups --------------------------------------------------------------------------
     async def lookup(self, key: str) -> Held | None:
         now = time.time()
-        if self.purges.changed():
-            self.hot.clear()
+        if self.config.workers > 1 and now - self._purge_checked > PURGE_CHECK_INTERVAL:
+            # A sibling worker's purge must also empty this worker's hot tier.
+            self._purge_checked = now
+            if self.purges.changed():
+                self.hot.clear()
         entry = self.hot.get(key, now)
         if entry is None:
             loop = asyncio.get_running_loop()
@@ -177,6 +199,7 @@ class Node:
     # -- admin ----------------------------------------------------------------------------
     async def purge(self, key: str) -> bool:
         self.hot.drop(key)
+        self._grants.clear()
         self.hotkeys.discard(key)
         loop = asyncio.get_running_loop()
         removed = await loop.run_in_executor(self.io, self.store.delete, key)

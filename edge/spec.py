@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edge.formats import AudioFormat
@@ -46,6 +46,12 @@ class Spec:
     seed: int
     model: str
     """The engine's model identity, `name@sha256`, resolved from the voice."""
+    key: str = field(init=False, repr=False, compare=False)
+    """Lowercase hex SHA-256 of `to_json()`: the object's cache key."""
+
+    def __post_init__(self) -> None:
+        # Computed once: the key is read on every request.
+        object.__setattr__(self, "key", hashlib.sha256(self.to_json()).hexdigest())
 
     @classmethod
     def create(
@@ -82,10 +88,6 @@ class Spec:
         return json.dumps(
             self.canonical(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
         ).encode("utf-8")
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(self.to_json()).hexdigest()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Spec:

@@ -130,6 +130,8 @@ class Grant:
     spec: Spec
     policy: Policy
     expires: int
+    network: IPNetwork | None = None
+    """The client addresses the URL is bound to, if any."""
 
 
 def check_query_shape(query: Mapping[str, str], repeated: bool) -> None:
@@ -157,10 +159,18 @@ def verify(
     now: float,
     skew: float,
 ) -> Grant:
-    """Verifies a signed speech URL whose shape `check_query_shape` accepted.
+    """Verifies a signed speech URL whose shape `check_query_shape` accepted."""
+    grant = verify_signature(keyring, path, key, query)
+    check_use(grant, query, client_ip=client_ip, now=now, skew=skew)
+    return grant
 
-    Order matters: the signature is checked before anything it protects is interpreted,
-    so forged fields never reach the parsers, the cache or an engine.
+
+def verify_signature(keyring: Keyring, path: str, key: str, query: Mapping[str, str]) -> Grant:
+    """The time- and client-independent part of verification: signature, seal, key.
+
+    Its result depends only on the URL, so a node may memoize it per exact URL; `check_use`
+    must still run on every request. Order matters: the signature is checked before
+    anything it protects is interpreted, so forged fields never reach the parsers.
     """
     signing_key = keyring.get(query["kid"])
     if signing_key is None:
@@ -175,38 +185,44 @@ def verify(
         expires = int(query["exp"])
     except ValueError as exc:
         raise BadRequest("bad_expiry", "exp is not an integer") from exc
-    if now > expires + skew:
-        raise Gone("expired", "URL has expired")
     policy = Policy.parse(query["p"])
     if policy is None:
         raise BadRequest("bad_policy", f"unknown policy {query['p']!r}")
+    network = None
     if "ip" in query:
-        _check_ip(query["ip"], client_ip)
+        try:
+            network = parse_network(query["ip"])
+        except ValueError as exc:
+            raise BadRequest("bad_ip", str(exc)) from exc
     spec = unseal_spec(signing_key, query["s"])
     if not hmac.compare_digest(spec.key, key):
         raise Forbidden("key_mismatch", "key is not the hash of the sealed spec")
-    return Grant(spec=spec, policy=policy, expires=expires)
+    return Grant(spec=spec, policy=policy, expires=expires, network=network)
 
 
-def _check_ip(cidr: str, client_ip: str | None) -> None:
-    try:
-        network = parse_network(cidr)
-    except ValueError as exc:
-        raise BadRequest("bad_ip", str(exc)) from exc
-    try:
-        allowed = client_ip is not None and ipaddress.ip_address(client_ip) in network
-    except ValueError:
-        allowed = False
-    if not allowed:
-        raise Forbidden("ip_mismatch", "URL is bound to another client address")
+def check_use(
+    grant: Grant, query: Mapping[str, str], *, client_ip: str | None, now: float, skew: float
+) -> None:
+    """The per-request checks: expiry (with clock skew) and the client address."""
+    if now > grant.expires + skew:
+        raise Gone("expired", "URL has expired")
+    if grant.network is not None:
+        try:
+            allowed = client_ip is not None and ipaddress.ip_address(client_ip) in grant.network
+        except ValueError:
+            allowed = False
+        if not allowed:
+            raise Forbidden("ip_mismatch", "URL is bound to another client address")
 
 
 __all__ = [
     "Grant",
     "RequestError",
     "check_query_shape",
+    "check_use",
     "sign_query",
     "sign_url",
     "speech_path",
     "verify",
+    "verify_signature",
 ]

@@ -28,7 +28,9 @@ def _authorize(node: Node, request: web.Request) -> Grant:
     flat = {name: query[name] for name in query}
     repeated = len(flat) != len(query)
     info = request.match_info
-    return node.authorize(info["key"], info["ext"], flat, repeated, request.remote)
+    return node.authorize(
+        request.raw_path, info["key"], info["ext"], flat, repeated, request.remote
+    )
 
 
 async def speech(request: web.Request) -> web.StreamResponse:
@@ -38,7 +40,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
     try:
         grant = _authorize(node, request)
     except RequestError:
-        metrics.requests.labels(Result.REJECTED).inc()
+        metrics.requests_by[Result.REJECTED].inc()
         raise
 
     held = await node.lookup(grant.spec.key) if grant.policy.stored else None
@@ -56,7 +58,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
         try:
             rendered = await node.render(grant)
         except RequestError:
-            metrics.requests.labels(Result.ERROR).inc()
+            metrics.requests_by[Result.ERROR].inc()
             raise
         meta = await node.store_rendered(grant, rendered)
         delivered = await deliver(
@@ -64,13 +66,13 @@ async def speech(request: web.Request) -> web.StreamResponse:
         )
         result = Result.MISS if grant.policy.stored else Result.BYPASS
         source = Source.SYNTH
-    metrics.requests.labels(result).inc()
-    metrics.response_bytes.labels(source).inc(delivered.body_bytes)
-    metrics.ttfb.labels(result).observe(time.perf_counter() - started)
+    metrics.requests_by[result].inc()
+    metrics.bytes_by[source].inc(delivered.body_bytes)
+    metrics.ttfb_by[result].observe(time.perf_counter() - started)
     return delivered.response
 
 
 async def malformed(request: web.Request) -> web.StreamResponse:
     """Anything under /v1/speech/ that is not `{64 hex}.{ext}`: traversal attempts included."""
-    request.app[NODE].metrics.requests.labels(Result.REJECTED).inc()
+    request.app[NODE].metrics.requests_by[Result.REJECTED].inc()
     raise BadRequest("malformed_key", "expected /v1/speech/{64 hex key}.{format}")

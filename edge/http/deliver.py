@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from email.utils import formatdate
+from functools import lru_cache
 from http import HTTPStatus
 
 from aiohttp import hdrs, web
@@ -39,7 +40,10 @@ def http_date(epoch: float) -> str:
     return formatdate(epoch, usegmt=True)
 
 
+@lru_cache(maxsize=4096)
 def base_headers(meta: ObjectMeta) -> dict[str, str]:
+    """The headers every answer about `meta` carries. Cached: objects are immutable, and
+    formatting the date is a visible cost on the hit path. Callers must copy, not mutate."""
     return {
         hdrs.ETAG: meta.etag,
         hdrs.LAST_MODIFIED: http_date(meta.last_modified),
@@ -83,7 +87,7 @@ def check_preconditions(request: web.BaseRequest, meta: ObjectMeta) -> web.Respo
         raise PreconditionFailed("precondition_failed", "a precondition did not hold")
     if outcome is Precondition.NOT_MODIFIED:
         # RFC 9110 section 15.4.5: a 304 repeats the validators and Cache-Control.
-        return web.Response(status=HTTPStatus.NOT_MODIFIED, headers=base_headers(meta))
+        return web.Response(status=HTTPStatus.NOT_MODIFIED, headers=dict(base_headers(meta)))
     return None
 
 
@@ -100,7 +104,7 @@ async def deliver(
     if not_modified is not None:
         return Delivered(not_modified, 0)
     ranges = plan_ranges(request, meta, options.max_ranges)
-    headers = base_headers(meta)
+    headers = dict(base_headers(meta))
     head_only = request.method == hdrs.METH_HEAD
 
     if len(ranges) > 1:
