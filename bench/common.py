@@ -1,0 +1,152 @@
+"""Shared benchmark plumbing: free ports, real peer processes, wrk runs and their parsing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+            if response.status == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout}s")
+
+
+def require(binary: str) -> str:
+    found = shutil.which(binary) or shutil.which(binary, path="/usr/sbin:/usr/bin")
+    if found is None:
+        raise SystemExit(f"{binary} not found: run `make sysdeps` (installs Debian packages)")
+    return found
+
+
+@contextlib.contextmanager
+def nginx(root: Path, port: int, extra: str = "") -> Iterator[str]:
+    """A real nginx, one worker, serving `root` statically on loopback."""
+    binary = require("nginx")
+    work = Path(tempfile.mkdtemp(prefix="nv-nginx-"))
+    conf = work / "nginx.conf"
+    conf.write_text(
+        f"""
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    types {{ audio/wav wav; }}
+    client_body_temp_path {work}/body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    {extra}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location /healthz {{ return 200 "ok"; }}
+    }}
+}}
+"""
+    )
+    proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(work)], stderr=subprocess.PIPE)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=15)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def edge_process(data_dir: Path, port: int, env: dict[str, str], workers: int = 1) -> Iterator[str]:
+    """A real `nearvoice edge` process."""
+    cmd = [
+        sys.executable, "-m", "edge.cli", "edge",
+        "--port", str(port), "--data-dir", str(data_dir), "--workers", str(workers),
+    ]  # fmt: skip
+    log = (data_dir / "edge.log").open("wb")
+    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=log, cwd=REPO)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=120)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    errors: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "rps": round(self.rps, 1),
+            "p50_ms": round(self.p50_ms, 3),
+            "p99_ms": round(self.p99_ms, 3),
+            "non_2xx": self.non_2xx,
+            "errors": self.errors,
+        }
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def _latency(text: str, pct: str) -> float:
+    m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    if m is None:
+        raise ValueError(f"no {pct}% latency in wrk output:\n{text}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def run_wrk(url: str, *, seconds: int, connections: int, script: Path | None = None) -> WrkResult:
+    """wrk in its own process, one thread, with the latency distribution."""
+    cmd = [require("wrk"), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    non = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    err = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return WrkResult(
+        rps=rps,
+        p50_ms=_latency(out, "50"),
+        p99_ms=_latency(out, "99"),
+        non_2xx=int(non.group(1)) if non else 0,
+        errors=sum(int(g) for g in err.groups()) if err else 0,
+    )
