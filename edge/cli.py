@@ -6,6 +6,7 @@ import argparse
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 from edge.config import NodeConfig, Role, load
 from edge.formats import AudioFormat
 from edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
+from edge.metrics import MULTIPROC_ENV
 from edge.policy import Policy
 from edge.spec import Spec, SpecError
 from edge.token import parse_network, sign_url
@@ -118,6 +120,12 @@ def cmd_node(args: argparse.Namespace) -> int:
     if config.workers <= 1:
         _serve(config, reuse_port=False)
         return 0
+    # Workers share one metrics view: prometheus_client's multiprocess mode, set up before
+    # any worker imports it. Stale files from an earlier run would add to the new counts.
+    metrics_dir = Path(config.data_dir) / "metrics"
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(metrics_dir)
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_serve, args=(config, True)) for _ in range(config.workers)]
     for proc in procs:

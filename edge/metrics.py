@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import StrEnum
 
 from prometheus_client import (
@@ -13,6 +14,9 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # `*_created` series double the exposition size and no dashboard reads them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -65,16 +69,26 @@ class Metrics:
             "nearvoice_synth_audio_seconds", "Seconds of audio rendered.", registry=r
         )
         self.render_queue = Gauge(
-            "nearvoice_render_queue_depth", "Renders waiting or running.", registry=r
+            "nearvoice_render_queue_depth",
+            "Renders waiting or running.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.upstream = Counter(
             "nearvoice_upstream_requests", "Upstream fetches, by reason.", ["reason"], registry=r
         )
+        # Every worker reads the same shared store, so the latest reading is the answer.
         self.cache_bytes = Gauge(
-            "nearvoice_cache_bytes", "Bytes held by the disk cache.", registry=r
+            "nearvoice_cache_bytes",
+            "Bytes held by the disk cache.",
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.cache_objects = Gauge(
-            "nearvoice_cache_objects", "Objects held by the disk cache.", registry=r
+            "nearvoice_cache_objects",
+            "Objects held by the disk cache.",
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
         self.evictions = Counter("nearvoice_evictions", "Objects evicted for space.", registry=r)
         self.token_rejections = Counter(
@@ -92,4 +106,11 @@ class Metrics:
         self.ttfb_by = {result: self.ttfb.labels(result.value) for result in Result}
 
     def render(self) -> bytes:
+        """The exposition. With `--workers N` every worker writes its values under
+        $PROMETHEUS_MULTIPROC_DIR and any worker answers for the sum of all of them."""
+        directory = os.environ.get(MULTIPROC_ENV)
+        if directory:
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+            return generate_latest(merged)
         return generate_latest(self.registry)

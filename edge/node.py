@@ -10,7 +10,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,26 +85,26 @@ class Node:
         target: str,
         key: str,
         ext: str,
-        query: Mapping[str, str],
-        repeated: bool,
+        query: Callable[[], tuple[Mapping[str, str], bool]],
         client_ip: str | None,
     ) -> Grant:
         """Checks everything about a speech URL before any cache or engine sees it.
 
         Everything but expiry and the client address depends on the URL alone, so a URL
         that passed once is remembered by its exact request target and only re-checked for
-        those two; a memo hit skips the HMAC, the AES-GCM open and the spec hash.
+        those two; a memo hit skips parsing the query, the HMAC, the AES-GCM open and the
+        spec hash. `query` returns the parsed query and whether a name was repeated.
         """
         try:
             grant = self._grants.get(target)
             if grant is None:
-                grant = self._verify_url(key, ext, query, repeated)
+                fields, repeated = query()
+                grant = self._verify_url(key, ext, fields, repeated)
                 self._grants[target] = grant
                 if len(self._grants) > GRANT_MEMO_SIZE:
                     self._grants.popitem(last=False)
             check_use(
                 grant,
-                query,
                 client_ip=client_ip,
                 now=time.time(),
                 skew=self.config.http.clock_skew,

@@ -161,7 +161,7 @@ def verify(
 ) -> Grant:
     """Verifies a signed speech URL whose shape `check_query_shape` accepted."""
     grant = verify_signature(keyring, path, key, query)
-    check_use(grant, query, client_ip=client_ip, now=now, skew=skew)
+    check_use(grant, client_ip=client_ip, now=now, skew=skew)
     return grant
 
 
@@ -200,9 +200,7 @@ def verify_signature(keyring: Keyring, path: str, key: str, query: Mapping[str, 
     return Grant(spec=spec, policy=policy, expires=expires, network=network)
 
 
-def check_use(
-    grant: Grant, query: Mapping[str, str], *, client_ip: str | None, now: float, skew: float
-) -> None:
+def check_use(grant: Grant, *, client_ip: str | None, now: float, skew: float) -> None:
     """The per-request checks: expiry (with clock skew) and the client address."""
     if now > grant.expires + skew:
         raise Gone("expired", "URL has expired")

@@ -24,13 +24,13 @@ def _options(node: Node) -> DeliveryOptions:
 
 
 def _authorize(node: Node, request: web.Request) -> Grant:
-    query = request.rel_url.query
-    flat = {name: query[name] for name in query}
-    repeated = len(flat) != len(query)
+    def query() -> tuple[dict[str, str], bool]:
+        parsed = request.rel_url.query
+        flat = {name: parsed[name] for name in parsed}
+        return flat, len(flat) != len(parsed)
+
     info = request.match_info
-    return node.authorize(
-        request.raw_path, info["key"], info["ext"], flat, repeated, request.remote
-    )
+    return node.authorize(request.raw_path, info["key"], info["ext"], query, request.remote)
 
 
 async def speech(request: web.Request) -> web.StreamResponse:
