@@ -44,7 +44,12 @@ def _b64e(raw: bytes) -> str:
 
 
 def _b64d(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Strict base64url: the standard decoder skips foreign characters and ignores unused
+    low bits, which would let many spellings of one signature verify."""
+    raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64e(raw) != text:
+        raise ValueError("not canonical base64url")
+    return raw
 
 
 def speech_path(spec: Spec) -> str:
@@ -206,9 +211,13 @@ def check_use(grant: Grant, *, client_ip: str | None, now: float, skew: float) -
         raise Gone("expired", "URL has expired")
     if grant.network is not None:
         try:
-            allowed = client_ip is not None and ipaddress.ip_address(client_ip) in grant.network
+            address = ipaddress.ip_address(client_ip or "")
         except ValueError:
-            allowed = False
+            address = None
+        # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        allowed = address is not None and address in grant.network
         if not allowed:
             raise Forbidden("ip_mismatch", "URL is bound to another client address")
 

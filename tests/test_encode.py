@@ -182,3 +182,9 @@ def test_pin_serial_rejects_trailing_garbage() -> None:
     raw = libsndfile_opus(sine(0.1))
     with pytest.raises(ValueError, match="not an Ogg page"):
         pin_serial(raw + b"garbage!", OGG_SERIAL)
+
+
+def test_pin_serial_rejects_a_truncated_page() -> None:
+    raw = libsndfile_opus(sine(0.1))
+    with pytest.raises(ValueError, match="truncated Ogg page"):
+        pin_serial(raw[:-5], OGG_SERIAL)

@@ -279,3 +279,14 @@ def test_purge_stamp_creates_its_file(tmp_path: Path) -> None:
     path = tmp_path / "purge"
     PurgeStamp(path)
     assert path.exists()
+
+
+def test_purge_stamp_counts_purges_from_two_workers_between_checks(tmp_path: Path) -> None:
+    path = tmp_path / "purge"
+    worker_a, worker_b, observer = PurgeStamp(path), PurgeStamp(path), PurgeStamp(path)
+    worker_a.bump()
+    assert observer.changed() is True
+    worker_a.bump()
+    worker_b.bump()
+    assert observer.read() == 3
+    assert observer.changed() is True

@@ -466,3 +466,28 @@ def test_check_query_shape_unknown_parameter_wins_over_missing_sig() -> None:
     with pytest.raises(BadRequest) as excinfo:
         check_query_shape({"text": "hello"}, repeated=False)
     assert excinfo.value.code == "unknown_parameter"
+
+
+# -- strictness ----------------------------------------------------------------------------
+
+
+def test_non_canonical_base64_spelling_of_the_signature_is_rejected(
+    ring: Keyring, spec: Spec
+) -> None:
+    path, key, query = signed(ring, spec)
+    # A character outside the alphabet would be skipped by a lax decoder.
+    query["sig"] = query["sig"][:10] + "!" + query["sig"][10:]
+    assert rejected(Forbidden, ring, path, key, query).code == "bad_signature"
+
+
+def test_ipv4_mapped_client_address_matches_an_ipv4_binding(ring: Keyring, spec: Spec) -> None:
+    path, key, query = signed(ring, spec, ip="203.0.113.0/24")
+    assert check(ring, path, key, query, client_ip="::ffff:203.0.113.5").spec == spec
+
+
+def test_ipv4_mapped_client_address_outside_the_binding_is_rejected(
+    ring: Keyring, spec: Spec
+) -> None:
+    path, key, query = signed(ring, spec, ip="203.0.113.0/24")
+    exc = rejected(Forbidden, ring, path, key, query, client_ip="::ffff:198.51.100.7")
+    assert exc.code == "ip_mismatch"

@@ -108,9 +108,13 @@ class DiskStore:
     # -- reads ------------------------------------------------------------------------------
     def open(self, key: str, read_below: int = 0) -> Opened:
         """Looks `key` up and opens its body; blocking, for an executor."""
-        found = self._cache.get(key, default=None, read=True, tag=True)
-        handle, tag = found
+        handle, tag = self._cache.get(key, default=None, read=True, tag=True)
         if handle is None:
+            # diskcache answers "absent" both for no row and for a row whose value file
+            # has vanished; only the second leaves a row behind, which must go.
+            if key in self._cache:
+                self._cache.delete(key)
+                return Opened(Outcome.CORRUPT)
             return Opened(Outcome.MISS)
         meta = ObjectMeta.from_tag(tag)
         with handle:

@@ -37,11 +37,15 @@ def pin_serial(data: bytes, serial: int) -> bytes:
     out = bytearray(data)
     pos = 0
     while pos < len(out):
-        if out[pos : pos + 4] != _CAPTURE:
+        if out[pos : pos + 4] != _CAPTURE or pos + _HEADER > len(out):
             raise ValueError(f"not an Ogg page at byte {pos}")
         nsegs = out[pos + 26]
+        if pos + _HEADER + nsegs > len(out):
+            raise ValueError(f"truncated Ogg page at byte {pos}")
         body = sum(out[pos + _HEADER : pos + _HEADER + nsegs])
         end = pos + _HEADER + nsegs + body
+        if end > len(out):
+            raise ValueError(f"truncated Ogg page at byte {pos}")
         struct.pack_into("<I", out, pos + _SERIAL_AT, serial)
         struct.pack_into("<I", out, pos + _CRC_AT, 0)
         struct.pack_into("<I", out, pos + _CRC_AT, ogg_crc(out[pos:end]))
