@@ -123,8 +123,12 @@ async def deliver(
         ranges = [(0, meta.length)]
 
     if body is not None:
-        # From memory: one buffer, one write. aiohttp keeps Content-Length and drops the
-        # body for HEAD itself.
+        # From memory: one buffer, one write.
+        if head_only:
+            # RFC 9110 section 9.3.2: the headers GET would send, Content-Length included
+            # (aiohttp derives it from a body only when the body is non-empty).
+            headers[hdrs.CONTENT_LENGTH] = str(length)
+            return Delivered(web.Response(status=status, headers=headers), 0)
         if multipart is None:
             start, end = ranges[0]
             payload = body[start:end] if (start, end) != (0, meta.length) else body
@@ -135,8 +139,7 @@ async def deliver(
                 out += body[start:end]
             out += multipart.tail
             payload = bytes(out)
-        response = web.Response(status=status, headers=headers, body=payload)
-        return Delivered(response, 0 if head_only else length)
+        return Delivered(web.Response(status=status, headers=headers, body=payload), length)
 
     assert file is not None
     stream = web.StreamResponse(status=status, headers=headers)
