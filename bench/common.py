@@ -106,6 +106,23 @@ def edge_process(data_dir: Path, port: int, env: dict[str, str], workers: int = 
         log.close()
 
 
+@contextlib.contextmanager
+def python_server(module: str, *args: str, port: int) -> Iterator[str]:
+    """`python -m module args... port` as a separate process, until it answers /healthz."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args, str(port)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 @dataclass(frozen=True)
 class WrkResult:
     rps: float

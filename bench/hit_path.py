@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.common import edge_process, free_port, nginx, run_wrk
+from bench.common import edge_process, free_port, nginx, python_server, run_wrk
 from edge.cache.meta import ObjectMeta, etag_for
 from edge.cache.store import DiskStore, StoreSettings
 from edge.formats import AudioFormat
@@ -129,6 +129,17 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                 report["nginx" if workers == 1 else f"nginx (after {workers} workers)"] = (
                     result.as_dict()
                 )
+            # The framework's ceiling: aiohttp alone, slicing memory, nothing else.
+            bare_file = str(work / "www" / "object.wav")
+            with python_server("bench.bare_aiohttp", bare_file, port=free_port()) as base:
+                script = work / "bare.lua"
+                wrk_script(script, "/object.wav")
+                bare_url = f"{base}/object.wav"
+                run_wrk(bare_url, seconds=2, connections=args.connections, script=script)
+                result = run_wrk(
+                    bare_url, seconds=args.seconds, connections=args.connections, script=script
+                )
+                report["bare aiohttp (ceiling)"] = result.as_dict()
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -153,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     ratio = edge["rps"] / ng["rps"]
     report["ratio_rps_edge_over_nginx"] = round(ratio, 3)
     print(f"edge / nginx requests per second: {ratio:.2f}x (target >= 0.5x)")
+    bare = report["bare aiohttp (ceiling)"]
+    assert isinstance(bare, dict)
+    report["ratio_rps_bare_aiohttp_over_nginx"] = round(bare["rps"] / ng["rps"], 3)
+    print(f"bare aiohttp / nginx (framework ceiling): {bare['rps'] / ng['rps']:.2f}x")
     multi = report.get(f"edge --workers {args.workers}")
     if isinstance(multi, dict):
         other = report[f"nginx (after {args.workers} workers)"]

@@ -18,12 +18,17 @@ common origin (a differential test against a real nginx keeps this honest):
 
 from __future__ import annotations
 
+import re
+
 ByteRange = tuple[int, int]
 """A half-open byte range: `start` inclusive, `end` exclusive."""
 
 _UNIT = "bytes="
 _MAX_OFFSET = (1 << 63) - 1  # nginx's NGX_MAX_OFF_T_VALUE: larger numbers are invalid
 _DIGITS = "0123456789"
+# What players send nearly always: one `first-[last]` range, no spaces. 18 digits stay
+# below _MAX_OFFSET, so the overflow rule cannot apply; anything else takes the full parser.
+_SIMPLE = re.compile(r"[Bb][Yy][Tt][Ee][Ss]=([0-9]{1,18})-([0-9]{0,18})")
 
 
 class RangeError(Exception):
@@ -44,6 +49,16 @@ def parse_range(header: str, length: int, max_ranges: int) -> list[ByteRange] | 
     Returns the ranges to send, or None to ignore the header and send 200. Raises
     `MalformedRange` or `UnsatisfiableRange` for a 416.
     """
+    simple = _SIMPLE.fullmatch(header)
+    if simple is not None and max_ranges >= 1:
+        start = int(simple.group(1))
+        last = simple.group(2)
+        end = min(int(last) + 1, length) if last else length
+        if start < end:
+            return [(start, end)]
+        if start == 0:
+            return None
+        raise UnsatisfiableRange("no range overlaps the representation")
     if len(header) <= len(_UNIT) or header[: len(_UNIT)].lower() != _UNIT:
         return None
     text = header[len(_UNIT) :]
