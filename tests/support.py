@@ -1,0 +1,178 @@
+"""Plain helpers shared by the application-level tests (not fixtures).
+
+They build real keyrings, configs, specs and signed URLs, insert objects straight into a
+node's disk store, and read the node's Prometheus exposition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge.cache.meta import ObjectMeta, etag_for
+from edge.config import NodeConfig, SynthSettings
+from edge.formats import AudioFormat
+from edge.handlers.keys import NODE
+from edge.keyring import Keyring
+from edge.node import Node
+from edge.policy import Policy, Retention
+from edge.spec import Spec
+from edge.synth.hibari_engine import hibari_model_id
+from edge.token import _b64e, _mac, sign_query, speech_path
+
+KID = "test1"
+SECRET = "test-secret-that-is-long-enough-0123456789"
+DEFAULT_TEXT = "Hello from the edge."
+READY_TIMEOUT = 60.0
+
+
+def make_keyring(*entries: str) -> Keyring:
+    """A keyring from `kid:secret` entries; one fixed test key when none are given."""
+    return Keyring.parse(",".join(entries) if entries else f"{KID}:{SECRET}")
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> NodeConfig:
+    """An edge config under `tmp_path`: one inference thread, no background recency flush."""
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "node",
+        "synth": SynthSettings(workers=1),
+        "recency_flush": 3600.0,
+    }
+    values.update(overrides)
+    return NodeConfig(**values)
+
+
+def make_spec(
+    text: str = DEFAULT_TEXT,
+    *,
+    voice: str = "heart",
+    fmt: AudioFormat = AudioFormat.WAV,
+    speed: float = 1.0,
+    seed: int = 0,
+    model: str | None = None,
+) -> Spec:
+    return Spec.create(
+        text=text,
+        voice=voice,
+        format=fmt,
+        model=model or hibari_model_id("heart"),
+        speed=speed,
+        seed=seed,
+    )
+
+
+def signed_fields(
+    keyring: Keyring,
+    spec: Spec,
+    *,
+    policy: Policy = Policy.HOT,
+    ttl: int = 3600,
+    ip: str | None = None,
+    now: float | None = None,
+) -> dict[str, str]:
+    return sign_query(keyring, spec, policy=policy, ttl=ttl, ip=ip, now=now)
+
+
+def target(path: str, fields: Mapping[str, str] | list[tuple[str, str]]) -> str:
+    """A request target: `path?query`, with the query encoded as given (order kept)."""
+    return f"{path}?{urlencode(fields)}"
+
+
+def sign(keyring: Keyring, spec: Spec, **kwargs: Any) -> str:
+    """A signed request target (path and query) for `spec`."""
+    return target(speech_path(spec), signed_fields(keyring, spec, **kwargs))
+
+
+def forge(keyring: Keyring, path: str, fields: Mapping[str, str]) -> str:
+    """A target for `path` whose fields are signed correctly by the keyring's signer,
+    whatever they hold: for URLs that pass the signature check and fail a later one."""
+    unsigned = {name: value for name, value in fields.items() if name != "sig"}
+    sig = _b64e(_mac(keyring.signer, path, unsigned))
+    return target(path, {**unsigned, "sig": sig})
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    """Deterministic, incompressible bytes."""
+    return random.Random(seed).randbytes(size)
+
+
+def node_of(app: web.Application) -> Node:
+    return app[NODE]
+
+
+def put_object(
+    app: web.Application,
+    spec: Spec,
+    body: bytes,
+    *,
+    policy: Policy = Policy.HOT,
+    content_type: str | None = None,
+    stored_at: float | None = None,
+) -> ObjectMeta:
+    """Commits `body` as `spec`'s object straight into the node's disk store."""
+    node = app[NODE]
+    meta = ObjectMeta(
+        key=spec.key,
+        content_type=content_type or spec.format.content_type(24000),
+        length=len(body),
+        etag=etag_for(spec.key),
+        sha256=hashlib.sha256(body).hexdigest(),
+        policy=policy,
+        stored_at=float(int(time.time()) - 60) if stored_at is None else stored_at,
+        ttl=Retention().ttl(policy),
+    )
+    node.store.put(meta, body)
+    return meta
+
+
+def value_files(app: web.Application) -> list[Path]:
+    """The body files of every object in the node's disk store."""
+    return sorted(app[NODE].store.directory.rglob("*.val"))
+
+
+def metric_from(text: str, sample: str, **labels: str) -> float:
+    """The value of the sample named `sample` with exactly these labels (0 if absent)."""
+    for family in text_string_to_metric_families(text):
+        for found in family.samples:
+            if found.name == sample and found.labels == labels:
+                return float(found.value)
+    return 0.0
+
+
+async def scrape(client: TestClient[Any, Any]) -> str:
+    async with client.get("/metrics") as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+async def metric(client: TestClient[Any, Any], sample: str, **labels: str) -> float:
+    return metric_from(await scrape(client), sample, **labels)
+
+
+async def wait_ready(client: TestClient[Any, Any]) -> None:
+    """Polls /readyz until the node's engines are warm (model load and a warm-up render)."""
+    async with asyncio.timeout(READY_TIMEOUT):
+        while True:
+            async with client.get("/readyz") as resp:
+                if resp.status == 200:
+                    return
+            await asyncio.sleep(0.05)
+
+
+async def eventually(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Waits until `predicate()` holds; fails the test if it never does."""
+    async with asyncio.timeout(seconds):
+        while True:
+            if predicate():
+                return
+            await asyncio.sleep(0.02)
