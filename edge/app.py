@@ -51,7 +51,9 @@ def create_app(
     app.cleanup_ctx.append(_node_lifetime)
 
     app.router.add_get(SPEECH_ROUTE, speech.speech)  # GET also answers HEAD
-    app.router.add_route("*", "/v1/speech/{tail:.*}", speech.malformed)
+    # Any other GET under /v1/speech/ (traversal attempts included) is a malformed key;
+    # other methods fall through to the router's 405 with an Allow header.
+    app.router.add_get("/v1/speech/{tail:.*}", speech.malformed)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)

@@ -20,7 +20,7 @@ from edge.cache.hotkeys import SpaceSaving
 from edge.cache.meta import ObjectMeta, etag_for
 from edge.cache.store import DiskStore, Outcome
 from edge.config import NodeConfig
-from edge.errors import BadRequest, RequestError
+from edge.errors import BadRequest, RequestError, ServiceUnavailable
 from edge.formats import AudioFormat
 from edge.keyring import Keyring
 from edge.metrics import Metrics
@@ -165,7 +165,7 @@ class Node:
     # -- misses ---------------------------------------------------------------------------
     async def render(self, grant: Grant) -> Rendered:
         if self.renderer is None:
-            raise RequestError("no_renderer", "this node does not render")
+            raise ServiceUnavailable("no_renderer", "this node does not render")
         return await self.renderer.render(grant.spec)
 
     async def store_rendered(self, grant: Grant, rendered: Rendered) -> ObjectMeta:

@@ -43,29 +43,39 @@ async def speech(request: web.Request) -> web.StreamResponse:
         metrics.requests_by[Result.REJECTED].inc()
         raise
 
+    options = _options(node)
     held = await node.lookup(grant.spec.key) if grant.policy.stored else None
     if held is not None:
-        with held.pinned():
-            delivered = await deliver(
-                request,
-                held.meta,
-                body=held.body,
-                file=held.entry.file if held.entry else None,
-                options=_options(node),
-            )
         result, source = Result.HIT, Source.CACHE
+        try:
+            with held.pinned():
+                delivered = await deliver(
+                    request,
+                    held.meta,
+                    grant.policy,
+                    body=held.body,
+                    file=held.entry.file if held.entry else None,
+                    options=options,
+                )
+        except RequestError:  # 412 and 416 about a cached object still count as hits
+            metrics.requests_by[result].inc()
+            raise
     else:
+        result = Result.MISS if grant.policy.stored else Result.BYPASS
+        source = Source.SYNTH
         try:
             rendered = await node.render(grant)
         except RequestError:
             metrics.requests_by[Result.ERROR].inc()
             raise
         meta = await node.store_rendered(grant, rendered)
-        delivered = await deliver(
-            request, meta, body=rendered.body, file=None, options=_options(node)
-        )
-        result = Result.MISS if grant.policy.stored else Result.BYPASS
-        source = Source.SYNTH
+        try:
+            delivered = await deliver(
+                request, meta, grant.policy, body=rendered.body, file=None, options=options
+            )
+        except RequestError:
+            metrics.requests_by[result].inc()
+            raise
     metrics.requests_by[result].inc()
     metrics.bytes_by[source].inc(delivered.body_bytes)
     metrics.ttfb_by[result].observe(time.perf_counter() - started)

@@ -20,6 +20,7 @@ from edge.http.conditional import Precondition, evaluate, if_range_allows
 from edge.http.multipart import Multipart
 from edge.http.ranges import ByteRange, RangeError, content_range, parse_range, unsatisfied_range
 from edge.http.sendfile import send_file_range
+from edge.policy import Policy
 
 RANGE_UNIT = "bytes"
 
@@ -41,13 +42,15 @@ def http_date(epoch: float) -> str:
 
 
 @lru_cache(maxsize=4096)
-def base_headers(meta: ObjectMeta) -> dict[str, str]:
-    """The headers every answer about `meta` carries. Cached: objects are immutable, and
-    formatting the date is a visible cost on the hit path. Callers must copy, not mutate."""
+def base_headers(meta: ObjectMeta, policy: Policy) -> dict[str, str]:
+    """The headers every answer about `meta` carries. Downstream caching follows the
+    policy of the URL being answered (DESIGN.md section 3), not the one the object was
+    stored under. Cached: objects are immutable, and formatting the date is a visible cost
+    on the hit path. Callers must copy, not mutate."""
     return {
         hdrs.ETAG: meta.etag,
         hdrs.LAST_MODIFIED: http_date(meta.last_modified),
-        hdrs.CACHE_CONTROL: meta.policy.cache_control,
+        hdrs.CACHE_CONTROL: policy.cache_control,
         hdrs.ACCEPT_RANGES: RANGE_UNIT,
     }
 
@@ -71,7 +74,9 @@ def plan_ranges(request: web.BaseRequest, meta: ObjectMeta, max_ranges: int) -> 
     return ranges or []
 
 
-def check_preconditions(request: web.BaseRequest, meta: ObjectMeta) -> web.Response | None:
+def check_preconditions(
+    request: web.BaseRequest, meta: ObjectMeta, policy: Policy
+) -> web.Response | None:
     """A 304 to send instead of the object, None to go on; raises 412."""
     h = request.headers
     outcome = evaluate(
@@ -87,24 +92,27 @@ def check_preconditions(request: web.BaseRequest, meta: ObjectMeta) -> web.Respo
         raise PreconditionFailed("precondition_failed", "a precondition did not hold")
     if outcome is Precondition.NOT_MODIFIED:
         # RFC 9110 section 15.4.5: a 304 repeats the validators and Cache-Control.
-        return web.Response(status=HTTPStatus.NOT_MODIFIED, headers=dict(base_headers(meta)))
+        headers = dict(base_headers(meta, policy))
+        return web.Response(status=HTTPStatus.NOT_MODIFIED, headers=headers)
     return None
 
 
 async def deliver(
     request: web.BaseRequest,
     meta: ObjectMeta,
+    policy: Policy,
     *,
     body: bytes | None,
     file: SharedFile | None,
     options: DeliveryOptions,
 ) -> Delivered:
-    """Answers `request` with `meta`'s object, held in `body` or open as `file`."""
-    not_modified = check_preconditions(request, meta)
+    """Answers `request` with `meta`'s object, held in `body` or open as `file`, under the
+    requesting URL's `policy`."""
+    not_modified = check_preconditions(request, meta, policy)
     if not_modified is not None:
         return Delivered(not_modified, 0)
     ranges = plan_ranges(request, meta, options.max_ranges)
-    headers = dict(base_headers(meta))
+    headers = dict(base_headers(meta, policy))
     head_only = request.method == hdrs.METH_HEAD
 
     if len(ranges) > 1:

@@ -36,6 +36,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
             headers[hdrs.ALLOW] = exc.headers[hdrs.ALLOW]
         code = HTTPStatus(exc.status).phrase.lower().replace(" ", "_")
         return json_error(exc.status, code, exc.reason, headers)
+    except ConnectionError:
+        # The client went away mid-response; there is no one to answer.
+        raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return json_error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal_error", "internal error")
