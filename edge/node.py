@@ -4,24 +4,24 @@ through the hot tier and the disk store, rendering misses, storing, and purging.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.cache.hot import HotEntry, HotTier, PurgeStamp
+from edge.cache.hot import HotEntry, HotTier, PurgeStamp, SharedFile
 from edge.cache.hotkeys import SpaceSaving
 from edge.cache.meta import ObjectMeta, etag_for
 from edge.cache.store import DiskStore, Outcome
 from edge.config import NodeConfig
 from edge.errors import BadRequest, RequestError, ServiceUnavailable
 from edge.formats import AudioFormat
+from edge.http.deliver import DeliveryOptions
 from edge.keyring import Keyring
 from edge.metrics import Metrics
 from edge.spec import KEY_RE
@@ -43,14 +43,13 @@ class Held:
     body: bytes | None
     entry: HotEntry | None
 
-    @contextlib.contextmanager
-    def pinned(self) -> Iterator[None]:
-        file = self.entry.file.acquire() if self.entry and self.entry.file else None
-        try:
-            yield
-        finally:
-            if file is not None:
-                file.release()
+    def __enter__(self) -> SharedFile | None:
+        """Pins the descriptor (if any) for the duration of a send."""
+        return self.entry.file.acquire() if self.entry and self.entry.file else None
+
+    def __exit__(self, *_: object) -> None:
+        if self.entry and self.entry.file:
+            self.entry.file.release()
 
 
 class Node:
@@ -70,6 +69,9 @@ class Node:
         self._recent: set[str] = set()
         self._voices = catalog()
         self._grants: OrderedDict[str, Grant] = OrderedDict()
+        self.delivery = DeliveryOptions(
+            max_ranges=config.http.max_ranges, use_sendfile=config.http.sendfile
+        )
         self._purge_checked = 0.0
 
     def close(self) -> None:

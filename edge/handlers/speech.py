@@ -12,15 +12,10 @@ from aiohttp import web
 
 from edge.errors import BadRequest, RequestError
 from edge.handlers.keys import NODE
-from edge.http.deliver import DeliveryOptions, deliver
+from edge.http.deliver import deliver
 from edge.metrics import Result, Source
 from edge.node import Node
 from edge.token import Grant
-
-
-def _options(node: Node) -> DeliveryOptions:
-    http = node.config.http
-    return DeliveryOptions(max_ranges=http.max_ranges, use_sendfile=http.sendfile)
 
 
 def _authorize(node: Node, request: web.Request) -> Grant:
@@ -43,18 +38,18 @@ async def speech(request: web.Request) -> web.StreamResponse:
         metrics.requests_by[Result.REJECTED].inc()
         raise
 
-    options = _options(node)
+    options = node.delivery
     held = await node.lookup(grant.spec.key) if grant.policy.stored else None
     if held is not None:
         result, source = Result.HIT, Source.CACHE
         try:
-            with held.pinned():
+            with held as file:
                 delivered = await deliver(
                     request,
                     held.meta,
                     grant.policy,
                     body=held.body,
-                    file=held.entry.file if held.entry else None,
+                    file=file,
                     options=options,
                 )
         except RequestError:  # 412 and 416 about a cached object still count as hits
