@@ -7,6 +7,7 @@ node's disk store, and read the node's Prometheus exposition.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -176,3 +178,20 @@ async def eventually(predicate: Callable[[], bool], seconds: float = 10.0) -> No
             if predicate():
                 return
             await asyncio.sleep(0.02)
+
+
+async def wait_process_ready(
+    session: aiohttp.ClientSession,
+    base: str,
+    proc: asyncio.subprocess.Process,
+    limit: float,
+) -> None:
+    """Polls a node process's /readyz until 200; fails if the process exits first."""
+    async with asyncio.timeout(limit):
+        while True:
+            assert proc.returncode is None, "the node exited during start-up"
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{base}/readyz") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.1)

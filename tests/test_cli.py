@@ -4,7 +4,6 @@ process answering a signed Range request, then stopping cleanly on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import os
 import signal
@@ -25,7 +24,7 @@ from edge.keyring import KEYS_ENV, Keyring
 from edge.policy import Policy
 from edge.spec import normalize_text
 from edge.token import Grant, verify
-from tests.support import KID, SECRET
+from tests.support import KID, SECRET, wait_process_ready
 
 REPO = Path(__file__).resolve().parent.parent
 KEYS = f"{KID}:{SECRET}"
@@ -220,19 +219,6 @@ def _free_port() -> int:
         return port
 
 
-async def _wait_ready(
-    session: aiohttp.ClientSession, base: str, proc: asyncio.subprocess.Process
-) -> None:
-    async with asyncio.timeout(START_TIMEOUT):
-        while True:
-            assert proc.returncode is None, "the edge exited during start-up"
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{base}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-
-
 async def _sign_with_cli(base: str, text: str) -> str:
     env = {**os.environ, KEYS_ENV: KEYS}
     proc = await asyncio.create_subprocess_exec(
@@ -275,7 +261,7 @@ async def test_edge_process_serves_a_signed_range_and_stops_on_sigterm(tmp_path:
         url = await _sign_with_cli(base, "Served by a real edge.")
         assert url.startswith(f"{base}/v1/speech/")
         async with aiohttp.ClientSession() as session:
-            await _wait_ready(session, base, proc)
+            await wait_process_ready(session, base, proc, START_TIMEOUT)
             async with session.get(url, headers={"Range": "bytes=0-1023"}) as resp:
                 assert resp.status == 206
                 part = await resp.read()

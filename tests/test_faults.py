@@ -49,6 +49,7 @@ from tests.support import (
     scrape,
     sign,
     value_files,
+    wait_process_ready,
     wait_ready,
 )
 
@@ -263,19 +264,6 @@ LONG_TEXT = (
 )
 
 
-async def _wait_http_ready(
-    session: aiohttp.ClientSession, base: str, proc: asyncio.subprocess.Process
-) -> None:
-    async with asyncio.timeout(CHILD_TIMEOUT):
-        while True:
-            assert proc.returncode is None, "node exited during start-up"
-            with contextlib.suppress(aiohttp.ClientError):
-                async with session.get(f"{base}/readyz") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.1)
-
-
 @pytest.mark.slow
 async def test_write_limit_still_delivers_and_stores_nothing(
     tmp_path: Path, keyring: Keyring
@@ -302,7 +290,7 @@ async def test_write_limit_still_delivers_and_stores_nothing(
         )
     try:
         async with aiohttp.ClientSession() as session:
-            await _wait_http_ready(session, base, proc)
+            await wait_process_ready(session, base, proc, CHILD_TIMEOUT)
             url = base + sign(keyring, make_spec(LONG_TEXT))
             async with session.get(url) as resp:
                 assert resp.status == 200

@@ -16,9 +16,8 @@ The edge runs over every delivery path: the body held in memory by the hot tier,
 as a file descriptor and sent with sendfile(2) or with pread-and-write; a 3 MiB object
 (above the hot tier's in-memory limit) for a handful of headers; and a 0-byte object.
 
-Known edge bug, left failing on purpose until edge/ is fixed (not skipped, not xfailed):
-`test_head_of_empty_object_has_the_headers_of_get` (HEAD of a 0-byte object has no
-Content-Length; nginx sends `Content-Length: 0`).
+`test_head_of_empty_object_has_the_headers_of_get` guards a fixed bug: HEAD of a 0-byte
+object once lacked the `Content-Length: 0` that nginx (and our GET) send.
 """
 
 from __future__ import annotations
@@ -574,12 +573,6 @@ async def test_head_has_the_headers_of_get(
 async def test_head_of_empty_object_has_the_headers_of_get(
     edge: Edge, http: aiohttp.ClientSession, nginx_urls: dict[str, str], variant: Variant
 ) -> None:
-    """KNOWN EDGE BUG, fails until edge/http/deliver.py is fixed (do not skip or xfail).
-
-    HEAD of a 0-byte object: nginx answers `Content-Length: 0`, like its GET; the edge's
-    HEAD has no Content-Length at all (its GET has `Content-Length: 0`). deliver.py relies
-    on aiohttp keeping the Content-Length of a `web.Response` on HEAD, but aiohttp's
-    `Response._start` only adds it for HEAD when the body is non-empty; setting
-    Content-Length explicitly in the response headers keeps it.
-    """
+    """HEAD of a 0-byte object carries `Content-Length: 0`, like nginx's and like our GET
+    (aiohttp adds it on HEAD only for non-empty bodies, so deliver.py sets it itself)."""
     await check_head_matches_get(edge, http, nginx_urls, variant)
