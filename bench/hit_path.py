@@ -3,26 +3,32 @@
 Both servers hold the same bytes, run one worker each, and are loaded in the same run by
 wrk in its own process (one thread, 16 connections), with the Range offset cycling over
 the object so no single answer can be memoized by the load generator. The figure that
-matters is the ratio of requests per second, edge / nginx, measured side by side on one
-machine; absolute numbers depend on the machine and its neighbours.
+matters is the ratio of requests per second, edge / nginx: every round loads each server
+in turn, and the report gives the median of the per-round ratios, which a shared, noisy
+machine disturbs far less than any absolute number. A bare aiohttp server slicing the
+same bytes from memory, with no checks at all, shows the framework's own ceiling.
 
-    python -m bench.hit_path [--seconds 10] [--connections 16] [--workers 2]
+    python -m bench.hit_path [--seconds 5] [--rounds 5] [--connections 16] [--workers 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import random
 import shutil
+import statistics
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.common import edge_process, free_port, nginx, python_server, run_wrk
+from tqdm import tqdm
+
+from bench.common import WrkResult, edge_process, free_port, nginx, python_server, run_wrk
 from edge.cache.meta import ObjectMeta, etag_for
 from edge.cache.store import DiskStore, StoreSettings
 from edge.formats import AudioFormat
@@ -89,57 +95,76 @@ def prepare(work: Path) -> tuple[bytes, Spec, Keyring, str]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, object]:
+    """All servers stay up; each round runs wrk against each of them in turn, so a noisy
+    neighbour slows every server alike, and the report takes the median over rounds."""
     work = Path(tempfile.mkdtemp(prefix="nv-bench-hit-"))
     work.chmod(0o755)  # nginx's worker runs unprivileged and must read the document root
     try:
         body, spec, keyring, pair = prepare(work)
         env = {"NEARVOICE_KEYS": pair}
+        with contextlib.ExitStack() as stack:
+            urls: dict[str, str] = {}
+            nginx_base = stack.enter_context(nginx(work / "www", free_port()))
+            urls["nginx"] = f"{nginx_base}/object.wav"
+            base = stack.enter_context(edge_process(work / "edge", free_port(), env))
+            urls["edge"] = sign_url(keyring, base, spec, policy=Policy.HOT, ttl=3600)
+            if args.workers > 1:
+                multi_dir = work / "edge-multi"
+                shutil.copytree(work / "edge", multi_dir)
+                base = stack.enter_context(
+                    edge_process(multi_dir, free_port(), env, workers=args.workers)
+                )
+                urls[f"edge --workers {args.workers}"] = sign_url(
+                    keyring, base, spec, policy=Policy.HOT, ttl=3600
+                )
+            bare_file = str(work / "www" / "object.wav")
+            base = stack.enter_context(
+                python_server("bench.bare_aiohttp", bare_file, port=free_port())
+            )
+            urls["bare aiohttp (ceiling)"] = f"{base}/object.wav"
+
+            scripts: dict[str, Path] = {}
+            for name, url in urls.items():
+                status, got = fetch_range(url, SLICE, 2 * SLICE - 1)
+                assert status == 206 and got == body[SLICE : 2 * SLICE], name
+                target = urlsplit(url)
+                scripts[name] = work / f"{len(scripts)}.lua"
+                wrk_script(
+                    scripts[name], f"{target.path}?{target.query}" if target.query else target.path
+                )
+                run_wrk(url, seconds=1, connections=args.connections, script=scripts[name])
+
+            rounds: dict[str, list[WrkResult]] = {name: [] for name in urls}
+            for _ in tqdm(range(args.rounds), desc="rounds", unit="round"):
+                for name, url in urls.items():
+                    rounds[name].append(
+                        run_wrk(
+                            url,
+                            seconds=args.seconds,
+                            connections=args.connections,
+                            script=scripts[name],
+                        )
+                    )
         report: dict[str, object] = {
             "object_bytes": OBJECT_BYTES,
             "range_bytes": SLICE,
-            "seconds": args.seconds,
+            "seconds_per_run": args.seconds,
+            "rounds": args.rounds,
             "connections": args.connections,
         }
-        with nginx(work / "www", free_port()) as nginx_base:
-            nginx_url = f"{nginx_base}/object.wav"
-            runs = [("edge", 1)] + ([("edge", args.workers)] if args.workers > 1 else [])
-            for name, workers in runs:
-                port = free_port()
-                with edge_process(work / "edge", port, env, workers=workers) as base:
-                    url = sign_url(keyring, base, spec, policy=Policy.HOT, ttl=3600)
-                    for server_url in (url, nginx_url):
-                        status, got = fetch_range(server_url, SLICE, 2 * SLICE - 1)
-                        assert status == 206 and got == body[SLICE : 2 * SLICE], server_url
-                    target = urlsplit(url)
-                    script = work / "edge.lua"
-                    wrk_script(script, f"{target.path}?{target.query}")
-                    run_wrk(url, seconds=2, connections=args.connections, script=script)  # warm
-                    result = run_wrk(
-                        url, seconds=args.seconds, connections=args.connections, script=script
-                    )
-                    label = name if workers == 1 else f"edge --workers {workers}"
-                    report[label] = result.as_dict()
-                # nginx measured right after each edge run, so both see the same machine state
-                script = work / "nginx.lua"
-                wrk_script(script, "/object.wav")
-                run_wrk(nginx_url, seconds=2, connections=args.connections, script=script)
-                result = run_wrk(
-                    nginx_url, seconds=args.seconds, connections=args.connections, script=script
-                )
-                report["nginx" if workers == 1 else f"nginx (after {workers} workers)"] = (
-                    result.as_dict()
-                )
-            # The framework's ceiling: aiohttp alone, slicing memory, nothing else.
-            bare_file = str(work / "www" / "object.wav")
-            with python_server("bench.bare_aiohttp", bare_file, port=free_port()) as base:
-                script = work / "bare.lua"
-                wrk_script(script, "/object.wav")
-                bare_url = f"{base}/object.wav"
-                run_wrk(bare_url, seconds=2, connections=args.connections, script=script)
-                result = run_wrk(
-                    bare_url, seconds=args.seconds, connections=args.connections, script=script
-                )
-                report["bare aiohttp (ceiling)"] = result.as_dict()
+        for name, results in rounds.items():
+            report[name] = {
+                "rps": round(statistics.median(r.rps for r in results), 1),
+                "p50_ms": round(statistics.median(r.p50_ms for r in results), 3),
+                "p99_ms": round(statistics.median(r.p99_ms for r in results), 3),
+                "non_2xx": sum(r.non_2xx for r in results),
+                "errors": sum(r.errors for r in results),
+                "rps_each_round": [round(r.rps) for r in results],
+            }
+        for name in rounds:
+            if name != "nginx":
+                ratios = [r.rps / n.rps for r, n in zip(rounds[name], rounds["nginx"], strict=True)]
+                report[f"ratio {name} / nginx"] = round(statistics.median(ratios), 3)
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -147,13 +172,12 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearvoice bench hit-path", description=__doc__)
-    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--seconds", type=int, default=5, help="per server per round")
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2, help="also run the edge with N workers")
     args = parser.parse_args(argv)
     report = measure(args)
-    edge, ng = report["edge"], report["nginx"]
-    assert isinstance(edge, dict) and isinstance(ng, dict)
     print(f"{'server':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
     for name, row in report.items():
         if isinstance(row, dict):
@@ -161,18 +185,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name:<26}{row['rps']:>10.0f}{row['p50_ms']:>10.2f}"
                 f"{row['p99_ms']:>10.2f}{row['non_2xx']:>9}"
             )
-    ratio = edge["rps"] / ng["rps"]
-    report["ratio_rps_edge_over_nginx"] = round(ratio, 3)
-    print(f"edge / nginx requests per second: {ratio:.2f}x (target >= 0.5x)")
-    bare = report["bare aiohttp (ceiling)"]
-    assert isinstance(bare, dict)
-    report["ratio_rps_bare_aiohttp_over_nginx"] = round(bare["rps"] / ng["rps"], 3)
-    print(f"bare aiohttp / nginx (framework ceiling): {bare['rps'] / ng['rps']:.2f}x")
-    multi = report.get(f"edge --workers {args.workers}")
-    if isinstance(multi, dict):
-        other = report[f"nginx (after {args.workers} workers)"]
-        assert isinstance(other, dict)
-        print(f"edge --workers {args.workers} / nginx: {multi['rps'] / other['rps']:.2f}x")
+    print(f"median of per-round ratios over {args.rounds} rounds:")
+    for name, value in report.items():
+        if name.startswith("ratio "):
+            target = "  (target >= 0.5x)" if name == "ratio edge / nginx" else ""
+            print(f"  {name[6:]:<36}{value:>6.2f}x{target}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "hit_path.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0

@@ -70,7 +70,10 @@ class Node:
         self._voices = catalog()
         self._grants: OrderedDict[str, Grant] = OrderedDict()
         self.delivery = DeliveryOptions(
-            max_ranges=config.http.max_ranges, use_sendfile=config.http.sendfile
+            max_ranges=config.http.max_ranges,
+            use_sendfile=config.http.sendfile,
+            # aiohttp's access logger reads response internals the direct path skips.
+            direct=not config.http.access_log,
         )
         self._purge_checked = 0.0
 

@@ -17,6 +17,7 @@ from edge.cache.hot import SharedFile
 from edge.cache.meta import ObjectMeta
 from edge.errors import PreconditionFailed, RangeNotSatisfiable
 from edge.http.conditional import Precondition, evaluate, if_range_allows
+from edge.http.direct import DirectResponse, can_answer_directly, serialize_headers
 from edge.http.multipart import Multipart
 from edge.http.ranges import ByteRange, RangeError, content_range, parse_range, unsatisfied_range
 from edge.http.sendfile import send_file_range
@@ -29,6 +30,8 @@ RANGE_UNIT = "bytes"
 class DeliveryOptions:
     max_ranges: int
     use_sendfile: bool
+    direct: bool = True
+    """Answer in-memory 200/206 hits with `DirectResponse` (off when access logging)."""
 
 
 @dataclass(slots=True)
@@ -53,6 +56,14 @@ def base_headers(meta: ObjectMeta, policy: Policy) -> dict[str, str]:
         hdrs.CACHE_CONTROL: policy.cache_control,
         hdrs.ACCEPT_RANGES: RANGE_UNIT,
     }
+
+
+@lru_cache(maxsize=4096)
+def fixed_head(meta: ObjectMeta, policy: Policy) -> bytes:
+    """`base_headers` plus Content-Type, serialised once for direct answers."""
+    headers = dict(base_headers(meta, policy))
+    headers[hdrs.CONTENT_TYPE] = meta.content_type
+    return serialize_headers(headers)
 
 
 def plan_ranges(request: web.BaseRequest, meta: ObjectMeta, max_ranges: int) -> list[ByteRange]:
@@ -97,6 +108,23 @@ def check_preconditions(
     return None
 
 
+def _direct(meta: ObjectMeta, policy: Policy, body: bytes, ranges: list[ByteRange]) -> Delivered:
+    payload: memoryview | bytes
+    if ranges:
+        start, end = ranges[0]
+        varying = (
+            f"Content-Range: {content_range(ranges[0], meta.length)}\r\n"
+            f"Content-Length: {end - start}\r\n"
+        )
+        payload = memoryview(body)[start:end]
+        status = HTTPStatus.PARTIAL_CONTENT
+    else:
+        varying = f"Content-Length: {meta.length}\r\n"
+        payload, status = body, HTTPStatus.OK
+    response = DirectResponse(status, fixed_head(meta, policy), varying, payload)
+    return Delivered(response, len(payload))
+
+
 async def deliver(
     request: web.BaseRequest,
     meta: ObjectMeta,
@@ -112,8 +140,16 @@ async def deliver(
     if not_modified is not None:
         return Delivered(not_modified, 0)
     ranges = plan_ranges(request, meta, options.max_ranges)
-    headers = dict(base_headers(meta, policy))
     head_only = request.method == hdrs.METH_HEAD
+    if (
+        body is not None
+        and len(ranges) <= 1
+        and options.direct
+        and not head_only
+        and can_answer_directly(request)
+    ):
+        return _direct(meta, policy, body, ranges)
+    headers = dict(base_headers(meta, policy))
 
     if len(ranges) > 1:
         multipart = Multipart.plan(ranges, meta.content_type, meta.length)
