@@ -1,13 +1,19 @@
 """The voice catalog: which engine renders each voice and the model identity that goes
 into its specs (DESIGN.md sections 2 and 6). Signing and verifying both resolve voices
-here, without loading any model."""
+here, without loading any model: hibari's ids come from its package metadata, piper's
+from a hash of the installed .onnx file, computed once per process."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from edge.synth.hibari_engine import ENGINE_NAME as HIBARI
 from edge.synth.hibari_engine import hibari_model_id
+from edge.synth.piper_engine import ENGINE_NAME as PIPER
+from edge.synth.piper_engine import piper_model_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,8 +23,14 @@ class Voice:
     model_id: str
 
 
-def catalog() -> dict[str, Voice]:
-    return {"heart": Voice("heart", HIBARI, hibari_model_id("heart"))}
+@functools.cache
+def catalog() -> Mapping[str, Voice]:
+    """Every voice of the default install (read-only; built once per process)."""
+    voices = [
+        Voice("heart", HIBARI, hibari_model_id("heart")),
+        Voice("joe", PIPER, piper_model_id("joe")),
+    ]
+    return MappingProxyType({v.name: v for v in voices})
 
 
 class UnknownVoice(KeyError):

