@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -11,7 +13,9 @@ import soundfile
 
 from edge.formats import AudioFormat
 from edge.synth.encode import OGG_SERIAL, encode, to_pcm16
-from edge.synth.ogg import ogg_crc, pin_serial
+from edge.synth.ogg import SerialPinner, ogg_crc, pin_serial
+from edge.synth.streaming import stream_encoder
+from tests.test_streaming import sndfile_decode
 
 RATE = 24000
 TONE_HZ = 440.0
@@ -23,8 +27,7 @@ def sine(seconds: float = 1.0, amplitude: float = 0.5) -> np.ndarray:
 
 
 def decode(data: bytes) -> tuple[np.ndarray, int]:
-    samples, rate = soundfile.read(io.BytesIO(data), dtype="float32")
-    return samples, rate
+    return sndfile_decode(data)
 
 
 def dominant_hz(samples: np.ndarray, rate: int) -> float:
@@ -48,6 +51,16 @@ def libsndfile_opus(audio: np.ndarray) -> bytes:
     out = io.BytesIO()
     soundfile.write(out, audio, RATE, format="OGG", subtype="OPUS")
     return out.getvalue()
+
+
+# -- one code path ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", list(AudioFormat))
+def test_encode_is_one_feed_and_finish_of_the_stream_encoder(fmt: AudioFormat) -> None:
+    audio = sine()
+    encoder = stream_encoder(fmt, RATE)
+    assert encode(audio, RATE, fmt) == encoder.feed(audio) + encoder.finish()
 
 
 # -- every format decodes ------------------------------------------------------------------
@@ -149,6 +162,35 @@ def test_ogg_crc_of_empty_input_is_zero() -> None:
     assert ogg_crc(b"") == 0
 
 
+def bitwise_ogg_crc(data: bytes) -> int:
+    """The Ogg CRC straight from its definition, one bit at a time."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+            crc &= 0xFFFFFFFF
+    return crc
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 27, 255, 4096])
+def test_ogg_crc_matches_its_bitwise_definition(size: int) -> None:
+    data = os.urandom(size)
+    assert ogg_crc(data) == bitwise_ogg_crc(data)
+
+
+def test_ogg_crc_accepts_a_bytearray() -> None:
+    data = os.urandom(100)
+    assert ogg_crc(bytearray(data)) == ogg_crc(data)
+
+
+def test_pinning_ten_seconds_of_opus_takes_under_ten_milliseconds() -> None:
+    raw = libsndfile_opus(sine(10.0))
+    started = time.perf_counter()
+    pin_serial(raw, OGG_SERIAL)
+    assert time.perf_counter() - started < 0.010
+
+
 def test_pinned_pages_have_valid_crcs() -> None:
     for page in ogg_pages(encode(sine(), RATE, AudioFormat.OPUS)):
         stored = struct.unpack_from("<I", page, 22)[0]
@@ -188,3 +230,36 @@ def test_pin_serial_rejects_a_truncated_page() -> None:
     raw = libsndfile_opus(sine(0.1))
     with pytest.raises(ValueError, match="truncated Ogg page"):
         pin_serial(raw[:-5], OGG_SERIAL)
+
+
+# -- incremental pinning -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("piece", [1, 7, 27, 1000])
+def test_serial_pinner_gives_pin_serial_output_for_any_piece_size(piece: int) -> None:
+    raw = libsndfile_opus(sine(0.5))
+    pinner = SerialPinner(OGG_SERIAL)
+    out = b"".join(pinner.push(raw[i : i + piece]) for i in range(0, len(raw), piece))
+    assert out + pinner.finish() == pin_serial(raw, OGG_SERIAL)
+
+
+def test_serial_pinner_returns_only_whole_pages() -> None:
+    raw = libsndfile_opus(sine(0.5))
+    first = ogg_pages(raw)[0]
+    pinner = SerialPinner(OGG_SERIAL)
+    assert pinner.push(raw[: len(first) - 1]) == b""
+    assert len(pinner.push(raw[len(first) - 1 : len(first) + 1])) == len(first)
+
+
+def test_serial_pinner_rejects_non_ogg_bytes_as_soon_as_it_sees_them() -> None:
+    pinner = SerialPinner(OGG_SERIAL)
+    with pytest.raises(ValueError, match="not an Ogg page at byte 0"):
+        pinner.push(b"RIFF")
+
+
+def test_serial_pinner_finish_rejects_a_partial_page() -> None:
+    raw = libsndfile_opus(sine(0.1))
+    pinner = SerialPinner(OGG_SERIAL)
+    pinner.push(raw[:-5])
+    with pytest.raises(ValueError, match="truncated Ogg page"):
+        pinner.finish()

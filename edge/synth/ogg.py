@@ -1,53 +1,92 @@
 """Ogg page rewriting. libsndfile gives each Ogg stream a random serial number (RFC 3533
 section 6), which would make two renders of one spec differ; we pin the serial and
-recompute each page's CRC, so ogg-opus objects are byte-identical on every node."""
+recompute each page's CRC, so ogg-opus objects are byte-identical on every node.
+
+`SerialPinner` does this incrementally for streaming encoders: bytes go in in whatever
+pieces the muxer wrote them, and only complete, pinned pages come out, so nothing it
+returns ever needs rewriting. `pin_serial` is the one-shot form of the same code.
+"""
 
 from __future__ import annotations
 
 import struct
+import zlib
 
 _CAPTURE = b"OggS"
 _HEADER = 27
+_SEGMENTS_AT = 26
 _SERIAL_AT = 14
 _CRC_AT = 22
 
-
-def _crc_table() -> list[int]:
-    table = []
-    for i in range(256):
-        r = i << 24
-        for _ in range(8):
-            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else (r << 1)
-        table.append(r & 0xFFFFFFFF)
-    return table
-
-
-_TABLE = _crc_table()
+# The Ogg CRC-32 is the MSB-first CRC with polynomial 0x04C11DB7, initial value 0 and no
+# final xor. zlib's crc32 is the LSB-first (bit-reflected) CRC with the reflected
+# polynomial, initial value and final xor 0xFFFFFFFF. An MSB-first CRC of a message is
+# the bit reversal of the LSB-first CRC of the message with every byte bit-reversed, so
+# reversing the bytes (one bytes.translate), cancelling zlib's pre- and post-inversion
+# (start from 0xFFFFFFFF, xor the result) and reversing the 32-bit result gives the Ogg
+# CRC at zlib's speed: about a microsecond per page instead of a Python loop per byte.
+_REVERSED_BITS = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))
 
 
 def ogg_crc(page: bytes | bytearray) -> int:
     """The Ogg CRC-32: polynomial 0x04C11DB7, not reflected, initial value 0."""
-    crc = 0
-    for byte in page:
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ _TABLE[((crc >> 24) ^ byte) & 0xFF]
-    return crc
+    mirrored = page.translate(_REVERSED_BITS)
+    reflected = zlib.crc32(mirrored, 0xFFFFFFFF) ^ 0xFFFFFFFF
+    return int.from_bytes(reflected.to_bytes(4, "little").translate(_REVERSED_BITS), "big")
+
+
+class SerialPinner:
+    """Rewrites an Ogg stream fed in arbitrary pieces: every page gets `serial` and a
+    recomputed CRC, and `push` returns only whole pages, in order."""
+
+    def __init__(self, serial: int) -> None:
+        self._serial = serial
+        self._pending = bytearray()
+        self._offset = 0  # stream offset of _pending[0], for error messages
+
+    def push(self, data: bytes | bytearray | memoryview) -> bytes:
+        """The pinned pages completed by `data`; a partial page waits for more bytes.
+        Raises ValueError where the stream is not Ogg pages."""
+        self._pending += data
+        buf = self._pending
+        pos = 0
+        while True:
+            end = _page_end(buf, pos, self._offset)
+            if end is None:
+                break
+            struct.pack_into("<I", buf, pos + _SERIAL_AT, self._serial)
+            struct.pack_into("<I", buf, pos + _CRC_AT, 0)
+            struct.pack_into("<I", buf, pos + _CRC_AT, ogg_crc(buf[pos:end]))
+            pos = end
+        out = bytes(buf[:pos])
+        del buf[:pos]
+        self._offset += pos
+        return out
+
+    def finish(self) -> bytes:
+        """Ends the stream; raises ValueError if it stopped inside a page."""
+        if self._pending:
+            if not _CAPTURE.startswith(bytes(self._pending[:4])):
+                raise ValueError(f"not an Ogg page at byte {self._offset}")
+            raise ValueError(f"truncated Ogg page at byte {self._offset}")
+        return b""
+
+
+def _page_end(buf: bytearray, pos: int, base: int) -> int | None:
+    """Where the page starting at `pos` ends, or None while it is incomplete."""
+    have = len(buf) - pos
+    if have >= len(_CAPTURE) and buf[pos : pos + len(_CAPTURE)] != _CAPTURE:
+        raise ValueError(f"not an Ogg page at byte {base + pos}")
+    if have < _HEADER:
+        return None
+    nsegs = buf[pos + _SEGMENTS_AT]
+    if have < _HEADER + nsegs:
+        return None
+    end = pos + _HEADER + nsegs + sum(buf[pos + _HEADER : pos + _HEADER + nsegs])
+    return end if end <= len(buf) else None
 
 
 def pin_serial(data: bytes, serial: int) -> bytes:
-    out = bytearray(data)
-    pos = 0
-    while pos < len(out):
-        if out[pos : pos + 4] != _CAPTURE or pos + _HEADER > len(out):
-            raise ValueError(f"not an Ogg page at byte {pos}")
-        nsegs = out[pos + 26]
-        if pos + _HEADER + nsegs > len(out):
-            raise ValueError(f"truncated Ogg page at byte {pos}")
-        body = sum(out[pos + _HEADER : pos + _HEADER + nsegs])
-        end = pos + _HEADER + nsegs + body
-        if end > len(out):
-            raise ValueError(f"truncated Ogg page at byte {pos}")
-        struct.pack_into("<I", out, pos + _SERIAL_AT, serial)
-        struct.pack_into("<I", out, pos + _CRC_AT, 0)
-        struct.pack_into("<I", out, pos + _CRC_AT, ogg_crc(out[pos:end]))
-        pos = end
-    return bytes(out)
+    """A complete Ogg stream with every page's serial set to `serial`."""
+    pinner = SerialPinner(serial)
+    return pinner.push(data) + pinner.finish()
