@@ -22,7 +22,9 @@ from edge.http.middleware import errors_as_json
 from edge.keyring import Keyring
 from edge.node import Node
 from edge.synth.engine import Engine
-from edge.synth.hibari_engine import HibariEngine
+from edge.synth.hibari_engine import HibariEngine, bundled_voices
+from edge.synth.piper_engine import BUNDLED as PIPER_VOICES
+from edge.synth.piper_engine import PiperEngine
 from edge.synth.renderer import Renderer
 
 log = logging.getLogger("nearvoice.app")
@@ -33,7 +35,17 @@ def default_engines(config: NodeConfig) -> list[Engine]:
     synth = config.synth
     if not synth.enabled or not synth.voices:
         return []
-    return [HibariEngine(voices=synth.voices, threads=synth.ort_threads)]
+    hibari = tuple(v for v in synth.voices if v in bundled_voices())
+    piper = tuple(v for v in synth.voices if v in PIPER_VOICES)
+    unknown = [v for v in synth.voices if v not in hibari + piper]
+    if unknown:
+        raise ValueError(f"no installed engine renders voice(s) {unknown} in [synth] voices")
+    engines: list[Engine] = []
+    if hibari:
+        engines.append(HibariEngine(voices=hibari, threads=synth.ort_threads))
+    if piper:
+        engines.append(PiperEngine(voices=piper, threads=synth.ort_threads))
+    return engines
 
 
 def create_app(
@@ -46,7 +58,9 @@ def create_app(
     node = Node(config, keyring, renderer=None)
     chosen = default_engines(config) if engines is None else engines
     if chosen:
-        node.renderer = Renderer(chosen, config.synth.workers, node.metrics)
+        node.renderer = Renderer(
+            chosen, config.synth.workers, node.metrics, max_queue=config.synth.max_queue
+        )
     app[NODE] = node
     app.cleanup_ctx.append(_node_lifetime)
 
@@ -65,6 +79,7 @@ def create_app(
 
 async def _node_lifetime(app: web.Application) -> AsyncIterator[None]:
     node = app[NODE]
+    await node.start()
     background = [
         asyncio.create_task(_warm(node), name="warmup"),
         asyncio.create_task(_flush_recency_forever(node), name="recency"),
@@ -75,6 +90,7 @@ async def _node_lifetime(app: web.Application) -> AsyncIterator[None]:
     for task in background:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    await node.stop()
     await node.flush_recency()
     node.close()
 

@@ -15,6 +15,7 @@ from typing import Any
 from edge.cache.hot import HotSettings
 from edge.cache.store import StoreSettings
 from edge.policy import Retention
+from edge.upstream import UpstreamSettings
 
 ADMIN_TOKEN_ENV = "NEARVOICE_ADMIN_TOKEN"  # noqa: S105 (the variable name, not a secret)
 
@@ -36,6 +37,8 @@ class SynthSettings:
     """onnxruntime intra-op threads per inference thread."""
     max_text_chars: int = 5000
     """Longest text, in characters after normalization, that a URL may carry."""
+    max_queue: int = 64
+    """Renders queued or running per engine before misses go upstream (or get 503)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,8 @@ class NodeConfig:
     workers: int = 1
     """Processes sharing the port with SO_REUSEPORT."""
     upstreams: tuple[str, ...] = ()
+    """Base URLs of the next tier (shields, then origins), tried in rendezvous order."""
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     store: StoreSettings = field(default_factory=StoreSettings)
     hot: HotSettings = field(default_factory=HotSettings)
     retention: Retention = field(default_factory=Retention)

@@ -69,3 +69,11 @@ class RangeNotSatisfiable(RequestError):
 
 class ServiceUnavailable(RequestError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+class BadGateway(RequestError):
+    status = HTTPStatus.BAD_GATEWAY
+
+
+class GatewayTimeout(RequestError):
+    status = HTTPStatus.GATEWAY_TIMEOUT

@@ -24,6 +24,7 @@ MIN_SECRET_CHARS = 16
 KID_RE = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 _SEAL_INFO = b"nearvoice/v1/seal"
 _SIGN_INFO = b"nearvoice/v1/sign"
+_NODE_INFO = b"nearvoice/v1/node"
 
 
 class KeyringError(ValueError):
@@ -39,6 +40,8 @@ class SigningKey:
     kid: str
     sign_key: bytes = field(repr=False)
     seal: AESGCM = field(repr=False)
+    node_key: bytes = field(repr=False)
+    """Signs requests between nodes (edge.nodeauth)."""
 
     @classmethod
     def from_secret(cls, kid: str, secret: str) -> SigningKey:
@@ -48,7 +51,10 @@ class SigningKey:
             raise KeyringError(f"secret for {kid!r} is shorter than {MIN_SECRET_CHARS} chars")
         raw = secret.encode("utf-8")
         return cls(
-            kid=kid, sign_key=_derive(raw, _SIGN_INFO), seal=AESGCM(_derive(raw, _SEAL_INFO))
+            kid=kid,
+            sign_key=_derive(raw, _SIGN_INFO),
+            seal=AESGCM(_derive(raw, _SEAL_INFO)),
+            node_key=_derive(raw, _NODE_INFO),
         )
 
 

@@ -4,35 +4,40 @@ through the hot tier and the disk store, rendering misses, storing, and purging.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from edge.cache.fill import Fill, FillFailed, FillState
 from edge.cache.hot import HotEntry, HotTier, PurgeStamp, SharedFile
 from edge.cache.hotkeys import SpaceSaving
-from edge.cache.meta import ObjectMeta, etag_for
+from edge.cache.meta import ObjectMeta
 from edge.cache.store import DiskStore, Outcome
 from edge.config import NodeConfig
-from edge.errors import BadRequest, RequestError, ServiceUnavailable
+from edge.errors import BadRequest, RequestError
 from edge.formats import AudioFormat
 from edge.http.deliver import DeliveryOptions
 from edge.keyring import Keyring
 from edge.metrics import Metrics
+from edge.nodeauth import verify_node_request
+from edge.producer import Producer
 from edge.spec import KEY_RE
-from edge.synth.renderer import Rendered, Renderer
+from edge.synth.renderer import Renderer
 from edge.token import Grant, check_query_shape, check_use, verify_signature
+from edge.upstream import Upstreams
 from edge.voices import catalog
 
 log = logging.getLogger("nearvoice.node")
 IO_THREADS = 4  # disk lookups and commits; they are short and mostly wait on the kernel
 GRANT_MEMO_SIZE = 8192  # verified URLs remembered; each is a few hundred bytes
 PURGE_CHECK_INTERVAL = 0.05  # seconds between checks for purges made by sibling workers
+FILL_GRACE = 5.0  # seconds a completed fill stays joinable after its commit
+STOP_GRACE = 10.0  # seconds a stopping node waits for fills under way
 
 
 @dataclass(slots=True)
@@ -57,7 +62,6 @@ class Node:
         self.config = config
         self.keyring = keyring
         self.metrics = Metrics()
-        self.renderer = renderer
         data = Path(config.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         self.store = DiskStore(data / "cache", config.store)
@@ -76,6 +80,31 @@ class Node:
             direct=not config.http.access_log,
         )
         self._purge_checked = 0.0
+        self._fills: dict[str, Fill] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.upstreams = Upstreams(config.upstreams, keyring, config.upstream)
+        self.producer = Producer(
+            config, renderer, self.upstreams, self.store, self.hot, self.metrics, self.io
+        )
+
+    @property
+    def renderer(self) -> Renderer | None:
+        return self.producer.renderer
+
+    @renderer.setter
+    def renderer(self, renderer: Renderer | None) -> None:
+        self.producer.renderer = renderer
+
+    async def start(self) -> None:
+        await self.upstreams.start()
+
+    async def stop(self) -> None:
+        """Lets fills under way finish (their listeners are mid-stream), then closes."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=STOP_GRACE)
+        for task in list(self._tasks):
+            task.cancel()
+        await self.upstreams.close()
 
     def close(self) -> None:
         self.hot.clear()
@@ -92,6 +121,7 @@ class Node:
         ext: str,
         query: Callable[[], tuple[Mapping[str, str], bool]],
         client_ip: str | None,
+        node_signature: str | None = None,
     ) -> Grant:
         """Checks everything about a speech URL before any cache or engine sees it.
 
@@ -99,6 +129,10 @@ class Node:
         that passed once is remembered by its exact request target and only re-checked for
         those two; a memo hit skips parsing the query, the HMAC, the AES-GCM open and the
         spec hash. `query` returns the parsed query and whether a name was repeated.
+
+        A request signed by a sibling node (`node_signature`, edge.nodeauth) skips the
+        client-address check: the edge that forwarded it made that check against the
+        player's own address.
         """
         try:
             grant = self._grants.get(target)
@@ -108,8 +142,15 @@ class Node:
                 self._grants[target] = grant
                 if len(self._grants) > GRANT_MEMO_SIZE:
                     self._grants.popitem(last=False)
+            if node_signature is not None and verify_node_request(
+                self.keyring, node_signature, "GET", target
+            ):
+                client_ip = None
+                grant_to_check = replace(grant, network=None)
+            else:
+                grant_to_check = grant
             check_use(
-                grant,
+                grant_to_check,
                 client_ip=client_ip,
                 now=time.time(),
                 skew=self.config.http.clock_skew,
@@ -168,38 +209,45 @@ class Node:
         return Held(entry.meta, entry.body, entry)
 
     # -- misses ---------------------------------------------------------------------------
-    async def render(self, grant: Grant) -> Rendered:
-        if self.renderer is None:
-            raise ServiceUnavailable("no_renderer", "this node does not render")
-        return await self.renderer.render(grant.spec)
+    def running_fill(self, grant: Grant) -> Fill | None:
+        """The fill producing `grant`'s object right now, if any."""
+        fill = self._fills.get(_fill_key(grant))
+        return fill if fill is not None and fill.is_running() else None
 
-    async def store_rendered(self, grant: Grant, rendered: Rendered) -> ObjectMeta:
-        """Commits a render (unless its policy forbids storing) and returns its metadata.
-        A failed store is logged and counted; the client still gets the audio."""
-        body = rendered.body
-        meta = ObjectMeta(
-            key=grant.spec.key,
-            content_type=rendered.content_type,
-            length=len(body),
-            etag=etag_for(grant.spec.key),
-            sha256=hashlib.sha256(body).hexdigest(),
-            policy=grant.policy,
-            stored_at=time.time(),
-            ttl=self.config.retention.ttl(grant.policy),
-        )
-        if not grant.policy.stored:
-            return meta
-        loop = asyncio.get_running_loop()
-        try:
-            evicted = await loop.run_in_executor(self.io, self.store.put, meta, body)
-        except OSError:
-            log.exception("could not store %s", meta.key)
-            self.metrics.store_errors.inc()
-            return meta
-        self.metrics.evictions.inc(evicted)
-        if len(body) <= self.config.hot.max_object_bytes:
-            self.hot.put(meta, body=body, fd=-1, now=meta.stored_at)
-        return meta
+    def obtain(self, grant: Grant, target: str) -> tuple[Fill, bool]:
+        """The fill for `grant`'s object, started if none is under way; True if joined.
+
+        Synchronous on purpose: between the check and the insert nothing else runs, so
+        concurrent misses for one key can never start two producers.
+        """
+        name = _fill_key(grant)
+        fill = self._fills.get(name)
+        if fill is not None:
+            fill.readers += 1
+            return fill, True
+        fill = Fill(grant.spec.key)
+        fill.readers = 1
+        self._fills[name] = fill
+        task = asyncio.create_task(self._run(fill, name, grant, target), name=f"fill-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fill, False
+
+    async def _run(self, fill: Fill, name: str, grant: Grant, target: str) -> None:
+        await self.producer.produce(fill, grant, target)
+        if fill.is_running():  # produce() always ends the fill; be safe if that ever changes
+            fill.fail(FillFailed("internal_error", "producer ended without a result"))
+        if fill.state is FillState.DONE and fill.stored:
+            # Linger, so requests that missed the cache just before the commit join this
+            # fill instead of producing the object again. (Drafts and objects the store
+            # refused have no such window: the next request produces them afresh.)
+            asyncio.get_running_loop().call_later(FILL_GRACE, self._forget, name, fill)
+        else:
+            self._forget(name, fill)
+
+    def _forget(self, name: str, fill: Fill) -> None:
+        if self._fills.get(name) is fill:
+            del self._fills[name]
 
     # -- admin ----------------------------------------------------------------------------
     async def purge(self, key: str) -> bool:
@@ -231,3 +279,9 @@ def _close(fd: int) -> None:
 
 def _volume_and_count(store: DiskStore) -> tuple[int, int]:
     return store.volume(), store.count()
+
+
+def _fill_key(grant: Grant) -> str:
+    # A draft is never stored, so it must not share a producer with a request that
+    # would store the object.
+    return grant.spec.key if grant.policy.stored else f"draft:{grant.spec.key}"

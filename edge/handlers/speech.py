@@ -10,11 +10,15 @@ import time
 
 from aiohttp import web
 
-from edge.errors import BadRequest, RequestError
+from edge.cache.fill import FillFailed
+from edge.cache.meta import etag_for
+from edge.errors import BadGateway, BadRequest, GatewayTimeout, RequestError, ServiceUnavailable
 from edge.handlers.keys import NODE
 from edge.http.deliver import deliver
+from edge.http.stream import deliver_fill
 from edge.metrics import Result, Source
 from edge.node import Node
+from edge.nodeauth import NODE_HEADER
 from edge.token import Grant
 
 
@@ -25,7 +29,14 @@ def _authorize(node: Node, request: web.Request) -> Grant:
         return flat, len(flat) != len(parsed)
 
     info = request.match_info
-    return node.authorize(request.raw_path, info["key"], info["ext"], query, request.remote)
+    return node.authorize(
+        request.raw_path,
+        info["key"],
+        info["ext"],
+        query,
+        request.remote,
+        request.headers.get(NODE_HEADER),
+    )
 
 
 async def speech(request: web.Request) -> web.StreamResponse:
@@ -39,42 +50,67 @@ async def speech(request: web.Request) -> web.StreamResponse:
         raise
 
     options = node.delivery
-    held = await node.lookup(grant.spec.key) if grant.policy.stored else None
+    # An object being produced is joined before looking at the disk: followers of a
+    # render must not queue behind an executor hop.
+    held = None
+    if grant.policy.stored and node.running_fill(grant) is None:
+        held = await node.lookup(grant.spec.key)
     if held is not None:
         result, source = Result.HIT, Source.CACHE
         try:
             with held as file:
                 delivered = await deliver(
-                    request,
-                    held.meta,
-                    grant.policy,
-                    body=held.body,
-                    file=file,
-                    options=options,
+                    request, held.meta, grant.policy, body=held.body, file=file, options=options
                 )
         except RequestError:  # 412 and 416 about a cached object still count as hits
             metrics.requests_by[result].inc()
             raise
     else:
-        result = Result.MISS if grant.policy.stored else Result.BYPASS
-        source = Source.SYNTH
+        fill, joined = node.obtain(grant, request.raw_path)
+        if joined and not fill.is_running():
+            result = Result.HIT  # complete and in memory: committed moments ago
+        elif joined:
+            result = Result.COLLAPSED
+        else:
+            result = Result.MISS if grant.policy.stored else Result.BYPASS
+        source = (
+            Source.SYNTH
+            if node.renderer and node.renderer.engine_for(grant.spec)
+            else Source.UPSTREAM
+        )
         try:
-            rendered = await node.render(grant)
-        except RequestError:
-            metrics.requests_by[Result.ERROR].inc()
-            raise
-        meta = await node.store_rendered(grant, rendered)
-        try:
-            delivered = await deliver(
-                request, meta, grant.policy, body=rendered.body, file=None, options=options
+            delivered = await deliver_fill(
+                request, fill, grant.policy, options, etag_for(grant.spec.key)
             )
+        except FillFailed as exc:
+            metrics.requests_by[Result.ERROR].inc()
+            raise fill_error(exc) from exc
         except RequestError:
             metrics.requests_by[result].inc()
             raise
+        finally:
+            fill.readers -= 1
+        source = Source.UPSTREAM if fill.from_upstream else Source.SYNTH
     metrics.requests_by[result].inc()
     metrics.bytes_by[source].inc(delivered.body_bytes)
-    metrics.ttfb_by[result].observe(time.perf_counter() - started)
+    first_byte = delivered.first_byte or time.perf_counter()
+    metrics.ttfb_by[result].observe(first_byte - started)
     return delivered.response
+
+
+def fill_error(exc: FillFailed) -> RequestError:
+    """The JSON answer for a fill that failed before this request sent a byte."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
+    cls = _FILL_ERRORS.get(exc.code, ServiceUnavailable)
+    return cls(exc.code, str(exc), headers=headers)
+
+
+_FILL_ERRORS: dict[str, type[RequestError]] = {
+    "upstream_timeout": GatewayTimeout,
+    "upstream_unavailable": BadGateway,
+    "upstream_refused": BadGateway,
+    "upstream_truncated": BadGateway,
+}
 
 
 async def malformed(request: web.Request) -> web.StreamResponse:

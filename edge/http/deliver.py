@@ -38,6 +38,8 @@ class DeliveryOptions:
 class Delivered:
     response: web.StreamResponse
     body_bytes: int
+    first_byte: float | None = None
+    """perf_counter() when the first body byte was written, if the handler wrote it."""
 
 
 def http_date(epoch: float) -> str:

@@ -1,0 +1,116 @@
+"""Answering from an object that is still being produced (an in-flight `Fill`).
+
+The complete length is unknown until the producer finishes, so (RFC 9110 section 14.4) a
+partial response states it as `*`:
+
+* GET without Range, unconditional: 200, body streamed as it is produced.
+* A bounded range `a-b`: wait until byte b exists, then 206 `bytes a-b/*`.
+* An open-ended range `a-` (players open with `bytes=0-`): 206 `bytes a-L/*` with
+  L = 2^53-1, the "very large" last position of RFC 8673 section 2, and the body streamed
+  until the object ends. With an unknown complete length the body may stop short of L,
+  which is how caches stream growing content (Varnish's fix for its bug #4081, where
+  `bytes=0-` on a miss got a 200).
+* Anything else (suffix ranges, several ranges, HEAD, conditional requests): wait for the
+  object to finish and answer exactly, as for a cache hit.
+
+If the producer fails after the headers went out, the connection is closed without the
+final chunk, so the client sees a broken transfer rather than a complete short object.
+"""
+
+from __future__ import annotations
+
+import time
+from http import HTTPStatus
+
+from aiohttp import hdrs, web
+
+from edge.cache.fill import Fill, FillFailed
+from edge.http.deliver import RANGE_UNIT, Delivered, DeliveryOptions, deliver
+from edge.http.ranges import RangeError, parse_range
+from edge.policy import Policy
+
+OPEN_END = 2**53 - 1  # RFC 8673 section 2
+_CONDITIONALS = (
+    hdrs.IF_MATCH,
+    hdrs.IF_NONE_MATCH,
+    hdrs.IF_MODIFIED_SINCE,
+    hdrs.IF_UNMODIFIED_SINCE,
+    hdrs.IF_RANGE,
+)
+_UNBOUNDED = 1 << 62  # a length larger than any object, to parse ranges before it is known
+
+
+def _streamable(request: web.BaseRequest) -> bool:
+    if request.method != hdrs.METH_GET:
+        return False
+    return not any(name in request.headers for name in _CONDITIONALS)
+
+
+def _plan(request: web.BaseRequest, max_ranges: int) -> tuple[int, int | None] | None:
+    """(start, end) to stream, end None for open-ended; None to wait for the whole object."""
+    header = request.headers.get(hdrs.RANGE)
+    if header is None:
+        return 0, None
+    text = header.strip()
+    if "," in text or text[len("bytes=") :].lstrip().startswith("-"):
+        return None  # several ranges or a suffix: both need the complete length
+    try:
+        ranges = parse_range(text, _UNBOUNDED, max_ranges)
+    except RangeError:
+        return None  # the exact path will answer 416 with the real length
+    if not ranges or len(ranges) != 1:
+        return None
+    start, end = ranges[0]
+    return (start, None) if end == _UNBOUNDED else (start, end)
+
+
+async def deliver_fill(
+    request: web.BaseRequest, fill: Fill, policy: Policy, options: DeliveryOptions, etag: str
+) -> Delivered:
+    """Answers `request` from `fill`, streaming while it runs. Raises FillFailed when the
+    fill fails before anything was sent."""
+    plan = _plan(request, options.max_ranges) if _streamable(request) else None
+    if plan is None or not fill.is_running():
+        meta = await fill.until_done()
+        return await deliver(request, meta, policy, body=fill.body(), file=None, options=options)
+    await fill.until_started()
+    start, end = plan
+    ranged = hdrs.RANGE in request.headers
+    # Wait for the first requested byte (for a bounded range, the last one) to exist.
+    await fill.until_size(end if end is not None else start + 1)
+    if not fill.is_running():
+        meta = await fill.until_done()
+        return await deliver(request, meta, policy, body=fill.body(), file=None, options=options)
+
+    assert fill.content_type is not None
+    headers = {
+        hdrs.ETAG: etag,
+        hdrs.CACHE_CONTROL: policy.cache_control,
+        hdrs.ACCEPT_RANGES: RANGE_UNIT,
+        hdrs.CONTENT_TYPE: fill.content_type,
+    }
+    status = HTTPStatus.OK
+    if ranged:
+        status = HTTPStatus.PARTIAL_CONTENT
+        last = OPEN_END if end is None else end - 1
+        headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{last}/*"
+    response = web.StreamResponse(status=status, headers=headers)
+    if end is not None:
+        response.content_length = end - start
+    await response.prepare(request)
+    sent = 0
+    first_byte = None
+    try:
+        async for piece in fill.read(start, end):
+            await response.write(piece)
+            if first_byte is None:
+                first_byte = time.perf_counter()
+            sent += len(piece)
+    except FillFailed:
+        # Headers are gone: end the connection without the last chunk so the client
+        # knows the body is incomplete.
+        if request.transport is not None:
+            request.transport.close()
+        return Delivered(response, sent, first_byte)
+    await response.write_eof()
+    return Delivered(response, sent, first_byte)

@@ -1,0 +1,160 @@
+"""Producing a missing object into its `Fill`: render here, or fetch from upstream.
+
+Admission decides the source. The node renders locally when it has the spec's exact model
+and its render queue promises a start sooner than an upstream's first byte; otherwise it
+fetches, counting the reason in `nearvoice_upstream_requests_total{reason}`:
+
+* `no_engine`: the voice (or this exact model) is not rendered on this node;
+* `overload`: the engine's render queue is full;
+* `queue`: the estimated queue wait exceeds the upstream's estimated first byte;
+* `engine_error`: the local render failed before producing a byte.
+
+When the object is complete it is verified and committed like any other (unless its
+policy is `draft`); a store failure is logged and counted, and the listeners still get
+every byte. A failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from enum import StrEnum
+
+from edge.cache.fill import Fill, FillFailed
+from edge.cache.hot import HotTier
+from edge.cache.meta import ObjectMeta, etag_for
+from edge.cache.store import DiskStore
+from edge.config import NodeConfig
+from edge.metrics import Metrics
+from edge.synth.engine import Engine
+from edge.synth.renderer import Renderer, RenderError
+from edge.token import Grant
+from edge.upstream import Upstreams
+
+log = logging.getLogger("nearvoice.producer")
+RENDER_RETRY_AFTER = 2  # seconds a client should wait after a failed render
+
+
+class UpstreamReason(StrEnum):
+    NO_ENGINE = "no_engine"
+    OVERLOAD = "overload"
+    QUEUE = "queue"
+    ENGINE_ERROR = "engine_error"
+
+
+class Producer:
+    def __init__(
+        self,
+        config: NodeConfig,
+        renderer: Renderer | None,
+        upstreams: Upstreams,
+        store: DiskStore,
+        hot: HotTier,
+        metrics: Metrics,
+        io: ThreadPoolExecutor,
+    ) -> None:
+        self.config = config
+        self.renderer = renderer
+        self.upstreams = upstreams
+        self.store = store
+        self.hot = hot
+        self.metrics = metrics
+        self.io = io
+
+    def choose(self, grant: Grant) -> Engine | UpstreamReason:
+        """The local engine to render with, or why to go upstream instead."""
+        engine = self.renderer.engine_for(grant.spec) if self.renderer else None
+        if engine is None or self.renderer is None:
+            return UpstreamReason.NO_ENGINE
+        if not self.upstreams.available:
+            return engine  # nowhere else to go: queue here
+        if self.renderer.queue_full(engine):
+            return UpstreamReason.OVERLOAD
+        if self.renderer.estimated_wait(engine) > self.upstreams.estimated_first_byte:
+            return UpstreamReason.QUEUE
+        return engine
+
+    async def produce(self, fill: Fill, grant: Grant, target: str) -> None:
+        """Fills `fill` and commits the result. Never raises: failures mark the fill."""
+        try:
+            choice = self.choose(grant)
+            if isinstance(choice, UpstreamReason):
+                await self._fetch(fill, grant, target, choice)
+            else:
+                try:
+                    await self._render(fill, grant, choice)
+                except RenderError as exc:
+                    log.warning("render of %s failed: %s", grant.spec.key, exc)
+                    if fill.size or not self.upstreams.available:
+                        raise FillFailed(
+                            "render_failed", str(exc), retry_after=RENDER_RETRY_AFTER
+                        ) from exc
+                    await self._fetch(fill, grant, target, UpstreamReason.ENGINE_ERROR)
+            fill.finish(await self._commit(fill, grant))
+        except FillFailed as exc:
+            fill.fail(exc)
+        except Exception as exc:
+            log.exception("producing %s failed", grant.spec.key)
+            fill.fail(FillFailed("internal_error", type(exc).__name__, RENDER_RETRY_AFTER))
+
+    async def _render(self, fill: Fill, grant: Grant, engine: Engine) -> None:
+        assert self.renderer is not None
+        if self.renderer.queue_full(engine):
+            raise FillFailed("overloaded", "render queue is full", retry_after=RENDER_RETRY_AFTER)
+        fill.start(self.renderer.content_type(engine, grant.spec))
+        await self.renderer.render(engine, grant.spec, fill.append)
+        # The last chunks were handed over with call_soon_threadsafe; let them land.
+        await asyncio.sleep(0)
+
+    async def _fetch(self, fill: Fill, grant: Grant, target: str, reason: UpstreamReason) -> None:
+        if not self.upstreams.available:
+            voices = ", ".join(self.renderer.voices) if self.renderer else "none"
+            raise FillFailed(
+                "no_renderer",
+                f"this node renders {voices} and has no upstream for {grant.spec.voice!r}",
+                retry_after=RENDER_RETRY_AFTER,
+            )
+        self.metrics.upstream.labels(reason.value).inc()
+        async with self.upstreams.fetch(grant.spec.key, target) as fetched:
+            fill.start(fetched.content_type, from_upstream=True)
+            async for chunk in fetched.chunks():
+                fill.append(chunk)
+            expected = fetched.content_length
+        if expected is not None and fill.size != expected:
+            raise FillFailed("upstream_truncated", f"upstream sent {fill.size} of {expected} bytes")
+
+    async def _commit(self, fill: Fill, grant: Grant) -> ObjectMeta:
+        body = fill.body()
+        assert fill.content_type is not None
+        loop = asyncio.get_running_loop()
+        digest = await loop.run_in_executor(self.io, _sha256, body)
+        meta = ObjectMeta(
+            key=grant.spec.key,
+            content_type=fill.content_type,
+            length=len(body),
+            etag=etag_for(grant.spec.key),
+            sha256=digest,
+            policy=grant.policy,
+            stored_at=time.time(),
+            ttl=self.config.retention.ttl(grant.policy),
+        )
+        if not grant.policy.stored:
+            return meta
+        try:
+            evicted = await loop.run_in_executor(self.io, self.store.put, meta, body)
+        except OSError:
+            log.exception("could not store %s", meta.key)
+            self.metrics.store_errors.inc()
+            return meta
+        self.metrics.evictions.inc(evicted)
+        fill.stored = True
+        if len(body) <= self.config.hot.max_object_bytes:
+            self.hot.put(meta, body=body, fd=-1, now=meta.stored_at)
+        return meta
+
+
+def _sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
