@@ -61,6 +61,7 @@ import soundfile
 from edge.formats import AudioFormat
 from edge.synth.engine import Audio
 from edge.synth.ogg import SerialPinner
+from edge.synth.resample import Resampler
 
 OGG_SERIAL = 0x6E766F78  # b"nvox": fixed so renders are byte-identical (see edge.synth.ogg)
 OGG_PAGE_LATENCY_MS = 200.0
@@ -106,15 +107,37 @@ def stream_encoder(fmt: AudioFormat, sample_rate: int) -> StreamEncoder:
             post=_Mp3InfoFrameCutter(),
         )
     if fmt is AudioFormat.OPUS:
-        return SndfileEncoder(
+        # Opus codes only these rates (RFC 6716 section 2); other voices are resampled to
+        # the next one up, so piper's 22.05 kHz becomes 24 kHz.
+        rate = next((r for r in OPUS_RATES if r >= sample_rate), OPUS_RATES[-1])
+        opus = SndfileEncoder(
             fmt,
-            sample_rate,
+            rate,
             "OGG",
             "OPUS",
             setup=_set_ogg_page_latency,
             post=_OggPinning(SerialPinner(OGG_SERIAL)),
         )
+        return opus if rate == sample_rate else ResamplingEncoder(opus, sample_rate, rate)
     raise ValueError(f"no encoder for {fmt!r}")
+
+
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+
+
+class ResamplingEncoder:
+    """Feeds another encoder at a rate its codec accepts."""
+
+    def __init__(self, inner: StreamEncoder, source_rate: int, target_rate: int) -> None:
+        self._inner = inner
+        self._resampler = Resampler(source_rate, target_rate)
+        self.content_type = inner.content_type
+
+    def feed(self, audio: Audio) -> bytes:
+        return self._inner.feed(self._resampler.process(audio))
+
+    def finish(self) -> bytes:
+        return self._inner.feed(self._resampler.flush()) + self._inner.finish()
 
 
 def to_pcm16(audio: Audio) -> bytes:
