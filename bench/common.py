@@ -47,6 +47,7 @@ def nginx(root: Path, port: int, extra: str = "") -> Iterator[str]:
     """A real nginx, one worker, serving `root` statically on loopback."""
     binary = require("nginx")
     work = Path(tempfile.mkdtemp(prefix="nv-nginx-"))
+    work.chmod(0o755)  # the unprivileged worker writes its proxy temp files in here
     conf = work / "nginx.conf"
     conf.write_text(
         f"""
@@ -91,6 +92,7 @@ def edge_process(data_dir: Path, port: int, env: dict[str, str], workers: int = 
         sys.executable, "-m", "edge.cli", "edge",
         "--port", str(port), "--data-dir", str(data_dir), "--workers", str(workers),
     ]  # fmt: skip
+    data_dir.mkdir(parents=True, exist_ok=True)
     log = (data_dir / "edge.log").open("wb")
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=log, cwd=REPO)
     try:

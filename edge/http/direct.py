@@ -67,3 +67,59 @@ class DirectResponse(web.StreamResponse):
 
     async def write_eof(self, data: bytes = b"") -> None:
         return None
+
+
+class DirectStream(web.StreamResponse):
+    """A streamed answer written straight to the transport: the in-flight counterpart of
+    `DirectResponse`. When the first bytes of an object being rendered appear, every
+    listener waiting for it must get them at once; the head is serialised once per fill and
+    each send is one `writelines`, with chunked framing (RFC 9112 section 7.1) unless the
+    length is known. Back-pressure comes from aiohttp's own drain."""
+
+    def __init__(self, status: HTTPStatus, fields: bytes, length: int | None) -> None:
+        """`fields` is the serialised header block; `length` None means chunked."""
+        super().__init__(status=status)
+        framing = b"Transfer-Encoding: chunked\r\n" if length is None else b""
+        length_line = b"" if length is None else f"Content-Length: {length}\r\n".encode()
+        self._head_parts = (_REASONS[status], fields, framing + length_line)
+        self._chunked = length is None
+        self._request: web.BaseRequest | None = None
+
+    async def send(self, request: web.BaseRequest, data: bytes | memoryview) -> None:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("connection lost")
+        parts: list[bytes | memoryview] = []
+        if self._request is None:
+            self._request = request
+            status_line, fields, framing = self._head_parts
+            date = f"Date: {rfc822_formatted_time()}\r\n\r\n".encode("latin-1")
+            parts.append(b"".join((status_line, fields, framing, _SERVER, date)))
+        if self._chunked:
+            parts += (b"%x\r\n" % len(data), data, b"\r\n")
+        else:
+            parts.append(data)
+        transport.writelines(parts)
+        await request._payload_writer.drain()
+
+    async def finish(self, request: web.BaseRequest) -> None:
+        if self._chunked and request.transport is not None:
+            request.transport.write(b"0\r\n\r\n")
+        self._end(request, keep_alive=True)
+
+    def abort(self, request: web.BaseRequest) -> None:
+        """Ends the exchange without the final chunk: the client sees a broken body."""
+        if request.transport is not None:
+            request.transport.close()
+        self._end(request, keep_alive=False)
+
+    def _end(self, request: web.BaseRequest, keep_alive: bool) -> None:
+        self._eof_sent = True
+        self._keep_alive = keep_alive
+        self._payload_writer = request._payload_writer
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        return None  # everything was written by send/finish/abort
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None

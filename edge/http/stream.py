@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import time
 from http import HTTPStatus
+from typing import Protocol
 
 from aiohttp import hdrs, web
 
 from edge.cache.fill import Fill, FillFailed
 from edge.http.deliver import RANGE_UNIT, Delivered, DeliveryOptions, deliver
+from edge.http.direct import DirectStream, can_answer_directly, serialize_headers
 from edge.http.ranges import RangeError, parse_range
 from edge.policy import Policy
 
 OPEN_END = 2**53 - 1  # RFC 8673 section 2
+SEND_SLICE = 64 * 1024  # bytes per write: with drain, bounds what one slow listener buffers
 _CONDITIONALS = (
     hdrs.IF_MATCH,
     hdrs.IF_NONE_MATCH,
@@ -75,7 +78,6 @@ async def deliver_fill(
         return await deliver(request, meta, policy, body=fill.body(), file=None, options=options)
     await fill.until_started()
     start, end = plan
-    ranged = hdrs.RANGE in request.headers
     # Wait for the first requested byte (for a bounded range, the last one) to exist.
     await fill.until_size(end if end is not None else start + 1)
     if not fill.is_running():
@@ -83,34 +85,93 @@ async def deliver_fill(
         return await deliver(request, meta, policy, body=fill.body(), file=None, options=options)
 
     assert fill.content_type is not None
-    headers = {
+    headers: dict[str, str] = {
         hdrs.ETAG: etag,
         hdrs.CACHE_CONTROL: policy.cache_control,
         hdrs.ACCEPT_RANGES: RANGE_UNIT,
         hdrs.CONTENT_TYPE: fill.content_type,
     }
     status = HTTPStatus.OK
-    if ranged:
+    if hdrs.RANGE in request.headers:
         status = HTTPStatus.PARTIAL_CONTENT
         last = OPEN_END if end is None else end - 1
         headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{last}/*"
-    response = web.StreamResponse(status=status, headers=headers)
-    if end is not None:
-        response.content_length = end - start
-    await response.prepare(request)
+    length = None if end is None else end - start
+    sink: _Sink
+    if options.direct and can_answer_directly(request):
+        sink = _DirectSink(request, DirectStream(status, serialize_headers(headers), length))
+    else:
+        sink = _AiohttpSink(request, status, headers, length)
+    return await _pump(sink, fill, start, end)
+
+
+class _Sink(Protocol):
+    response: web.StreamResponse
+
+    async def send(self, data: memoryview) -> None: ...
+
+    async def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class _DirectSink:
+    def __init__(self, request: web.BaseRequest, stream: DirectStream) -> None:
+        self.request = request
+        self.stream = stream
+        self.response: web.StreamResponse = stream
+
+    async def send(self, data: memoryview) -> None:
+        await self.stream.send(self.request, data)
+
+    async def finish(self) -> None:
+        await self.stream.finish(self.request)
+
+    def abort(self) -> None:
+        self.stream.abort(self.request)
+
+
+class _AiohttpSink:
+    """aiohttp's own StreamResponse, for HTTP/1.0 and `Connection: close` exchanges."""
+
+    def __init__(
+        self, request: web.BaseRequest, status: int, headers: dict[str, str], length: int | None
+    ) -> None:
+        self.request = request
+        self.response = web.StreamResponse(status=status, headers=headers)
+        if length is not None:
+            self.response.content_length = length
+
+    async def send(self, data: memoryview) -> None:
+        if not self.response.prepared:
+            await self.response.prepare(self.request)
+        await self.response.write(data)
+
+    async def finish(self) -> None:
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        if self.request.transport is not None:
+            self.request.transport.close()
+
+
+async def _pump(sink: _Sink, fill: Fill, start: int, end: int | None) -> Delivered:
     sent = 0
     first_byte = None
     try:
         async for piece in fill.read(start, end):
-            await response.write(piece)
-            if first_byte is None:
-                first_byte = time.perf_counter()
+            view = memoryview(piece)
+            for offset in range(0, len(view), SEND_SLICE):
+                # Both sinks wait for the socket to drain past its high-water mark, so a
+                # slow listener holds about one slice, not a whole sentence.
+                await sink.send(view[offset : offset + SEND_SLICE])
+                if first_byte is None:
+                    first_byte = time.perf_counter()
             sent += len(piece)
     except FillFailed:
-        # Headers are gone: end the connection without the last chunk so the client
-        # knows the body is incomplete.
-        if request.transport is not None:
-            request.transport.close()
-        return Delivered(response, sent, first_byte)
-    await response.write_eof()
-    return Delivered(response, sent, first_byte)
+        # The headers are gone: end the connection without the final chunk, so the client
+        # knows the body is incomplete rather than taking a short one for the whole.
+        sink.abort()
+        return Delivered(sink.response, sent, first_byte)
+    await sink.finish()
+    return Delivered(sink.response, sent, first_byte)
