@@ -19,6 +19,7 @@ final chunk, so the client sees a broken transfer rather than a complete short o
 
 from __future__ import annotations
 
+import asyncio
 import time
 from http import HTTPStatus
 from typing import Protocol
@@ -33,6 +34,7 @@ from edge.policy import Policy
 
 OPEN_END = 2**53 - 1  # RFC 8673 section 2
 SEND_SLICE = 64 * 1024  # bytes per write: with drain, bounds what one slow listener buffers
+FIRST_SLICE = 4 * 1024  # the first write is small, so every waiting listener gets a byte soon
 _CONDITIONALS = (
     hdrs.IF_MATCH,
     hdrs.IF_NONE_MATCH,
@@ -161,12 +163,18 @@ async def _pump(sink: _Sink, fill: Fill, start: int, end: int | None) -> Deliver
     try:
         async for piece in fill.read(start, end):
             view = memoryview(piece)
-            for offset in range(0, len(view), SEND_SLICE):
+            offset = 0
+            while offset < len(view):
+                size = SEND_SLICE if first_byte is not None else FIRST_SLICE
                 # Both sinks wait for the socket to drain past its high-water mark, so a
                 # slow listener holds about one slice, not a whole sentence.
-                await sink.send(view[offset : offset + SEND_SLICE])
+                await sink.send(view[offset : offset + size])
+                offset += size
                 if first_byte is None:
                     first_byte = time.perf_counter()
+                # Listeners of one fill wake together; take turns slice by slice, so the
+                # first one woken does not send a whole sentence while the others wait.
+                await asyncio.sleep(0)
             sent += len(piece)
     except FillFailed:
         # The headers are gone: end the connection without the final chunk, so the client
