@@ -19,6 +19,7 @@ from http import HTTPStatus
 
 import aiohttp
 from aiohttp import hdrs
+from yarl import URL
 
 from edge.cache.fill import FillFailed
 from edge.keyring import Keyring
@@ -114,7 +115,10 @@ class Upstreams:
             started = loop.time()
             try:
                 async with asyncio.timeout(self.settings.first_byte_timeout):
-                    response = await self._session.get(base + target, headers=headers)
+                    # encoded=True: the target goes out byte for byte as the player sent
+                    # it (and as the node signature covers it); yarl must not requote.
+                    url = URL(base + target, encoded=True)
+                    response = await self._session.get(url, headers=headers)
             except TimeoutError:
                 timed_out = True
                 failures.append(f"{base}: timeout")

@@ -3,13 +3,14 @@
 The complete length is unknown until the producer finishes, so (RFC 9110 section 14.4) a
 partial response states it as `*`:
 
-* GET without Range, unconditional: 200, body streamed as it is produced.
-* A bounded range `a-b`: wait until byte b exists, then 206 `bytes a-b/*`.
-* An open-ended range `a-` (players open with `bytes=0-`): 206 `bytes a-L/*` with
-  L = 2^53-1, the "very large" last position of RFC 8673 section 2, and the body streamed
-  until the object ends. With an unknown complete length the body may stop short of L,
-  which is how caches stream growing content (Varnish's fix for its bug #4081, where
-  `bytes=0-` on a miss got a 200).
+* GET without Range, unconditional: 200, the body streamed as it is produced.
+* A bounded range `a-b`: wait until byte b exists, then 206 `bytes a-b/*` at once.
+* An open-ended range `a-` (players open with `bytes=0-`, ffmpeg seeks with `bytes=N-`):
+  wait for the object to finish, then 206 with the real length. Never 200 where 206 is
+  possible (Varnish bug #4081). Streaming it as `bytes a-L/*` with a huge L (RFC 8673)
+  was tried and broke real players: ffmpeg 5.1 reads `/*` as a size of 0 and silently
+  drops the rest of the audio. A 1-2 sentence render finishes within tens of
+  milliseconds, so the wait is short; a plain GET still streams from the first sentence.
 * Anything else (suffix ranges, several ranges, HEAD, conditional requests): wait for the
   object to finish and answer exactly, as for a cache hit.
 
@@ -32,7 +33,6 @@ from edge.http.direct import DirectStream, can_answer_directly, serialize_header
 from edge.http.ranges import RangeError, parse_range
 from edge.policy import Policy
 
-OPEN_END = 2**53 - 1  # RFC 8673 section 2
 SEND_SLICE = 64 * 1024  # bytes per write: with drain, bounds what one slow listener buffers
 FIRST_SLICE = 4 * 1024  # the first write is small, so every waiting listener gets a byte soon
 _CONDITIONALS = (
@@ -66,7 +66,9 @@ def _plan(request: web.BaseRequest, max_ranges: int) -> tuple[int, int | None] |
     if not ranges or len(ranges) != 1:
         return None
     start, end = ranges[0]
-    return (start, None) if end == _UNBOUNDED else (start, end)
+    if end == _UNBOUNDED:
+        return None  # open-ended: answered exactly once the length is known (see above)
+    return start, end
 
 
 async def deliver_fill(
@@ -96,8 +98,8 @@ async def deliver_fill(
     status = HTTPStatus.OK
     if hdrs.RANGE in request.headers:
         status = HTTPStatus.PARTIAL_CONTENT
-        last = OPEN_END if end is None else end - 1
-        headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{last}/*"
+        assert end is not None  # only bounded ranges stream
+        headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/*"
     length = None if end is None else end - start
     sink: _Sink
     if options.direct and can_answer_directly(request):
