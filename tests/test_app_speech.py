@@ -295,6 +295,21 @@ async def test_unknown_voice_is_400_listing_known_voices(app_client: Any, keyrin
     assert_nothing_stored(app_client[0], spec)
 
 
+@pytest.mark.parametrize("speed", [0.4, 2.5])
+async def test_speed_outside_the_bounds_is_400_and_never_rendered(
+    app_client: Any, keyring: Keyring, speed: float
+) -> None:
+    # Spec.create refuses such a speed, so build the dataclass directly, as a buggy or
+    # hostile signer could, and seal it into a correctly signed URL.
+    base = make_spec()
+    spec = Spec(
+        text=base.text, voice=base.voice, format=base.format, speed=speed, seed=0, model=base.model
+    )
+    body = await get_error(app_client, sign(keyring, spec), 400, "bad_speed")
+    assert "0.5" in body["message"] and "2.0" in body["message"]
+    assert_nothing_stored(app_client[0], spec)
+
+
 async def test_post_is_405_with_allow(app_client: Any, keyring: Keyring, spec: Spec) -> None:
     app, client = app_client
     async with client.post(sign(keyring, spec)) as resp:
