@@ -42,6 +42,7 @@ test: lint typecheck pytest
 
 bench: $(VENV)/.installed sysdeps
 	$(BIN)/python -m bench.hit_path
+	$(BIN)/python -m bench.miss_latency
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

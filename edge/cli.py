@@ -143,10 +143,14 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from bench import hit_path
+BENCHMARKS = {"hit-path": "bench.hit_path", "miss-latency": "bench.miss_latency"}
 
-    code: int = hit_path.main(args.bench_args)
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(BENCHMARKS[args.benchmark])
+    code: int = module.main(args.bench_args)
     return code
 
 
@@ -180,6 +184,7 @@ def parser() -> argparse.ArgumentParser:
         node.set_defaults(func=cmd_node)
 
     bench = sub.add_parser("bench", help="run a benchmark (see bench/)")
+    bench.add_argument("benchmark", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
     return p
