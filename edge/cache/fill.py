@@ -130,8 +130,13 @@ class Fill:
         assert self.meta is not None
         return self.meta
 
-    async def read(self, start: int, end: int | None) -> AsyncIterator[bytes]:
-        """Yields bytes [start, end) as they are produced (`end` None: to the end)."""
+    async def read(self, start: int, end: int | None) -> AsyncIterator[memoryview]:
+        """Yields bytes [start, end) as they are produced (`end` None: to the end).
+
+        Views, never copies: every listener of an object shares its chunks, which is what
+        keeps 500 listeners of one render at one copy of it (slicing `bytes` would copy,
+        and after `body()` merges the chunks a late listener would copy the whole object).
+        """
         offset = start
         while end is None or offset < end:
             if offset >= self._size:
@@ -143,6 +148,8 @@ class Fill:
             index = bisect.bisect_right(self._ends, offset)
             chunk = self._chunks[index]
             chunk_start = self._ends[index] - len(chunk)
-            piece = chunk[offset - chunk_start : (None if end is None else end - chunk_start)]
+            piece = memoryview(chunk)[
+                offset - chunk_start : (None if end is None else end - chunk_start)
+            ]
             offset += len(piece)
             yield piece

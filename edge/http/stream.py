@@ -163,8 +163,7 @@ async def _pump(sink: _Sink, fill: Fill, start: int, end: int | None) -> Deliver
     sent = 0
     first_byte = None
     try:
-        async for piece in fill.read(start, end):
-            view = memoryview(piece)
+        async for view in fill.read(start, end):
             offset = 0
             while offset < len(view):
                 size = SEND_SLICE if first_byte is not None else FIRST_SLICE
@@ -177,7 +176,7 @@ async def _pump(sink: _Sink, fill: Fill, start: int, end: int | None) -> Deliver
                 # Listeners of one fill wake together; take turns slice by slice, so the
                 # first one woken does not send a whole sentence while the others wait.
                 await asyncio.sleep(0)
-            sent += len(piece)
+            sent += len(view)
     except FillFailed:
         # The headers are gone: end the connection without the final chunk, so the client
         # knows the body is incomplete rather than taking a short one for the whole.
