@@ -29,8 +29,8 @@ run: $(VENV)/.installed $(DATA)/keys
 	NEARVOICE_KEYS="$$(cat $(DATA)/keys)" $(BIN)/nearvoice edge --port $(PORT) --data-dir $(DATA)/edge
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check edge tests bench
-	$(BIN)/ruff format --check edge tests bench
+	$(BIN)/ruff check edge origin tests bench
+	$(BIN)/ruff format --check edge origin tests bench
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy

