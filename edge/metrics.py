@@ -94,6 +94,13 @@ class Metrics:
         self.token_rejections = Counter(
             "nearvoice_token_rejections", "Refused signed URLs, by reason.", ["reason"], registry=r
         )
+        self.engine_provider = Gauge(
+            "nearvoice_engine_provider",
+            "1 for the execution provider each engine runs on.",
+            ["engine", "provider"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.store_errors = Counter(
             "nearvoice_store_errors",
             "Objects that could not be stored (disk full, I/O).",

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from edge.synth.engine import Audio
+from edge.synth.providers import short_name
 
 ENGINE_NAME = "hibari"
 
@@ -34,13 +35,19 @@ class HibariEngine:
     name = ENGINE_NAME
     sample_rate = 24000
 
-    def __init__(self, voices: tuple[str, ...] = ("heart",), threads: int = 1) -> None:
+    def __init__(
+        self,
+        voices: tuple[str, ...] = ("heart",),
+        threads: int = 1,
+        providers: list[Any] | None = None,
+    ) -> None:
         known = bundled_voices()
         missing = [v for v in voices if v not in known]
         if missing:
             raise ValueError(f"hibari voices not bundled in the package: {missing}")
         self.voices = voices
         self._threads = threads
+        self._providers = providers or ["CPUExecutionProvider"]
         self._local = threading.local()
 
     def _model(self, voice: str) -> Any:
@@ -52,7 +59,23 @@ class HibariEngine:
             from hibari import Hibari
 
             model = models[voice] = Hibari(voice=voice, threads=self._threads)
+            if self._providers != ["CPUExecutionProvider"]:
+                # hibari builds a CPU-only session; rebuild it on the chosen providers
+                # with the same options (its public `sess` attribute is what it runs).
+                import onnxruntime as ort
+
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = options.inter_op_num_threads = self._threads
+                options.log_severity_level = 3
+                model.sess = ort.InferenceSession(
+                    model.model_path, options, providers=self._providers
+                )
         return model
+
+    @property
+    def provider(self) -> str:
+        """The execution provider this engine's sessions run on (the first that loaded)."""
+        return short_name(self._model(self.voices[0]).sess.get_providers()[0])
 
     def model_id(self, voice: str) -> str:
         return hibari_model_id(voice)

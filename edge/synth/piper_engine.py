@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge.synth.engine import Audio
+from edge.synth.providers import short_name
 
 if TYPE_CHECKING:
     from piper import PiperVoice, SynthesisConfig
@@ -92,7 +93,12 @@ class PiperEngine:
 
     name = ENGINE_NAME
 
-    def __init__(self, voices: tuple[str, ...] = ("joe",), threads: int = 1) -> None:
+    def __init__(
+        self,
+        voices: tuple[str, ...] = ("joe",),
+        threads: int = 1,
+        providers: list[Any] | None = None,
+    ) -> None:
         missing = [v for v in voices if v not in BUNDLED]
         if missing:
             raise ValueError(f"piper voices not installed: {missing}")
@@ -107,6 +113,7 @@ class PiperEngine:
         self.sample_rate: int = rates.pop() if rates else 22050
         self.voices = voices
         self._threads = threads
+        self._providers = providers or ["CPUExecutionProvider"]
         self._local = threading.local()
 
     def _voice(self, voice: str) -> PiperVoice:
@@ -132,7 +139,7 @@ class PiperEngine:
         session = ort.InferenceSession(
             str(BUNDLED[voice].model_path()),
             sess_options=options,
-            providers=["CPUExecutionProvider"],
+            providers=self._providers,
         )
         return PiperVoice(session=session, config=PiperConfig.from_dict(self._configs[voice]))
 
@@ -147,6 +154,11 @@ class PiperEngine:
             noise_w_scale=0.0,
             normalize_audio=False,
         )
+
+    @property
+    def provider(self) -> str:
+        """The execution provider this engine's sessions run on (the first that loaded)."""
+        return short_name(self.session(self.voices[0]).get_providers()[0])
 
     def session(self, voice: str) -> Any:
         """This thread's onnxruntime session for `voice` (loads it if needed)."""

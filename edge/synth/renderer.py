@@ -84,6 +84,16 @@ class Renderer:
             )
         )
 
+    async def providers(self) -> dict[str, str]:
+        """Engine name -> the execution provider its sessions run on (read in an inference
+        thread: asking loads the model there, never on the event loop)."""
+        loop = asyncio.get_running_loop()
+        engines = {e.name: e for e in self._by_voice.values()}
+        found: dict[str, str] = {}
+        for name, engine in engines.items():
+            found[name] = await loop.run_in_executor(self._pool, _provider_of, engine)
+        return found
+
     def content_type(self, engine: Engine, spec: Spec) -> str:
         return spec.format.content_type(engine.sample_rate)
 
@@ -134,3 +144,7 @@ def _render_stream(engine: Engine, spec: Spec, emit: Callable[[bytes], None]) ->
     except Exception as exc:
         raise RenderError(f"{engine.name} failed: {type(exc).__name__}: {exc}", produced) from exc
     return samples / engine.sample_rate
+
+
+def _provider_of(engine: Engine) -> str:
+    return str(getattr(engine, "provider", "cpu"))

@@ -1,0 +1,62 @@
+"""Choosing onnxruntime execution providers: the best one installed, from a preference list.
+
+TensorRT needs an engine cache, or it rebuilds its engines (minutes) on every start; CUDA
+and CPU need nothing. The choice is logged and exposed as `nearvoice_engine_provider`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("nearvoice.providers")
+
+_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+def available() -> list[str]:
+    import onnxruntime as ort
+
+    names: list[str] = ort.get_available_providers()
+    return names
+
+
+def choose(preference: tuple[str, ...], cache_dir: Path | None = None) -> list[Any]:
+    """The provider list to give an InferenceSession: every preferred provider that is
+    installed, in order, always ending with CPU (onnxruntime falls back node by node)."""
+    unknown = [p for p in preference if p not in _NAMES]
+    if unknown:
+        raise ValueError(f"unknown execution provider(s) {unknown}; known: {sorted(_NAMES)}")
+    installed = set(available())
+    chosen: list[Any] = []
+    for name in preference:
+        provider = _NAMES[name]
+        if provider not in installed or provider == _NAMES["cpu"]:
+            continue
+        if name == "tensorrt":
+            cache = cache_dir or Path(".nearvoice/trt-cache")
+            cache.mkdir(parents=True, exist_ok=True)
+            chosen.append(
+                (
+                    provider,
+                    {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)},
+                )
+            )
+        else:
+            chosen.append(provider)
+    chosen.append(_NAMES["cpu"])
+    return chosen
+
+
+def short_name(provider: Any) -> str:
+    """ "cuda" for "CUDAExecutionProvider" (or a (name, options) pair)."""
+    name = provider[0] if isinstance(provider, tuple) else str(provider)
+    for short, full in _NAMES.items():
+        if full == name:
+            return short
+    return name
