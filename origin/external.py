@@ -1,0 +1,409 @@
+"""An engine that renders through another TTS server over HTTP (DESIGN.md section 6).
+
+An origin can put a heavy model it cannot run itself, say a zero-shot model on a GPU box,
+behind the same Engine interface as the bundled ONNX voices. Two wire formats:
+
+openai  `POST {base_url}/v1/audio/speech` with JSON `{"model", "input", "voice",
+        "response_format": "pcm", "speed"}`, the OpenAI-compatible endpoint most TTS
+        servers offer. The answer is raw s16le mono PCM (OpenAI's is 24 kHz; other
+        servers differ, and nothing in the answer says which, so `sample_rate` is
+        configuration). The body is read as it arrives, one chunk at a time, and yielded
+        as float32 arrays of MIN_CHUNK_SECONDS..MAX_CHUNK_SECONDS, so the renderer
+        encodes and delivers the first sentence while the server still renders the
+        rest; a sample split across two network chunks is put back together.
+piper   `POST {base_url}/synthesize` to piper's own HTTP server (`python -m
+        piper.http_server`), JSON `{"text", "voice", "length_scale", "noise_scale",
+        "noise_w_scale"}`. The answer is a whole WAV file (piper's HTTP API does not
+        stream), yielded as one array. Its header's rate must equal `sample_rate`: a
+        mismatch raises rather than deliver audio at the wrong speed. `speed` becomes
+        `length_scale = 1 / speed`, i.e. relative to a voice whose configured length
+        scale is 1 (joe's is): the server's API replaces the voice's own length scale
+        rather than scaling it. Both noise scales are sent as 0, so, like the local
+        PiperEngine, the same text and speed give the same samples every time.
+        Quirks of piper's server: it peak-normalizes every sentence to full scale (its
+        SynthesisConfig keeps normalize_audio on, and the API cannot turn it off), so
+        its audio is louder than the local engine's and is not byte-identical to it;
+        and it renders an unknown `voice` with its default voice, with only a warning
+        in its log, which is why `warmup` checks every remote voice in `GET /voices`.
+
+Identity: a spec names its model, and a remote model's bytes are out of reach, so each
+voice's `model_id` is configured by the operator (`<engine>-<voice>@<hash or version>`)
+and must change whenever the server's model does (DESIGN.md section 2).
+
+Determinism: the Engine contract says the same arguments give the same samples. `seed`
+is not sent (the OpenAI wire format has no such field, and not every server accepts
+unknown ones); a zero-shot model is usually seeded server-side, so determinism is the
+server's to keep. With piper it holds (no noise, see above).
+
+Transport: the stdlib's blocking urllib, called in the renderer's inference threads
+(`stream` is a blocking generator). `timeout` is the socket timeout of each blocking
+step (connecting, each read), not a bound on the whole render, so a long render that
+keeps streaming is not cut off. Connections go straight to `base_url`: *_proxy
+variables in the environment are ignored. A bearer token, if any, comes from the
+environment variable named by `api_key_env`, read at every request (never from a config
+file), and is sent with both protocols (a proxy in front of piper may want one).
+
+Errors: refused connections, timeouts, answers other than 200, cut-off bodies and
+malformed audio raise ExternalEngineError, a RuntimeError carrying the HTTP status when
+there was one; the renderer turns it into a RenderError (a 503 or an upstream fallback).
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from edge.synth.engine import Audio
+
+Protocol = Literal["openai", "piper"]
+PROTOCOLS: tuple[Protocol, ...] = ("openai", "piper")
+
+MIN_CHUNK_SECONDS = 0.2
+"""A streamed array is yielded once at least this much audio has arrived..."""
+MAX_CHUNK_SECONDS = 0.5
+"""...and holds at most this much."""
+READ_SIZE = 32768
+"""Bytes asked of the socket per read: one network chunk or less."""
+EXCERPT_CHARS = 200
+"""How much of an error answer's body an ExternalEngineError quotes."""
+WARMUP_TEXT = "Warm up."
+PCM16_SCALE = 32768.0
+
+_MODEL_ID = re.compile(r"[^@\s]+@[^@\s]+")
+
+
+class ExternalEngineError(RuntimeError):
+    """The external server could not be reached or gave no usable audio. `status` is the
+    HTTP status when the server answered, else None."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalVoice:
+    """One voice rendered by an external server."""
+
+    name: str
+    """The nearvoice voice name, e.g. `indextts-alice`."""
+    remote: str
+    """The server's own voice id: OpenAI's `voice`, piper's `voice` (its model's name)."""
+    model_id: str
+    """Identity in specs, `<engine>-<voice>@<hash or version>`; configured by the operator,
+    and it must change when the server's model does."""
+    remote_model: str = "tts-1"
+    """OpenAI's `model` field (openai protocol only); many servers ignore it."""
+
+
+class Pcm16Chunker:
+    """s16le mono bytes, in pieces of any size, to float32 arrays of `min_samples` to
+    `max_samples` samples (the last may be shorter). An odd byte at the end of a piece
+    waits for the next one."""
+
+    def __init__(self, min_samples: int, max_samples: int) -> None:
+        if not 0 < min_samples <= max_samples:
+            raise ValueError("need 0 < min_samples <= max_samples")
+        self._min = min_samples
+        self._max = max_samples
+        self._pending = bytearray()
+
+    def feed(self, data: bytes) -> list[Audio]:
+        self._pending += data
+        return self._take(self._min)
+
+    def finish(self) -> list[Audio]:
+        """What is left. Raises ExternalEngineError if half a sample is."""
+        if len(self._pending) % 2:
+            raise ExternalEngineError("PCM stream ended in the middle of a sample")
+        return self._take(1)
+
+    def _take(self, at_least: int) -> list[Audio]:
+        out: list[Audio] = []
+        while len(self._pending) // 2 >= at_least:
+            samples = min(len(self._pending) // 2, self._max)
+            out.append(pcm16_to_float(bytes(self._pending[: samples * 2])))
+            del self._pending[: samples * 2]
+        return out
+
+
+def pcm16_to_float(data: bytes) -> Audio:
+    """s16le bytes to float32 in [-1, 1): sample / 32768, exact and reversible."""
+    audio: Audio = np.frombuffer(data, dtype="<i2").astype(np.float32) / np.float32(PCM16_SCALE)
+    return audio
+
+
+def _excerpt(body: bytes) -> str:
+    text = " ".join(body.decode("utf-8", "replace").split())
+    return text if len(text) <= EXCERPT_CHARS else text[:EXCERPT_CHARS] + "..."
+
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class ExternalEngine:
+    """Renders through an external TTS server; see the module docstring.
+
+    Holds no connection or per-thread state: each render is one request, so any number of
+    inference threads can share an instance.
+    """
+
+    provider = "remote"
+    """What `nearvoice_engine_provider` reports: the execution happens elsewhere."""
+
+    def __init__(
+        self,
+        *,
+        base_url: str,
+        protocol: Protocol,
+        voices: list[ExternalVoice],
+        sample_rate: int,
+        timeout: float = 30.0,
+        api_key_env: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+        if not re.match(r"https?://[^/]", base_url):
+            raise ValueError(f"base_url must be an http:// or https:// URL, not {base_url!r}")
+        if not voices:
+            raise ValueError("an external engine needs at least one voice")
+        names = [v.name for v in voices]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate voice names: {names}")
+        bad = [v.model_id for v in voices if not _MODEL_ID.fullmatch(v.model_id)]
+        if bad:
+            raise ValueError(f"model ids must look like '<engine>-<voice>@<version>': {bad}")
+        if sample_rate <= 0:
+            raise ValueError(f"sample_rate must be positive, not {sample_rate}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive, not {timeout}")
+        self.name: str = name or f"external-{protocol}"
+        self.protocol: Protocol = protocol
+        self.base_url = base_url.rstrip("/")
+        self.sample_rate: int = sample_rate
+        self.voices: tuple[str, ...] = tuple(names)
+        self.timeout = timeout
+        self.api_key_env = api_key_env
+        self._voices = {v.name: v for v in voices}
+
+    def _voice(self, voice: str) -> ExternalVoice:
+        found = self._voices.get(voice)
+        if found is None:
+            raise ValueError(f"voice {voice!r} is not one of this engine's {self.voices}")
+        return found
+
+    def model_id(self, voice: str) -> str:
+        return self._voice(voice).model_id
+
+    def warmup(self) -> None:
+        """Checks that the server is up and knows every voice (piper: at the configured
+        rate), with one tiny render per voice. Raises ExternalEngineError if not."""
+        if self.protocol == "piper":
+            configs = self._get_json("/voices")
+            for v in self._voices.values():
+                rate = _piper_rate(configs, v.remote)
+                if rate != self.sample_rate:
+                    raise ExternalEngineError(
+                        f"piper voice {v.remote!r} at {self.base_url} renders at {rate} Hz, "
+                        f"not the configured {self.sample_rate} Hz"
+                    )
+        for voice in self.voices:
+            for _ in self.stream(WARMUP_TEXT, voice, 1.0, 0):
+                pass
+
+    def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
+        remote = self._voice(voice)
+        if not speed > 0:
+            raise ValueError(f"speed must be positive, not {speed}")
+        if self.protocol == "openai":
+            return self._stream_openai(text, remote, speed)
+        return self._stream_piper(text, remote, speed)
+
+    # The protocols.
+
+    def _stream_openai(self, text: str, voice: ExternalVoice, speed: float) -> Iterator[Audio]:
+        body = {
+            "model": voice.remote_model,
+            "input": text,
+            "voice": voice.remote,
+            "response_format": "pcm",
+            "speed": speed,
+        }
+        chunker = Pcm16Chunker(
+            max(1, round(MIN_CHUNK_SECONDS * self.sample_rate)),
+            max(1, round(MAX_CHUNK_SECONDS * self.sample_rate)),
+        )
+        with self._post("/v1/audio/speech", body) as response:
+            kind = response.headers.get_content_type()
+            if kind == "application/json" or kind.startswith("text/"):
+                raise ExternalEngineError(
+                    f"{self.base_url} answered {kind}, not PCM audio: "
+                    f"{_excerpt(self._read(response, 4096))}",
+                    response.status,
+                )
+            while data := self._read1(response):
+                yield from chunker.feed(data)
+            if response.length:  # a Content-Length the body fell short of
+                raise ExternalEngineError(
+                    f"{self.base_url} closed the connection {response.length} bytes short"
+                )
+        yield from chunker.finish()
+
+    def _stream_piper(self, text: str, voice: ExternalVoice, speed: float) -> Iterator[Audio]:
+        body = {
+            "text": text,
+            "voice": voice.remote,
+            "length_scale": 1.0 / speed,
+            "noise_scale": 0.0,
+            "noise_w_scale": 0.0,
+        }
+        with self._post("/synthesize", body) as response:
+            data = self._read(response)
+        yield self._decode_wav(data)
+
+    def _decode_wav(self, data: bytes) -> Audio:
+        try:
+            with wave.open(io.BytesIO(data), "rb") as wav:
+                rate, width, channels = wav.getframerate(), wav.getsampwidth(), wav.getnchannels()
+                frames = wav.readframes(wav.getnframes())
+        except (wave.Error, EOFError) as exc:
+            raise ExternalEngineError(
+                f"{self.base_url} answered no WAV ({exc}): {_excerpt(data[:4096])}"
+            ) from exc
+        if (width, channels) != (2, 1):
+            raise ExternalEngineError(
+                f"{self.base_url} answered {width * 8}-bit audio with {channels} channels; "
+                "16-bit mono expected"
+            )
+        if rate != self.sample_rate:
+            raise ExternalEngineError(
+                f"{self.base_url} answered {rate} Hz audio, but this engine is configured for "
+                f"{self.sample_rate} Hz: fix sample_rate rather than play it at the wrong speed"
+            )
+        if len(frames) % 2:
+            raise ExternalEngineError(f"{self.base_url} answered a WAV cut mid-sample")
+        return pcm16_to_float(frames)
+
+    # HTTP.
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "User-Agent": "nearvoice-origin"}
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env, "")
+            if not key:
+                raise ExternalEngineError(
+                    f"{self.name}: environment variable {self.api_key_env} (the API key) is not set"
+                )
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _post(self, path: str, body: dict[str, Any]) -> http.client.HTTPResponse:
+        return self._open(self._request(path, json.dumps(body).encode()))
+
+    def _request(self, path: str, data: bytes | None = None) -> urllib.request.Request:
+        # base_url was checked to be http(s) in __init__, so no file: or custom scheme.
+        return urllib.request.Request(  # noqa: S310
+            self.base_url + path,
+            data=data,
+            headers=self._headers(),
+            method="GET" if data is None else "POST",
+        )
+
+    def _get_json(self, path: str) -> Any:
+        with self._open(self._request(path)) as response:
+            data = self._read(response)
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ExternalEngineError(
+                f"{self.base_url}{path} answered no JSON: {_excerpt(data[:4096])}",
+                response.status,
+            ) from exc
+
+    def _open(self, request: urllib.request.Request) -> http.client.HTTPResponse:
+        url = request.full_url
+        try:
+            response = _OPENER.open(request, timeout=self.timeout)
+        except urllib.error.HTTPError as exc:
+            with exc:
+                try:
+                    body = exc.read(4096)
+                except (OSError, http.client.HTTPException):
+                    body = b""
+            raise ExternalEngineError(
+                f"{request.get_method()} {url} answered {exc.code}: {_excerpt(body)}", exc.code
+            ) from exc
+        except urllib.error.URLError as exc:
+            raise ExternalEngineError(f"{request.get_method()} {url} failed: {exc.reason}") from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise ExternalEngineError(
+                f"{request.get_method()} {url} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(response, http.client.HTTPResponse):  # pragma: no cover
+            response.close()
+            raise ExternalEngineError(f"{url}: not an HTTP response")
+        if response.status != 200:
+            with response:
+                body = self._read(response, 4096)
+            raise ExternalEngineError(
+                f"{request.get_method()} {url} answered {response.status}: {_excerpt(body)}",
+                response.status,
+            )
+        return response
+
+    def _read(self, response: http.client.HTTPResponse, size: int = -1) -> bytes:
+        try:
+            return response.read(size)
+        except (OSError, http.client.HTTPException) as exc:
+            raise ExternalEngineError(
+                f"reading from {self.base_url} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _read1(self, response: http.client.HTTPResponse) -> bytes:
+        """What has arrived, up to READ_SIZE bytes: at most one network chunk's worth, so a
+        chunk is handed on without waiting for the next. Empty at the end."""
+        try:
+            return response.read1(READ_SIZE)
+        except (OSError, http.client.HTTPException) as exc:
+            raise ExternalEngineError(
+                f"reading from {self.base_url} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _piper_rate(configs: Any, remote: str) -> int:
+    """A voice's sample rate from piper's `GET /voices` (voice name -> its config)."""
+    try:
+        return int(configs[remote]["audio"]["sample_rate"])
+    except (KeyError, TypeError, ValueError) as exc:
+        known = sorted(configs) if isinstance(configs, dict) else []
+        raise ExternalEngineError(
+            f"piper server has no voice {remote!r} with a sample rate; it lists {known}"
+        ) from exc
+
+
+def discover_piper_sample_rate(
+    base_url: str, remote: str, timeout: float = 30.0, api_key_env: str | None = None
+) -> int:
+    """The rate piper's server renders `remote` at, from its `GET /voices`, for an operator
+    who would rather not configure it."""
+    probe = ExternalEngine(
+        base_url=base_url,
+        protocol="piper",
+        voices=[ExternalVoice("probe", remote, "probe@0")],
+        sample_rate=1,
+        timeout=timeout,
+        api_key_env=api_key_env,
+    )
+    return _piper_rate(probe._get_json("/voices"), remote)
