@@ -20,13 +20,8 @@ install: $(VENV)/.installed
 sysdeps:
 	./scripts/system-deps.sh
 
-$(DATA)/keys: | $(VENV)/.installed
-	mkdir -p $(DATA)
-	umask 077 && $(BIN)/nearvoice keygen > $@
-
-run: $(VENV)/.installed $(DATA)/keys
-	@echo "dev keys in $(DATA)/keys; sign with: export NEARVOICE_KEYS=\$$(cat $(DATA)/keys)"
-	NEARVOICE_KEYS="$$(cat $(DATA)/keys)" $(BIN)/nearvoice edge --port $(PORT) --data-dir $(DATA)/edge
+run: $(VENV)/.installed
+	$(BIN)/nearvoice up --data-dir $(DATA)/stack --base-port $(PORT)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check edge origin tests bench

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from aiohttp import web
 
@@ -25,6 +26,7 @@ from edge.synth.engine import Engine
 from edge.synth.hibari_engine import HibariEngine, bundled_voices
 from edge.synth.piper_engine import BUNDLED as PIPER_VOICES
 from edge.synth.piper_engine import PiperEngine
+from edge.synth.providers import choose as choose_providers
 from edge.synth.renderer import Renderer
 
 log = logging.getLogger("nearvoice.app")
@@ -40,11 +42,12 @@ def default_engines(config: NodeConfig) -> list[Engine]:
     unknown = [v for v in synth.voices if v not in hibari + piper]
     if unknown:
         raise ValueError(f"no installed engine renders voice(s) {unknown} in [synth] voices")
+    providers = choose_providers(synth.providers, Path(config.data_dir) / "trt-cache")
     engines: list[Engine] = []
     if hibari:
-        engines.append(HibariEngine(voices=hibari, threads=synth.ort_threads))
+        engines.append(HibariEngine(voices=hibari, threads=synth.ort_threads, providers=providers))
     if piper:
-        engines.append(PiperEngine(voices=piper, threads=synth.ort_threads))
+        engines.append(PiperEngine(voices=piper, threads=synth.ort_threads, providers=providers))
     return engines
 
 
@@ -74,6 +77,8 @@ def create_app(
     app.router.add_post("/admin/purge", admin.purge)
     app.router.add_get("/admin/stats", admin.stats)
     app.router.add_get("/admin/hotkeys", admin.hotkeys)
+    app.router.add_post("/admin/prefetch", admin.prefetch)
+    app.router.add_get("/admin/prefetch/{job}", admin.prefetch_progress)
     return app
 
 
@@ -98,6 +103,9 @@ async def _node_lifetime(app: web.Application) -> AsyncIterator[None]:
 async def _warm(node: Node) -> None:
     if node.renderer is not None:
         await node.renderer.warmup()
+        for engine, provider in (await node.renderer.providers()).items():
+            log.info("engine %s runs on the %s execution provider", engine, provider)
+            node.metrics.engine_provider.labels(engine, provider).set(1)
     node.ready = True
     log.info("node ready")
 

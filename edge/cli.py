@@ -84,7 +84,12 @@ def _serve(config: NodeConfig, reuse_port: bool) -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
     keyring = Keyring.from_env()
-    app = create_app(config, keyring)
+    if config.role is Role.ORIGIN:
+        from origin.app import create_origin_app
+
+        app = create_origin_app(config, keyring)
+    else:
+        app = create_app(config, keyring)
     access_log = logging.getLogger("aiohttp.access") if config.http.access_log else None
     web.run_app(
         app,
@@ -146,6 +151,12 @@ def cmd_node(args: argparse.Namespace) -> int:
 BENCHMARKS = {"hit-path": "bench.hit_path", "miss-latency": "bench.miss_latency"}
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from edge.stack import run_stack
+
+    return run_stack(Path(args.data_dir), args.base_port)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
@@ -182,6 +193,11 @@ def parser() -> argparse.ArgumentParser:
         node.add_argument("--upstream", action="append", help="upstream base URL (repeatable)")
         node.add_argument("--workers", type=int, help="processes sharing the port (SO_REUSEPORT)")
         node.set_defaults(func=cmd_node)
+
+    up = sub.add_parser("up", help="run the local stack: edge, shield and origin")
+    up.add_argument("--data-dir", default=".nearvoice/stack")
+    up.add_argument("--base-port", type=int, default=8080, help="edge on N, shield N+1, origin N+2")
+    up.set_defaults(func=cmd_up)
 
     bench = sub.add_parser("bench", help="run a benchmark (see bench/)")
     bench.add_argument("benchmark", choices=sorted(BENCHMARKS))

@@ -23,6 +23,7 @@ ADMIN_TOKEN_ENV = "NEARVOICE_ADMIN_TOKEN"  # noqa: S105 (the variable name, not 
 class Role(StrEnum):
     EDGE = "edge"
     SHIELD = "shield"
+    ORIGIN = "origin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,8 @@ class SynthSettings:
     """Longest text, in characters after normalization, that a URL may carry."""
     max_queue: int = 64
     """Renders queued or running per engine before misses go upstream (or get 503)."""
+    providers: tuple[str, ...] = ("cpu",)
+    """onnxruntime execution providers to try, best first: "tensorrt", "cuda", "cpu"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,21 @@ class HttpSettings:
     """Bytes allowed in the request line: sealed specs of long texts make long URLs."""
     access_log: bool = False
     """Log every request (the hot path is faster without)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OriginSettings:
+    public_base: str = "http://127.0.0.1:8080"
+    """Base URL of the public edge tier that minted URLs point at."""
+    store: str = ""
+    """Persistent object store: a path or file:// URL, or s3://bucket/prefix?endpoint=URL
+    (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). Empty: none."""
+    push_edges: tuple[str, ...] = ()
+    """Edges told to prefetch every `hot` object this origin renders."""
+    default_ttl: int = 3600
+    """Seconds a minted URL stays valid when the request names no ttl."""
+    max_ttl: int = 30 * 86400
+    """Longest validity a minted URL may ask for, in seconds."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +89,7 @@ class NodeConfig:
     retention: Retention = field(default_factory=Retention)
     synth: SynthSettings = field(default_factory=SynthSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
+    origin: OriginSettings = field(default_factory=OriginSettings)
     hotkeys_capacity: int = 1024
     """Counters kept for the hot-keys report (bounded memory, Space-Saving)."""
     recency_flush: float = 30.0
@@ -111,6 +130,9 @@ def load(path: Path | None = None, role: Role = Role.EDGE) -> NodeConfig:
     if role is Role.SHIELD:
         base["synth"] = {"enabled": False}
         base["data_dir"] = ".nearvoice/shield"
+    if role is Role.ORIGIN:
+        base["synth"] = {"voices": ["heart", "joe"], "providers": ["tensorrt", "cuda", "cpu"]}
+        base["data_dir"] = ".nearvoice/origin"
     if path is not None:
         with path.open("rb") as f:
             data = tomllib.load(f)

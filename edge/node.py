@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -14,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge.cache.fill import Fill, FillFailed, FillState
-from edge.cache.hot import HotEntry, HotTier, PurgeStamp, SharedFile
+from edge.cache.hot import HotTier, PurgeStamp, SharedFile
 from edge.cache.hotkeys import SpaceSaving
 from edge.cache.meta import ObjectMeta
 from edge.cache.store import DiskStore, Outcome
@@ -25,6 +24,7 @@ from edge.http.deliver import DeliveryOptions
 from edge.keyring import Keyring
 from edge.metrics import Metrics
 from edge.nodeauth import verify_node_request
+from edge.prefetch import Prefetcher
 from edge.producer import Producer
 from edge.spec import KEY_RE
 from edge.synth.renderer import Renderer
@@ -42,19 +42,25 @@ STOP_GRACE = 10.0  # seconds a stopping node waits for fills under way
 
 @dataclass(slots=True)
 class Held:
-    """An object ready to deliver, with the file reference released after sending."""
+    """An object ready to deliver. Its descriptor, if any, is pinned while it is sent."""
 
     meta: ObjectMeta
     body: bytes | None
-    entry: HotEntry | None
+    file: SharedFile | None
+    stale: bool = False
+    """Past its TTL: served only when the fresh copy cannot be had (stale-if-error)."""
 
     def __enter__(self) -> SharedFile | None:
-        """Pins the descriptor (if any) for the duration of a send."""
-        return self.entry.file.acquire() if self.entry and self.entry.file else None
+        return self.file.acquire() if self.file else None
 
     def __exit__(self, *_: object) -> None:
-        if self.entry and self.entry.file:
-            self.entry.file.release()
+        if self.file:
+            self.file.release()
+
+    def close(self) -> None:
+        """Drops a stale object's own descriptor (hot-tier ones belong to the tier)."""
+        if self.stale and self.file:
+            self.file.release()
 
 
 class Node:
@@ -86,6 +92,7 @@ class Node:
         self.producer = Producer(
             config, renderer, self.upstreams, self.store, self.hot, self.metrics, self.io
         )
+        self.prefetcher = Prefetcher(self)
 
     @property
     def renderer(self) -> Renderer | None:
@@ -100,6 +107,7 @@ class Node:
 
     async def stop(self) -> None:
         """Lets fills under way finish (their listeners are mid-stream), then closes."""
+        await self.prefetcher.stop()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=STOP_GRACE)
         for task in list(self._tasks):
@@ -122,6 +130,8 @@ class Node:
         query: Callable[[], tuple[Mapping[str, str], bool]],
         client_ip: str | None,
         node_signature: str | None = None,
+        *,
+        trusted: bool = False,
     ) -> Grant:
         """Checks everything about a speech URL before any cache or engine sees it.
 
@@ -142,8 +152,9 @@ class Node:
                 self._grants[target] = grant
                 if len(self._grants) > GRANT_MEMO_SIZE:
                     self._grants.popitem(last=False)
-            if node_signature is not None and verify_node_request(
-                self.keyring, node_signature, "GET", target
+            if trusted or (
+                node_signature is not None
+                and verify_node_request(self.keyring, node_signature, "GET", target)
             ):
                 client_ip = None
                 grant_to_check = replace(grant, network=None)
@@ -182,7 +193,10 @@ class Node:
         return grant
 
     # -- lookups --------------------------------------------------------------------------
-    async def lookup(self, key: str) -> Held | None:
+    async def lookup(self, key: str, *, hit: bool = True) -> Held | None:
+        """The object for `key` from the hot tier or the disk, or None. An expired one
+        still on disk comes back marked stale, for stale-if-error; `hit=False` looks
+        without counting a hit (prefetch)."""
         now = time.time()
         if self.config.workers > 1 and now - self._purge_checked > PURGE_CHECK_INTERVAL:
             # A sibling worker's purge must also empty this worker's hot tier.
@@ -200,13 +214,13 @@ class Node:
             if opened.outcome is not Outcome.HIT or opened.meta is None:
                 return None
             if not opened.meta.fresh(now):
-                if opened.fd >= 0:
-                    await loop.run_in_executor(self.io, _close, opened.fd)
-                return None
+                file = SharedFile(opened.fd) if opened.fd >= 0 else None
+                return Held(opened.meta, opened.body, file, stale=True)
             entry = self.hot.put(opened.meta, body=opened.body, fd=opened.fd, now=now)
-        self._recent.add(key)
-        self.hotkeys.add(key)
-        return Held(entry.meta, entry.body, entry)
+        if hit:
+            self._recent.add(key)
+            self.hotkeys.add(key)
+        return Held(entry.meta, entry.body, entry.file)
 
     # -- misses ---------------------------------------------------------------------------
     def running_fill(self, grant: Grant) -> Fill | None:
@@ -271,10 +285,6 @@ class Node:
         self.metrics.cache_bytes.set(volume)
         self.metrics.cache_objects.set(count)
         return volume, count
-
-
-def _close(fd: int) -> None:
-    os.close(fd)
 
 
 def _volume_and_count(store: DiskStore) -> tuple[int, int]:

@@ -20,8 +20,10 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
+from typing import Protocol
 
 from edge.cache.fill import Fill, FillFailed
 from edge.cache.hot import HotTier
@@ -36,6 +38,20 @@ from edge.upstream import Upstreams
 
 log = logging.getLogger("nearvoice.producer")
 RENDER_RETRY_AFTER = 2  # seconds a client should wait after a failed render
+
+
+class PersistentStore(Protocol):
+    """Where an origin keeps every render for good (origin.store implements it)."""
+
+    name: str
+
+    def get(self, key: str) -> tuple[ObjectMeta, bytes] | None: ...
+
+    def put(self, meta: ObjectMeta, body: bytes) -> None: ...
+
+
+StoredHook = Callable[[Grant, str], None]
+"""Called with the grant and the signed request target of every object committed."""
 
 
 class UpstreamReason(StrEnum):
@@ -63,6 +79,8 @@ class Producer:
         self.hot = hot
         self.metrics = metrics
         self.io = io
+        self.persistent: PersistentStore | None = None
+        self.on_stored: list[StoredHook] = []
 
     def choose(self, grant: Grant) -> Engine | UpstreamReason:
         """The local engine to render with, or why to go upstream instead."""
@@ -80,6 +98,9 @@ class Producer:
     async def produce(self, fill: Fill, grant: Grant, target: str) -> None:
         """Fills `fill` and commits the result. Never raises: failures mark the fill."""
         try:
+            if await self._from_persistent(fill, grant):
+                fill.finish(await self._commit(fill, grant))
+                return
             choice = self.choose(grant)
             if isinstance(choice, UpstreamReason):
                 await self._fetch(fill, grant, target, choice)
@@ -93,12 +114,46 @@ class Producer:
                             "render_failed", str(exc), retry_after=RENDER_RETRY_AFTER
                         ) from exc
                     await self._fetch(fill, grant, target, UpstreamReason.ENGINE_ERROR)
-            fill.finish(await self._commit(fill, grant))
+            meta = await self._commit(fill, grant)
+            await self._persist(meta, fill)
+            fill.finish(meta)
+            if fill.stored:
+                for hook in self.on_stored:
+                    hook(grant, target)
         except FillFailed as exc:
             fill.fail(exc)
         except Exception as exc:
             log.exception("producing %s failed", grant.spec.key)
             fill.fail(FillFailed("internal_error", type(exc).__name__, RENDER_RETRY_AFTER))
+
+    async def _from_persistent(self, fill: Fill, grant: Grant) -> bool:
+        """Fills from the persistent store when the object is already there."""
+        if self.persistent is None or not grant.policy.stored:
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            found = await loop.run_in_executor(self.io, self.persistent.get, grant.spec.key)
+        except OSError:
+            log.exception("persistent store %s failed a read", self.persistent.name)
+            return False
+        if found is None:
+            return False
+        meta, body = found
+        fill.start(meta.content_type)
+        fill.append(body)
+        return True
+
+    async def _persist(self, meta: ObjectMeta, fill: Fill) -> None:
+        """Keeps a new render in the persistent store. A full or read-only store is logged
+        and counted; the listeners have their audio either way."""
+        if self.persistent is None or not meta.policy.stored:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self.io, self.persistent.put, meta, fill.body())
+        except OSError as exc:
+            log.error("persistent store %s refused %s: %s", self.persistent.name, meta.key, exc)
+            self.metrics.store_errors.inc()
 
     async def _render(self, fill: Fill, grant: Grant, engine: Engine) -> None:
         assert self.renderer is not None

@@ -3,6 +3,11 @@
 * `POST /admin/purge` `{"keys": [...]}`: removes objects from every tier of this node.
 * `GET /admin/stats`: cache occupancy and hot-tier state.
 * `GET /admin/hotkeys?k=N`: the N most requested keys, from a bounded Space-Saving counter.
+* `POST /admin/prefetch` `{"urls": [...], "specs": [...]}`: warms objects in the background;
+  answers 202 with a job id. `GET /admin/prefetch/{id}`: the job's progress.
+
+A purge with `"cascade": true` is repeated at each key's home upstream (a shield, which
+cascades on to its origin), so a purged object is gone from every tier that could refill it.
 """
 
 from __future__ import annotations
@@ -12,13 +17,16 @@ import json
 from http import HTTPStatus
 from typing import Any
 
+import aiohttp
 from aiohttp import hdrs, web
 
-from edge.errors import BadRequest, Forbidden, Unauthorized
+from edge.errors import BadRequest, Forbidden, NotFound, Unauthorized
 from edge.handlers.keys import NODE
 from edge.spec import KEY_RE
+from edge.upstream import rendezvous_order
 
 MAX_PURGE_KEYS = 1000
+CASCADE_TIMEOUT = 5.0  # seconds for the purge at the upstream
 MAX_TOP_K = 1000
 DEFAULT_TOP_K = 20
 _BEARER = "Bearer "
@@ -48,12 +56,62 @@ async def purge(request: web.Request) -> web.Response:
     bad = [k for k in keys if not isinstance(k, str) or not KEY_RE.fullmatch(k)]
     if bad:
         raise BadRequest("malformed_key", "keys must be 64 lowercase hex characters")
+    cascade = payload.get("cascade", False)
+    if not isinstance(cascade, bool):
+        raise BadRequest("bad_cascade", "cascade must be true or false")
     node = request.app[NODE]
     purged: list[str] = []
     missing: list[str] = []
     for key in dict.fromkeys(keys):
         (purged if await node.purge(key) else missing).append(key)
-    return web.json_response({"purged": purged, "missing": missing})
+    answer: dict[str, Any] = {"purged": purged, "missing": missing}
+    if cascade and node.upstreams.available:
+        answer["cascade"] = await _cascade(request, list(dict.fromkeys(keys)))
+    return web.json_response(answer)
+
+
+async def _cascade(request: web.Request, keys: list[str]) -> dict[str, Any]:
+    """Repeats the purge at each key's home upstream, with this node's admin token."""
+    node = request.app[NODE]
+    homes: dict[str, list[str]] = {}
+    for key in keys:
+        homes.setdefault(rendezvous_order(key, node.upstreams.bases)[0], []).append(key)
+    token = node.config.admin_token or ""
+    results: dict[str, Any] = {}
+    timeout = aiohttp.ClientTimeout(total=CASCADE_TIMEOUT)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for base, home_keys in homes.items():
+            try:
+                async with session.post(
+                    f"{base}/admin/purge",
+                    json={"keys": home_keys, "cascade": True},
+                    headers={hdrs.AUTHORIZATION: f"{_BEARER}{token}"},
+                ) as response:
+                    results[base] = {"status": response.status, "keys": len(home_keys)}
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                results[base] = {"error": type(exc).__name__, "keys": len(home_keys)}
+    return results
+
+
+async def prefetch(request: web.Request) -> web.Response:
+    require_admin(request)
+    try:
+        payload: Any = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest("bad_json", "body is not JSON") from exc
+    prefetcher = request.app[NODE].prefetcher
+    job = prefetcher.start(prefetcher.items(payload))
+    return web.json_response(
+        {**job.report(), "progress": f"/admin/prefetch/{job.id}"}, status=HTTPStatus.ACCEPTED
+    )
+
+
+async def prefetch_progress(request: web.Request) -> web.Response:
+    require_admin(request)
+    job = request.app[NODE].prefetcher.jobs.get(request.match_info["job"])
+    if job is None:
+        raise NotFound("unknown_job", "no such prefetch job (finished jobs are kept a while)")
+    return web.json_response(job.report())
 
 
 async def stats(request: web.Request) -> web.Response:

@@ -14,10 +14,10 @@ from edge.cache.fill import FillFailed
 from edge.cache.meta import etag_for
 from edge.errors import BadGateway, BadRequest, GatewayTimeout, RequestError, ServiceUnavailable
 from edge.handlers.keys import NODE
-from edge.http.deliver import deliver
+from edge.http.deliver import Delivered, deliver
 from edge.http.stream import deliver_fill
 from edge.metrics import Result, Source
-from edge.node import Node
+from edge.node import Held, Node
 from edge.nodeauth import NODE_HEADER
 from edge.token import Grant
 
@@ -55,7 +55,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
     held = None
     if grant.policy.stored and node.running_fill(grant) is None:
         held = await node.lookup(grant.spec.key)
-    if held is not None:
+    if held is not None and not held.stale:
         result, source = Result.HIT, Source.CACHE
         try:
             with held as file:
@@ -66,36 +66,58 @@ async def speech(request: web.Request) -> web.StreamResponse:
             metrics.requests_by[result].inc()
             raise
     else:
-        fill, joined = node.obtain(grant, request.raw_path)
-        if joined and not fill.is_running():
-            result = Result.HIT  # complete and in memory: committed moments ago
-        elif joined:
-            result = Result.COLLAPSED
-        else:
-            result = Result.MISS if grant.policy.stored else Result.BYPASS
-        source = (
-            Source.SYNTH
-            if node.renderer and node.renderer.engine_for(grant.spec)
-            else Source.UPSTREAM
-        )
         try:
-            delivered = await deliver_fill(
-                request, fill, grant.policy, options, etag_for(grant.spec.key)
-            )
-        except FillFailed as exc:
-            metrics.requests_by[Result.ERROR].inc()
-            raise fill_error(exc) from exc
-        except RequestError:
-            metrics.requests_by[result].inc()
-            raise
+            delivered, result, source = await _from_fill(request, node, grant, held)
         finally:
-            fill.readers -= 1
-        source = Source.UPSTREAM if fill.from_upstream else Source.SYNTH
+            if held is not None:
+                held.close()
     metrics.requests_by[result].inc()
     metrics.bytes_by[source].inc(delivered.body_bytes)
     first_byte = delivered.first_byte or time.perf_counter()
     metrics.ttfb_by[result].observe(first_byte - started)
     return delivered.response
+
+
+async def _from_fill(
+    request: web.Request, node: Node, grant: Grant, stale: Held | None
+) -> tuple[Delivered, Result, Source]:
+    """A miss: join or start the object's fill. When it fails before this request got a
+    byte, an expired copy still on disk is served instead (stale-if-error); drafts never
+    reach here with one, since they are never looked up."""
+    metrics = node.metrics
+    fill, joined = node.obtain(grant, request.raw_path)
+    if joined and not fill.is_running():
+        result = Result.HIT  # complete and in memory: committed moments ago
+    elif joined:
+        result = Result.COLLAPSED
+    else:
+        result = Result.MISS if grant.policy.stored else Result.BYPASS
+    try:
+        delivered = await deliver_fill(
+            request, fill, grant.policy, node.delivery, etag_for(grant.spec.key)
+        )
+    except FillFailed as exc:
+        if stale is None:
+            metrics.requests_by[Result.ERROR].inc()
+            raise fill_error(exc) from exc
+        age = max(0, int(time.time() - stale.meta.stored_at))
+        with stale as file:
+            delivered = await deliver(
+                request,
+                stale.meta,
+                grant.policy,
+                body=stale.body,
+                file=file,
+                options=node.delivery,
+                age=age,
+            )
+        return delivered, Result.STALE, Source.CACHE
+    except RequestError:
+        metrics.requests_by[result].inc()
+        raise
+    finally:
+        fill.readers -= 1
+    return delivered, result, Source.UPSTREAM if fill.from_upstream else Source.SYNTH
 
 
 def fill_error(exc: FillFailed) -> RequestError:

@@ -22,6 +22,7 @@ from edge.http.multipart import Multipart
 from edge.http.ranges import ByteRange, RangeError, content_range, parse_range, unsatisfied_range
 from edge.http.sendfile import send_file_range
 from edge.policy import Policy
+from edge.upstream import CHECKSUM_HEADER
 
 RANGE_UNIT = "bytes"
 
@@ -51,12 +52,18 @@ def base_headers(meta: ObjectMeta, policy: Policy) -> dict[str, str]:
     """The headers every answer about `meta` carries. Downstream caching follows the
     policy of the URL being answered (DESIGN.md section 3), not the one the object was
     stored under. Cached: objects are immutable, and formatting the date is a visible cost
-    on the hit path. Callers must copy, not mutate."""
+    on the hit path. Callers must copy, not mutate.
+
+    `CHECKSUM_HEADER` is the digest of the complete object (a representation digest, like
+    RFC 9530's Repr-Digest), so 200, 206, 304 and HEAD answers all carry it, players'
+    included: one cached header set for everyone, and the digest reveals nothing the bytes
+    do not. Streamed answers about an object still in flight (edge.http.stream) cannot."""
     return {
         hdrs.ETAG: meta.etag,
         hdrs.LAST_MODIFIED: http_date(meta.last_modified),
         hdrs.CACHE_CONTROL: policy.cache_control,
         hdrs.ACCEPT_RANGES: RANGE_UNIT,
+        CHECKSUM_HEADER: meta.sha256,
     }
 
 
@@ -135,6 +142,7 @@ async def deliver(
     body: bytes | None,
     file: SharedFile | None,
     options: DeliveryOptions,
+    age: int | None = None,
 ) -> Delivered:
     """Answers `request` with `meta`'s object, held in `body` or open as `file`, under the
     requesting URL's `policy`."""
@@ -145,6 +153,7 @@ async def deliver(
     head_only = request.method == hdrs.METH_HEAD
     if (
         body is not None
+        and age is None
         and len(ranges) <= 1
         and options.direct
         and not head_only
@@ -152,6 +161,9 @@ async def deliver(
     ):
         return _direct(meta, policy, body, ranges)
     headers = dict(base_headers(meta, policy))
+    if age is not None:
+        # RFC 9111 section 5.1: a stale answer says how old it is.
+        headers[hdrs.AGE] = str(age)
 
     if len(ranges) > 1:
         multipart = Multipart.plan(ranges, meta.content_type, meta.length)

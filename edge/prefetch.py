@@ -1,0 +1,180 @@
+"""Prefetch jobs: warming a list of objects in the background (`POST /admin/prefetch`).
+
+A job takes signed URLs (as players would fetch them) or plain specs (the admin is
+trusted, so the node signs them itself), and fills each missing object through the normal
+path, so prefetches collapse with player requests and go upstream when rendering here is not
+possible. At most `CONCURRENCY` objects of a job are in flight at once; the node keeps the
+last `KEEP_JOBS` jobs for progress queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
+
+from edge.cache.fill import FillFailed
+from edge.errors import BadRequest, RequestError
+from edge.formats import AudioFormat
+from edge.policy import Policy
+from edge.spec import Spec, SpecError
+from edge.token import Grant, sign_query, speech_path
+from edge.voices import UnknownVoice, resolve
+
+if TYPE_CHECKING:
+    from edge.node import Node
+
+log = logging.getLogger("nearvoice.prefetch")
+CONCURRENCY = 2  # objects of one job produced at once
+KEEP_JOBS = 100  # finished jobs remembered for progress queries
+MAX_ITEMS = 10_000  # items one job may hold
+SPEC_TTL = 3600  # seconds the node's own signature on a spec item stays valid
+_SPEECH = "/v1/speech/"
+
+
+@dataclass(slots=True)
+class Job:
+    id: str
+    total: int
+    done: int = 0
+    cached: int = 0
+    failed: int = 0
+    errors: list[str] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    finished_at: float | None = None
+
+    @property
+    def state(self) -> str:
+        return "finished" if self.finished_at is not None else "running"
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "total": self.total,
+            "done": self.done,
+            "already_cached": self.cached,
+            "failed": self.failed,
+            "errors": self.errors[:20],
+        }
+
+
+class Prefetcher:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def items(self, payload: Any) -> list[tuple[str, Grant | None]]:
+        """Validates a request body into (target, grant-or-None) pairs; URLs are authorized
+        when the job runs, so an expired one is reported there rather than refused here."""
+        if not isinstance(payload, dict):
+            raise BadRequest("bad_json", "expected {'urls': [...], 'specs': [...]}")
+        urls, specs = payload.get("urls", []), payload.get("specs", [])
+        if not isinstance(urls, list) or not isinstance(specs, list):
+            raise BadRequest("bad_items", "urls and specs must be lists")
+        if not 0 < len(urls) + len(specs) <= MAX_ITEMS:
+            raise BadRequest("bad_items", f"a job takes 1..{MAX_ITEMS} items")
+        out: list[tuple[str, Grant | None]] = []
+        for url in urls:
+            if not isinstance(url, str):
+                raise BadRequest("bad_items", "urls must be strings")
+            parts = urlsplit(url)
+            if not parts.path.startswith(_SPEECH):
+                raise BadRequest("bad_items", f"not a speech URL: {url[:80]!r}")
+            out.append((f"{parts.path}?{parts.query}", None))
+        for item in specs:
+            grant = self._grant_for(item)
+            query = sign_query(self.node.keyring, grant.spec, policy=grant.policy, ttl=SPEC_TTL)
+            target = f"{speech_path(grant.spec)}?{'&'.join(f'{k}={v}' for k, v in query.items())}"
+            out.append((target, grant))
+        return out
+
+    def _grant_for(self, item: Any) -> Grant:
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise BadRequest("bad_items", "a spec needs at least a text")
+        try:
+            voice = resolve(str(item.get("voice", "heart")))
+            fmt = AudioFormat(str(item.get("format", "wav")))
+            policy = Policy(str(item.get("policy", "hot")))
+            spec = Spec.create(
+                text=item["text"],
+                voice=voice.name,
+                format=fmt,
+                model=voice.model_id,
+                speed=float(item.get("speed", 1.0)),
+                seed=int(item.get("seed", 0)),
+            )
+        except UnknownVoice as exc:
+            raise BadRequest("unknown_voice", f"unknown voice {exc.voice!r}") from exc
+        except (SpecError, ValueError, TypeError) as exc:
+            raise BadRequest("bad_items", str(exc)) from exc
+        return Grant(spec=spec, policy=policy, expires=int(time.time()) + SPEC_TTL)
+
+    def start(self, items: list[tuple[str, Grant | None]]) -> Job:
+        job = Job(id=secrets.token_hex(8), total=len(items))
+        self.jobs[job.id] = job
+        while len(self.jobs) > KEEP_JOBS:
+            self.jobs.popitem(last=False)
+        task = asyncio.get_running_loop().create_task(self._run(job, items))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    async def _run(self, job: Job, items: list[tuple[str, Grant | None]]) -> None:
+        work = iter(items)
+
+        async def worker() -> None:
+            for target, grant in work:
+                await self._one(job, target, grant)
+
+        try:
+            await asyncio.gather(*(worker() for _ in itertools.repeat(None, CONCURRENCY)))
+        finally:
+            job.finished_at = time.time()
+
+    async def _one(self, job: Job, target: str, grant: Grant | None) -> None:
+        node = self.node
+        try:
+            if grant is None:
+                grant = self._authorize(target)
+            if grant.policy.stored and await node.lookup(grant.spec.key, hit=False):
+                job.cached += 1
+            else:
+                fill, _ = node.obtain(grant, target)
+                await fill.until_done()
+        except (RequestError, FillFailed) as exc:
+            job.failed += 1
+            job.errors.append(f"{target.split('?')[0]}: {getattr(exc, 'code', exc)}")
+        except Exception as exc:  # a job must survive any one item
+            log.exception("prefetch of %s failed", target.split("?")[0])
+            job.failed += 1
+            job.errors.append(f"{target.split('?')[0]}: {type(exc).__name__}")
+        job.done += 1
+
+    def _authorize(self, target: str) -> Grant:
+        path, _, query = target.partition("?")
+        name = path[len(_SPEECH) :]
+        key, _, ext = name.partition(".")
+        fields = parse_qsl(query, keep_blank_values=True)
+        flat = dict(fields)
+
+        def parsed() -> tuple[dict[str, str], bool]:
+            return flat, len(flat) != len(fields)
+
+        # The admin is trusted, so an IP-bound URL is warmed regardless of the binding.
+        return self.node.authorize(target, key, ext, parsed, None, trusted=True)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,88 @@
+"""The origin application: the edge core plus the minting API, a persistent object store,
+engines on the best execution provider, and prefetch pushes to the edges."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from urllib.parse import urljoin
+
+import aiohttp
+from aiohttp import web
+
+from edge.app import create_app
+from edge.config import ADMIN_TOKEN_ENV, NodeConfig
+from edge.handlers.keys import NODE
+from edge.keyring import Keyring
+from edge.producer import PersistentStore
+from edge.synth.engine import Engine
+from edge.token import Grant
+from origin.mint import mint
+from origin.store import open_store
+
+log = logging.getLogger("nearvoice.origin")
+PUSH_TIMEOUT = 5.0  # seconds for one prefetch push to an edge
+
+
+def create_origin_app(
+    config: NodeConfig,
+    keyring: Keyring,
+    *,
+    engines: list[Engine] | None = None,
+    persistent: PersistentStore | None = None,
+) -> web.Application:
+    app = create_app(config, keyring, engines=engines)
+    node = app[NODE]
+    if persistent is None and config.origin.store:
+        persistent = open_store(config.origin.store)
+    node.producer.persistent = persistent
+    app.router.add_post("/v1/speech", mint)
+    if config.origin.push_edges:
+        pusher = EdgePusher(config.origin.push_edges)
+        node.producer.on_stored.append(pusher.schedule)
+        app.on_cleanup.append(pusher.close)
+    return app
+
+
+class EdgePusher:
+    """Tells edges to prefetch each `hot` object right after the origin rendered it, so
+    the first listener at every edge already gets a hit."""
+
+    def __init__(self, edges: tuple[str, ...]) -> None:
+        self.edges = edges
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def schedule(self, grant: Grant, target: str) -> None:
+        if grant.policy.value != "hot":
+            return
+        task = asyncio.get_running_loop().create_task(self._push(target))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _push(self, target: str) -> None:
+        token = os.environ.get(ADMIN_TOKEN_ENV)
+        if not token:
+            log.warning("not pushing prefetches: %s is not set", ADMIN_TOKEN_ENV)
+            return
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PUSH_TIMEOUT))
+        headers = {"Authorization": f"Bearer {token}"}
+        for edge in self.edges:
+            try:
+                async with self._session.post(
+                    urljoin(edge.rstrip("/") + "/", "admin/prefetch"),
+                    json={"urls": [target]},
+                    headers=headers,
+                ) as response:
+                    if response.status >= 300:
+                        log.warning("edge %s refused a prefetch push: %s", edge, response.status)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("prefetch push to %s failed: %s", edge, exc)
+
+    async def close(self, _app: web.Application) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._session is not None:
+            await self._session.close()

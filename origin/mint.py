@@ -1,0 +1,113 @@
+"""`POST /v1/speech`: the URL-minting API an application backend calls.
+
+    {"text": "...", "voice": "heart", "format": "wav", "speed": 1.0,
+     "policy": "hot", "ttl": 3600, "ip": "203.0.113.0/24"}
+    -> 201 {"url": "<public edge base>/v1/speech/<key>.<ext>?...", "key": "...",
+            "expires_at": 1700000000}
+
+It authenticates with `Authorization: Bearer $NEARVOICE_MINT_TOKEN` (constant-time), and
+validates everything an edge would check, so a minted URL never fails at the edge for a
+reason the backend could have been told about.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import time
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import hdrs, web
+
+from edge.errors import BadRequest, Forbidden, Unauthorized
+from edge.formats import AudioFormat
+from edge.handlers.keys import NODE
+from edge.policy import Policy
+from edge.spec import Spec, SpecError
+from edge.token import parse_network, sign_url
+from edge.voices import UnknownVoice, resolve
+
+MINT_TOKEN_ENV = "NEARVOICE_MINT_TOKEN"  # noqa: S105 (the variable's name, not a secret)
+_FIELDS = frozenset(("text", "voice", "format", "speed", "seed", "policy", "ttl", "ip"))
+_BEARER = "Bearer "
+
+
+def _require_token(request: web.Request) -> None:
+    token = os.environ.get(MINT_TOKEN_ENV)
+    if not token:
+        raise Forbidden("mint_disabled", f"set {MINT_TOKEN_ENV} to enable minting")
+    given = request.headers.get(hdrs.AUTHORIZATION, "")
+    challenge = {str(hdrs.WWW_AUTHENTICATE): 'Bearer realm="nearvoice-mint"'}
+    if not given.startswith(_BEARER) or not hmac.compare_digest(
+        given[len(_BEARER) :].encode(), token.encode()
+    ):
+        raise Unauthorized("unauthorized", "missing or wrong bearer token", headers=challenge)
+
+
+def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = body.get(name, default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise BadRequest(f"bad_{name}", f"{name} must be a {kind.__name__}")
+    return value
+
+
+async def mint(request: web.Request) -> web.Response:
+    _require_token(request)
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest("bad_json", "body is not JSON") from exc
+    if not isinstance(body, dict):
+        raise BadRequest("bad_json", "body must be a JSON object")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:
+        raise BadRequest("unknown_field", f"unknown field(s): {', '.join(unknown)}")
+    node = request.app[NODE]
+    settings = node.config.origin
+    text = _field(body, "text", str, None) if "text" in body else None
+    if text is None:
+        raise BadRequest("missing_text", "text is required")
+    try:
+        voice = resolve(_field(body, "voice", str, "heart"))
+    except UnknownVoice as exc:
+        raise BadRequest("unknown_voice", f"unknown voice {exc.voice!r}", known=exc.known) from exc
+    fmt = AudioFormat.parse(_field(body, "format", str, AudioFormat.WAV.value))
+    if fmt is None:
+        raise BadRequest(
+            "unsupported_format", "unknown format", known=[f.value for f in AudioFormat]
+        )
+    policy = Policy.parse(_field(body, "policy", str, Policy.HOT.value))
+    if policy is None:
+        raise BadRequest("bad_policy", "policy must be hot, personal or draft")
+    ttl = _field(body, "ttl", int, settings.default_ttl)
+    if not 0 < ttl <= settings.max_ttl:
+        raise BadRequest("bad_ttl", f"ttl must be within 1..{settings.max_ttl} seconds")
+    ip = _field(body, "ip", str, "") or None
+    if ip is not None:
+        try:
+            parse_network(ip)
+        except ValueError as exc:
+            raise BadRequest("bad_ip", str(exc)) from exc
+    try:
+        spec = Spec.create(
+            text=text,
+            voice=voice.name,
+            format=fmt,
+            model=voice.model_id,
+            speed=_field(body, "speed", float, 1.0),
+            seed=_field(body, "seed", int, 0),
+        )
+    except SpecError as exc:
+        raise BadRequest(exc.code, str(exc)) from exc
+    limit = node.config.synth.max_text_chars
+    if len(spec.text) > limit:
+        raise BadRequest("text_too_long", f"text is longer than {limit} characters")
+    now = int(time.time())
+    url = sign_url(node.keyring, settings.public_base, spec, policy=policy, ttl=ttl, ip=ip, now=now)
+    return web.json_response(
+        {"url": url, "key": spec.key, "expires_at": now + ttl}, status=HTTPStatus.CREATED
+    )
