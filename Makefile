@@ -38,6 +38,7 @@ test: lint typecheck pytest
 bench: $(VENV)/.installed sysdeps
 	$(BIN)/python -m bench.hit_path
 	$(BIN)/python -m bench.miss_latency
+	$(BIN)/python -m bench.offload
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

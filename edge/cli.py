@@ -148,7 +148,11 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = {"hit-path": "bench.hit_path", "miss-latency": "bench.miss_latency"}
+BENCHMARKS = {
+    "hit-path": "bench.hit_path",
+    "miss-latency": "bench.miss_latency",
+    "offload": "bench.offload",
+}
 
 
 def cmd_up(args: argparse.Namespace) -> int:
