@@ -5,6 +5,25 @@ has one home upstream and a failed one moves only its own keys to their next cho
 request fails over to the next upstream on connect errors, timeouts and 5xx, but only
 before the first body byte: once bytes have reached players, a broken transfer fails the
 fill rather than splicing two sources together.
+
+Resilience, all before the first byte:
+
+* Each upstream has a `CircuitBreaker`. After `failure_threshold` consecutive failures
+  (connect errors, timeouts, 5xx, bodies broken mid-transfer) it opens and the upstream
+  is skipped, so its keys go straight to their next choice instead of waiting for a
+  timeout each. After `open_seconds` it lets one trial request through (half-open):
+  success closes it, failure opens it again. When every upstream is open, the key's home
+  upstream is tried anyway: trying beats failing without trying.
+* When every upstream in the order failed, the whole order is tried again, up to
+  `retries` more times, after a full-jitter backoff. A 4xx is never retried (the upstream
+  refused the request itself; another one would too), and nothing is retried once a body
+  byte has been handed to the caller.
+
+End-to-end integrity: a node answering with a complete object sends its digest in
+`X-Nearvoice-Sha256` (`CHECKSUM_HEADER`); `Fetched.sha256` exposes it. A
+stream of an object still in flight upstream has no digest yet; the fetching node then
+confirms the bytes it received with `Upstreams.verify` (a node-signed HEAD) before it
+commits them. `Upstreams.confirm` does whichever of the two applies.
 """
 
 from __future__ import annotations
@@ -13,8 +32,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from http import HTTPStatus
 
 import aiohttp
@@ -28,6 +50,11 @@ from edge.nodeauth import NODE_HEADER, sign_node_request
 log = logging.getLogger("nearvoice.upstream")
 CHUNK = 64 * 1024  # bytes per read from an upstream body
 EWMA_WEIGHT = 0.2  # weight of the newest first-byte sample
+RETRY_AFTER = 5  # seconds a client should wait after every upstream failed
+CHECKSUM_HEADER = "X-Nearvoice-Sha256"
+"""The lowercase hex SHA-256 of the complete object. A node sends it with every answer
+about an object it holds complete (edge.http.deliver.base_headers); never with a stream of
+an object still in flight, which has no digest yet."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,11 +62,25 @@ class UpstreamSettings:
     connect_timeout: float = 1.0
     """Seconds to establish a connection before trying the next upstream."""
     first_byte_timeout: float = 5.0
-    """Seconds to wait for response headers before trying the next upstream."""
+    """Seconds to wait for response headers (connecting included) before trying the next
+    upstream."""
     read_timeout: float = 10.0
     """Seconds of silence tolerated between body chunks."""
     first_byte_estimate: float = 0.15
     """Seconds assumed for an upstream's first byte before any has been measured."""
+    failure_threshold: int = 3
+    """Consecutive failures (connect errors, timeouts, 5xx, broken bodies) that open an
+    upstream's circuit breaker."""
+    open_seconds: float = 5.0
+    """Seconds an open breaker skips its upstream before letting one trial request through
+    (half-open)."""
+    retries: int = 2
+    """Extra rounds through the whole upstream order when every upstream failed before the
+    first byte (so at most 1 + retries rounds)."""
+    backoff_base: float = 0.05
+    """Seconds: the backoff cap before the first retry; it doubles for each later one."""
+    backoff_max: float = 0.5
+    """Seconds: the largest backoff cap. The sleep is uniform in [0, cap] (full jitter)."""
 
 
 def rendezvous_order(key: str, bases: tuple[str, ...]) -> list[str]:
@@ -49,10 +90,89 @@ def rendezvous_order(key: str, bases: tuple[str, ...]) -> list[str]:
     return sorted(bases, key=weight, reverse=True)
 
 
+def backoff_delay(attempt: int, settings: UpstreamSettings, rng: random.Random) -> float:
+    """Seconds to sleep before retry number `attempt` (0 for the first retry): full jitter,
+    uniform in [0, min(backoff_max, backoff_base * 2**attempt)]."""
+    cap = min(settings.backoff_max, settings.backoff_base * 2**attempt)
+    return rng.uniform(0.0, cap)
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """closed -> open after `failure_threshold` consecutive failures -> half-open after
+    `open_seconds` (one trial request; success closes, failure re-opens).
+
+    Every request that `allow()` let through must report back exactly once: `success()`,
+    `failure()`, or `abandon()` when it ended without a verdict (cancelled), so that a
+    half-open breaker's single trial slot is never lost.
+    """
+
+    def __init__(
+        self,
+        failure_threshold: int,
+        open_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.failure_threshold = max(1, failure_threshold)
+        self.open_seconds = open_seconds
+        self._clock = clock
+        self._failures = 0
+        self._opened_at: float | None = None  # None: closed
+        self._trial = False  # a half-open trial request is under way
+
+    @property
+    def state(self) -> BreakerState:
+        if self._opened_at is None:
+            return BreakerState.CLOSED
+        if self._clock() - self._opened_at >= self.open_seconds:
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
+
+    @property
+    def consecutive_failures(self) -> int:
+        return self._failures
+
+    def allow(self) -> bool:
+        """Whether a request may go to this upstream now; in half-open state this takes
+        the one trial slot."""
+        state = self.state
+        if state is BreakerState.CLOSED:
+            return True
+        if state is BreakerState.HALF_OPEN and not self._trial:
+            self._trial = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self._failures = 0
+        self._opened_at = None
+        self._trial = False
+
+    def failure(self) -> None:
+        self._failures += 1
+        self._trial = False
+        if self._opened_at is not None or self._failures >= self.failure_threshold:
+            # A failed trial (or a failure of a request forced through an open breaker)
+            # opens it for another full period.
+            self._opened_at = self._clock()
+
+    def abandon(self) -> None:
+        """A request ended with no verdict: free the trial slot, change nothing else."""
+        self._trial = False
+
+
 @dataclass(slots=True)
 class Fetched:
     base: str
+    """The upstream base URL that answered."""
     response: aiohttp.ClientResponse
+    breaker: CircuitBreaker | None = None
+    """The answering upstream's breaker; a body broken mid-transfer counts against it."""
 
     @property
     def content_type(self) -> str:
@@ -62,9 +182,35 @@ class Fetched:
     def content_length(self) -> int | None:
         return self.response.content_length
 
+    @property
+    def sha256(self) -> str | None:
+        """The upstream's hex SHA-256 of the complete object, when it had the complete
+        object (X-Nearvoice-Sha256); None for a stream of an object still in flight."""
+        value = self.response.headers.get(CHECKSUM_HEADER)
+        return value.strip().lower() if value else None
+
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self.response.content.iter_chunked(CHUNK):
-            yield chunk
+        """The body. A transfer that breaks (connection lost, body shorter than its
+        Content-Length, read timeout) raises FillFailed; it is never retried."""
+        try:
+            async for chunk in self.response.content.iter_chunked(CHUNK):
+                yield chunk
+        except TimeoutError as exc:  # aiohttp's read timeout is a TimeoutError too
+            self._broken()
+            raise FillFailed(
+                "upstream_timeout", f"{self.base} went silent mid-body", RETRY_AFTER
+            ) from exc
+        except aiohttp.ClientError as exc:
+            self._broken()
+            raise FillFailed(
+                "upstream_truncated",
+                f"{self.base} broke off the body: {type(exc).__name__}",
+                RETRY_AFTER,
+            ) from exc
+
+    def _broken(self) -> None:
+        if self.breaker is not None:
+            self.breaker.failure()
 
 
 class Upstreams:
@@ -74,6 +220,11 @@ class Upstreams:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
         self._first_byte = settings.first_byte_estimate
+        self._breakers = {
+            base: CircuitBreaker(settings.failure_threshold, settings.open_seconds)
+            for base in self.bases
+        }
+        self._random = random.Random()  # noqa: S311 (backoff jitter, not cryptography)
 
     @property
     def available(self) -> bool:
@@ -83,6 +234,14 @@ class Upstreams:
     def estimated_first_byte(self) -> float:
         """Seconds, an exponentially weighted mean of recent first-byte times."""
         return self._first_byte
+
+    def breaker_state(self, base: str) -> str:
+        """The breaker state of the upstream at `base`: "closed", "open" or "half_open"."""
+        return self._breakers[base.rstrip("/")].state.value
+
+    def breaker(self, base: str) -> CircuitBreaker:
+        """The circuit breaker of the upstream at `base`."""
+        return self._breakers[base.rstrip("/")]
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -98,11 +257,86 @@ class Upstreams:
         if self._session is not None:
             await self._session.close()
 
+    def _url(self, base: str, target: str) -> URL:
+        # encoded=True: the target goes out byte for byte as the player sent it (and as
+        # the node signature covers it); yarl must not requote.
+        return URL(base + target, encoded=True)
+
+    def _candidates(self, order: list[str], failures: list[str]) -> Iterator[str]:
+        """The upstreams to try in one round, in `order`, skipping open breakers; the home
+        upstream when every breaker is open. Lazy: a breaker is asked only when its turn
+        comes, so a half-open trial slot is taken only by a request that is really sent."""
+        tried = False
+        for base in order:
+            if self._breakers[base].allow():
+                tried = True
+                yield base
+            else:
+                failures.append(f"{base}: circuit open")
+        if not tried:
+            yield order[0]  # better than failing without trying
+
+    async def _open(
+        self,
+        session: aiohttp.ClientSession,
+        base: str,
+        target: str,
+        headers: dict[str, str],
+    ) -> aiohttp.ClientResponse | str:
+        """One GET to `base`: its 200 response, or why to fail over ("timeout", an error
+        name, a 5xx status), with the outcome recorded on the upstream's breaker. A 4xx
+        raises FillFailed: the upstream refused the request itself; another one would too."""
+        breaker = self._breakers[base]
+        try:
+            return await self._attempt(session, base, target, headers, breaker)
+        except FillFailed:
+            raise
+        except BaseException:
+            breaker.abandon()  # cancelled: no verdict, but never keep the trial slot
+            raise
+
+    async def _attempt(
+        self,
+        session: aiohttp.ClientSession,
+        base: str,
+        target: str,
+        headers: dict[str, str],
+        breaker: CircuitBreaker,
+    ) -> aiohttp.ClientResponse | str:
+        try:
+            async with asyncio.timeout(self.settings.first_byte_timeout):
+                response = await session.get(self._url(base, target), headers=headers)
+        except TimeoutError:
+            breaker.failure()
+            return "timeout"
+        except aiohttp.ClientError as exc:
+            breaker.failure()
+            return type(exc).__name__
+        if response.status == HTTPStatus.OK:
+            breaker.success()
+            return response
+        try:
+            async with asyncio.timeout(self.settings.first_byte_timeout):
+                body = await response.read()  # an error page: short, or cut short
+        except (aiohttp.ClientError, TimeoutError):
+            body = b""
+        finally:
+            response.release()
+        if response.status < HTTPStatus.INTERNAL_SERVER_ERROR:
+            breaker.success()  # up and answering
+            raise FillFailed(
+                "upstream_refused", f"upstream answered {response.status}: {body[:200]!r}"
+            )
+        breaker.failure()
+        return str(response.status)
+
     @contextlib.asynccontextmanager
     async def fetch(self, key: str, target: str) -> AsyncIterator[Fetched]:
         """Opens the object at `target` (a signed path and query) on the first upstream that
-        answers 200, in the key's rendezvous order."""
-        if self._session is None or not self.bases:
+        answers 200, in the key's rendezvous order, skipping upstreams whose breaker is
+        open; retries the whole order with backoff when all of them failed."""
+        session = self._session
+        if session is None or not self.bases:
             raise FillFailed("no_upstream", "no upstream is configured", retry_after=5)
         headers = {
             NODE_HEADER: sign_node_request(self.keyring, hdrs.METH_GET, target),
@@ -110,40 +344,104 @@ class Upstreams:
         }
         failures: list[str] = []
         timed_out = False
-        for base in rendezvous_order(key, self.bases):
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            try:
-                async with asyncio.timeout(self.settings.first_byte_timeout):
-                    # encoded=True: the target goes out byte for byte as the player sent
-                    # it (and as the node signature covers it); yarl must not requote.
-                    url = URL(base + target, encoded=True)
-                    response = await self._session.get(url, headers=headers)
-            except TimeoutError:
-                timed_out = True
-                failures.append(f"{base}: timeout")
-                continue
-            except aiohttp.ClientError as exc:
-                failures.append(f"{base}: {type(exc).__name__}")
-                continue
-            if response.status != HTTPStatus.OK:
-                failures.append(f"{base}: {response.status}")
-                body = await response.read()
-                response.release()
-                if response.status < HTTPStatus.INTERNAL_SERVER_ERROR:
-                    # The upstream refused the request itself; another one would too.
-                    raise FillFailed(
-                        "upstream_refused", f"upstream answered {response.status}: {body[:200]!r}"
-                    )
-                continue
-            elapsed = loop.time() - started
-            self._first_byte += EWMA_WEIGHT * (elapsed - self._first_byte)
-            try:
-                yield Fetched(base, response)
-            finally:
-                response.release()
-            return
+        order = rendezvous_order(key, self.bases)
+        loop = asyncio.get_running_loop()
+        for attempt in range(self.settings.retries + 1):
+            if attempt:
+                await asyncio.sleep(backoff_delay(attempt - 1, self.settings, self._random))
+            for base in self._candidates(order, failures):
+                started = loop.time()
+                outcome = await self._open(session, base, target, headers)
+                if isinstance(outcome, str):
+                    timed_out = timed_out or outcome == "timeout"
+                    failures.append(f"{base}: {outcome}")
+                    continue
+                elapsed = loop.time() - started
+                self._first_byte += EWMA_WEIGHT * (elapsed - self._first_byte)
+                try:
+                    yield Fetched(base, outcome, self._breakers[base])
+                finally:
+                    outcome.release()
+                return
         log.warning("all upstreams failed for %s: %s", key, "; ".join(failures))
         if timed_out:
-            raise FillFailed("upstream_timeout", "upstreams did not answer in time", 5)
-        raise FillFailed("upstream_unavailable", "no upstream could serve the object", 5)
+            raise FillFailed("upstream_timeout", "upstreams did not answer in time", RETRY_AFTER)
+        raise FillFailed("upstream_unavailable", "no upstream could serve the object", RETRY_AFTER)
+
+    async def verify(self, key: str, target: str, base: str, size: int, sha256_hex: str) -> bool:
+        """Whether the upstream at `base` confirms that the object at `target` is `size`
+        bytes with hex SHA-256 `sha256_hex`: a node-signed HEAD, which an upstream answers
+        exactly once the object is complete (waiting for it if it is still in flight).
+
+        False when the upstream does not confirm it, for whatever reason: a different
+        Content-Length or digest, no digest header, a non-200 answer, a network error or a
+        timeout. Unconfirmed bytes must not be cached."""
+        session = self._session
+        if session is None:
+            return False
+        base = base.rstrip("/")
+        breaker = self._breakers.get(base)
+        headers = {
+            NODE_HEADER: sign_node_request(self.keyring, hdrs.METH_HEAD, target),
+            hdrs.ACCEPT_ENCODING: "identity",
+        }
+        # The upstream may still be committing; allow it a whole fetch's patience.
+        patience = self.settings.first_byte_timeout + self.settings.read_timeout
+        try:
+            async with (
+                asyncio.timeout(patience),
+                session.head(
+                    self._url(base, target), headers=headers, allow_redirects=False
+                ) as response,
+            ):
+                status = response.status
+                length = response.headers.get(hdrs.CONTENT_LENGTH)
+                digest = response.headers.get(CHECKSUM_HEADER)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if breaker is not None:
+                breaker.failure()
+            log.warning("could not verify %s on %s: %s", key, base, type(exc).__name__)
+            return False
+        if breaker is not None:
+            if status >= HTTPStatus.INTERNAL_SERVER_ERROR:
+                breaker.failure()
+            else:
+                breaker.success()
+        if status != HTTPStatus.OK:
+            log.warning("could not verify %s on %s: HEAD answered %s", key, base, status)
+            return False
+        if digest is None:
+            log.warning("could not verify %s on %s: no %s", key, base, CHECKSUM_HEADER)
+            return False
+        if length != str(size) or digest.strip().lower() != sha256_hex.lower():
+            log.warning(
+                "%s from %s does not match: got %d bytes %s, upstream has %s bytes %s",
+                key,
+                base,
+                size,
+                sha256_hex,
+                length,
+                digest,
+            )
+            return False
+        return True
+
+    async def confirm(
+        self, key: str, target: str, fetched: Fetched, size: int, sha256_hex: str
+    ) -> bool:
+        """Whether `size` bytes with digest `sha256_hex`, received through `fetched`, are the
+        upstream's complete object: against the digest the answer carried if it had one,
+        else by asking the same upstream (`verify`)."""
+        if fetched.sha256 is not None:
+            if fetched.sha256 == sha256_hex.lower():
+                return True
+            log.warning(
+                "%s from %s does not match its %s: got %s, header says %s",
+                key,
+                fetched.base,
+                CHECKSUM_HEADER,
+                sha256_hex,
+                fetched.sha256,
+            )
+            return False
+        return await self.verify(key, target, fetched.base, size, sha256_hex)
