@@ -132,6 +132,7 @@ class Node:
         node_signature: str | None = None,
         *,
         trusted: bool = False,
+        method: str = "GET",
     ) -> Grant:
         """Checks everything about a speech URL before any cache or engine sees it.
 
@@ -154,7 +155,7 @@ class Node:
                     self._grants.popitem(last=False)
             if trusted or (
                 node_signature is not None
-                and verify_node_request(self.keyring, node_signature, "GET", target)
+                and verify_node_request(self.keyring, node_signature, method, target)
             ):
                 client_ip = None
                 grant_to_check = replace(grant, network=None)

@@ -180,12 +180,27 @@ class Producer:
             expected = fetched.content_length
         if expected is not None and fill.size != expected:
             raise FillFailed("upstream_truncated", f"upstream sent {fill.size} of {expected} bytes")
+        if grant.policy.stored:  # drafts are never kept (and a HEAD would render one again)
+            # End to end: the digest the upstream declared (or confirms with a HEAD, for an
+            # object it was still producing) must match the bytes received, or nothing is kept.
+            loop = asyncio.get_running_loop()
+            fill.sha256 = await loop.run_in_executor(self.io, _sha256, fill.body())
+            if not await self.upstreams.confirm(
+                grant.spec.key, target, fetched, fill.size, fill.sha256
+            ):
+                raise FillFailed(
+                    "upstream_corrupt",
+                    f"{fetched.base} sent bytes that do not match the object's checksum",
+                    retry_after=RENDER_RETRY_AFTER,
+                )
 
     async def _commit(self, fill: Fill, grant: Grant) -> ObjectMeta:
         body = fill.body()
         assert fill.content_type is not None
         loop = asyncio.get_running_loop()
-        digest = await loop.run_in_executor(self.io, _sha256, body)
+        digest = fill.sha256
+        if digest is None:
+            digest = await loop.run_in_executor(self.io, _sha256, body)
         meta = ObjectMeta(
             key=grant.spec.key,
             content_type=fill.content_type,

@@ -207,12 +207,6 @@ async def test_a_tampered_digest_fails_confirm() -> None:
         assert not await up.confirm("k", "/v1/speech/k.wav?x=1", fetched, len(BODY), DIGEST)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="edge/node.py verifies node signatures as GET whatever the method, so a "
-    "node-signed HEAD does not vouch for the client address; pass the request's method "
-    "to Node.authorize, then remove this marker",
-)
 async def test_verify_of_an_ip_bound_url_is_vouched_for_by_the_node_signature(
     tmp_path: Path,
 ) -> None:
@@ -251,14 +245,6 @@ async def test_a_truncated_upstream_body_is_not_cached(tmp_path: Path, fault: Mo
         assert (status, cached) == (200, True)
 
 
-NEEDS_PRODUCER = pytest.mark.xfail(
-    strict=True,
-    reason="needs the producer to check Upstreams.confirm before committing; remove this "
-    "marker with that change",
-)
-
-
-@NEEDS_PRODUCER
 async def test_a_body_that_does_not_match_its_digest_header_is_not_cached(
     tmp_path: Path,
 ) -> None:
@@ -268,7 +254,6 @@ async def test_a_body_that_does_not_match_its_digest_header_is_not_cached(
         assert not cached
 
 
-@NEEDS_PRODUCER
 async def test_a_stream_the_upstream_does_not_confirm_is_not_cached(tmp_path: Path) -> None:
     async with peers(Mode.STREAM) as (origin,), edge(tmp_path, (origin.base,)) as e:
         s = spec()

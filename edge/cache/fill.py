@@ -47,6 +47,8 @@ class Fill:
         """Whether the bytes come from an upstream rather than a local render."""
         self.stored = False
         """Whether the finished object was committed to the disk store."""
+        self.sha256: str | None = None
+        """Hex digest of the complete body, once someone has computed it."""
         self.meta: ObjectMeta | None = None
         self.error: FillFailed | None = None
         self.started_at = time.monotonic()

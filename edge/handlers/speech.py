@@ -36,6 +36,7 @@ def _authorize(node: Node, request: web.Request) -> Grant:
         query,
         request.remote,
         request.headers.get(NODE_HEADER),
+        method=request.method,
     )
 
 
@@ -132,6 +133,7 @@ _FILL_ERRORS: dict[str, type[RequestError]] = {
     "upstream_unavailable": BadGateway,
     "upstream_refused": BadGateway,
     "upstream_truncated": BadGateway,
+    "upstream_corrupt": BadGateway,
 }
 
 
