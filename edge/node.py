@@ -266,11 +266,16 @@ class Node:
 
     # -- admin ----------------------------------------------------------------------------
     async def purge(self, key: str) -> bool:
+        """Removes `key` from every tier of this node, the origin's persistent store
+        included; True if any of them held it."""
         self.hot.drop(key)
         self._grants.clear()
         self.hotkeys.discard(key)
         loop = asyncio.get_running_loop()
         removed = await loop.run_in_executor(self.io, self.store.delete, key)
+        persistent = self.producer.persistent
+        if persistent is not None:
+            removed = await loop.run_in_executor(self.io, persistent.delete, key) or removed
         await loop.run_in_executor(self.io, self.purges.bump)
         return removed
 

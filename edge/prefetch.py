@@ -100,6 +100,11 @@ class Prefetcher:
     def _grant_for(self, item: Any) -> Grant:
         if not isinstance(item, dict) or not isinstance(item.get("text"), str):
             raise BadRequest("bad_items", "a spec needs at least a text")
+        seed, speed = item.get("seed", 0), item.get("speed", 1.0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise BadRequest("bad_items", "seed must be an integer")
+        if not isinstance(speed, int | float) or isinstance(speed, bool):
+            raise BadRequest("bad_items", "speed must be a number")
         try:
             voice = resolve(str(item.get("voice", "heart")))
             fmt = AudioFormat(str(item.get("format", "wav")))
@@ -109,13 +114,16 @@ class Prefetcher:
                 voice=voice.name,
                 format=fmt,
                 model=voice.model_id,
-                speed=float(item.get("speed", 1.0)),
-                seed=int(item.get("seed", 0)),
+                speed=float(speed),
+                seed=seed,
             )
         except UnknownVoice as exc:
             raise BadRequest("unknown_voice", f"unknown voice {exc.voice!r}") from exc
         except (SpecError, ValueError, TypeError) as exc:
             raise BadRequest("bad_items", str(exc)) from exc
+        limit = self.node.config.synth.max_text_chars
+        if len(spec.text) > limit:
+            raise BadRequest("text_too_long", f"text is longer than {limit} characters")
         return Grant(spec=spec, policy=policy, expires=int(time.time()) + SPEC_TTL)
 
     def start(self, items: list[tuple[str, Grant | None]]) -> Job:

@@ -49,6 +49,8 @@ class PersistentStore(Protocol):
 
     def put(self, meta: ObjectMeta, body: bytes) -> None: ...
 
+    def delete(self, key: str) -> bool: ...
+
 
 StoredHook = Callable[[Grant, str], None]
 """Called with the grant and the signed request target of every object committed."""

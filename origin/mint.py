@@ -12,18 +12,17 @@ reason the backend could have been told about.
 
 from __future__ import annotations
 
-import hmac
-import json
 import os
 import time
 from http import HTTPStatus
 from typing import Any
 
-from aiohttp import hdrs, web
+from aiohttp import web
 
-from edge.errors import BadRequest, Forbidden, Unauthorized
+from edge.errors import BadRequest
 from edge.formats import AudioFormat
 from edge.handlers.keys import NODE
+from edge.http.requests import read_json, require_bearer
 from edge.policy import Policy
 from edge.spec import Spec, SpecError
 from edge.token import parse_network, sign_url
@@ -31,19 +30,6 @@ from edge.voices import UnknownVoice, resolve
 
 MINT_TOKEN_ENV = "NEARVOICE_MINT_TOKEN"  # noqa: S105 (the variable's name, not a secret)
 _FIELDS = frozenset(("text", "voice", "format", "speed", "seed", "policy", "ttl", "ip"))
-_BEARER = "Bearer "
-
-
-def _require_token(request: web.Request) -> None:
-    token = os.environ.get(MINT_TOKEN_ENV)
-    if not token:
-        raise Forbidden("mint_disabled", f"set {MINT_TOKEN_ENV} to enable minting")
-    given = request.headers.get(hdrs.AUTHORIZATION, "")
-    challenge = {str(hdrs.WWW_AUTHENTICATE): 'Bearer realm="nearvoice-mint"'}
-    if not given.startswith(_BEARER) or not hmac.compare_digest(
-        given[len(_BEARER) :].encode(), token.encode()
-    ):
-        raise Unauthorized("unauthorized", "missing or wrong bearer token", headers=challenge)
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
@@ -56,11 +42,8 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
 
 
 async def mint(request: web.Request) -> web.Response:
-    _require_token(request)
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest("bad_json", "body is not JSON") from exc
+    require_bearer(request, os.environ.get(MINT_TOKEN_ENV), env=MINT_TOKEN_ENV, realm="mint")
+    body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequest("bad_json", "body must be a JSON object")
     unknown = sorted(set(body) - _FIELDS)

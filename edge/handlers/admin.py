@@ -12,16 +12,16 @@ cascades on to its origin), so a purged object is gone from every tier that coul
 
 from __future__ import annotations
 
-import hmac
-import json
 from http import HTTPStatus
 from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
 
-from edge.errors import BadRequest, Forbidden, NotFound, Unauthorized
+from edge.config import ADMIN_TOKEN_ENV
+from edge.errors import BadRequest, NotFound
 from edge.handlers.keys import NODE
+from edge.http.requests import BEARER, read_json, require_bearer
 from edge.spec import KEY_RE
 from edge.upstream import rendezvous_order
 
@@ -29,27 +29,16 @@ MAX_PURGE_KEYS = 1000
 CASCADE_TIMEOUT = 5.0  # seconds for the purge at the upstream
 MAX_TOP_K = 1000
 DEFAULT_TOP_K = 20
-_BEARER = "Bearer "
 
 
 def require_admin(request: web.Request) -> None:
     token = request.app[NODE].config.admin_token
-    if token is None:
-        raise Forbidden("admin_disabled", "set NEARVOICE_ADMIN_TOKEN to enable the admin API")
-    given = request.headers.get(hdrs.AUTHORIZATION, "")
-    challenge = {str(hdrs.WWW_AUTHENTICATE): 'Bearer realm="nearvoice-admin"'}
-    if not given.startswith(_BEARER):
-        raise Unauthorized("unauthorized", "missing bearer token", headers=challenge)
-    if not hmac.compare_digest(given[len(_BEARER) :].encode(), token.encode()):
-        raise Unauthorized("unauthorized", "wrong bearer token", headers=challenge)
+    require_bearer(request, token, env=ADMIN_TOKEN_ENV, realm="admin")
 
 
 async def purge(request: web.Request) -> web.Response:
     require_admin(request)
-    try:
-        payload: Any = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest("bad_json", "body is not JSON") from exc
+    payload = await read_json(request)
     keys = payload.get("keys") if isinstance(payload, dict) else None
     if not isinstance(keys, list) or not keys or len(keys) > MAX_PURGE_KEYS:
         raise BadRequest("bad_keys", f"expected {{'keys': [1..{MAX_PURGE_KEYS} keys]}}")
@@ -85,7 +74,7 @@ async def _cascade(request: web.Request, keys: list[str]) -> dict[str, Any]:
                 async with session.post(
                     f"{base}/admin/purge",
                     json={"keys": home_keys, "cascade": True},
-                    headers={hdrs.AUTHORIZATION: f"{_BEARER}{token}"},
+                    headers={hdrs.AUTHORIZATION: f"{BEARER}{token}"},
                 ) as response:
                     results[base] = {"status": response.status, "keys": len(home_keys)}
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -95,10 +84,7 @@ async def _cascade(request: web.Request, keys: list[str]) -> dict[str, Any]:
 
 async def prefetch(request: web.Request) -> web.Response:
     require_admin(request)
-    try:
-        payload: Any = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest("bad_json", "body is not JSON") from exc
+    payload = await read_json(request)
     prefetcher = request.app[NODE].prefetcher
     job = prefetcher.start(prefetcher.items(payload))
     return web.json_response(
