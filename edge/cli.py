@@ -18,7 +18,7 @@ from edge.metrics import MULTIPROC_ENV
 from edge.policy import Policy
 from edge.spec import Spec, SpecError
 from edge.token import parse_network, sign_url
-from edge.voices import UnknownVoice, resolve
+from edge.voices import UnknownVoice, resolve, with_external
 
 DEFAULT_TTL = 3600
 EXIT_USAGE = 2
@@ -37,7 +37,8 @@ def cmd_keygen(_: argparse.Namespace) -> int:
 def cmd_sign(args: argparse.Namespace) -> int:
     try:
         keyring = Keyring.from_env()
-        voice = resolve(args.voice)
+        voices = with_external(load(Path(args.config)).external) if args.config else None
+        voice = resolve(args.voice, voices)
         spec = Spec.create(
             text=args.text,
             voice=voice.name,
@@ -52,7 +53,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     except UnknownVoice as exc:
         return _fail(f"unknown voice {exc.voice!r}; known: {', '.join(exc.known)}")
-    except (SpecError, ValueError) as exc:
+    except (SpecError, ValueError, OSError) as exc:
         return _fail(str(exc))
     if args.ttl <= 0:
         return _fail("--ttl must be positive")
@@ -186,6 +187,7 @@ def parser() -> argparse.ArgumentParser:
     sign.add_argument("--policy", default="hot", choices=[p.value for p in Policy])
     sign.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="seconds the URL is valid")
     sign.add_argument("--ip", help="bind the URL to a client address or CIDR")
+    sign.add_argument("--config", help="a node's TOML, for the voices of [[external]] servers")
     sign.set_defaults(func=cmd_sign)
 
     for role in Role:

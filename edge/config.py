@@ -59,6 +59,37 @@ class HttpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ExternalVoiceSettings:
+    name: str = ""
+    """The nearvoice voice name players' URLs carry."""
+    remote: str = ""
+    """The external server's own voice id."""
+    model_id: str = ""
+    """Identity in specs, `<engine>-<voice>@<version>`: change it when the model changes."""
+    remote_model: str = "tts-1"
+    """The OpenAI `model` field (openai protocol only)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExternalSettings:
+    """An external TTS server the origin renders through (origin/external.py). Every node
+    lists it too, so its voices are known and forwarded upstream; only origins call it."""
+
+    name: str = "external"
+    """Engine name, as reported in metrics."""
+    base_url: str = ""
+    protocol: str = "openai"
+    """"openai" (POST /v1/audio/speech, streamed PCM) or "piper" (POST /synthesize)."""
+    sample_rate: int = 24000
+    """Hz of the audio the server returns."""
+    timeout: float = 30.0
+    """Seconds per connect or read."""
+    api_key_env: str = ""
+    """Environment variable holding the server's bearer token (never the token itself)."""
+    voices: tuple[ExternalVoiceSettings, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class OriginSettings:
     public_base: str = "http://127.0.0.1:8080"
     """Base URL of the public edge tier that minted URLs point at."""
@@ -90,6 +121,8 @@ class NodeConfig:
     synth: SynthSettings = field(default_factory=SynthSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     origin: OriginSettings = field(default_factory=OriginSettings)
+    external: tuple[ExternalSettings, ...] = ()
+    """External TTS servers (`[[external]]` tables)."""
     hotkeys_capacity: int = 1024
     """Counters kept for the hot-keys report (bounded memory, Space-Saving)."""
     recency_flush: float = 30.0
@@ -113,6 +146,12 @@ def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
         default = getattr(cls(), name)
         if dataclasses.is_dataclass(default):
             values[name] = _build(type(default), value, f"{where}.{name}".strip("."))
+        elif (cls, name) in _TABLE_ARRAYS:
+            item = _TABLE_ARRAYS[(cls, name)]
+            values[name] = tuple(
+                _build(item, entry, f"{where}.{name}[{i}]".strip("."))
+                for i, entry in enumerate(value)
+            )
         elif isinstance(default, tuple):
             values[name] = tuple(value)
         elif isinstance(default, Path):
@@ -122,6 +161,13 @@ def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
         else:
             values[name] = value
     return cls(**values)
+
+
+_TABLE_ARRAYS: dict[tuple[type[Any], str], type[Any]] = {
+    (NodeConfig, "external"): ExternalSettings,
+    (ExternalSettings, "voices"): ExternalVoiceSettings,
+}
+"""Settings that are arrays of tables, and the dataclass of each element."""
 
 
 def load(path: Path | None = None, role: Role = Role.EDGE) -> NodeConfig:

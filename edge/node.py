@@ -30,7 +30,7 @@ from edge.spec import KEY_RE
 from edge.synth.renderer import Renderer
 from edge.token import Grant, check_query_shape, check_use, verify_signature
 from edge.upstream import Upstreams
-from edge.voices import catalog
+from edge.voices import with_external
 
 log = logging.getLogger("nearvoice.node")
 IO_THREADS = 4  # disk lookups and commits; they are short and mostly wait on the kernel
@@ -77,7 +77,8 @@ class Node:
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
         self.ready = False
         self._recent: set[str] = set()
-        self._voices = catalog()
+        self.voices = with_external(config.external)
+        """Every voice this node accepts: the catalog's and configured external ones."""
         self._grants: OrderedDict[str, Grant] = OrderedDict()
         self.delivery = DeliveryOptions(
             max_ranges=config.http.max_ranges,
@@ -187,9 +188,9 @@ class Node:
         if len(spec.text) > self.config.synth.max_text_chars:
             limit = self.config.synth.max_text_chars
             raise BadRequest("text_too_long", f"text is longer than {limit} characters")
-        if spec.voice not in self._voices:
+        if spec.voice not in self.voices:
             raise BadRequest(
-                "unknown_voice", f"unknown voice {spec.voice!r}", known=sorted(self._voices)
+                "unknown_voice", f"unknown voice {spec.voice!r}", known=sorted(self.voices)
             )
         return grant
 

@@ -6,14 +6,18 @@ from a hash of the installed .onnx file, computed once per process."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from edge.synth.hibari_engine import ENGINE_NAME as HIBARI
 from edge.synth.hibari_engine import hibari_model_id
 from edge.synth.piper_engine import ENGINE_NAME as PIPER
 from edge.synth.piper_engine import piper_model_id
+
+if TYPE_CHECKING:
+    from edge.config import ExternalSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +44,19 @@ class UnknownVoice(KeyError):
         self.known = known
 
 
-def resolve(voice: str) -> Voice:
-    voices = catalog()
+def with_external(external: Iterable[ExternalSettings]) -> Mapping[str, Voice]:
+    """The catalog plus the voices of configured external servers."""
+    voices = dict(catalog())
+    for server in external:
+        for voice in server.voices:
+            if voice.name in voices:
+                raise ValueError(f"voice {voice.name!r} is defined twice")
+            voices[voice.name] = Voice(voice.name, server.name, voice.model_id)
+    return MappingProxyType(voices)
+
+
+def resolve(voice: str, voices: Mapping[str, Voice] | None = None) -> Voice:
+    voices = catalog() if voices is None else voices
     found = voices.get(voice)
     if found is None:
         raise UnknownVoice(voice, sorted(voices))

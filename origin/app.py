@@ -11,13 +11,14 @@ from urllib.parse import urljoin
 import aiohttp
 from aiohttp import web
 
-from edge.app import create_app
+from edge.app import create_app, default_engines
 from edge.config import ADMIN_TOKEN_ENV, NodeConfig
 from edge.handlers.keys import NODE
 from edge.keyring import Keyring
 from edge.producer import PersistentStore
 from edge.synth.engine import Engine
 from edge.token import Grant
+from origin.external import ExternalEngine, ExternalVoice
 from origin.mint import mint
 from origin.store import open_store
 
@@ -32,6 +33,8 @@ def create_origin_app(
     engines: list[Engine] | None = None,
     persistent: PersistentStore | None = None,
 ) -> web.Application:
+    if engines is None:
+        engines = default_engines(config) + external_engines(config)
     app = create_app(config, keyring, engines=engines)
     node = app[NODE]
     if persistent is None and config.origin.store:
@@ -43,6 +46,29 @@ def create_origin_app(
         node.producer.on_stored.append(pusher.schedule)
         app.on_cleanup.append(pusher.close)
     return app
+
+
+def external_engines(config: NodeConfig) -> list[Engine]:
+    """An engine per `[[external]]` server: how a heavy model on a GPU box joins the origin."""
+    engines: list[Engine] = []
+    for server in config.external:
+        if server.protocol not in ("openai", "piper"):
+            raise ValueError(f"[[external]] {server.name}: unknown protocol {server.protocol!r}")
+        engines.append(
+            ExternalEngine(
+                base_url=server.base_url,
+                protocol="openai" if server.protocol == "openai" else "piper",
+                voices=[
+                    ExternalVoice(v.name, v.remote, v.model_id, v.remote_model)
+                    for v in server.voices
+                ],
+                sample_rate=server.sample_rate,
+                timeout=server.timeout,
+                api_key_env=server.api_key_env or None,
+                name=server.name,
+            )
+        )
+    return engines
 
 
 class EdgePusher:

@@ -46,16 +46,16 @@ async def mint(request: web.Request) -> web.Response:
     body = await read_json(request)
     if not isinstance(body, dict):
         raise BadRequest("bad_json", "body must be a JSON object")
+    node = request.app[NODE]
     unknown = sorted(set(body) - _FIELDS)
     if unknown:
         raise BadRequest("unknown_field", f"unknown field(s): {', '.join(unknown)}")
-    node = request.app[NODE]
     settings = node.config.origin
     text = _field(body, "text", str, None) if "text" in body else None
     if text is None:
         raise BadRequest("missing_text", "text is required")
     try:
-        voice = resolve(_field(body, "voice", str, "heart"))
+        voice = resolve(_field(body, "voice", str, "heart"), node.voices)
     except UnknownVoice as exc:
         raise BadRequest("unknown_voice", f"unknown voice {exc.voice!r}", known=exc.known) from exc
     fmt = AudioFormat.parse(_field(body, "format", str, AudioFormat.WAV.value))
