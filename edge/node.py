@@ -272,6 +272,12 @@ class Node:
         self.hot.drop(key)
         self._grants.clear()
         self.hotkeys.discard(key)
+        # A fill of the key, running or lingering after its commit, must neither commit nor
+        # be joined after this: its bytes are exactly what is being purged.
+        for name in (key, f"draft:{key}"):
+            fill = self._fills.pop(name, None)
+            if fill is not None:
+                fill.purged = True
         loop = asyncio.get_running_loop()
         removed = await loop.run_in_executor(self.io, self.store.delete, key)
         persistent = self.producer.persistent

@@ -153,7 +153,10 @@ class Prefetcher:
         try:
             if grant is None:
                 grant = self._authorize(target)
-            if grant.policy.stored and await node.lookup(grant.spec.key, hit=False):
+            held = await node.lookup(grant.spec.key, hit=False) if grant.policy.stored else None
+            if held is not None:
+                held.close()
+            if held is not None and not held.stale:
                 job.cached += 1
             else:
                 fill, _ = node.obtain(grant, target)

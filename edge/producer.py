@@ -135,7 +135,7 @@ class Producer:
         loop = asyncio.get_running_loop()
         try:
             found = await loop.run_in_executor(self.io, self.persistent.get, grant.spec.key)
-        except OSError:
+        except Exception:  # an unreadable store means render instead, not fail
             log.exception("persistent store %s failed a read", self.persistent.name)
             return False
         if found is None:
@@ -148,12 +148,12 @@ class Producer:
     async def _persist(self, meta: ObjectMeta, fill: Fill) -> None:
         """Keeps a new render in the persistent store. A full or read-only store is logged
         and counted; the listeners have their audio either way."""
-        if self.persistent is None or not meta.policy.stored:
+        if self.persistent is None or not meta.policy.stored or fill.is_purged():
             return
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self.io, self.persistent.put, meta, fill.body())
-        except OSError as exc:
+        except Exception as exc:  # full, read-only or broken: logged and counted
             log.error("persistent store %s refused %s: %s", self.persistent.name, meta.key, exc)
             self.metrics.store_errors.inc()
 
@@ -213,15 +213,18 @@ class Producer:
             stored_at=time.time(),
             ttl=self.config.retention.ttl(grant.policy),
         )
-        if not grant.policy.stored:
+        if not grant.policy.stored or fill.is_purged():
             return meta
         try:
             evicted = await loop.run_in_executor(self.io, self.store.put, meta, body)
-        except OSError:
+        except Exception:  # a store failure must never cost the listeners their audio
             log.exception("could not store %s", meta.key)
             self.metrics.store_errors.inc()
             return meta
         self.metrics.evictions.inc(evicted)
+        if fill.is_purged():  # purged while the commit ran: undo it
+            await loop.run_in_executor(self.io, self.store.delete, meta.key)
+            return meta
         fill.stored = True
         if len(body) <= self.config.hot.max_object_bytes:
             self.hot.put(meta, body=body, fd=-1, now=meta.stored_at)

@@ -33,8 +33,10 @@ def _secret(env: dict[str, str], name: str, path: Path, make: str) -> None:
     if env.get(name):
         return
     if not path.exists():
-        path.write_text(make + "\n")
-        path.chmod(0o600)
+        # Created private: never world-readable, even for an instant.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(make + "\n")
     env[name] = path.read_text().strip()
 
 

@@ -43,6 +43,7 @@ DECODED_RATE_FACTOR = {AudioFormat.OPUS: 2}  # ffmpeg decodes Opus at 48 kHz
 # frame's padding in front and behind; Opus trims both through its pre-skip and granules.
 PADDING = 2000
 
+
 def test_ffmpeg_is_installed() -> None:
     # The decoding checks below need Debian's ffmpeg; `make sysdeps` installs it. A missing
     # peer is a failure, never a skip.

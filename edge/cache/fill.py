@@ -49,6 +49,8 @@ class Fill:
         """Whether the finished object was committed to the disk store."""
         self.sha256: str | None = None
         """Hex digest of the complete body, once someone has computed it."""
+        self.purged = False
+        """Set by a purge: the object must not be committed or joined any more."""
         self.meta: ObjectMeta | None = None
         self.error: FillFailed | None = None
         self.started_at = time.monotonic()
@@ -95,6 +97,9 @@ class Fill:
     @property
     def size(self) -> int:
         return self._size
+
+    def is_purged(self) -> bool:
+        return self.purged
 
     def is_running(self) -> bool:
         return self.state is FillState.RUNNING

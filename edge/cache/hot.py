@@ -142,8 +142,11 @@ class HotTier:
             self.drop(key)
 
     def _shrink(self) -> None:
+        """Evicts least recently used entries until within budget, but never the entry just
+        added: its caller is about to send it (a lone entry over budget stays until the
+        next put displaces it)."""
         limits = self.settings
-        while self._entries and (
+        while len(self._entries) > 1 and (
             self._memory > limits.memory_budget or self._files > limits.max_open_files
         ):
             self.drop(next(iter(self._entries)))

@@ -98,20 +98,32 @@ async def _from_fill(
             request, fill, grant.policy, node.delivery, etag_for(grant.spec.key)
         )
     except FillFailed as exc:
+        looked_up = stale is None
+        if stale is None and grant.policy.stored:
+            # Requests that joined a running fill skipped the disk: look now, so they get
+            # the stale copy too, not just the request that started the fill.
+            stale = await node.lookup(grant.spec.key, hit=False)
+            if stale is not None and not stale.stale:  # committed by someone meanwhile
+                stale.close()
+                stale = None
         if stale is None:
             metrics.requests_by[Result.ERROR].inc()
             raise fill_error(exc) from exc
         age = max(0, int(time.time() - stale.meta.stored_at))
-        with stale as file:
-            delivered = await deliver(
-                request,
-                stale.meta,
-                grant.policy,
-                body=stale.body,
-                file=file,
-                options=node.delivery,
-                age=age,
-            )
+        try:
+            with stale as file:
+                delivered = await deliver(
+                    request,
+                    stale.meta,
+                    grant.policy,
+                    body=stale.body,
+                    file=file,
+                    options=node.delivery,
+                    age=age,
+                )
+        finally:
+            if looked_up:
+                stale.close()
         return delivered, Result.STALE, Source.CACHE
     except RequestError:
         metrics.requests_by[result].inc()

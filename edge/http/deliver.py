@@ -207,17 +207,25 @@ async def deliver(
         await stream.write_eof()
         return Delivered(stream, 0)
     use_sendfile = options.use_sendfile
-    if multipart is None:
-        start, end = ranges[0]
-        await send_file_range(
-            request, writer, file.fd, start, end - start, use_sendfile=use_sendfile
-        )
-    else:
-        for head, (start, end) in multipart.pieces():
-            await writer.write(head)
+    try:
+        if multipart is None:
+            start, end = ranges[0]
             await send_file_range(
                 request, writer, file.fd, start, end - start, use_sendfile=use_sendfile
             )
-        await writer.write(multipart.tail)
+        else:
+            for head, (start, end) in multipart.pieces():
+                await writer.write(head)
+                await send_file_range(
+                    request, writer, file.fd, start, end - start, use_sendfile=use_sendfile
+                )
+            await writer.write(multipart.tail)
+
+    except OSError:
+        # The headers are gone, so there is no answering with an error: close the
+        # connection, and the client sees a short body rather than a hung one.
+        if request.transport is not None:
+            request.transport.close()
+        return Delivered(stream, 0)
     await stream.write_eof()
     return Delivered(stream, length)
