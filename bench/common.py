@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge.stack import stop_processes
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -80,8 +82,7 @@ http {{
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=15)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_processes([proc])
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -99,12 +100,7 @@ def edge_process(data_dir: Path, port: int, env: dict[str, str], workers: int = 
         wait_http(f"http://127.0.0.1:{port}/readyz", timeout=120)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_processes([proc])
         log.close()
 
 
@@ -121,8 +117,7 @@ def python_server(module: str, *args: str, port: int) -> Iterator[str]:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=30)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_processes([proc])
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from edge.formats import AudioFormat
 from edge.keyring import Keyring, generate_pair
 from edge.policy import Policy
 from edge.spec import Spec
+from edge.stack import stop_processes
 from edge.token import sign_url
 from edge.voices import resolve
 
@@ -141,8 +142,7 @@ async def piper_peer(work: Path, count: int) -> list[float]:
         with nginx(work / "www", free_port(), extra=proxy):
             return await _peer_requests(f"http://127.0.0.1:{proxy_port}/synthesize", count)
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_processes([proc])
 
 
 async def _peer_requests(url: str, count: int) -> list[float]:

@@ -94,6 +94,7 @@ from edge.formats import AudioFormat
 from edge.keyring import KEYS_ENV, Keyring, generate_pair
 from edge.policy import Policy
 from edge.spec import Spec
+from edge.stack import stop_processes
 from edge.token import sign_url
 from edge.voices import resolve
 
@@ -177,16 +178,7 @@ def stack(work: Path, env: dict[str, str]) -> Iterator[dict[str, Node]]:
             _wait_ready(node, deadline)
         yield {node.name: node for node in nodes}
     finally:
-        running = [n.proc for n in reversed(nodes) if n.proc is not None]
-        for proc in running:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in running:
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes([n.proc for n in reversed(nodes) if n.proc is not None], STOP_TIMEOUT)
         for log in logs:
             log.close()
 

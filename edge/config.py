@@ -18,6 +18,7 @@ from edge.policy import Retention
 from edge.upstream import UpstreamSettings
 
 ADMIN_TOKEN_ENV = "NEARVOICE_ADMIN_TOKEN"  # noqa: S105 (the variable name, not a secret)
+MINT_TOKEN_ENV = "NEARVOICE_MINT_TOKEN"  # noqa: S105 (the variable name, not a secret)
 
 
 class Role(StrEnum):

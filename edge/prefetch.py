@@ -25,7 +25,7 @@ from edge.errors import BadRequest, RequestError
 from edge.formats import AudioFormat
 from edge.policy import Policy
 from edge.spec import Spec, SpecError
-from edge.token import Grant, sign_query, speech_path
+from edge.token import Grant, sign_url
 from edge.voices import UnknownVoice, resolve
 
 if TYPE_CHECKING:
@@ -92,8 +92,8 @@ class Prefetcher:
             out.append((f"{parts.path}?{parts.query}", None))
         for item in specs:
             grant = self._grant_for(item)
-            query = sign_query(self.node.keyring, grant.spec, policy=grant.policy, ttl=SPEC_TTL)
-            target = f"{speech_path(grant.spec)}?{'&'.join(f'{k}={v}' for k, v in query.items())}"
+            # A URL signed without a base is its own request target.
+            target = sign_url(self.node.keyring, "", grant.spec, policy=grant.policy, ttl=SPEC_TTL)
             out.append((target, grant))
         return out
 
@@ -106,7 +106,7 @@ class Prefetcher:
         if not isinstance(speed, int | float) or isinstance(speed, bool):
             raise BadRequest("bad_items", "speed must be a number")
         try:
-            voice = resolve(str(item.get("voice", "heart")))
+            voice = resolve(str(item.get("voice", "heart")), self.node.voices)
             fmt = AudioFormat(str(item.get("format", "wav")))
             policy = Policy(str(item.get("policy", "hot")))
             spec = Spec.create(

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from edge.config import ADMIN_TOKEN_ENV
+from edge.config import ADMIN_TOKEN_ENV, MINT_TOKEN_ENV
 from edge.formats import AudioFormat
 from edge.keyring import KEYS_ENV, Keyring, generate_pair
 from edge.policy import Policy
@@ -23,7 +23,6 @@ from edge.spec import Spec
 from edge.token import sign_url
 from edge.voices import resolve
 
-MINT_TOKEN_ENV = "NEARVOICE_MINT_TOKEN"  # noqa: S105 (the variable's name, not a secret)
 READY_TIMEOUT = 180.0  # seconds for every node to load and warm its engines
 STOP_TIMEOUT = 20.0  # seconds each node gets to finish what it is serving
 
@@ -126,12 +125,18 @@ def run_stack(data: Path, base_port: int) -> int:
         print(f"nearvoice up: {exc}", file=sys.stderr)
         return 1
     finally:
-        for proc in reversed(procs):  # edge first: it stops taking players before the rest
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(list(reversed(procs)))  # edge first: it stops taking players first
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]], timeout: float = STOP_TIMEOUT) -> None:
+    """SIGTERM all (in the order given), then wait for each; one that outlasts `timeout`
+    seconds is killed."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

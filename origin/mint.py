@@ -19,6 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
+from edge.config import MINT_TOKEN_ENV
 from edge.errors import BadRequest
 from edge.formats import AudioFormat
 from edge.handlers.keys import NODE
@@ -28,7 +29,6 @@ from edge.spec import Spec, SpecError
 from edge.token import parse_network, sign_url
 from edge.voices import UnknownVoice, resolve
 
-MINT_TOKEN_ENV = "NEARVOICE_MINT_TOKEN"  # noqa: S105 (the variable's name, not a secret)
 _FIELDS = frozenset(("text", "voice", "format", "speed", "seed", "policy", "ttl", "ip"))
 
 

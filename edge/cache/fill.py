@@ -53,9 +53,9 @@ class Fill:
         """Set by a purge: the object must not be committed or joined any more."""
         self.meta: ObjectMeta | None = None
         self.error: FillFailed | None = None
-        self.started_at = time.monotonic()
         self.first_byte_at: float | None = None
         self.readers = 0
+        """Requests attached to this fill right now."""
         self._chunks: list[bytes] = []
         self._ends: list[int] = []  # cumulative end offset of each chunk
         self._size = 0
