@@ -12,7 +12,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,export]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,8 +24,8 @@ run: $(VENV)/.installed
 	$(BIN)/nearvoice up --data-dir $(DATA)/stack --base-port $(PORT)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check edge origin tests bench
-	$(BIN)/ruff format --check edge origin tests bench
+	$(BIN)/ruff check edge origin export tests bench
+	$(BIN)/ruff format --check edge origin export tests bench
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy

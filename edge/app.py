@@ -23,11 +23,13 @@ from edge.http.middleware import errors_as_json
 from edge.keyring import Keyring
 from edge.node import Node
 from edge.synth.engine import Engine
+from edge.synth.exported import describe
 from edge.synth.hibari_engine import HibariEngine, bundled_voices
 from edge.synth.piper_engine import BUNDLED as PIPER_VOICES
 from edge.synth.piper_engine import PiperEngine
 from edge.synth.providers import choose as choose_providers
 from edge.synth.renderer import Renderer
+from edge.voices import exported_variants
 
 log = logging.getLogger("nearvoice.app")
 SPEECH_ROUTE = r"/v1/speech/{key:[0-9a-f]{64}}.{ext:[a-z0-9]{1,8}}"
@@ -43,11 +45,16 @@ def default_engines(config: NodeConfig) -> list[Engine]:
     if unknown:
         raise ValueError(f"no installed engine renders voice(s) {unknown} in [synth] voices")
     providers = choose_providers(synth.providers, Path(config.data_dir) / "trt-cache")
+    exported = exported_variants(config)
+    for voice, chosen in exported.items():
+        chosen.variant.verify()  # the file is the one the report measured
+        log.info("%s", describe(voice, chosen.export, chosen.variant, chosen.provider))
+    threads = synth.ort_threads
     engines: list[Engine] = []
     if hibari:
-        engines.append(HibariEngine(voices=hibari, threads=synth.ort_threads, providers=providers))
+        engines.append(HibariEngine(hibari, threads, providers, exported))
     if piper:
-        engines.append(PiperEngine(voices=piper, threads=synth.ort_threads, providers=providers))
+        engines.append(PiperEngine(piper, threads, providers, exported))
     return engines
 
 

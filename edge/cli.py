@@ -18,7 +18,7 @@ from edge.metrics import MULTIPROC_ENV
 from edge.policy import Policy
 from edge.spec import Spec, SpecError
 from edge.token import parse_network, sign_url
-from edge.voices import UnknownVoice, resolve, with_external
+from edge.voices import UnknownVoice, for_config, resolve
 
 DEFAULT_TTL = 3600
 EXIT_USAGE = 2
@@ -37,7 +37,7 @@ def cmd_keygen(_: argparse.Namespace) -> int:
 def cmd_sign(args: argparse.Namespace) -> int:
     try:
         keyring = Keyring.from_env()
-        voices = with_external(load(Path(args.config)).external) if args.config else None
+        voices = for_config(load(Path(args.config))) if args.config else None
         voice = resolve(args.voice, voices)
         spec = Spec.create(
             text=args.text,
@@ -170,6 +170,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    # Imported on use: the export step's own dependencies (onnx, torch) are an extra.
+    from export.cli import main as export_main
+
+    code: int = export_main(args.export_args)
+    return code
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nearvoice", description="Edge delivery of AI speech.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,6 +217,12 @@ def parser() -> argparse.ArgumentParser:
     bench.add_argument("benchmark", choices=sorted(BENCHMARKS))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
+
+    export = sub.add_parser(
+        "export", help="models to ONNX variants with parity and speed reports (see export/)"
+    )
+    export.add_argument("export_args", nargs=argparse.REMAINDER)
+    export.set_defaults(func=cmd_export)
     return p
 
 

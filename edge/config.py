@@ -43,6 +43,9 @@ class SynthSettings:
     """Renders queued or running per engine before misses go upstream (or get 503)."""
     providers: tuple[str, ...] = ("cpu",)
     """onnxruntime execution providers to try, best first: "tensorrt", "cuda", "cpu"."""
+    exports: dict[str, str] = field(default_factory=dict)
+    """Voice -> export directory written by `nearvoice export optimize`: the voice renders
+    the fastest variant there that passed parity on this node's execution provider."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,7 @@ from edge.spec import KEY_RE
 from edge.synth.renderer import Renderer
 from edge.token import Grant, check_query_shape, check_use, verify_signature
 from edge.upstream import Upstreams
-from edge.voices import with_external
+from edge.voices import for_config
 
 log = logging.getLogger("nearvoice.node")
 IO_THREADS = 4  # disk lookups and commits; they are short and mostly wait on the kernel
@@ -77,7 +77,7 @@ class Node:
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
         self.ready = False
         self._recent: set[str] = set()
-        self.voices = with_external(config.external)
+        self.voices = for_config(config)
         """Every voice this node accepts: the catalog's and configured external ones."""
         self._grants: OrderedDict[str, Grant] = OrderedDict()
         self.delivery = DeliveryOptions(

@@ -17,7 +17,8 @@ from edge.synth.piper_engine import ENGINE_NAME as PIPER
 from edge.synth.piper_engine import piper_model_id
 
 if TYPE_CHECKING:
-    from edge.config import ExternalSettings
+    from edge.config import ExternalSettings, NodeConfig
+    from edge.synth.exported import Chosen
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,36 @@ def with_external(external: Iterable[ExternalSettings]) -> Mapping[str, Voice]:
             if voice.name in voices:
                 raise ValueError(f"voice {voice.name!r} is defined twice")
             voices[voice.name] = Voice(voice.name, server.name, voice.model_id)
+    return MappingProxyType(voices)
+
+
+def exported_variants(config: NodeConfig) -> dict[str, Chosen]:
+    """The variant each voice of `[synth.exports]` renders on this node's provider.
+    Raises ValueError (ExportDirError) for a voice or export directory it cannot use."""
+    from pathlib import Path
+
+    from edge.synth.exported import choose
+    from edge.synth.providers import primary
+
+    chosen: dict[str, Chosen] = {}
+    if not config.synth.exports:
+        return chosen
+    provider = primary(config.synth.providers)
+    for voice, directory in sorted(config.synth.exports.items()):
+        known = catalog().get(voice)
+        if known is None:
+            raise ValueError(f"[synth.exports] names {voice!r}, not an installed voice")
+        chosen[voice] = choose(voice, Path(directory), provider, known.engine, known.model_id)
+    return chosen
+
+
+def for_config(config: NodeConfig) -> Mapping[str, Voice]:
+    """Every voice a node with this configuration accepts, with the model identity its
+    specs carry: the catalog's, exported variants in place of the packaged models, and the
+    voices of external servers. `sign --config` resolves voices the same way."""
+    voices = dict(with_external(config.external))
+    for voice, chosen in exported_variants(config).items():
+        voices[voice] = Voice(voice, voices[voice].engine, chosen.model_id)
     return MappingProxyType(voices)
 
 

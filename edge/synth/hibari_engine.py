@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from edge.synth.engine import Audio
 from edge.synth.providers import short_name
+
+if TYPE_CHECKING:
+    from edge.synth.exported import Chosen
 
 ENGINE_NAME = "hibari"
 
@@ -40,12 +43,15 @@ class HibariEngine:
         voices: tuple[str, ...] = ("heart",),
         threads: int = 1,
         providers: list[Any] | None = None,
+        exported: Mapping[str, Chosen] | None = None,
     ) -> None:
         known = bundled_voices()
         missing = [v for v in voices if v not in known]
         if missing:
             raise ValueError(f"hibari voices not bundled in the package: {missing}")
         self.voices = voices
+        self._exported = {v: c for v, c in (exported or {}).items() if v in voices}
+        """Voices that render an exported variant instead of the packaged model."""
         self._threads = threads
         self._providers = providers or ["CPUExecutionProvider"]
         self._local = threading.local()
@@ -58,7 +64,9 @@ class HibariEngine:
         if model is None:
             from hibari import Hibari
 
-            model = models[voice] = Hibari(voice=voice, threads=self._threads)
+            chosen = self._exported.get(voice)
+            path = str(chosen.variant.path) if chosen else None
+            model = models[voice] = Hibari(voice=voice, model=path, threads=self._threads)
             if self._providers != ["CPUExecutionProvider"]:
                 # hibari builds a CPU-only session; rebuild it on the chosen providers
                 # with the same options (its public `sess` attribute is what it runs).
@@ -78,7 +86,8 @@ class HibariEngine:
         return short_name(self._model(self.voices[0]).sess.get_providers()[0])
 
     def model_id(self, voice: str) -> str:
-        return hibari_model_id(voice)
+        chosen = self._exported.get(voice)
+        return chosen.model_id if chosen else hibari_model_id(voice)
 
     def warmup(self) -> None:
         for voice in self.voices:

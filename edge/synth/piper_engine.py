@@ -11,7 +11,7 @@ import functools
 import hashlib
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +23,11 @@ from edge.synth.providers import short_name
 
 if TYPE_CHECKING:
     from piper import PiperVoice, SynthesisConfig
+
+    from edge.synth.exported import Chosen
+
+PIPER_CONFIG = "model.onnx.json"
+"""A piper voice's config, beside its model and in its export directory."""
 
 ENGINE_NAME = "piper"
 
@@ -98,14 +103,17 @@ class PiperEngine:
         voices: tuple[str, ...] = ("joe",),
         threads: int = 1,
         providers: list[Any] | None = None,
+        exported: Mapping[str, Chosen] | None = None,
     ) -> None:
         missing = [v for v in voices if v not in BUNDLED]
         if missing:
             raise ValueError(f"piper voices not installed: {missing}")
         if threads < 1:
             raise ValueError("threads must be at least 1")
+        self._exported = {v: c for v, c in (exported or {}).items() if v in voices}
+        """Voices that render an exported variant instead of the packaged model."""
         self._configs: dict[str, dict[str, Any]] = {
-            v: json.loads(BUNDLED[v].config_path().read_text(encoding="utf-8")) for v in voices
+            v: json.loads(self._config_path(v).read_text(encoding="utf-8")) for v in voices
         }
         rates = {int(c["audio"]["sample_rate"]) for c in self._configs.values()}
         if len(rates) > 1:
@@ -115,6 +123,14 @@ class PiperEngine:
         self._threads = threads
         self._providers = providers or ["CPUExecutionProvider"]
         self._local = threading.local()
+
+    def _config_path(self, voice: str) -> Path:
+        chosen = self._exported.get(voice)
+        return chosen.sidecar(PIPER_CONFIG) if chosen else BUNDLED[voice].config_path()
+
+    def _model_path(self, voice: str) -> Path:
+        chosen = self._exported.get(voice)
+        return chosen.variant.path if chosen else BUNDLED[voice].model_path()
 
     def _voice(self, voice: str) -> PiperVoice:
         voices: dict[str, PiperVoice] | None = getattr(self._local, "voices", None)
@@ -137,7 +153,7 @@ class PiperEngine:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3  # errors only
         session = ort.InferenceSession(
-            str(BUNDLED[voice].model_path()),
+            str(self._model_path(voice)),
             sess_options=options,
             providers=self._providers,
         )
@@ -165,7 +181,8 @@ class PiperEngine:
         return self._voice(voice).session
 
     def model_id(self, voice: str) -> str:
-        return piper_model_id(voice)
+        chosen = self._exported.get(voice)
+        return chosen.model_id if chosen else piper_model_id(voice)
 
     def warmup(self) -> None:
         for voice in self.voices:

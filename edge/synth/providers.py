@@ -53,6 +53,16 @@ def choose(preference: tuple[str, ...], cache_dir: Path | None = None) -> list[A
     return chosen
 
 
+def primary(preference: tuple[str, ...]) -> str:
+    """The short name of the provider sessions will run on: the first preferred one that
+    is installed (no side effects, unlike `choose`)."""
+    installed = set(available())
+    for name in preference:
+        if _NAMES.get(name) in installed:
+            return name
+    return "cpu"
+
+
 def short_name(provider: Any) -> str:
     """ "cuda" for "CUDAExecutionProvider" (or a (name, options) pair)."""
     name = provider[0] if isinstance(provider, tuple) else str(provider)

@@ -1,0 +1,225 @@
+"""What turns text into a model's inputs and its outputs into audio, per model family.
+
+A variant is only comparable to its source if both see the very same inputs, so every
+measurement encodes each sentence once, with the source model's own text front end, and
+feeds the same arrays to every variant. The family is recognised from the graph's input
+names; anything else is an unsupported architecture, reported as such.
+
+- piper: `input`, `input_lengths`, `scales` (VITS; espeak-ng phonemes, piper's voice JSON).
+- hibari: `ids`, `speed` (Kokoro distilled; spectral outputs rendered by hibari's DSP).
+- vits: `input_ids`, `attention_mask`, `scales` (what `from-transformers` writes, with
+  `vits.json` beside it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from export.errors import CorruptModel, ModelNotFound, UnsupportedArchitecture
+
+Feeds = dict[str, npt.NDArray[Any]]
+Audio = npt.NDArray[np.float32]
+
+PIPER_INPUTS = frozenset({"input", "input_lengths", "scales"})
+HIBARI_INPUTS = frozenset({"ids", "speed"})
+VITS_INPUTS = frozenset({"input_ids", "attention_mask", "scales"})
+VITS_SIDECAR = "vits.json"
+"""Beside a `from-transformers` model: its sample rate and character vocabulary."""
+
+
+@dataclass
+class Frontend:
+    """A model family's text front end and audio back end."""
+
+    family: str
+    sample_rate: int
+    sidecars: dict[str, Path] = field(default_factory=dict)
+    """Files the engine needs beside the model: name in the export dir -> source path."""
+
+    def encode(self, text: str) -> list[Feeds]:
+        """The model's inputs for `text`: one dict per chunk the model sees at once."""
+        raise NotImplementedError
+
+    def decode(self, outputs: Sequence[npt.NDArray[Any]], chunk: int) -> Audio:
+        """Audio from one chunk's outputs; `chunk` seeds any host-side noise."""
+        audio = np.asarray(outputs[0], dtype=np.float32).reshape(-1)
+        return audio
+
+
+@dataclass
+class PiperFrontend(Frontend):
+    """piper voices: noise scales 0, as the engines render them (deterministic)."""
+
+    config: dict[str, Any] = field(default_factory=dict)
+    _voice: Any = None
+
+    def encode(self, text: str) -> list[Feeds]:
+        if self._voice is None:
+            from piper import PiperConfig, PiperVoice
+
+            self._voice = PiperVoice(session=None, config=PiperConfig.from_dict(self.config))
+        voice = self._voice
+        scales = np.array([0.0, voice.config.length_scale, 0.0], dtype=np.float32)
+        feeds: list[Feeds] = []
+        for phonemes in voice.phonemize(text):
+            ids = np.array([voice.phonemes_to_ids(phonemes)], dtype=np.int64)
+            feed: Feeds = {
+                "input": ids,
+                "input_lengths": np.array([ids.shape[1]], dtype=np.int64),
+                "scales": scales,
+            }
+            if voice.config.num_speakers > 1:
+                feed["sid"] = np.array([voice.config.default_speaker_id or 0], dtype=np.int64)
+            feeds.append(feed)
+        return feeds
+
+
+@dataclass
+class HibariFrontend(Frontend):
+    """hibari: G2P and vocabulary from the package; the DSP back end with a seeded noise."""
+
+    _tts: Any = None
+
+    def encode(self, text: str) -> list[Feeds]:
+        if self._tts is None:
+            from hibari import Hibari
+
+            # Used for its G2P and vocabulary only; the session is the variant's.
+            self._tts = Hibari(voice="heart")
+        tts = self._tts
+        speed = np.array([1.0], dtype=np.float32)
+        return [
+            {"ids": np.array([tts.ids(ps)], dtype=np.int64), "speed": speed}
+            for ps in tts.phonemize(text)
+        ]
+
+    def decode(self, outputs: Sequence[npt.NDArray[Any]], chunk: int) -> Audio:
+        from hibari import dsp
+
+        lh, th, ln, lr, phi, f0 = (np.asarray(o[0]) for o in outputs)
+        audio: Audio = dsp.synth(lh, th, ln, lr, phi, f0, np.random.default_rng(chunk))
+        return audio
+
+
+@dataclass
+class VitsFrontend(Frontend):
+    """Character-level VITS (MMS-style) as `from-transformers` exports it: the vocabulary
+    from its tokenizer, blanks between characters when the tokenizer adds them."""
+
+    vocab: dict[str, int] = field(default_factory=dict)
+    add_blank: bool = True
+    lowercase: bool = True
+    vocab_size: int = 0
+
+    def ids(self, text: str) -> list[int]:
+        if not self.vocab:
+            # A checkpoint without a tokenizer (e.g. a test model): ids that still depend
+            # only on the text, so every variant sees the same input.
+            digest = hashlib.sha256(text.encode("utf-8")).digest()
+            return [1 + b % max(1, self.vocab_size - 1) for b in digest[: max(4, len(text) // 2)]]
+        text = text.lower() if self.lowercase else text
+        chars = [self.vocab[c] for c in text if c in self.vocab]
+        if not self.add_blank:
+            return chars
+        out = [0] * (2 * len(chars) + 1)
+        out[1::2] = chars
+        return out
+
+    def encode(self, text: str) -> list[Feeds]:
+        ids = np.array([self.ids(text)], dtype=np.int64)
+        if ids.shape[1] == 0:
+            return []
+        return [
+            {
+                "input_ids": ids,
+                "attention_mask": np.ones_like(ids),
+                "scales": np.array([0.0, 1.0, 0.0], dtype=np.float32),
+            }
+        ]
+
+
+def _input_names(model: Path) -> frozenset[str]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own unexported exception types
+        raise CorruptModel(f"{model} is not a loadable ONNX model: {exc}") from exc
+    return frozenset(i.name for i in session.get_inputs())
+
+
+def _single_file(model: Path) -> None:
+    """Variants are single files (hashed, copied and loaded as one); weights kept in
+    external data files are refused up front rather than lost in a copy."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and onnx's own errors
+        raise CorruptModel(f"{model} is not an ONNX model: {exc}") from exc
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        raise CorruptModel(
+            f"{model} keeps its weights in external data files; save it as one file "
+            "(onnx.save(onnx.load(path), path, save_as_external_data=False))"
+        )
+
+
+def _json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelNotFound(f"{what} {path} does not exist") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptModel(f"{what} {path} is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CorruptModel(f"{what} {path} is not a JSON object")
+    return data
+
+
+def detect(model: Path, config: Path | None = None) -> Frontend:
+    """The front end for the ONNX model at `model`; `config` is a piper voice JSON (default:
+    `<model>.json`) or a `vits.json` (default: beside the model)."""
+    if not model.is_file():
+        raise ModelNotFound(f"model {model} does not exist")
+    _single_file(model)
+    names = _input_names(model)
+    if names >= PIPER_INPUTS:
+        path = config or model.with_name(model.name + ".json")
+        data = _json(path, "piper voice config")
+        try:
+            rate = int(data["audio"]["sample_rate"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptModel(f"{path} has no audio.sample_rate") from exc
+        return PiperFrontend("piper", rate, {"model.onnx.json": path}, config=data)
+    if names >= HIBARI_INPUTS:
+        from hibari import SAMPLE_RATE
+
+        return HibariFrontend("hibari", int(SAMPLE_RATE))
+    if names >= VITS_INPUTS:
+        path = config or model.with_name(VITS_SIDECAR)
+        data = _json(path, "vits config")
+        return VitsFrontend(
+            "vits",
+            int(data["sample_rate"]),
+            {VITS_SIDECAR: path},
+            vocab={str(k): int(v) for k, v in data.get("vocab", {}).items()},
+            add_blank=bool(data.get("add_blank", True)),
+            lowercase=bool(data.get("lowercase", True)),
+            vocab_size=int(data.get("vocab_size", 0)),
+        )
+    raise UnsupportedArchitecture(
+        f"{model}: inputs {sorted(names)} match no supported TTS family "
+        f"(piper {sorted(PIPER_INPUTS)}, hibari {sorted(HIBARI_INPUTS)}, "
+        f"vits {sorted(VITS_INPUTS)})"
+    )
