@@ -1,8 +1,9 @@
 """`nearvoice export from-transformers`: a local transformers VITS checkpoint becomes ONNX.
 
-The graph takes `input_ids` and `attention_mask` ([1, tokens], dynamic) and `scales`
-([noise_scale, length_scale, noise_scale_duration], as piper's VITS graphs do), so the
-noise can be switched off at run time, and returns `waveform` [1, samples]. The torch
+The graph takes `input_ids` and `attention_mask` ([1, tokens], dynamic) and
+`length_scale` ([1]: 2.0 speaks half as fast) and returns `waveform` [1, samples]. The
+noise scales are fixed at 0 when exporting: renders must be deterministic (DESIGN.md
+section 2), as piper's voices are with their noise scales at 0. The torch
 exporter (dynamo, opset 18) traces the model once with a symbolic token dimension;
 parity is then checked against the torch model with the noise off on fixed inputs of
 several lengths, and a graph that disagrees is never written.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,12 @@ PARITY_LENGTHS = (3, 17, 64, 200)
 TRACE_LENGTH = 24
 MAX_TOKENS = 4096
 """Upper bound of the symbolic token dimension."""
+EXPORTER_NOISE = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (UserWarning, r"# The axis name: \w+ will not be used"),
+)
+"""torch 2.13's exporter warns about its own internals, and that two inputs sharing one
+symbolic dimension keep one name: nothing for a user to act on."""
 
 
 def _load(checkpoint: Path) -> Any:
@@ -51,7 +59,7 @@ def _load(checkpoint: Path) -> Any:
 
     try:
         model: Any = VitsModel.from_pretrained(str(checkpoint), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # safetensors, torch and transformers each raise their own
         raise CorruptModel(f"cannot load {checkpoint}: {exc}") from exc
     return model.eval()
 
@@ -68,13 +76,15 @@ class _Scaled:
                 super().__init__()
                 self.inner = inner
 
-            def forward(self, input_ids: Any, attention_mask: Any, scales: Any) -> Any:
-                # VitsModel reads these attributes in forward; tensors make them inputs.
-                self.inner.noise_scale = scales[0]
-                self.inner.speaking_rate = 1.0 / scales[1]
-                self.inner.noise_scale_duration = scales[2]
-                return self.inner(input_ids=input_ids, attention_mask=attention_mask).waveform
+            def forward(self, input_ids: Any, attention_mask: Any, length_scale: Any) -> Any:
+                return self.inner(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    speaking_rate=1.0 / length_scale[0],
+                ).waveform
 
+        model.noise_scale = 0.0
+        model.noise_scale_duration = 0.0
         return Scaled(model).eval()
 
 
@@ -83,7 +93,7 @@ def _inputs(length: int, vocab_size: int) -> tuple[Any, Any, Any]:
 
     rng = np.random.default_rng(length)
     ids = torch.from_numpy(rng.integers(1, max(2, vocab_size), size=(1, length), dtype=np.int64))
-    return ids, torch.ones_like(ids), torch.tensor([0.0, 1.0, 0.0], dtype=torch.float32)
+    return ids, torch.ones_like(ids), torch.tensor([1.0], dtype=torch.float32)
 
 
 def _sidecar(checkpoint: Path, config: Any) -> dict[str, Any]:
@@ -104,6 +114,33 @@ def _sidecar(checkpoint: Path, config: Any) -> dict[str, Any]:
                 settings.get("do_lower_case", True)
             )
     return data
+
+
+def _torch_export(wrapped: Any, example: tuple[Any, ...], target: Path) -> None:
+    import torch
+
+    tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
+    with warnings.catch_warnings():
+        for category, message in EXPORTER_NOISE:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        try:
+            torch.onnx.export(
+                wrapped,
+                example,
+                str(target),
+                input_names=["input_ids", "attention_mask", "length_scale"],
+                output_names=["waveform"],
+                dynamic_shapes={
+                    "input_ids": {1: tokens},
+                    "attention_mask": {1: tokens},
+                    "length_scale": None,
+                },
+                opset_version=OPSET,
+                dynamo=True,
+                verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many internal types
+            raise UnsupportedArchitecture(f"torch.onnx.export failed: {exc}") from exc
 
 
 def _inline_weights(path: Path) -> None:
@@ -136,26 +173,7 @@ def export(
     vocab_size = int(model.config.vocab_size)
     with staged_dir(out) as stage:
         target = stage / MODEL_FILE
-        tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
-        example = _inputs(TRACE_LENGTH, vocab_size)
-        try:
-            torch.onnx.export(
-                wrapped,
-                example,
-                str(target),
-                input_names=["input_ids", "attention_mask", "scales"],
-                output_names=["waveform"],
-                dynamic_shapes={
-                    "input_ids": {1: tokens},
-                    "attention_mask": {1: tokens},
-                    "scales": None,
-                },
-                opset_version=OPSET,
-                dynamo=True,
-                verbose=False,
-            )
-        except Exception as exc:  # the exporter raises many internal types
-            raise UnsupportedArchitecture(f"torch.onnx.export failed: {exc}") from exc
+        _torch_export(wrapped, _inputs(TRACE_LENGTH, vocab_size), target)
         _inline_weights(target)
         steps.update()
         steps.set_postfix_str("parity")
@@ -164,10 +182,10 @@ def export(
         session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
         checks = []
         for length in PARITY_LENGTHS:
-            ids, mask, scales = _inputs(length, vocab_size)
+            ids, mask, scale = _inputs(length, vocab_size)
             with torch.no_grad():
-                expected = wrapped(ids, mask, scales).numpy()
-            feeds = {"input_ids": ids, "attention_mask": mask, "scales": scales}
+                expected = wrapped(ids, mask, scale).numpy()
+            feeds = {"input_ids": ids, "attention_mask": mask, "length_scale": scale}
             got = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
             if got.shape != expected.shape:
                 raise ParityFailure(

@@ -7,7 +7,7 @@ names; anything else is an unsupported architecture, reported as such.
 
 - piper: `input`, `input_lengths`, `scales` (VITS; espeak-ng phonemes, piper's voice JSON).
 - hibari: `ids`, `speed` (Kokoro distilled; spectral outputs rendered by hibari's DSP).
-- vits: `input_ids`, `attention_mask`, `scales` (what `from-transformers` writes, with
+- vits: `input_ids`, `attention_mask`, `length_scale` (what `from-transformers` writes, with
   `vits.json` beside it).
 """
 
@@ -30,7 +30,7 @@ Audio = npt.NDArray[np.float32]
 
 PIPER_INPUTS = frozenset({"input", "input_lengths", "scales"})
 HIBARI_INPUTS = frozenset({"ids", "speed"})
-VITS_INPUTS = frozenset({"input_ids", "attention_mask", "scales"})
+VITS_INPUTS = frozenset({"input_ids", "attention_mask", "length_scale"})
 VITS_SIDECAR = "vits.json"
 """Beside a `from-transformers` model: its sample rate and character vocabulary."""
 
@@ -141,7 +141,7 @@ class VitsFrontend(Frontend):
             {
                 "input_ids": ids,
                 "attention_mask": np.ones_like(ids),
-                "scales": np.array([0.0, 1.0, 0.0], dtype=np.float32),
+                "length_scale": np.array([1.0], dtype=np.float32),
             }
         ]
 

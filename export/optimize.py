@@ -27,7 +27,7 @@ from export.report import chart, markdown, write_manifest
 from export.sentences import SENTENCES
 from export.staging import staged_dir
 from export.tensorrt import check, simplify
-from export.variants import REFERENCE, Recipe, recipes
+from export.variants import REFERENCE, SIMPLIFIED, Recipe, SkipVariant, recipes
 
 
 @dataclass
@@ -123,7 +123,7 @@ def optimize(
         steps.update()
 
         # Simplification is kept only if the simplified graph renders what the source does.
-        simplified = stage / "simplified.onnx"
+        simplified = stage / SIMPLIFIED
         record = simplify(reference, simplified)
         base = reference
         if record.get("applied"):
@@ -152,6 +152,10 @@ def optimize(
                     audios, wall, deterministic = render(
                         session(path, "cpu", opts.threads), frontend, encoded, opts.repeats
                     )
+            except SkipVariant as exc:
+                entries.append({**entry, "skipped": str(exc)})
+                steps.update(2 + len(providers))
+                continue
             except Exception as exc:  # converters and onnxruntime raise anything at all
                 path.unlink(missing_ok=True)
                 entries.append({**entry, "error": str(exc).splitlines()[0][:300]})

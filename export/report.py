@@ -42,9 +42,10 @@ def markdown(manifest: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|" + "---|" * len(providers) + "---|",
     ]
     for v in manifest["variants"]:
-        if v.get("error"):
+        if v.get("error") or v.get("skipped"):
+            why = f"skipped: {v['skipped']}" if v.get("skipped") else f"build failed: {v['error']}"
             lines.append(
-                f"| {v['name']} | — | — | — | — | — | — | build failed: {_cell(v['error'])} | "
+                f"| {v['name']} | — | — | — | — | — | — | {_cell(why)} | "
                 + " | ".join("—" for _ in providers)
                 + " | — |"
             )
@@ -101,7 +102,7 @@ def chart(path: Path, manifest: dict[str, Any]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    built = [v for v in manifest["variants"] if not v.get("error")]
+    built = [v for v in manifest["variants"] if v.get("file")]
     names = [v["name"] for v in built]
     providers = manifest["providers"]
     fig, (speed_ax, snr_ax) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)

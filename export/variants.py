@@ -1,6 +1,8 @@
 """Building the variants of a model, each written to a staging path by one function.
 
 - fp32: the source graph as given, the parity reference and the safe choice everywhere.
+- fp32-sim: the source graph simplified (onnxslim), when that removes nodes and keeps
+  parity; it is also the base every other variant is built from.
 - fp32-opt: onnxruntime's graph optimisations applied once, offline, and saved, so a node
   skips them at load. EXTENDED, not ALL: ALL adds layout transforms specific to the CPU it
   ran on, which a file copied to another machine must not carry. CPU provider only.
@@ -48,6 +50,11 @@ FP16_KEEP_FP32 = (
 )
 
 
+class SkipVariant(Exception):
+    """A variant that would be the same graph as another (nothing to simplify or to
+    quantize): reported with the reason instead of measured twice under two names."""
+
+
 @dataclass(frozen=True, slots=True)
 class Recipe:
     name: str
@@ -60,6 +67,13 @@ class Recipe:
 
 def copy_source(source: Path, dest: Path) -> None:
     shutil.copyfile(source, dest)
+
+
+def simplified(base: Path, dest: Path) -> None:
+    """The base is the simplified graph whenever simplification applied."""
+    if base.name != SIMPLIFIED:
+        raise SkipVariant("simplification did not apply (see the TensorRT section)")
+    shutil.copyfile(base, dest)
 
 
 def ort_optimized(source: Path, dest: Path) -> None:
@@ -208,6 +222,7 @@ def _dedupe_casts(graph: Any) -> None:
 
 
 def int8_dynamic(source: Path, dest: Path) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(
@@ -217,10 +232,22 @@ def int8_dynamic(source: Path, dest: Path) -> None:
         weight_type=QuantType.QInt8,
         per_channel=False,
     )
+    before = _integer_nodes(onnx.load(str(source)))
+    if _integer_nodes(onnx.load(str(dest))) <= before:
+        dest.unlink()
+        raise SkipVariant("no MatMul or Gemm with constant weights: nothing to quantize")
 
+
+def _integer_nodes(model: Any) -> int:
+    return sum(1 for n in model.graph.node if n.op_type in ("MatMulInteger", "QLinearMatMul"))
+
+
+SIMPLIFIED = "simplified.onnx"
+"""Where optimize writes the simplified base graph."""
 
 RECIPES: tuple[Recipe, ...] = (
     Recipe("fp32", copy_source, ("cpu", "cuda", "tensorrt"), "source graph, the reference"),
+    Recipe("fp32-sim", simplified, ("cpu", "cuda", "tensorrt"), "source graph, simplified"),
     Recipe("fp32-opt", ort_optimized, ("cpu",), "onnxruntime EXTENDED optimisation, offline"),
     Recipe("fp16", half_precision, ("cpu", "cuda", "tensorrt"), "fp16, fp32 I/O and blocklist"),
     Recipe("int8", int8_dynamic, ("cpu",), "dynamic int8 on MatMul/Gemm weights"),

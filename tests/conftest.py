@@ -208,3 +208,49 @@ def nginx_server(
         yield NginxServer(root=prefix / "www", port=port, max_ranges=max_ranges, prefix=prefix)
     finally:
         _stop_nginx(proc)
+
+
+# Export: artifacts built once per session, since exporting and measuring take seconds.
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.export_support import save_tiny_vits
+
+    return save_tiny_vits(tmp_path_factory.mktemp("tiny-vits"))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.from_transformers import export
+
+    out = tmp_path_factory.mktemp("tiny-onnx") / "out"
+    export(tiny_checkpoint, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_optimized(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.optimize import Options, optimize
+
+    out = tmp_path_factory.mktemp("tiny-variants") / "out"
+    optimize(tiny_export / "model.onnx", out, opts=Options(repeats=1, progress=False))
+    return out
+
+
+@pytest.fixture(scope="session")
+def joe_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped piper voice `joe` through `optimize`, on 3 of the fixed sentences."""
+    from edge.synth.piper_engine import BUNDLED
+    from export.optimize import Options, optimize
+    from export.sentences import SENTENCES
+
+    out = tmp_path_factory.mktemp("joe-variants") / "joe"
+    files = BUNDLED["joe"]
+    optimize(
+        files.model_path(),
+        out,
+        files.config_path(),
+        Options(sentences=SENTENCES[:3], repeats=1, progress=False),
+    )
+    return out

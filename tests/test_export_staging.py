@@ -1,0 +1,44 @@
+"""export/staging.py: an output directory is replaced only by a complete result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from export.staging import staged_dir
+
+
+def test_a_complete_result_replaces_the_old_one(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("old")
+    with staged_dir(out) as stage:
+        (stage / "new").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_failure_leaves_the_old_result_and_no_staging(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("old")
+    with pytest.raises(RuntimeError), staged_dir(out) as stage:
+        (stage / "half").write_text("half")
+        raise RuntimeError("disk full")
+    assert [p.name for p in out.iterdir()] == ["old"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_an_interrupt_leaves_nothing_new(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), staged_dir(out) as stage:
+        (stage / "half").write_text("half")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_staging_directory_is_hidden_beside_the_output(tmp_path: Path) -> None:
+    with staged_dir(tmp_path / "out") as stage:
+        assert stage.parent == tmp_path
+        assert stage.name.startswith(".out.staging-")

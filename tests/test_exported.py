@@ -1,0 +1,96 @@
+"""edge/synth/exported.py: how engines read an export directory and choose its variant."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge.synth.exported import ExportDirError, choose, load, select
+
+
+def write_export(root: Path, variants: list[dict[str, Any]], family: str = "piper") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for v in variants:
+        if v.get("file"):
+            (root / v["file"]).write_bytes(v["name"].encode())
+    manifest = {"format": 1, "family": family, "sample_rate": 22050, "variants": variants}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def variant(name: str, passed: bool = True, **speeds: float) -> dict[str, Any]:
+    import hashlib
+
+    return {
+        "name": name,
+        "file": f"{name}.onnx",
+        "sha256": hashlib.sha256(name.encode()).hexdigest(),
+        "parity": {"passed": passed},
+        "speed": {p: {"x_realtime": x} for p, x in speeds.items()},
+    }
+
+
+def test_picks_the_fastest_passing_variant_for_the_provider(tmp_path: Path) -> None:
+    root = write_export(
+        tmp_path / "e",
+        [variant("fp32", cpu=10), variant("fp32-opt", cpu=12), variant("fp16", cpu=5, cuda=90)],
+    )
+    assert select(load(root), "cpu").name == "fp32-opt"
+    assert select(load(root), "cuda").name == "fp16"
+
+
+def test_never_picks_a_variant_that_failed_parity(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10), variant("int8", False, cpu=30)])
+    assert select(load(root), "cpu").name == "fp32"
+
+
+def test_an_unmeasured_provider_gets_the_reference(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10), variant("fp16", cpu=12)])
+    assert select(load(root), "tensorrt").name == "fp32"
+
+
+def test_variants_that_were_not_built_are_ignored(tmp_path: Path) -> None:
+    skipped = {"name": "int8", "skipped": "nothing to quantize"}
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10), skipped])
+    assert [v.name for v in load(root).variants] == ["fp32"]
+
+
+def test_no_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ExportDirError, match=r"no manifest\.json"):
+        load(tmp_path)
+
+
+def test_a_malformed_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text('{"format": 1, "variants": []}')
+    with pytest.raises(ExportDirError, match="malformed"):
+        load(tmp_path)
+
+
+def test_a_manifest_of_another_format_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "manifest.json").write_text('{"format": 99}')
+    with pytest.raises(ExportDirError, match="format"):
+        load(tmp_path)
+
+
+def test_a_changed_file_fails_verification(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10)])
+    chosen = select(load(root), "cpu")
+    chosen.verify()
+    (root / "fp32.onnx").write_bytes(b"tampered")
+    with pytest.raises(ExportDirError, match="sha256"):
+        chosen.verify()
+
+
+def test_the_model_id_names_the_variant_and_its_hash(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10), variant("fp32-opt", cpu=11)])
+    chosen = choose("joe", root, "cpu", "piper", "piper-joe-medium@" + "0" * 64)
+    assert chosen.model_id == f"piper-joe-medium.fp32-opt@{chosen.variant.sha256}"
+
+
+def test_an_export_of_another_family_is_refused(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10)], family="hibari")
+    with pytest.raises(ExportDirError, match="hibari"):
+        choose("joe", root, "cpu", "piper", "piper-joe-medium@x")
