@@ -29,6 +29,7 @@ from edge.synth.piper_engine import BUNDLED as PIPER_VOICES
 from edge.synth.piper_engine import PiperEngine
 from edge.synth.providers import choose as choose_providers
 from edge.synth.renderer import Renderer
+from edge.synth.vits_engine import VitsEngine
 from edge.voices import exported_variants
 
 log = logging.getLogger("nearvoice.app")
@@ -39,13 +40,17 @@ def default_engines(config: NodeConfig) -> list[Engine]:
     synth = config.synth
     if not synth.enabled or not synth.voices:
         return []
+    exported = exported_variants(config)
     hibari = tuple(v for v in synth.voices if v in bundled_voices())
     piper = tuple(v for v in synth.voices if v in PIPER_VOICES)
-    unknown = [v for v in synth.voices if v not in hibari + piper]
+    vits = [exported[v] for v in synth.voices if v in exported and v not in hibari + piper]
+    unknown = [v for v in synth.voices if v not in hibari + piper + tuple(c.voice for c in vits)]
     if unknown:
-        raise ValueError(f"no installed engine renders voice(s) {unknown} in [synth] voices")
+        raise ValueError(
+            f"no installed engine or [synth.exports] directory renders voice(s) {unknown} "
+            "in [synth] voices"
+        )
     providers = choose_providers(synth.providers, Path(config.data_dir) / "trt-cache")
-    exported = exported_variants(config)
     for voice, chosen in exported.items():
         chosen.variant.verify()  # the file is the one the report measured
         log.info("%s", describe(voice, chosen.export, chosen.variant, chosen.provider))
@@ -55,6 +60,7 @@ def default_engines(config: NodeConfig) -> list[Engine]:
         engines.append(HibariEngine(hibari, threads, providers, exported))
     if piper:
         engines.append(PiperEngine(piper, threads, providers, exported))
+    engines.extend(VitsEngine(chosen, threads, providers) for chosen in vits)
     return engines
 
 

@@ -5,6 +5,7 @@ from a hash of the installed .onnx file, computed once per process."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -57,10 +58,12 @@ def with_external(external: Iterable[ExternalSettings]) -> Mapping[str, Voice]:
 
 
 def exported_variants(config: NodeConfig) -> dict[str, Chosen]:
-    """The variant each voice of `[synth.exports]` renders on this node's provider.
+    """The variant each voice of `[synth.exports]` renders on this node's provider: an
+    installed voice's own model exported, or a new voice defined by a `vits` export.
     Raises ValueError (ExportDirError) for a voice or export directory it cannot use."""
     from pathlib import Path
 
+    from edge.synth import vits_engine
     from edge.synth.exported import choose
     from edge.synth.providers import primary
 
@@ -68,21 +71,30 @@ def exported_variants(config: NodeConfig) -> dict[str, Chosen]:
     if not config.synth.exports:
         return chosen
     provider = primary(config.synth.providers)
+    external = {v.name for server in config.external for v in server.voices}
     for voice, directory in sorted(config.synth.exports.items()):
+        if voice in external:
+            raise ValueError(f"[synth.exports] names {voice!r}, an external server's voice")
         known = catalog().get(voice)
         if known is None:
-            raise ValueError(f"[synth.exports] names {voice!r}, not an installed voice")
-        chosen[voice] = choose(voice, Path(directory), provider, known.engine, known.model_id)
+            # A voice of its own: only what `from-transformers` made can define one.
+            choice = choose(voice, Path(directory), provider, vits_engine.FAMILY, "")
+            model_id = vits_engine.vits_model_id(voice, choice)
+            chosen[voice] = dataclasses.replace(choice, model_id=model_id)
+        else:
+            chosen[voice] = choose(voice, Path(directory), provider, known.engine, known.model_id)
     return chosen
 
 
 def for_config(config: NodeConfig) -> Mapping[str, Voice]:
     """Every voice a node with this configuration accepts, with the model identity its
-    specs carry: the catalog's, exported variants in place of the packaged models, and the
-    voices of external servers. `sign --config` resolves voices the same way."""
+    specs carry: the catalog's, exported variants in place of the packaged models, voices
+    of `vits` exports, and the voices of external servers. `sign --config` resolves voices
+    the same way."""
     voices = dict(with_external(config.external))
     for voice, chosen in exported_variants(config).items():
-        voices[voice] = Voice(voice, voices[voice].engine, chosen.model_id)
+        engine = voices[voice].engine if voice in voices else chosen.export.family
+        voices[voice] = Voice(voice, engine, chosen.model_id)
     return MappingProxyType(voices)
 
 

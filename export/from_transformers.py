@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from edge.synth.vits_engine import VITS_SIDECAR
 from export.errors import CorruptModel, ModelNotFound, ParityFailure, UnsupportedArchitecture
-from export.frontends import VITS_SIDECAR
 from export.staging import staged_dir
 
 MODEL_FILE = "model.onnx"
@@ -109,10 +109,10 @@ def _sidecar(checkpoint: Path, config: Any) -> dict[str, Any]:
         tokenizer = checkpoint / "tokenizer_config.json"
         if tokenizer.is_file():
             settings = json.loads(tokenizer.read_text(encoding="utf-8"))
+            # VitsTokenizer's defaults where the checkpoint leaves a setting out.
             data["add_blank"] = bool(settings.get("add_blank", True))
-            data["lowercase"] = not bool(settings.get("is_uroman", False)) and bool(
-                settings.get("do_lower_case", True)
-            )
+            data["lowercase"] = bool(settings.get("normalize", True))
+            data["phonemize"] = bool(settings.get("phonemize", True))
     return data
 
 

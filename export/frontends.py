@@ -13,7 +13,6 @@ names; anything else is an unsupported architecture, reported as such.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edge.synth.vits_engine import VITS_SIDECAR, vits_feeds
+from edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
 from export.errors import CorruptModel, ModelNotFound, UnsupportedArchitecture
 
 Feeds = dict[str, npt.NDArray[Any]]
@@ -31,8 +32,6 @@ Audio = npt.NDArray[np.float32]
 PIPER_INPUTS = frozenset({"input", "input_lengths", "scales"})
 HIBARI_INPUTS = frozenset({"ids", "speed"})
 VITS_INPUTS = frozenset({"input_ids", "attention_mask", "length_scale"})
-VITS_SIDECAR = "vits.json"
-"""Beside a `from-transformers` model: its sample rate and character vocabulary."""
 
 
 @dataclass
@@ -111,39 +110,18 @@ class HibariFrontend(Frontend):
 
 @dataclass
 class VitsFrontend(Frontend):
-    """Character-level VITS (MMS-style) as `from-transformers` exports it: the vocabulary
-    from its tokenizer, blanks between characters when the tokenizer adds them."""
+    """Character-level VITS (MMS-style) as `from-transformers` exports it, tokenized as
+    the edge's engine does it (edge.synth.vits_text)."""
 
-    vocab: dict[str, int] = field(default_factory=dict)
-    add_blank: bool = True
-    lowercase: bool = True
-    vocab_size: int = 0
-
-    def ids(self, text: str) -> list[int]:
-        if not self.vocab:
-            # A checkpoint without a tokenizer (e.g. a test model): ids that still depend
-            # only on the text, so every variant sees the same input.
-            digest = hashlib.sha256(text.encode("utf-8")).digest()
-            return [1 + b % max(1, self.vocab_size - 1) for b in digest[: max(4, len(text) // 2)]]
-        text = text.lower() if self.lowercase else text
-        chars = [self.vocab[c] for c in text if c in self.vocab]
-        if not self.add_blank:
-            return chars
-        out = [0] * (2 * len(chars) + 1)
-        out[1::2] = chars
-        return out
+    tokenizer: CharTokenizer = field(default_factory=CharTokenizer)
 
     def encode(self, text: str) -> list[Feeds]:
-        ids = np.array([self.ids(text)], dtype=np.int64)
-        if ids.shape[1] == 0:
-            return []
-        return [
-            {
-                "input_ids": ids,
-                "attention_mask": np.ones_like(ids),
-                "length_scale": np.array([1.0], dtype=np.float32),
-            }
-        ]
+        feeds: list[Feeds] = []
+        for chunk in chunks(text):
+            ids = np.array([self.tokenizer.ids(chunk)], dtype=np.int64)
+            if ids.shape[1]:
+                feeds.append(vits_feeds(ids, 1.0))
+        return feeds
 
 
 def _input_names(model: Path) -> frozenset[str]:
@@ -209,15 +187,14 @@ def detect(model: Path, config: Path | None = None) -> Frontend:
     if names >= VITS_INPUTS:
         path = config or model.with_name(VITS_SIDECAR)
         data = _json(path, "vits config")
-        return VitsFrontend(
-            "vits",
-            int(data["sample_rate"]),
-            {VITS_SIDECAR: path},
-            vocab={str(k): int(v) for k, v in data.get("vocab", {}).items()},
-            add_blank=bool(data.get("add_blank", True)),
-            lowercase=bool(data.get("lowercase", True)),
-            vocab_size=int(data.get("vocab_size", 0)),
-        )
+        try:
+            tokenizer = CharTokenizer.from_sidecar(data)
+            rate = int(data["sample_rate"])
+        except UnsupportedTokenizer as exc:
+            raise UnsupportedArchitecture(f"{path}: {exc}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptModel(f"{path} is malformed: {exc!r}") from exc
+        return VitsFrontend("vits", rate, {VITS_SIDECAR: path}, tokenizer=tokenizer)
     raise UnsupportedArchitecture(
         f"{model}: inputs {sorted(names)} match no supported TTS family "
         f"(piper {sorted(PIPER_INPUTS)}, hibari {sorted(HIBARI_INPUTS)}, "

@@ -43,7 +43,7 @@ def save_tiny_vits(path: Path, seed: int = 0, tokenizer: bool = True) -> Path:
     if tokenizer:
         (path / "vocab.json").write_text(json.dumps(VOCAB), encoding="utf-8")
         (path / "tokenizer_config.json").write_text(
-            json.dumps({"add_blank": True, "do_lower_case": True}), encoding="utf-8"
+            json.dumps({"add_blank": True, "normalize": True, "phonemize": False}), encoding="utf-8"
         )
     return path
 

@@ -84,7 +84,8 @@ def test_sidecar_carries_the_tokenizer(tiny_export: Path) -> None:
     assert isinstance(frontend, VitsFrontend)
     assert frontend.sample_rate == 16000
     # lowercased, characters outside the vocabulary dropped, blanks (0) between
-    assert frontend.ids("Ab#") == [0, frontend.vocab["a"], 0, frontend.vocab["b"], 0]
+    vocab = frontend.tokenizer.vocab
+    assert frontend.tokenizer.ids("Ab#") == [0, vocab["a"], 0, vocab["b"], 0]
 
 
 def test_missing_checkpoint_is_reported(tmp_path: Path) -> None:

@@ -92,3 +92,16 @@ def test_external_weights_are_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(CorruptModel, match="external data"):
         detect(model)
+
+
+@pytest.mark.slow
+def test_a_phonemizing_vits_tokenizer_is_unsupported(tiny_export: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    copy = tmp_path / "vits"
+    shutil.copytree(tiny_export, copy)
+    sidecar = json.loads((copy / "vits.json").read_text())
+    (copy / "vits.json").write_text(json.dumps({**sidecar, "phonemize": True}))
+    with pytest.raises(UnsupportedArchitecture, match="phonemize"):
+        detect(copy / "model.onnx")

@@ -130,7 +130,7 @@ class Chosen:
 def choose(voice: str, path: Path, provider: str, family: str, base_id: str) -> Chosen:
     """Loads the export at `path` for `voice`, checks it is of the engine's `family`, and
     picks its variant; `base_id` is the voice's own `name@sha256`, whose name part the
-    variant's identity keeps: `piper-joe-medium.int8@<variant sha256>`."""
+    variant's identity keeps: `piper-joe-medium.fp16@<variant sha256>`."""
     export = load(path)
     if export.family != family:
         raise ExportDirError(

@@ -1,0 +1,101 @@
+"""vits: character-level VITS voices (MMS-style transformers checkpoints) that
+`nearvoice export from-transformers` and `optimize` turned into an export directory.
+
+The voice is defined by its export: `[synth.exports] name = "dir"` with a directory whose
+family is "vits" adds the voice `name`, rendered from the variant the node selects. The
+graph's noise is fixed at 0 when exporting, so renders are deterministic and `seed` has
+nothing to seed (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge.synth.engine import Audio
+from edge.synth.providers import short_name
+from edge.synth.vits_text import CharTokenizer, chunks
+
+if TYPE_CHECKING:
+    from edge.synth.exported import Chosen
+
+ENGINE_NAME = "vits"
+FAMILY = "vits"
+VITS_SIDECAR = "vits.json"
+"""Beside a `from-transformers` model: its sample rate and character vocabulary."""
+
+
+def vits_feeds(ids: npt.NDArray[np.int64], length_scale: float) -> dict[str, npt.NDArray[Any]]:
+    """The graph's inputs for one chunk of token ids, [1, tokens]."""
+    return {
+        "input_ids": ids,
+        "attention_mask": np.ones_like(ids),
+        "length_scale": np.array([length_scale], dtype=np.float32),
+    }
+
+
+def vits_model_id(voice: str, chosen: Chosen) -> str:
+    return f"vits-{voice}.{chosen.variant.name}@{chosen.variant.sha256}"
+
+
+class VitsEngine:
+    """One exported voice; one onnxruntime session per worker thread, as the other
+    engines keep theirs."""
+
+    name = ENGINE_NAME
+
+    def __init__(self, chosen: Chosen, threads: int = 1, providers: list[Any] | None = None):
+        if chosen.export.family != FAMILY:
+            raise ValueError(f"{chosen.export.path} is a {chosen.export.family} export")
+        sidecar = json.loads(chosen.sidecar(VITS_SIDECAR).read_text(encoding="utf-8"))
+        self._tokenizer = CharTokenizer.from_sidecar(sidecar)
+        self._chosen = chosen
+        self.voices: tuple[str, ...] = (chosen.voice,)
+        self.sample_rate: int = chosen.export.sample_rate
+        self._threads = threads
+        self._providers = providers or ["CPUExecutionProvider"]
+        self._local = threading.local()
+
+    def session(self) -> Any:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = options.inter_op_num_threads = self._threads
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.log_severity_level = 3
+            session = self._local.session = ort.InferenceSession(
+                str(self._chosen.variant.path), options, providers=self._providers
+            )
+        return session
+
+    @property
+    def provider(self) -> str:
+        return short_name(self.session().get_providers()[0])
+
+    def model_id(self, voice: str) -> str:
+        return self._chosen.model_id
+
+    def warmup(self) -> None:
+        for _ in self.stream("Warm up.", self.voices[0], 1.0, 0):
+            pass
+
+    def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
+        if voice not in self.voices:
+            raise ValueError(f"voice {voice!r} is not one of this engine's {self.voices}")
+        if not speed > 0:
+            raise ValueError(f"speed must be positive, not {speed}")
+        session = self.session()
+        for chunk in chunks(text):
+            ids = np.array([self._tokenizer.ids(chunk)], dtype=np.int64)
+            if ids.shape[1] == 0:
+                continue  # nothing the vocabulary can say
+            out = session.run(None, vits_feeds(ids, 1.0 / speed))[0]
+            audio: Audio = np.clip(np.asarray(out, dtype=np.float32).reshape(-1), -1.0, 1.0)
+            yield audio

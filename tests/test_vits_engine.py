@@ -1,0 +1,127 @@
+"""edge/synth/vits_engine.py and vits_text.py: a voice defined by a from-transformers
+export, tokenized as transformers does it and rendered by the edge without torch."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import soundfile
+from pytest_aiohttp import AiohttpClient
+
+from edge.app import create_app
+from edge.config import SynthSettings
+from edge.synth import exported
+from edge.synth.vits_engine import VitsEngine, vits_feeds
+from edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
+from edge.voices import for_config
+from tests.support import make_config, make_keyring, make_spec, metric, sign, wait_ready
+
+TEXT = "Hello there. This voice came from a transformers checkpoint!"
+
+
+def tokenizer_of(export_dir: Path) -> CharTokenizer:
+    return CharTokenizer.from_sidecar(json.loads((export_dir / "vits.json").read_text()))
+
+
+def engine_for(export_dir: Path) -> VitsEngine:
+    export = exported.load(export_dir)
+    variant = exported.select(export, "cpu")
+    return VitsEngine(exported.Chosen("tiny", export, variant, "cpu", "vits-tiny.x@y"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", ["Hello, World!", "  spaced  out  ", "ÉCOLE 42", "...", ""])
+def test_ids_match_transformers_tokenizer(tiny_checkpoint: Path, text: str) -> None:
+    from transformers import VitsTokenizer
+
+    reference = VitsTokenizer.from_pretrained(str(tiny_checkpoint))
+    ours = CharTokenizer.from_sidecar(
+        {
+            "vocab": json.loads((tiny_checkpoint / "vocab.json").read_text()),
+            "add_blank": True,
+            "lowercase": True,
+            "phonemize": False,
+        }
+    )
+    assert ours.ids(text) == reference(text)["input_ids"]
+
+
+def test_phonemizing_tokenizers_are_refused() -> None:
+    with pytest.raises(UnsupportedTokenizer, match="phonemize"):
+        CharTokenizer.from_sidecar({"vocab": {"a": 1}, "phonemize": True})
+
+
+def test_chunks_split_sentences_and_long_runs() -> None:
+    assert chunks("One. Two! Three?") == ["One.", "Two!", "Three?"]
+    long = " ".join(["word"] * 200)
+    pieces = chunks(long, limit=50)
+    assert all(len(p) <= 50 for p in pieces)
+    assert " ".join(pieces) == long
+
+
+def test_without_a_vocabulary_ids_depend_only_on_the_text() -> None:
+    tokenizer = CharTokenizer(vocab_size=40)
+    assert tokenizer.ids("abc") == tokenizer.ids("abc")
+    assert tokenizer.ids("abc") != tokenizer.ids("abd")
+    assert all(1 <= i < 40 for i in tokenizer.ids("some text"))
+
+
+@pytest.mark.slow
+def test_renders_what_the_graph_computes(tiny_optimized: Path) -> None:
+    engine = engine_for(tiny_optimized)
+    audio = np.concatenate(list(engine.stream(TEXT, "tiny", 1.0, 0)))
+    variant = exported.select(exported.load(tiny_optimized), "cpu")
+    session = ort.InferenceSession(str(variant.path), providers=["CPUExecutionProvider"])
+    expected = [
+        session.run(None, vits_feeds(np.array([tokenizer_of(tiny_optimized).ids(c)]), 1.0))[0]
+        for c in chunks(TEXT)
+    ]
+    # (thread counts differ, so float sums may round differently)
+    np.testing.assert_allclose(
+        audio, np.clip(np.concatenate(expected, axis=None), -1, 1), atol=1e-5
+    )
+    assert engine.sample_rate == 16000
+
+
+@pytest.mark.slow
+def test_renders_deterministically_and_slower_at_half_speed(tiny_optimized: Path) -> None:
+    engine = engine_for(tiny_optimized)
+    once = np.concatenate(list(engine.stream(TEXT, "tiny", 1.0, 0)))
+    again = np.concatenate(list(engine.stream(TEXT, "tiny", 1.0, 99)))
+    slow = np.concatenate(list(engine.stream(TEXT, "tiny", 0.5, 0)))
+    assert np.array_equal(once, again)
+    assert len(slow) > 1.8 * len(once)
+
+
+@pytest.mark.slow
+def test_a_vits_export_defines_a_voice(tiny_optimized: Path, tmp_path: Path) -> None:
+    config = make_config(tmp_path, synth=SynthSettings(exports={"tiny": str(tiny_optimized)}))
+    voice = for_config(config)["tiny"]
+    variant = exported.select(exported.load(tiny_optimized), "cpu")
+    assert voice.engine == "vits"
+    assert voice.model_id == f"vits-tiny.{variant.name}@{variant.sha256}"
+
+
+@pytest.mark.slow
+async def test_the_edge_serves_the_exported_voice(
+    aiohttp_client: AiohttpClient, tiny_optimized: Path, tmp_path: Path
+) -> None:
+    keyring = make_keyring()
+    config = make_config(
+        tmp_path,
+        synth=SynthSettings(workers=1, voices=("tiny",), exports={"tiny": str(tiny_optimized)}),
+    )
+    client = await aiohttp_client(create_app(config, keyring))
+    await wait_ready(client)
+    spec = make_spec(TEXT, voice="tiny", model=for_config(config)["tiny"].model_id)
+    async with client.get(sign(keyring, spec)) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    audio, rate = soundfile.read(io.BytesIO(body))
+    assert rate == 16000 and len(audio) > 0
+    assert await metric(client, "nearvoice_synth_total", engine="vits") == 1.0
