@@ -154,3 +154,28 @@ def test_sign_with_the_config_names_the_variant(
 
     spec = make_spec(TEXT, voice="joe", model=for_config(load(config))["joe"].model_id)
     assert f"/v1/speech/{spec.key}.wav?" in url
+
+
+def test_a_node_with_exports_imports_no_export_dependencies(
+    joe_export: Path, tiny_optimized: Path, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; "
+        "from edge.app import default_engines; from edge.config import NodeConfig, SynthSettings; "
+        "c = NodeConfig(data_dir=Path(sys.argv[1]), synth=SynthSettings(voices=('joe', 'tiny'), "
+        "exports={'joe': sys.argv[2], 'tiny': sys.argv[3]})); "
+        "[e.warmup() for e in default_engines(c)]; "
+        "print(sorted(m for m in ('torch', 'transformers', 'onnx', 'onnxscript', 'export') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), str(joe_export), str(tiny_optimized)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
