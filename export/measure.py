@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edge.synth.providers import session as engine_session
 from export.frontends import Audio, Feeds, Frontend
 
 PROVIDERS = {
@@ -80,16 +81,9 @@ class Speed:
 
 
 def session(model: Path, provider: str = "cpu", threads: int = 1, options: Any = None) -> Any:
-    """An onnxruntime session on one provider only (no silent CPU fallback for GPU rows:
-    a node the provider cannot run would make the timing meaningless)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = so.inter_op_num_threads = threads
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.log_severity_level = 3
-    providers: list[Any] = [(PROVIDERS[provider], options or {})]
-    return ort.InferenceSession(str(model), so, providers=providers)
+    """A session as the engines build one, on one provider only (no silent CPU fallback
+    for GPU rows: a node the provider cannot run would make the timing meaningless)."""
+    return engine_session(model, threads, [(PROVIDERS[provider], options or {})])
 
 
 def render(

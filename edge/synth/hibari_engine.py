@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from edge.synth.engine import Audio
-from edge.synth.providers import short_name
+from edge.synth.providers import session, short_name
 
 if TYPE_CHECKING:
     from edge.synth.exported import Chosen
@@ -69,15 +69,8 @@ class HibariEngine:
             model = models[voice] = Hibari(voice=voice, model=path, threads=self._threads)
             if self._providers != ["CPUExecutionProvider"]:
                 # hibari builds a CPU-only session; rebuild it on the chosen providers
-                # with the same options (its public `sess` attribute is what it runs).
-                import onnxruntime as ort
-
-                options = ort.SessionOptions()
-                options.intra_op_num_threads = options.inter_op_num_threads = self._threads
-                options.log_severity_level = 3
-                model.sess = ort.InferenceSession(
-                    model.model_path, options, providers=self._providers
-                )
+                # (its public `sess` attribute is what it runs).
+                model.sess = session(model.model_path, self._threads, self._providers)
         return model
 
     @property

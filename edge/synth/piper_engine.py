@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge.synth.engine import Audio
-from edge.synth.providers import short_name
+from edge.synth.providers import session, short_name
 
 if TYPE_CHECKING:
     from piper import PiperVoice, SynthesisConfig
@@ -144,20 +144,10 @@ class PiperEngine:
         return loaded
 
     def _load(self, voice: str) -> PiperVoice:
-        import onnxruntime as ort
         from piper import PiperConfig, PiperVoice
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self._threads
-        options.inter_op_num_threads = self._threads
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3  # errors only
-        session = ort.InferenceSession(
-            str(self._model_path(voice)),
-            sess_options=options,
-            providers=self._providers,
-        )
-        return PiperVoice(session=session, config=PiperConfig.from_dict(self._configs[voice]))
+        loaded = session(self._model_path(voice), self._threads, self._providers)
+        return PiperVoice(session=loaded, config=PiperConfig.from_dict(self._configs[voice]))
 
     def _synthesis(self, voice: PiperVoice, speed: float) -> SynthesisConfig:
         from piper import SynthesisConfig

@@ -63,6 +63,19 @@ def primary(preference: tuple[str, ...]) -> str:
     return "cpu"
 
 
+def session(model: Path | str, threads: int, providers: list[Any]) -> Any:
+    """An onnxruntime session as every engine runs one, and as `nearvoice export` times
+    one: `threads` intra- and inter-op threads, sequential execution (the owner sizes
+    its pool so threads times workers fits the cores), errors-only logging."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = threads
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(model), options, providers=providers)
+
+
 def short_name(provider: Any) -> str:
     """ "cuda" for "CUDAExecutionProvider" (or a (name, options) pair)."""
     name = provider[0] if isinstance(provider, tuple) else str(provider)

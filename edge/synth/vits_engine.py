@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.synth.engine import Audio
-from edge.synth.providers import short_name
+from edge.synth.providers import session, short_name
 from edge.synth.vits_text import CharTokenizer, chunks
 
 if TYPE_CHECKING:
@@ -62,18 +62,11 @@ class VitsEngine:
         self._local = threading.local()
 
     def session(self) -> Any:
-        session = getattr(self._local, "session", None)
-        if session is None:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = options.inter_op_num_threads = self._threads
-            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-            options.log_severity_level = 3
-            session = self._local.session = ort.InferenceSession(
-                str(self._chosen.variant.path), options, providers=self._providers
-            )
-        return session
+        loaded = getattr(self._local, "session", None)
+        if loaded is None:
+            path = self._chosen.variant.path
+            loaded = self._local.session = session(path, self._threads, self._providers)
+        return loaded
 
     @property
     def provider(self) -> str:
