@@ -94,3 +94,13 @@ def test_an_export_of_another_family_is_refused(tmp_path: Path) -> None:
     root = write_export(tmp_path / "e", [variant("fp32", cpu=10)], family="hibari")
     with pytest.raises(ExportDirError, match="hibari"):
         choose("joe", root, "cpu", "piper", "piper-joe-medium@x")
+
+
+def test_the_tensorrt_profile_travels_with_the_choice(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10)])
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["tensorrt"] = {"provider_options": {"trt_profile_opt_shapes": "input:1x64"}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    chosen = choose("joe", root, "tensorrt", "piper", "piper-joe-medium@x")
+    trt = chosen.providers([("TensorrtExecutionProvider", {}), "CPUExecutionProvider"])
+    assert trt[0] == ("TensorrtExecutionProvider", {"trt_profile_opt_shapes": "input:1x64"})

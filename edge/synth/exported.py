@@ -59,6 +59,8 @@ class Export:
     family: str
     sample_rate: int
     variants: tuple[Variant, ...]
+    trt_profile: dict[str, str]
+    """TensorRT provider options for the min/opt/max text lengths the export measured."""
 
     def sidecar(self, name: str) -> Path:
         return self.path / name
@@ -95,7 +97,14 @@ def load(path: Path) -> Export:
         raise ExportDirError(f"{manifest}: unsupported manifest format")
     try:
         variants = tuple(v for v in (_variant(path, e) for e in data["variants"]) if v is not None)
-        return Export(path, str(data["family"]), int(data["sample_rate"]), variants)
+        profile = data.get("tensorrt", {}).get("provider_options", {})
+        return Export(
+            path,
+            str(data["family"]),
+            int(data["sample_rate"]),
+            variants,
+            {str(k): str(v) for k, v in profile.items()},
+        )
     except (KeyError, TypeError, ValueError) as exc:
         raise ExportDirError(f"{manifest}: malformed ({exc!r})") from exc
 
@@ -125,6 +134,12 @@ class Chosen:
 
     def sidecar(self, name: str) -> Path:
         return self.export.sidecar(name)
+
+    def providers(self, providers: list[Any]) -> list[Any]:
+        """The engine's providers with this export's TensorRT profile."""
+        from edge.synth.providers import with_profile
+
+        return with_profile(providers, self.export.trt_profile)
 
 
 def choose(voice: str, path: Path, provider: str, family: str, base_id: str) -> Chosen:

@@ -70,7 +70,8 @@ class HibariEngine:
             if self._providers != ["CPUExecutionProvider"]:
                 # hibari builds a CPU-only session; rebuild it on the chosen providers
                 # (its public `sess` attribute is what it runs).
-                model.sess = session(model.model_path, self._threads, self._providers)
+                providers = chosen.providers(self._providers) if chosen else self._providers
+                model.sess = session(model.model_path, self._threads, providers)
         return model
 
     @property

@@ -146,7 +146,9 @@ class PiperEngine:
     def _load(self, voice: str) -> PiperVoice:
         from piper import PiperConfig, PiperVoice
 
-        loaded = session(self._model_path(voice), self._threads, self._providers)
+        chosen = self._exported.get(voice)
+        providers = chosen.providers(self._providers) if chosen else self._providers
+        loaded = session(self._model_path(voice), self._threads, providers)
         return PiperVoice(session=loaded, config=PiperConfig.from_dict(self._configs[voice]))
 
     def _synthesis(self, voice: PiperVoice, speed: float) -> SynthesisConfig:

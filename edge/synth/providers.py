@@ -63,6 +63,23 @@ def primary(preference: tuple[str, ...]) -> str:
     return "cpu"
 
 
+def with_profile(providers: list[Any], profile: dict[str, str]) -> list[Any]:
+    """`providers` with an export's TensorRT optimisation profile (`trt_profile_min_shapes`
+    and friends) merged into the TensorRT entry: one engine built for the whole range of
+    text lengths instead of a rebuild for every new length. Others are left as they are."""
+    if not profile:
+        return providers
+    merged: list[Any] = []
+    for provider in providers:
+        name = provider[0] if isinstance(provider, tuple) else provider
+        if name == _NAMES["tensorrt"]:
+            options = dict(provider[1]) if isinstance(provider, tuple) else {}
+            merged.append((name, {**options, **profile}))
+        else:
+            merged.append(provider)
+    return merged
+
+
 def session(model: Path | str, threads: int, providers: list[Any]) -> Any:
     """An onnxruntime session as every engine runs one, and as `nearvoice export` times
     one: `threads` intra- and inter-op threads, sequential execution (the owner sizes

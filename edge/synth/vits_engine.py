@@ -64,8 +64,9 @@ class VitsEngine:
     def session(self) -> Any:
         loaded = getattr(self._local, "session", None)
         if loaded is None:
-            path = self._chosen.variant.path
-            loaded = self._local.session = session(path, self._threads, self._providers)
+            chosen = self._chosen
+            providers = chosen.providers(self._providers)
+            loaded = self._local.session = session(chosen.variant.path, self._threads, providers)
         return loaded
 
     @property
