@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from edge.synth import exported
-from export.errors import ParityFailure
+from export.errors import CorruptModel, ParityFailure
 from export.frontends import Audio, Feeds, Frontend, detect
 from export.measure import PROVIDERS, Speed, Thresholds, parity, render, session
 from export.report import chart, markdown, write_manifest
@@ -119,7 +119,12 @@ def optimize(
         # The reference: the source graph as given.
         reference = stage / f"{REFERENCE}.onnx"
         shutil.copyfile(model, reference)
-        refs, ref_wall, ref_det = render(session(reference), frontend, encoded, opts.repeats)
+        try:
+            refs, ref_wall, ref_det = render(
+                session(reference, "cpu", opts.threads), frontend, encoded, opts.repeats
+            )
+        except Exception as exc:  # onnxruntime's errors have no public type
+            raise CorruptModel(f"{model} does not render: {exc}") from exc
         steps.update()
 
         # Simplification is kept only if the simplified graph renders what the source does.
@@ -154,12 +159,12 @@ def optimize(
                     )
             except SkipVariant as exc:
                 entries.append({**entry, "skipped": str(exc)})
-                steps.update(2 + len(providers))
+                steps.update(1 + len(providers))
                 continue
             except Exception as exc:  # converters and onnxruntime raise anything at all
                 path.unlink(missing_ok=True)
                 entries.append({**entry, "error": str(exc).splitlines()[0][:300]})
-                steps.update(2 + len(providers))
+                steps.update(1 + len(providers))
                 continue
             steps.update()
             result = parity(refs, audios, frontend.sample_rate, opts.thresholds)

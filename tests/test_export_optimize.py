@@ -172,3 +172,14 @@ def test_a_failed_run_keeps_the_previous_export(tiny_optimized: Path, tmp_path: 
 def test_unknown_variant_names_are_refused(tiny_export: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="bf16"):
         optimize(tiny_export / "model.onnx", tmp_path / "o", opts=Options(variants=["bf16"]))
+
+
+def test_a_model_that_does_not_render_leaves_nothing(tmp_path: Path) -> None:
+    from tests.export_support import graph_with_inputs
+
+    # piper's input names, but float inputs where piper feeds phoneme ids
+    fake = graph_with_inputs(tmp_path / "fake.onnx", ["input", "input_lengths", "scales"])
+    (tmp_path / "fake.onnx.json").write_bytes(BUNDLED["joe"].config_path().read_bytes())
+    with pytest.raises(CorruptModel, match="does not render"):
+        optimize(fake, tmp_path / "out", opts=Options(sentences=SENTENCES[:1], progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.onnx", "fake.onnx.json"]
