@@ -20,7 +20,13 @@ from typing import Any
 import numpy as np
 
 from edge.synth.vits_engine import VITS_SIDECAR
-from export.errors import CorruptModel, ModelNotFound, ParityFailure, UnsupportedArchitecture
+from export.errors import (
+    CorruptModel,
+    ExportError,
+    ModelNotFound,
+    ParityFailure,
+    UnsupportedArchitecture,
+)
 from export.staging import staged_dir
 
 MODEL_FILE = "model.onnx"
@@ -171,7 +177,9 @@ def export(
     steps.set_postfix_str("exporting")
     wrapped = _Scaled.wrap(model)
     vocab_size = int(model.config.vocab_size)
-    with staged_dir(out) as stage:
+    if out.resolve() == checkpoint.resolve() or out.resolve() in checkpoint.resolve().parents:
+        raise ExportError(f"--out {out} contains the checkpoint {checkpoint}")
+    with staged_dir(out, RECORD_FILE) as stage:
         target = stage / MODEL_FILE
         _torch_export(wrapped, _inputs(TRACE_LENGTH, vocab_size), target)
         _inline_weights(target)

@@ -35,7 +35,8 @@ DYNAMIC_RANGE_DB = 80.0  # quieter than the reference's peak by more than this c
 
 @dataclass(frozen=True, slots=True)
 class Thresholds:
-    """A variant passes parity when every sentence is within both bounds."""
+    """A variant passes parity when every sentence has the source's length and is
+    within both bounds."""
 
     max_mel_db: float = 3.0
     """Largest log-mel distance allowed on any sentence (dB, RMS over mel bands, mean over
@@ -132,7 +133,7 @@ def _mel_filterbank(sample_rate: int) -> npt.NDArray[np.float64]:
     return bank
 
 
-def log_mel(audio: npt.NDArray[np.float32], sample_rate: int) -> npt.NDArray[np.float64]:
+def log_mel(audio: npt.NDArray[np.floating[Any]], sample_rate: int) -> npt.NDArray[np.float64]:
     """Log-mel power spectrogram in dB, [frames, N_MELS]."""
     x = np.asarray(audio, dtype=np.float64)
     if len(x) < N_FFT:
@@ -145,25 +146,39 @@ def log_mel(audio: npt.NDArray[np.float32], sample_rate: int) -> npt.NDArray[np.
     return db
 
 
+def _padded(ref: Audio, test: Audio) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Both as float64 over the longer length, the shorter padded with silence: audio a
+    variant drops, or adds, counts as error rather than going unseen."""
+    n = max(len(ref), len(test))
+    a = np.zeros(n, dtype=np.float64)
+    b = np.zeros(n, dtype=np.float64)
+    a[: len(ref)] = ref
+    b[: len(test)] = test
+    return a, b
+
+
 def mel_distance(ref: Audio, test: Audio, sample_rate: int) -> float:
-    """RMS over mel bands of the dB difference, averaged over frames, on the common length.
-    Both are floored DYNAMIC_RANGE_DB below the reference's peak so that noise in silence,
-    which nobody hears, does not dominate."""
-    a, b = log_mel(ref, sample_rate), log_mel(test, sample_rate)
-    n = min(len(a), len(b))
-    if n == 0:
+    """RMS over mel bands of the dB difference, averaged over frames, over the longer of
+    the two. Both are floored DYNAMIC_RANGE_DB below the reference's peak so that noise in
+    silence, which nobody hears, does not dominate. Non-finite audio is infinitely far."""
+    if not (np.all(np.isfinite(ref)) and np.all(np.isfinite(test))):
+        return float("inf")
+    a_wave, b_wave = _padded(ref, test)
+    if len(a_wave) == 0:
         return 0.0
+    a, b = log_mel(a_wave, sample_rate), log_mel(b_wave, sample_rate)
     floor = a.max() - DYNAMIC_RANGE_DB
-    a, b = np.maximum(a[:n], floor), np.maximum(b[:n], floor)
+    a, b = np.maximum(a, floor), np.maximum(b, floor)
     return float(np.mean(np.sqrt(np.mean((a - b) ** 2, axis=1))))
 
 
 def snr(ref: Audio, test: Audio) -> float:
-    """10 log10(signal energy / error energy) over the common length; 99 dB for identical."""
-    n = min(len(ref), len(test))
-    r = np.asarray(ref[:n], dtype=np.float64)
-    e = r - np.asarray(test[:n], dtype=np.float64)
-    error = float(np.sum(e * e))
+    """10 log10(signal energy / error energy) over the longer of the two; 99 dB for
+    identical audio, minus infinity for non-finite audio."""
+    if not (np.all(np.isfinite(ref)) and np.all(np.isfinite(test))):
+        return float("-inf")
+    r, t = _padded(ref, test)
+    error = float(np.sum((r - t) ** 2))
     signal = float(np.sum(r * r))
     if error == 0.0:
         return 99.0
@@ -173,10 +188,17 @@ def snr(ref: Audio, test: Audio) -> float:
 def parity(
     refs: Sequence[Audio], tests: Sequence[Audio], sample_rate: int, thresholds: Thresholds
 ) -> Parity:
-    mels = [mel_distance(r, t, sample_rate) for r, t in zip(refs, tests, strict=True)]
-    snrs = [snr(r, t) for r, t in zip(refs, tests, strict=True)]
-    mismatches = sum(len(r) != len(t) for r, t in zip(refs, tests, strict=True))
-    passed = max(mels) <= thresholds.max_mel_db and min(snrs) >= thresholds.min_snr_db
+    """Passes when every sentence keeps its length (a duration that changed shifts all
+    that follows) and is within both bounds."""
+    pairs = list(zip(refs, tests, strict=True))
+    mels = [mel_distance(r, t, sample_rate) for r, t in pairs]
+    snrs = [snr(r, t) for r, t in pairs]
+    mismatches = sum(len(r) != len(t) for r, t in pairs)
+    passed = (
+        mismatches == 0
+        and max(mels) <= thresholds.max_mel_db
+        and min(snrs) >= thresholds.min_snr_db
+    )
     return Parity(
         mel_db_mean=float(np.mean(mels)),
         mel_db_max=float(max(mels)),

@@ -20,7 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from edge.synth import exported
-from export.errors import CorruptModel, ParityFailure
+from export.errors import CorruptModel, ExportError, ParityFailure
 from export.frontends import Audio, Feeds, Frontend, detect
 from export.measure import PROVIDERS, Speed, Thresholds, parity, render, session
 from export.report import chart, markdown, write_manifest
@@ -114,7 +114,9 @@ def optimize(
     if not any(encoded):
         raise ParityFailure("the front end produced no input for any sentence")
 
-    with staged_dir(out) as stage:
+    if out.resolve() in model.resolve().parents:
+        raise ExportError(f"--out {out} contains the model {model}; choose another directory")
+    with staged_dir(out, exported.MANIFEST) as stage:
         steps = _bar(2 + len(chosen) * (1 + len(providers)), "optimizing", opts.progress)
         # The reference: the source graph as given.
         reference = stage / f"{REFERENCE}.onnx"

@@ -116,10 +116,10 @@ def test_corrupt_weights_leave_nothing(tiny_checkpoint: Path, tmp_path: Path) ->
 def test_failed_parity_keeps_the_previous_output(tiny_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
-    (out / "previous").write_text("kept")
+    (out / RECORD_FILE).write_text("previous")
     with pytest.raises(ParityFailure):
         export(tiny_checkpoint, out, max_abs_diff=0.0, progress=False)
-    assert [p.name for p in out.iterdir()] == ["previous"]
+    assert [p.name for p in out.iterdir()] == [RECORD_FILE]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left
 
 

@@ -59,3 +59,26 @@ def test_parity_fails_on_the_worst_sentence() -> None:
 def test_parity_counts_length_mismatches() -> None:
     result = parity([tone(1.0)], [tone(1.1)], RATE, Thresholds())
     assert result.length_mismatches == 1
+
+
+def test_parity_fails_when_a_sentence_changes_length() -> None:
+    result = parity([tone(1.0)], [tone(1.1)], RATE, Thresholds(max_mel_db=99, min_snr_db=-99))
+    assert not result.passed
+
+
+def test_audio_cut_short_counts_as_error() -> None:
+    assert snr(tone(1.0), tone(1.0)[:1600]) < 1.0
+    assert mel_distance(tone(1.0), tone(1.0)[:1600], RATE) > 10.0
+
+
+def test_missing_audio_fails_parity() -> None:
+    empty = np.zeros(0, np.float32)
+    assert not parity([tone(), tone()], [tone(), empty], RATE, Thresholds()).passed
+
+
+def test_non_finite_audio_fails_parity() -> None:
+    broken = tone().copy()
+    broken[100] = np.nan
+    result = parity([tone(), tone()], [tone(), broken], RATE, Thresholds())
+    assert not result.passed
+    assert result.snr_db_min == float("-inf")

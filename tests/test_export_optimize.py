@@ -183,3 +183,11 @@ def test_a_model_that_does_not_render_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(CorruptModel, match="does not render"):
         optimize(fake, tmp_path / "out", opts=Options(sentences=SENTENCES[:1], progress=False))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.onnx", "fake.onnx.json"]
+
+
+def test_out_may_not_contain_the_model(tiny_export: Path) -> None:
+    from export.errors import ExportError
+
+    with pytest.raises(ExportError, match="contains the model"):
+        optimize(tiny_export / "model.onnx", tiny_export, opts=Options(progress=False))
+    assert (tiny_export / "model.onnx").is_file()
