@@ -28,6 +28,7 @@ from edge.synth.hibari_engine import HibariEngine, bundled_voices
 from edge.synth.piper_engine import BUNDLED as PIPER_VOICES
 from edge.synth.piper_engine import PiperEngine
 from edge.synth.providers import choose as choose_providers
+from edge.synth.providers import short_name
 from edge.synth.renderer import Renderer
 from edge.synth.vits_engine import VitsEngine
 from edge.voices import exported_variants
@@ -43,24 +44,32 @@ def default_engines(config: NodeConfig) -> list[Engine]:
     exported = exported_variants(config)
     hibari = tuple(v for v in synth.voices if v in bundled_voices())
     piper = tuple(v for v in synth.voices if v in PIPER_VOICES)
-    vits = [exported[v] for v in synth.voices if v in exported and v not in hibari + piper]
-    unknown = [v for v in synth.voices if v not in hibari + piper + tuple(c.voice for c in vits)]
+    vits = [v for v in synth.voices if v in exported and v not in hibari + piper]
+    unknown = [v for v in synth.voices if v not in (*hibari, *piper, *vits)]
     if unknown:
         raise ValueError(
             f"no installed engine or [synth.exports] directory renders voice(s) {unknown} "
             "in [synth] voices"
         )
     providers = choose_providers(synth.providers, Path(config.data_dir) / "trt-cache")
-    for voice, chosen in exported.items():
-        chosen.variant.verify()  # the file is the one the report measured
-        log.info("%s", describe(voice, chosen.export, chosen.variant, chosen.provider))
+    models = Path(config.data_dir) / "models"
+    exported = {v: chosen.pinned(models) for v, chosen in exported.items() if v in synth.voices}
+    for chosen in exported.values():
+        log.info("%s", describe(chosen))
+        if short_name(providers[0]) != chosen.provider:
+            log.warning(
+                "voice %s: variant chosen for %s, which is not installed; running on %s",
+                chosen.voice,
+                chosen.provider,
+                short_name(providers[0]),
+            )
     threads = synth.ort_threads
     engines: list[Engine] = []
     if hibari:
         engines.append(HibariEngine(hibari, threads, providers, exported))
     if piper:
         engines.append(PiperEngine(piper, threads, providers, exported))
-    engines.extend(VitsEngine(chosen, threads, providers) for chosen in vits)
+    engines.extend(VitsEngine(exported[voice], threads, providers) for voice in vits)
     return engines
 
 

@@ -108,6 +108,7 @@ def cmd_node(args: argparse.Namespace) -> int:
     try:
         config = _node_config(args, role)
         Keyring.from_env()
+        for_config(config)  # voices and exported variants, reported here, not as tracebacks
     except (KeyringError, ValueError, OSError) as exc:
         return _fail(str(exc))
     logging.basicConfig(
@@ -171,10 +172,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    return run_export(args.export_args)
+
+
+def run_export(argv: list[str]) -> int:
     # Imported on use: the export step's own dependencies (onnx, torch) are an extra.
     from export.cli import main as export_main
 
-    code: int = export_main(args.export_args)
+    code: int = export_main(argv)
     return code
 
 
@@ -219,7 +224,8 @@ def parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=cmd_bench)
 
     export = sub.add_parser(
-        "export", help="models to ONNX variants with parity and speed reports (see export/)"
+        "export",
+        help="models to ONNX variants with parity and speed reports (see export/)",
     )
     export.add_argument("export_args", nargs=argparse.REMAINDER)
     export.set_defaults(func=cmd_export)
@@ -227,6 +233,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return run_export(argv[1:])  # all of it, --help included, is the export step's
     args = parser().parse_args(argv)
     code: int = args.func(args)
     return code

@@ -45,7 +45,10 @@ class SynthSettings:
     """onnxruntime execution providers to try, best first: "tensorrt", "cuda", "cpu"."""
     exports: dict[str, str] = field(default_factory=dict)
     """Voice -> export directory written by `nearvoice export optimize`: the voice renders
-    the fastest variant there that passed parity on this node's execution provider."""
+    the fastest variant there that passed parity on the first provider in `providers`."""
+    variants: dict[str, str] = field(default_factory=dict)
+    """Voice -> variant name, pinning an export's variant instead of choosing by speed:
+    tiers that pin the same variant render the same URLs."""
 
 
 @dataclass(frozen=True, slots=True)

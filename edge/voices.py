@@ -57,32 +57,50 @@ def with_external(external: Iterable[ExternalSettings]) -> Mapping[str, Voice]:
     return MappingProxyType(voices)
 
 
-def exported_variants(config: NodeConfig) -> dict[str, Chosen]:
-    """The variant each voice of `[synth.exports]` renders on this node's provider: an
-    installed voice's own model exported, or a new voice defined by a `vits` export.
-    Raises ValueError (ExportDirError) for a voice or export directory it cannot use."""
+@functools.lru_cache(maxsize=64)
+def _choice(
+    voice: str, directory: str, provider: str, family: str, base_id: str, pin: str | None
+) -> Chosen:
+    """One load per process and setting: the node's voices and its engines then agree even
+    if the export is replaced between the two."""
     from pathlib import Path
 
     from edge.synth import vits_engine
     from edge.synth.exported import choose
-    from edge.synth.providers import primary
 
+    chosen = choose(voice, Path(directory), provider, family, base_id, pin)
+    if family == vits_engine.FAMILY:
+        model_id = vits_engine.vits_model_id(voice, chosen)
+        chosen = dataclasses.replace(chosen, model_id=model_id)
+    return chosen
+
+
+def exported_variants(config: NodeConfig) -> dict[str, Chosen]:
+    """The variant each voice of `[synth.exports]` renders: an installed voice's own model
+    exported, or a new voice defined by a `vits` export. The variant is chosen for the
+    first configured provider (or pinned in `[synth.variants]`), not for what this host
+    has installed, so that signing and every node with this configuration agree.
+    Raises ValueError (ExportDirError) for a voice or export directory it cannot use."""
+    from edge.synth import vits_engine
+
+    synth = config.synth
     chosen: dict[str, Chosen] = {}
-    if not config.synth.exports:
-        return chosen
-    provider = primary(config.synth.providers)
+    stray = sorted(set(synth.variants) - set(synth.exports))
+    if stray:
+        raise ValueError(f"[synth.variants] names voice(s) without an export: {stray}")
+    provider = synth.providers[0] if synth.providers else "cpu"
     external = {v.name for server in config.external for v in server.voices}
-    for voice, directory in sorted(config.synth.exports.items()):
+    for voice, directory in sorted(synth.exports.items()):
+        if not isinstance(directory, str):
+            raise ValueError(f"[synth.exports] {voice} must be a directory path string")
         if voice in external:
             raise ValueError(f"[synth.exports] names {voice!r}, an external server's voice")
         known = catalog().get(voice)
-        if known is None:
-            # A voice of its own: only what `from-transformers` made can define one.
-            choice = choose(voice, Path(directory), provider, vits_engine.FAMILY, "")
-            model_id = vits_engine.vits_model_id(voice, choice)
-            chosen[voice] = dataclasses.replace(choice, model_id=model_id)
-        else:
-            chosen[voice] = choose(voice, Path(directory), provider, known.engine, known.model_id)
+        # A voice of its own: only what `from-transformers` made can define one.
+        family = known.engine if known else vits_engine.FAMILY
+        base_id = known.model_id if known else ""
+        pin = synth.variants.get(voice)
+        chosen[voice] = _choice(voice, directory, provider, family, base_id, pin)
     return chosen
 
 

@@ -111,14 +111,19 @@ def _sidecar(checkpoint: Path, config: Any) -> dict[str, Any]:
     }
     vocab = checkpoint / "vocab.json"
     if vocab.is_file():
-        data["vocab"] = json.loads(vocab.read_text(encoding="utf-8"))
         tokenizer = checkpoint / "tokenizer_config.json"
-        if tokenizer.is_file():
-            settings = json.loads(tokenizer.read_text(encoding="utf-8"))
-            # VitsTokenizer's defaults where the checkpoint leaves a setting out.
-            data["add_blank"] = bool(settings.get("add_blank", True))
-            data["lowercase"] = bool(settings.get("normalize", True))
-            data["phonemize"] = bool(settings.get("phonemize", True))
+        try:
+            data["vocab"] = json.loads(vocab.read_text(encoding="utf-8"))
+            settings = (
+                json.loads(tokenizer.read_text(encoding="utf-8")) if tokenizer.is_file() else {}
+            )
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptModel(f"{checkpoint}: tokenizer files are not JSON: {exc}") from exc
+        # VitsTokenizer's defaults where the checkpoint leaves a setting out.
+        data["add_blank"] = bool(settings.get("add_blank", True))
+        data["lowercase"] = bool(settings.get("normalize", True))
+        data["phonemize"] = bool(settings.get("phonemize", True))
+        data["is_uroman"] = bool(settings.get("is_uroman", False))
     return data
 
 

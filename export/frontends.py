@@ -188,7 +188,7 @@ def detect(model: Path, config: Path | None = None) -> Frontend:
         path = config or model.with_name(VITS_SIDECAR)
         data = _json(path, "vits config")
         try:
-            tokenizer = CharTokenizer.from_sidecar(data)
+            tokenizer = CharTokenizer.from_sidecar(data, require_vocab=False)
             rate = int(data["sample_rate"])
         except UnsupportedTokenizer as exc:
             raise UnsupportedArchitecture(f"{path}: {exc}") from exc

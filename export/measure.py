@@ -18,14 +18,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edge.synth.providers import NAMES
 from edge.synth.providers import session as engine_session
 from export.frontends import Audio, Feeds, Frontend
 
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+PROVIDERS = NAMES
 
 N_FFT = 1024  # samples per STFT frame
 HOP = 256  # samples between frames
@@ -82,9 +79,14 @@ class Speed:
 
 
 def session(model: Path, provider: str = "cpu", threads: int = 1, options: Any = None) -> Any:
-    """A session as the engines build one, on one provider only (no silent CPU fallback
-    for GPU rows: a node the provider cannot run would make the timing meaningless)."""
-    return engine_session(model, threads, [(PROVIDERS[provider], options or {})])
+    """A session as the engines build one, on one provider only. onnxruntime falls back
+    to the CPU when a provider cannot start, which would make a GPU row a CPU timing:
+    that is an error here."""
+    loaded = engine_session(model, threads, [(PROVIDERS[provider], options or {})])
+    running = loaded.get_providers()
+    if not running or running[0] != PROVIDERS[provider]:
+        raise RuntimeError(f"{provider} did not start; onnxruntime runs {running}")
+    return loaded
 
 
 def render(

@@ -20,6 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from edge.synth import exported
+from edge.synth.exported import REFERENCE
 from export.errors import CorruptModel, ExportError, ParityFailure
 from export.frontends import Audio, Feeds, Frontend, detect
 from export.measure import PROVIDERS, Speed, Thresholds, parity, render, session
@@ -27,7 +28,7 @@ from export.report import chart, markdown, write_manifest
 from export.sentences import SENTENCES
 from export.staging import staged_dir
 from export.tensorrt import check, simplify
-from export.variants import REFERENCE, SIMPLIFIED, Recipe, SkipVariant, recipes
+from export.variants import SIMPLIFIED, Recipe, SkipVariant, recipes
 
 
 @dataclass
@@ -76,10 +77,13 @@ def _time_on(
     model: Path,
     frontend: Frontend,
     encoded: Sequence[Sequence[Feeds]],
+    refs: Sequence[Audio],
     opts: Options,
     trt_options: dict[str, str],
     cache: Path,
 ) -> dict[str, Any]:
+    """A speed row for a GPU provider, with parity of that provider's audio against the
+    CPU reference: fp16 can pass on the CPU and fail where its kernels really are fp16."""
     threads = opts.threads if provider == "cpu" else 1
     provider_options: dict[str, Any] = {}
     if provider == "tensorrt":
@@ -95,7 +99,9 @@ def _time_on(
         audios, wall, _ = render(sess, frontend, encoded, opts.repeats)
     except Exception as exc:  # onnxruntime's provider errors have no public type
         return {"provider": provider, "error": str(exc).splitlines()[0][:300]}
-    return Speed(provider, threads, _audio_seconds(audios, frontend.sample_rate), wall).as_dict()
+    row = Speed(provider, threads, _audio_seconds(audios, frontend.sample_rate), wall).as_dict()
+    result = parity(refs, audios, frontend.sample_rate, opts.thresholds)
+    return {**row, "parity_passed": result.passed, "snr_db_min": round(result.snr_db_min, 2)}
 
 
 def optimize(
@@ -110,7 +116,10 @@ def optimize(
     if "cpu" not in providers:
         providers = ["cpu", *providers]
     sentences = tqdm(opts.sentences, desc="encoding", disable=not opts.progress, leave=False)
-    encoded = [frontend.encode(s) for s in sentences]
+    try:
+        encoded = [frontend.encode(s) for s in sentences]
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CorruptModel(f"the text front end fails on this model's config: {exc!r}") from exc
     if not any(encoded):
         raise ParityFailure("the front end produced no input for any sentence")
 
@@ -131,17 +140,21 @@ def optimize(
 
         # Simplification is kept only if the simplified graph renders what the source does.
         simplified = stage / SIMPLIFIED
-        record = simplify(reference, simplified)
         base = reference
-        if record.get("applied"):
-            audios, _, _ = render(session(simplified), frontend, encoded)
-            result = parity(refs, audios, frontend.sample_rate, opts.thresholds)
-            record["parity"] = result.as_dict()
-            if result.passed:
-                base = simplified
-            else:
-                record["applied"] = False
-                record["reason"] = "parity failed after simplification"
+        try:
+            record = simplify(reference, simplified)
+            if record.get("applied"):
+                audios, _, _ = render(session(simplified), frontend, encoded)
+                result = parity(refs, audios, frontend.sample_rate, opts.thresholds)
+                record["parity"] = result.as_dict()
+                if result.passed:
+                    base = simplified
+                else:
+                    record["applied"] = False
+                    record["reason"] = "parity failed after simplification"
+        except Exception as exc:  # a simplifier bug must not cost the other variants
+            simplified.unlink(missing_ok=True)
+            record = {"applied": False, "reason": f"simplification failed: {exc!r}"[:300]}
         steps.update()
         trt = check(base, encoded, opts.max_tokens)
         trt.simplify = record
@@ -185,6 +198,7 @@ def optimize(
                         path,
                         frontend,
                         encoded,
+                        refs,
                         opts,
                         trt.provider_options,
                         stage / "trt-cache",

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edge.synth.exported import REFERENCE
+from export.errors import ExportError
+
 FP16_KEEP_FP32 = (
     # onnxruntime's own list (ops without fp16 kernels or with integer semantics) ...
     "Range",
@@ -252,7 +255,6 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("fp16", half_precision, ("cpu", "cuda", "tensorrt"), "fp16, fp32 I/O and blocklist"),
     Recipe("int8", int8_dynamic, ("cpu",), "dynamic int8 on MatMul/Gemm weights"),
 )
-REFERENCE = "fp32"
 
 
 def recipes(names: list[str] | None = None) -> list[Recipe]:
@@ -262,6 +264,6 @@ def recipes(names: list[str] | None = None) -> list[Recipe]:
     by_name = {r.name: r for r in RECIPES}
     unknown = [n for n in names if n not in by_name]
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; known: {list(by_name)}")
+        raise ExportError(f"unknown variant(s) {unknown}; known: {list(by_name)}")
     ordered = [REFERENCE, *[n for n in names if n != REFERENCE]]
     return [by_name[n] for n in ordered]

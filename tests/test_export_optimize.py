@@ -12,7 +12,7 @@ import pytest
 
 from edge.synth import exported
 from edge.synth.piper_engine import BUNDLED
-from export.errors import CorruptModel
+from export.errors import CorruptModel, ExportError
 from export.measure import Thresholds
 from export.optimize import Options, optimize
 from export.sentences import SENTENCES
@@ -170,7 +170,7 @@ def test_a_failed_run_keeps_the_previous_export(tiny_optimized: Path, tmp_path: 
 
 
 def test_unknown_variant_names_are_refused(tiny_export: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="bf16"):
+    with pytest.raises(ExportError, match="bf16"):
         optimize(tiny_export / "model.onnx", tmp_path / "o", opts=Options(variants=["bf16"]))
 
 
@@ -186,8 +186,35 @@ def test_a_model_that_does_not_render_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_out_may_not_contain_the_model(tiny_export: Path) -> None:
-    from export.errors import ExportError
-
     with pytest.raises(ExportError, match="contains the model"):
         optimize(tiny_export / "model.onnx", tiny_export, opts=Options(progress=False))
     assert (tiny_export / "model.onnx").is_file()
+
+
+def test_cli_unknown_variant_is_an_error_with_a_code(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from edge.cli import main as nearvoice
+
+    args = ["export", "optimize", str(tiny_export / "model.onnx"), "--out", str(tmp_path / "o")]
+    assert nearvoice([*args, "--variants", "bf16"]) == 1
+    assert "[export_failed]" in capsys.readouterr().err
+
+
+def test_cli_help_is_the_export_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    from edge.cli import main as nearvoice
+
+    with pytest.raises(SystemExit):
+        nearvoice(["export", "--help"])
+    assert "from-transformers" in capsys.readouterr().out
+
+
+def test_a_provider_that_does_not_start_gets_an_error_row(
+    tiny_export: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "o"
+    opts = Options(repeats=1, variants=["fp32"], providers=["cpu", "cuda"], progress=False)
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
+        optimize(tiny_export / "model.onnx", out, opts=opts)
+    cuda = by_name(manifest_of(out))["fp32"]["speed"]["cuda"]
+    assert "error" in cuda and "x_realtime" not in cuda

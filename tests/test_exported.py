@@ -21,7 +21,9 @@ def write_export(root: Path, variants: list[dict[str, Any]], family: str = "pipe
     return root
 
 
-def variant(name: str, passed: bool = True, **speeds: float) -> dict[str, Any]:
+def variant(
+    name: str, passed: bool = True, deterministic: bool = True, **speeds: float
+) -> dict[str, Any]:
     import hashlib
 
     return {
@@ -29,6 +31,7 @@ def variant(name: str, passed: bool = True, **speeds: float) -> dict[str, Any]:
         "file": f"{name}.onnx",
         "sha256": hashlib.sha256(name.encode()).hexdigest(),
         "parity": {"passed": passed},
+        "deterministic": deterministic,
         "speed": {p: {"x_realtime": x} for p, x in speeds.items()},
     }
 
@@ -104,3 +107,57 @@ def test_the_tensorrt_profile_travels_with_the_choice(tmp_path: Path) -> None:
     chosen = choose("joe", root, "tensorrt", "piper", "piper-joe-medium@x")
     trt = chosen.providers([("TensorrtExecutionProvider", {}), "CPUExecutionProvider"])
     assert trt[0] == ("TensorrtExecutionProvider", {"trt_profile_opt_shapes": "input:1x64"})
+
+
+def test_a_nondeterministic_variant_is_never_picked(tmp_path: Path) -> None:
+    root = write_export(
+        tmp_path / "e", [variant("fp32", cpu=10), variant("fp16", deterministic=False, cpu=30)]
+    )
+    assert select(load(root), "cpu").name == "fp32"
+
+
+def test_the_reference_stays_unless_beaten_by_the_margin(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10.0), variant("fp32-opt", cpu=10.4)])
+    assert select(load(root), "cpu").name == "fp32"
+
+
+def test_a_variant_failing_parity_on_a_provider_is_not_picked_there(tmp_path: Path) -> None:
+    fp16 = variant("fp16", cpu=5, cuda=90)
+    fp16["speed"]["cuda"]["parity_passed"] = False
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10, cuda=40), fp16])
+    assert select(load(root), "cuda").name == "fp32"
+
+
+def test_a_pinned_variant_is_used_whatever_its_speed(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10), variant("fp16", cpu=5)])
+    assert select(load(root), "cpu", pin="fp16").name == "fp16"
+
+
+def test_a_pinned_variant_must_have_passed_parity(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10), variant("int8", False, cpu=5)])
+    with pytest.raises(ExportDirError, match="failed parity"):
+        select(load(root), "cpu", pin="int8")
+
+
+def test_a_pinned_variant_must_exist(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10)])
+    with pytest.raises(ExportDirError, match="no variant 'bf16'"):
+        select(load(root), "cpu", pin="bf16")
+
+
+def test_a_pinned_copy_keeps_running_when_the_export_changes(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10)])
+    chosen = choose("joe", root, "cpu", "piper", "piper-joe-medium@x").pinned(tmp_path / "m")
+    (root / "fp32.onnx").write_bytes(b"replaced")
+    assert chosen.variant.path.parent == tmp_path / "m"
+    assert chosen.variant.path.read_bytes() == b"fp32"
+    chosen.variant.verify()
+
+
+def test_a_changed_file_is_never_pinned(tmp_path: Path) -> None:
+    root = write_export(tmp_path / "e", [variant("fp32", cpu=10)])
+    chosen = choose("joe", root, "cpu", "piper", "piper-joe-medium@x")
+    (root / "fp32.onnx").write_bytes(b"replaced")
+    with pytest.raises(ExportDirError, match="sha256"):
+        chosen.pinned(tmp_path / "m")
+    assert list((tmp_path / "m").iterdir()) == []

@@ -179,3 +179,45 @@ def test_a_node_with_exports_imports_no_export_dependencies(
         timeout=120,
     )
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_variant_follows_the_configured_provider_not_the_host(
+    joe_export: Path, tmp_path: Path
+) -> None:
+    config = make_config(
+        tmp_path,
+        synth=SynthSettings(providers=("tensorrt", "cpu"), exports={"joe": str(joe_export)}),
+    )
+    # The export measured no TensorRT rows, so a TensorRT tier runs the reference, even
+    # on this CPU-only host, and every CPU-only signer agrees.
+    fp32 = next(v for v in exported.load(joe_export).variants if v.name == "fp32")
+    assert for_config(config)["joe"].model_id == f"piper-joe-medium.fp32@{fp32.sha256}"
+
+
+def test_a_pinned_variant_names_the_voice(joe_export: Path, tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path,
+        synth=SynthSettings(exports={"joe": str(joe_export)}, variants={"joe": "fp16"}),
+    )
+    assert for_config(config)["joe"].model_id.startswith("piper-joe-medium.fp16@")
+
+
+def test_engines_run_a_private_copy_of_the_variant(joe_export: Path, tmp_path: Path) -> None:
+    config = exports_config(tmp_path, joe_export)
+    (engine,) = default_engines(config)
+    assert isinstance(engine, PiperEngine)
+    copies = list((tmp_path / "node" / "models").iterdir())
+    selected = exported.select(exported.load(joe_export), "cpu")
+    assert [c.name for c in copies] == [f"{selected.sha256}.onnx"]
+
+
+def test_a_node_with_a_broken_export_fails_to_start_with_a_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    config = tmp_path / "edge.toml"
+    config.write_text(f'[synth.exports]\njoe = "{tmp_path / "missing"}"\n')
+    monkeypatch.setenv("NEARVOICE_KEYS", "k1:" + "s" * 43)
+    code = nearvoice(["edge", "--config", str(config), "--data-dir", str(tmp_path / "d")])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "no manifest.json" in err and "Traceback" not in err

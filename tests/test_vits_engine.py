@@ -56,6 +56,21 @@ def test_phonemizing_tokenizers_are_refused() -> None:
         CharTokenizer.from_sidecar({"vocab": {"a": 1}, "phonemize": True})
 
 
+def test_romanizing_tokenizers_are_refused() -> None:
+    with pytest.raises(UnsupportedTokenizer, match="uroman"):
+        CharTokenizer.from_sidecar({"vocab": {"a": 1}, "is_uroman": True})
+
+
+def test_an_engine_needs_a_vocabulary() -> None:
+    with pytest.raises(UnsupportedTokenizer, match="vocab"):
+        CharTokenizer.from_sidecar({"sample_rate": 16000})
+
+
+def test_without_normalization_unknown_characters_are_unk() -> None:
+    tokenizer = CharTokenizer(vocab={"<unk>": 3, "a": 5}, add_blank=False, lowercase=False)
+    assert tokenizer.ids("aXa") == [5, 3, 5]
+
+
 def test_chunks_split_sentences_and_long_runs() -> None:
     assert chunks("One. Two! Three?") == ["One.", "Two!", "Three?"]
     long = " ".join(["word"] * 200)
@@ -64,7 +79,7 @@ def test_chunks_split_sentences_and_long_runs() -> None:
     assert " ".join(pieces) == long
 
 
-def test_without_a_vocabulary_ids_depend_only_on_the_text() -> None:
+def test_measurement_without_a_vocabulary_uses_ids_of_the_text() -> None:
     tokenizer = CharTokenizer(vocab_size=40)
     assert tokenizer.ids("abc") == tokenizer.ids("abc")
     assert tokenizer.ids("abc") != tokenizer.ids("abd")

@@ -12,7 +12,7 @@ from typing import Any
 
 log = logging.getLogger("nearvoice.providers")
 
-_NAMES = {
+NAMES = {  # short name -> onnxruntime's provider name
     "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
     "cpu": "CPUExecutionProvider",
@@ -29,14 +29,14 @@ def available() -> list[str]:
 def choose(preference: tuple[str, ...], cache_dir: Path | None = None) -> list[Any]:
     """The provider list to give an InferenceSession: every preferred provider that is
     installed, in order, always ending with CPU (onnxruntime falls back node by node)."""
-    unknown = [p for p in preference if p not in _NAMES]
+    unknown = [p for p in preference if p not in NAMES]
     if unknown:
-        raise ValueError(f"unknown execution provider(s) {unknown}; known: {sorted(_NAMES)}")
+        raise ValueError(f"unknown execution provider(s) {unknown}; known: {sorted(NAMES)}")
     installed = set(available())
     chosen: list[Any] = []
     for name in preference:
-        provider = _NAMES[name]
-        if provider not in installed or provider == _NAMES["cpu"]:
+        provider = NAMES[name]
+        if provider not in installed or provider == NAMES["cpu"]:
             continue
         if name == "tensorrt":
             cache = cache_dir or Path(".nearvoice/trt-cache")
@@ -49,7 +49,7 @@ def choose(preference: tuple[str, ...], cache_dir: Path | None = None) -> list[A
             )
         else:
             chosen.append(provider)
-    chosen.append(_NAMES["cpu"])
+    chosen.append(NAMES["cpu"])
     return chosen
 
 
@@ -58,7 +58,7 @@ def primary(preference: tuple[str, ...]) -> str:
     is installed (no side effects, unlike `choose`)."""
     installed = set(available())
     for name in preference:
-        if _NAMES.get(name) in installed:
+        if NAMES.get(name) in installed:
             return name
     return "cpu"
 
@@ -72,7 +72,7 @@ def with_profile(providers: list[Any], profile: dict[str, str]) -> list[Any]:
     merged: list[Any] = []
     for provider in providers:
         name = provider[0] if isinstance(provider, tuple) else provider
-        if name == _NAMES["tensorrt"]:
+        if name == NAMES["tensorrt"]:
             options = dict(provider[1]) if isinstance(provider, tuple) else {}
             merged.append((name, {**options, **profile}))
         else:
@@ -96,7 +96,7 @@ def session(model: Path | str, threads: int, providers: list[Any]) -> Any:
 def short_name(provider: Any) -> str:
     """ "cuda" for "CUDAExecutionProvider" (or a (name, options) pair)."""
     name = provider[0] if isinstance(provider, tuple) else str(provider)
-    for short, full in _NAMES.items():
+    for short, full in NAMES.items():
         if full == name:
             return short
     return name

@@ -18,8 +18,9 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.synth.engine import Audio
+from edge.synth.exported import ExportDirError
 from edge.synth.providers import session, short_name
-from edge.synth.vits_text import CharTokenizer, chunks
+from edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
 
 if TYPE_CHECKING:
     from edge.synth.exported import Chosen
@@ -51,9 +52,14 @@ class VitsEngine:
 
     def __init__(self, chosen: Chosen, threads: int = 1, providers: list[Any] | None = None):
         if chosen.export.family != FAMILY:
-            raise ValueError(f"{chosen.export.path} is a {chosen.export.family} export")
-        sidecar = json.loads(chosen.sidecar(VITS_SIDECAR).read_text(encoding="utf-8"))
-        self._tokenizer = CharTokenizer.from_sidecar(sidecar)
+            raise ExportDirError(f"{chosen.export.path} is a {chosen.export.family} export")
+        path = chosen.sidecar(VITS_SIDECAR)
+        try:
+            self._tokenizer = CharTokenizer.from_sidecar(
+                json.loads(path.read_text(encoding="utf-8"))
+            )
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, UnsupportedTokenizer) as exc:
+            raise ExportDirError(f"voice {chosen.voice}: {path}: {exc}") from exc
         self._chosen = chosen
         self.voices: tuple[str, ...] = (chosen.voice,)
         self.sample_rate: int = chosen.export.sample_rate

@@ -17,6 +17,9 @@ MAX_CHARS = 400
 """Longest chunk the model sees at once; longer sentences are cut at spaces."""
 
 
+UNKNOWN = "<unk>"
+
+
 class UnsupportedTokenizer(ValueError):
     """A tokenizer setting this front end does not implement."""
 
@@ -30,12 +33,23 @@ class CharTokenizer:
     """Used only without a vocabulary (test checkpoints): ids from the text's hash."""
 
     @classmethod
-    def from_sidecar(cls, data: Mapping[str, Any]) -> CharTokenizer:
-        """From the `vits.json` that `nearvoice export from-transformers` writes."""
+    def from_sidecar(cls, data: Mapping[str, Any], require_vocab: bool = True) -> CharTokenizer:
+        """From the `vits.json` that `nearvoice export from-transformers` writes. Without
+        `require_vocab`, a checkpoint that has no tokenizer gets hash ids (measurement
+        only: such a voice would say nothing meaningful)."""
         if data.get("phonemize"):
             raise UnsupportedTokenizer(
                 "this checkpoint's tokenizer phonemizes text (phonemizer + espeak); "
                 "only character tokenizers are supported"
+            )
+        if data.get("is_uroman"):
+            raise UnsupportedTokenizer(
+                "this checkpoint's tokenizer romanizes text with uroman first; "
+                "only character tokenizers are supported"
+            )
+        if require_vocab and not data.get("vocab"):
+            raise UnsupportedTokenizer(
+                "no vocabulary: export the checkpoint with its tokenizer files (vocab.json)"
             )
         return cls(
             vocab={str(k): int(v) for k, v in dict(data.get("vocab", {})).items()},
@@ -51,9 +65,14 @@ class CharTokenizer:
             digest = hashlib.sha256(text.encode("utf-8")).digest()
             size = max(2, self.vocab_size)
             return [1 + b % (size - 1) for b in digest[: max(4, len(text) // 2)]]
-        text = text.lower() if self.lowercase else text
-        chars = "".join(c for c in text if c in self.vocab).strip()
-        ids = [self.vocab[c] for c in chars]
+        if self.lowercase:
+            # normalize=True: lowercase, drop what the vocabulary cannot say, trim
+            chars = "".join(c for c in text.lower() if c in self.vocab).strip()
+            ids = [self.vocab[c] for c in chars]
+        else:
+            # normalize=False: every character, unknown ones as <unk> where there is one
+            unknown = self.vocab.get(UNKNOWN)
+            ids = [i for i in (self.vocab.get(c, unknown) for c in text) if i is not None]
         if not self.add_blank or not ids:
             return ids
         spaced = [0] * (2 * len(ids) + 1)
