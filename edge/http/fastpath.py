@@ -60,9 +60,10 @@ _REQUEST_LINE = re.compile(rb"GET (/v1/speech/[0-9a-f]{64}\.[a-z0-9]{1,8}\?[!-~]
 # Any request line aiohttp might take: enough to tell whether a head has a body.
 _ANY_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) [!-~]+ HTTP/1\.[01]")
 # RFC 9112 section 5: field-line = field-name ":" OWS field-value OWS, names being tokens
-# (RFC 9110 section 5.6.2). Values are held to visible ASCII and inner spaces here; a
-# value with obs-text or control characters goes to aiohttp's parser, which decides.
-_FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+):[ \t]*((?:[!-~]+[ \t]+)*[!-~]+)?[ \t]*")
+# (RFC 9110 section 5.6.2). Held here to leading spaces and a value of visible ASCII with
+# inner spaces, so that the value is the same however a parser trims whitespace; a tab,
+# trailing whitespace, obs-text or a control character sends the head to aiohttp.
+_FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+): *((?:[!-~]+ +)*[!-~]+)?")
 SIMPLE_FIELDS = frozenset(
     (
         b"host",
