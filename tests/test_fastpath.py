@@ -245,6 +245,7 @@ IDENTICAL_RANGES = [
     pytest.param("bytes=99000-200000", id="last-pos-past-end"),
     pytest.param("Bytes=0-1", id="capitalized-unit"),
     pytest.param("bytes= 3-4", id="spaces"),
+    pytest.param("   bytes=0-9", id="leading-spaces"),
     pytest.param("items=0-1", id="unknown-unit-ignored"),
     pytest.param("bytes=0-1,1-", id="overlap-above-length-ignored"),
 ]
@@ -304,6 +305,9 @@ FALLBACK_FIELDS = [
     pytest.param([("X-Custom", "1")], id="unknown-field"),
     pytest.param([("Connection", "keep-alive, x-custom")], id="connection-option"),
     pytest.param([("Range", "bytes=0-\x80")], id="obs-text"),
+    pytest.param([("Range", "bytes=0-1\t")], id="trailing-tab"),
+    pytest.param([("Range", "bytes=0-1 ")], id="trailing-space"),
+    pytest.param([("Range", "bytes=0-1,\t3-4")], id="inner-tab"),
 ]
 
 
@@ -449,20 +453,25 @@ async def test_bare_lf_request_is_not_held_back(pair: Pair) -> None:
     await assert_fallback_and_identical(pair, head)
 
 
-async def hang_up_after(pair: Pair, sent: bytes) -> None:
+async def still_serving_after_hang_up(pair: Pair, sent: bytes) -> None:
+    """Sends `sent` and resets the connection at once; the edge then still gives the next
+    client the fast answer. (Whether the reset came before the server read `sent` is the
+    kernel's business, so the counter is only known to have grown.)"""
     conn = await Connection.open(pair.fast.client)
     await conn.send(sent)
     conn.writer.transport.abort()
+    head = head_of(pair.url, ("Range", "bytes=0-9"))
+    ours, theirs = await pair.both(head)
+    assert ours == theirs
+    assert pair.fast.fast >= 1
 
 
 async def test_client_that_hangs_up_after_asking_leaves_the_server_serving(pair: Pair) -> None:
-    await hang_up_after(pair, head_of(pair.url))
-    await assert_fast_and_identical(pair, head_of(pair.url, ("Range", "bytes=0-9")))
+    await still_serving_after_hang_up(pair, head_of(pair.url))
 
 
 async def test_client_that_hangs_up_mid_head_leaves_the_server_serving(pair: Pair) -> None:
-    await hang_up_after(pair, head_of(pair.url)[:30])
-    await assert_fast_and_identical(pair, head_of(pair.url, ("Range", "bytes=0-9")))
+    await still_serving_after_hang_up(pair, head_of(pair.url)[:30])
 
 
 async def test_idle_connection_closes_after_the_keep_alive_timeout(
