@@ -79,10 +79,8 @@ SIMPLE_FIELDS = frozenset(
 content negotiation (one representation, never compressed), User-Agent, Range (evaluated
 here by the same `parse_range`), and Connection when it says `keep-alive`."""
 # RFC 9112 section 6.3: a request has a body only with Content-Length or Transfer-Encoding;
-# after Upgrade (section 9.9 of RFC 9110) the bytes may not be HTTP at all.
+# after Upgrade (RFC 9110 section 7.8) the bytes may not be HTTP at all.
 _FRAMING_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"upgrade"))
-
-log = logging.getLogger("nearvoice.fastpath")
 
 
 def fast_path_enabled(node: Node) -> bool:
