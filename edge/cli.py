@@ -74,9 +74,8 @@ def _node_config(args: argparse.Namespace, role: Role) -> NodeConfig:
 
 
 def _serve(config: NodeConfig, reuse_port: bool) -> None:
-    from aiohttp import web
-
     from edge.app import create_app
+    from edge.http.fastpath import run
 
     try:
         import uvloop
@@ -92,15 +91,8 @@ def _serve(config: NodeConfig, reuse_port: bool) -> None:
     else:
         app = create_app(config, keyring)
     access_log = logging.getLogger("aiohttp.access") if config.http.access_log else None
-    web.run_app(
-        app,
-        host=config.host,
-        port=config.port,
-        reuse_port=reuse_port or None,
-        access_log=access_log,
-        print=None,
-        handle_signals=True,
-    )
+    # aiohttp's run_app with the fast path's runner (edge.http.fastpath).
+    run(app, host=config.host, port=config.port, reuse_port=reuse_port, access_log=access_log)
 
 
 def cmd_node(args: argparse.Namespace) -> int:

@@ -62,7 +62,9 @@ class HttpSettings:
     max_line_size: int = 65536
     """Bytes allowed in the request line: sealed specs of long texts make long URLs."""
     access_log: bool = False
-    """Log every request (the hot path is faster without)."""
+    """Log every request (the hot path is faster without; logging turns the fast path off)."""
+    fast_path: bool = True
+    """Answer simple in-memory hits beneath aiohttp's request machinery (edge.http.fastpath)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from edge.cache.fill import Fill, FillFailed, FillState
-from edge.cache.hot import HotTier, PurgeStamp, SharedFile
+from edge.cache.hot import HotEntry, HotTier, PurgeStamp, SharedFile
 from edge.cache.hotkeys import SpaceSaving
 from edge.cache.meta import ObjectMeta
 from edge.cache.store import DiskStore, Outcome
@@ -173,6 +173,21 @@ class Node:
             self.metrics.token_rejections.labels(exc.code).inc()
             raise
 
+    def remembered(self, target: str, client_ip: str | None, now: float) -> Grant | None:
+        """The grant of a URL already verified under exactly this request target, if it
+        still passes the per-request checks (expiry, client address); None otherwise,
+        with nothing counted: the caller then takes the full path through `authorize`,
+        which checks and counts the refusal itself. For the fast path only, which never
+        sees node-signed requests."""
+        grant = self._grants.get(target)
+        if grant is None:
+            return None
+        try:
+            check_use(grant, client_ip=client_ip, now=now, skew=self.config.http.clock_skew)
+        except RequestError:
+            return None
+        return grant
+
     def _verify_url(self, key: str, ext: str, query: Mapping[str, str], repeated: bool) -> Grant:
         if not KEY_RE.fullmatch(key):
             raise BadRequest("malformed_key", "key must be 64 lowercase hex characters")
@@ -200,12 +215,7 @@ class Node:
         still on disk comes back marked stale, for stale-if-error; `hit=False` looks
         without counting a hit (prefetch)."""
         now = time.time()
-        if self.config.workers > 1 and now - self._purge_checked > PURGE_CHECK_INTERVAL:
-            # A sibling worker's purge must also empty this worker's hot tier.
-            self._purge_checked = now
-            if self.purges.changed():
-                self.hot.clear()
-        entry = self.hot.get(key, now)
+        entry = self.hot_entry(key, now)
         if entry is None:
             loop = asyncio.get_running_loop()
             opened = await loop.run_in_executor(
@@ -220,9 +230,23 @@ class Node:
                 return Held(opened.meta, opened.body, file, stale=True)
             entry = self.hot.put(opened.meta, body=opened.body, fd=opened.fd, now=now)
         if hit:
-            self._recent.add(key)
-            self.hotkeys.add(key)
+            self.count_hit(key)
         return Held(entry.meta, entry.body, entry.file)
+
+    def hot_entry(self, key: str, now: float) -> HotEntry | None:
+        """The hot tier's fresh entry for `key`, without counting a hit; the synchronous
+        first step of `lookup`, shared with the fast path (edge.http.fastpath)."""
+        if self.config.workers > 1 and now - self._purge_checked > PURGE_CHECK_INTERVAL:
+            # A sibling worker's purge must also empty this worker's hot tier.
+            self._purge_checked = now
+            if self.purges.changed():
+                self.hot.clear()
+        return self.hot.get(key, now)
+
+    def count_hit(self, key: str) -> None:
+        """Records a hit on `key` for the recency write-back and the hot-keys report."""
+        self._recent.add(key)
+        self.hotkeys.add(key)
 
     # -- misses ---------------------------------------------------------------------------
     def running_fill(self, grant: Grant) -> Fill | None:

@@ -18,13 +18,15 @@ from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.web_runner import BaseRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge.cache.meta import ObjectMeta, etag_for
 from edge.config import NodeConfig, SynthSettings
 from edge.formats import AudioFormat
 from edge.handlers.keys import NODE
+from edge.http.fastpath import EdgeRunner, FastServer
 from edge.keyring import Keyring
 from edge.node import Node
 from edge.policy import Policy, Retention
@@ -195,3 +197,22 @@ async def wait_process_ready(
                     if resp.status == 200:
                         return
             await asyncio.sleep(0.1)
+
+
+class EdgeTestServer(TestServer):
+    """aiohttp's test server on the node's own runner, as `nearvoice edge` serves: the
+    fast path (edge.http.fastpath) is live when the config enables it. `runner_kwargs`
+    go to the runner (e.g. keepalive_timeout)."""
+
+    def __init__(self, app: web.Application, **runner_kwargs: Any) -> None:
+        super().__init__(app)
+        self._runner_kwargs = runner_kwargs
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        return EdgeRunner(self.app, **{**kwargs, **self._runner_kwargs})
+
+
+def fast_answers(client: TestClient[Any, Any]) -> int:
+    """Requests the client's server answered on the fast path (0 when it has none)."""
+    server = client.server.handler
+    return server.fast_answers if isinstance(server, FastServer) else 0

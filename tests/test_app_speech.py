@@ -3,7 +3,7 @@
 Rejections: every bad URL gets the right status and a JSON `error` code, and nothing is
 stored or rendered. Delivery: validators, Cache-Control, preconditions, Range, HEAD and
 multipart framing, over both the in-memory body path and the file-descriptor path, with
-sendfile on and off.
+sendfile on and off, and with the fast path (edge/http/fastpath.py) on and off.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ from edge.policy import Policy
 from edge.spec import Spec
 from edge.token import speech_path
 from tests.support import (
+    EdgeTestServer,
+    fast_answers,
     forge,
     make_config,
     make_keyring,
@@ -398,6 +400,11 @@ def use_sendfile(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
+@pytest.fixture(params=[True, False], ids=["fast-path", "no-fast-path"])
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 MakeServed = Callable[..., Awaitable[Served]]
 
 
@@ -408,20 +415,27 @@ def make_served(
     keyring: Keyring,
     body_path: str,
     use_sendfile: bool,
+    fast_path: bool,
 ) -> MakeServed:
     async def build(policy: Policy = Policy.HOT, fmt: AudioFormat = AudioFormat.WAV) -> Served:
         hot = HotSettings(max_object_bytes=SMALL_HOT_LIMIT) if body_path == "descriptor" else None
         config = make_config(
             tmp_path,
-            http=HttpSettings(sendfile=use_sendfile),
+            http=HttpSettings(sendfile=use_sendfile, fast_path=fast_path),
             **({"hot": hot} if hot else {}),
         )
         app = create_app(config, keyring, engines=[])
-        client = await aiohttp_client(app)
+        client = await aiohttp_client(EdgeTestServer(app))
         spec = make_spec(fmt=fmt)
         body = payload(OBJECT_LENGTH, seed=7)
         meta = put_object(app, spec, body, policy=policy)
         url = sign(keyring, spec, policy=policy)
+        if fast_path:
+            # The URL's first request is verified on the ordinary path; warm the memo and
+            # the hot tier so the tests' own requests can take the fast path.
+            async with client.get(url) as resp:
+                assert resp.status == 200
+                await resp.read()
         return Served(app, client, keyring, spec, meta, body, url, body_path)
 
     return build
@@ -446,6 +460,16 @@ async def test_body_path_is_the_one_under_test(served: Served) -> None:
         assert entry.body is not None and entry.file is None
     else:
         assert entry.body is None and entry.file is not None
+
+
+async def test_plain_hits_take_the_fast_path_when_it_is_on(served: Served, fast_path: bool) -> None:
+    """Only objects held in memory are answered by the fast path."""
+    for range_value in ("bytes=0-99", "bytes=-10"):
+        async with served.client.get(served.url, headers={"Range": range_value}) as resp:
+            assert resp.status == 206
+            await resp.read()
+    taken = fast_path and served.path_kind == "memory"
+    assert fast_answers(served.client) == (2 if taken else 0)
 
 
 async def test_full_get_sends_the_object(served: Served) -> None:

@@ -117,7 +117,13 @@ def check_preconditions(
     return None
 
 
-def _direct(meta: ObjectMeta, policy: Policy, body: bytes, ranges: list[ByteRange]) -> Delivered:
+def direct_parts(
+    meta: ObjectMeta, policy: Policy, body: bytes, ranges: list[ByteRange]
+) -> tuple[HTTPStatus, bytes, bytes, memoryview | bytes]:
+    """A 200 (no ranges) or single-range 206 about an in-memory object, as the parts of
+    `DirectResponse`: status, the per-object header block, this answer's own
+    Content-Range and Content-Length lines, and a zero-copy view of the body. The fast
+    path (edge.http.fastpath) writes the very same parts."""
     payload: memoryview | bytes
     if ranges:
         start, end = ranges[0]
@@ -130,8 +136,12 @@ def _direct(meta: ObjectMeta, policy: Policy, body: bytes, ranges: list[ByteRang
     else:
         varying = f"Content-Length: {meta.length}\r\n"
         payload, status = body, HTTPStatus.OK
-    response = DirectResponse(status, fixed_head(meta, policy), varying, payload)
-    return Delivered(response, len(payload))
+    return status, fixed_head(meta, policy), varying.encode("latin-1"), payload
+
+
+def _direct(meta: ObjectMeta, policy: Policy, body: bytes, ranges: list[ByteRange]) -> Delivered:
+    status, fixed, varying, payload = direct_parts(meta, policy, body, ranges)
+    return Delivered(DirectResponse(status, fixed, varying, payload), len(payload))
 
 
 async def deliver(

@@ -30,6 +30,13 @@ def can_answer_directly(request: web.BaseRequest) -> bool:
     return request.version == HttpVersion11 and request.keep_alive
 
 
+def direct_head(status: HTTPStatus, fixed: bytes, varying: bytes) -> bytes:
+    """The status line and header section of a direct answer: the per-object block,
+    this answer's own lines, then Server and Date, as aiohttp would add them."""
+    date = f"Date: {rfc822_formatted_time()}\r\n\r\n".encode("latin-1")
+    return b"".join((_REASONS[status], fixed, varying, _SERVER, date))
+
+
 def serialize_headers(headers: dict[str, str]) -> bytes:
     """`Name: value` lines; values come from our own metadata, never from a client."""
     return "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("latin-1")
@@ -37,12 +44,12 @@ def serialize_headers(headers: dict[str, str]) -> bytes:
 
 class DirectResponse(web.StreamResponse):
     def __init__(
-        self, status: HTTPStatus, fixed: bytes, varying: str, payload: memoryview | bytes
+        self, status: HTTPStatus, fixed: bytes, varying: bytes, payload: memoryview | bytes
     ) -> None:
         """`fixed` is the per-object header block; `varying` holds this answer's own
         Content-Range and Content-Length lines."""
         super().__init__(status=status)
-        self._head_parts = (_REASONS[status], fixed, varying.encode("latin-1"))
+        self._head_parts = (status, fixed, varying)
         self._payload = payload
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
@@ -51,10 +58,7 @@ class DirectResponse(web.StreamResponse):
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost before the response")
-        status_line, fixed, varying = self._head_parts
-        date = f"Date: {rfc822_formatted_time()}\r\n\r\n".encode("latin-1")
-        head = b"".join((status_line, fixed, varying, _SERVER, date))
-        transport.writelines((head, self._payload))
+        transport.writelines((direct_head(*self._head_parts), self._payload))
         self._eof_sent = True
         self._keep_alive = True
         writer = request._payload_writer

@@ -1,0 +1,327 @@
+"""The fast path: the commonest cache hit answered beneath aiohttp's request machinery.
+
+A player seeking through a popular line sends `GET /v1/speech/...` with one Range, over
+and over, on a keep-alive connection. On the ordinary path each such hit pays for a
+Request object, the middleware chain, the router and a response object, which together
+cost more than the hit itself. `FastHitHandler`, aiohttp's connection protocol with one
+override, answers such a request straight from `data_received` when every one of these
+holds, and hands the bytes to aiohttp unchanged otherwise:
+
+* the connection is idle: aiohttp's request loop is waiting for the next message, nothing
+  is queued or half-parsed, and writing is not paused (so answers stay in order and
+  back-pressure stays aiohttp's);
+* the bytes are exactly one complete request head (RFC 9112 section 2.1), with no body:
+  `GET <canonical speech path>?<query> HTTP/1.1`, a Host field, and only the fields of
+  `SIMPLE_FIELDS`, each at most once (no conditional field, no `Connection: close`, no
+  node signature);
+* the node verified this exact request target before (`Node.remembered`), and its expiry
+  and client address pass again now; a refusal is left to the ordinary path, which counts
+  it;
+* the object is fresh in the hot tier, held in memory, nothing is rendering it, and the
+  Range is absent or selects one range (416 and multipart answers are the ordinary path's).
+
+The answer is `direct_parts` and `direct_head`: the bytes `DirectResponse` writes for the
+same request on the ordinary path, so status line, headers and body are identical. Hit
+accounting and metrics are those of `edge.handlers.speech`. `EdgeRunner` installs the
+handler (`[http] fast_path`, off with access logging, whose records need a Request), and
+`run` serves an app with it, as `web.run_app` would.
+
+This relies on `RequestHandler` internals of aiohttp 3.14 (its idle waiter, message
+queue, keep-alive deadline); tests/test_fastpath.py fails if they drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from edge.handlers.keys import NODE
+from edge.http.deliver import direct_parts
+from edge.http.direct import direct_head
+from edge.http.ranges import ByteRange, RangeError, parse_range
+from edge.metrics import Result, Source
+from edge.node import Node
+
+KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection is kept: web.run_app's default
+SHUTDOWN_TIMEOUT = 60.0  # seconds requests under way get at shutdown: web.run_app's default
+
+_SPEECH_GET = b"GET /v1/speech/"
+# RFC 9112 section 3: request-line = method SP request-target SP HTTP-version. Only the
+# canonical speech path, with no percent-encoding, so the raw target is the path the
+# router would match; the query must be there, since no URL verifies without one.
+_REQUEST_LINE = re.compile(rb"GET (/v1/speech/[0-9a-f]{64}\.[a-z0-9]{1,8}\?[!-~]+) HTTP/1\.1")
+# Any request line aiohttp might take: enough to tell whether a head has a body.
+_ANY_REQUEST_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+) [!-~]+ HTTP/1\.[01]")
+# RFC 9112 section 5: field-line = field-name ":" OWS field-value OWS, names being tokens
+# (RFC 9110 section 5.6.2). Held here to leading spaces and a value of visible ASCII with
+# inner spaces, so that the value is the same however a parser trims whitespace; a tab,
+# trailing whitespace, obs-text or a control character sends the head to aiohttp.
+_FIELD_LINE = re.compile(rb"([!#$%&'*+.^_`|~0-9A-Za-z-]+): *((?:[!-~]+ +)*[!-~]+)?")
+SIMPLE_FIELDS = frozenset(
+    (
+        b"host",
+        b"user-agent",
+        b"accept",
+        b"accept-encoding",
+        b"accept-language",
+        b"range",
+        b"connection",
+    )
+)
+"""Fields that cannot change the answer to a GET hit: Host (a node is one origin server),
+content negotiation (one representation, never compressed), User-Agent, Range (evaluated
+here by the same `parse_range`), and Connection when it says `keep-alive`."""
+# RFC 9112 section 6.3: a request has a body only with Content-Length or Transfer-Encoding;
+# after Upgrade (RFC 9110 section 7.8) the bytes may not be HTTP at all.
+_FRAMING_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"upgrade"))
+
+
+def fast_path_enabled(node: Node) -> bool:
+    """The switch, and direct answers allowed: access logging needs aiohttp's Request."""
+    return node.config.http.fast_path and node.delivery.direct
+
+
+def _without_body(head: bytes) -> bool:
+    """True when `head` (one complete request head) is a whole request: after aiohttp
+    parses it, its parser holds nothing and the next byte starts a new request."""
+    lines = head.split(b"\r\n")
+    request_line = _ANY_REQUEST_LINE.fullmatch(lines[0])
+    if request_line is None or request_line[1] == b"CONNECT":
+        return False
+    for line in lines[1:]:
+        name, colon, _ = line.partition(b":")
+        if not colon or name.strip().lower() in _FRAMING_FIELDS:
+            return False
+    return True
+
+
+class FastHitHandler(RequestHandler):
+    __slots__ = ("_aligned", "_client_ip", "_node", "_pending", "_server")
+
+    def __init__(self, server: FastServer, node: Node, **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._server = server
+        self._node = node
+        self._pending = b""
+        """The start of a request head that arrived without its end (RFC 9112 section
+        2.1 lets a message arrive in any number of segments)."""
+        self._aligned = True
+        """aiohttp's parser holds no partial message: all it was given so far made
+        complete requests without bodies, so the next byte starts a request head. Once a
+        body, a pipeline or anything unclear went to aiohttp, the connection stays
+        aiohttp's for good."""
+        self._client_ip: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # The client address as aiohttp's BaseRequest.remote reads it.
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, list | tuple):
+            self._client_ip = str(peer[0])
+        elif peer is not None:
+            self._client_ip = str(peer)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._aligned or not data:
+            # b"" comes from aiohttp resuming its own parsing; nothing of ours is in it.
+            super().data_received(data)
+            return
+        buffer = self._pending + data if self._pending else data
+        self._pending = b""
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if self._may_complete(buffer):
+                self._pending = buffer
+                return
+            self._aligned = False
+        elif end + 4 == len(buffer):
+            head = buffer[:end]
+            if self._answer(head):
+                return
+            self._aligned = _without_body(head)
+        else:
+            self._aligned = False  # a body, or pipelined requests: aiohttp's to parse
+        super().data_received(buffer)
+
+    def _may_complete(self, partial: bytes) -> bool:
+        """Whether a head without its end is worth holding back: it may still become a
+        request this path answers, with CRLF line ends only (a bare LF is aiohttp's to
+        judge, and must not leave the client waiting for an end that never comes)."""
+        return (
+            partial[: len(_SPEECH_GET)] == _SPEECH_GET[: len(partial)]
+            and len(partial) < self.max_line_size + self.max_field_size
+            and partial.count(b"\n") == partial.count(b"\r\n")
+        )
+
+    def _idle(self) -> bool:
+        """aiohttp's request loop waits for the next message and owes no answer."""
+        waiter = self._waiter
+        transport = self.transport
+        return (
+            waiter is not None
+            and not waiter.done()
+            and not self._messages
+            and not self._paused  # writing paused: let aiohttp's drain apply back-pressure
+            and not self._buffer_paused
+            and not self._reading_paused
+            and not self._close
+            and not self._force_close
+            and not self._upgraded
+            and self._payload_parser is None
+            and transport is not None
+            and not transport.is_closing()
+        )
+
+    def _answer(self, head: bytes) -> bool:
+        """Answers `head` if it is a simple hit (module docstring); False to hand it on."""
+        started = time.perf_counter()
+        lines = head.split(b"\r\n")
+        request = _REQUEST_LINE.fullmatch(lines[0])
+        if request is None or len(lines[0]) > self.max_line_size or not self._idle():
+            return False
+        range_header: str | None = None
+        seen: set[bytes] = set()
+        for line in lines[1:]:
+            field = _FIELD_LINE.fullmatch(line)
+            if field is None or len(line) > self.max_field_size:
+                return False
+            name = field[1].lower()
+            if name not in SIMPLE_FIELDS or name in seen:
+                return False
+            seen.add(name)
+            value = field[2] or b""
+            if name == b"range":
+                range_header = value.decode("ascii")
+            elif name == b"connection" and value.lower() != b"keep-alive":
+                return False
+        if b"host" not in seen:
+            return False  # RFC 9112 section 3.2: a 400, aiohttp's to send
+        return self._send_hit(request[1].decode("ascii"), range_header, started)
+
+    def _send_hit(self, target: str, range_header: str | None, started: float) -> bool:
+        """`edge.handlers.speech.speech` for a hit in memory, or False before any effect."""
+        node = self._node
+        now = time.time()
+        grant = node.remembered(target, self._client_ip, now)
+        if grant is None or not grant.policy.stored or node.running_fill(grant) is not None:
+            return False
+        key = grant.spec.key
+        entry = node.hot_entry(key, now)
+        if entry is None or entry.body is None:
+            return False
+        meta = entry.meta
+        ranges: list[ByteRange] = []
+        if range_header is not None:
+            try:
+                ranges = parse_range(range_header, meta.length, node.delivery.max_ranges) or []
+            except RangeError:
+                return False  # 416, a JSON answer
+            if len(ranges) > 1:
+                return False  # multipart/byteranges
+        transport = self.transport
+        assert transport is not None  # _idle() checked it
+        node.count_hit(key)
+        status, fixed, varying, payload = direct_parts(meta, grant.policy, entry.body, ranges)
+        transport.writelines((direct_head(status, fixed, varying), payload))
+        metrics = node.metrics
+        metrics.requests_by[Result.HIT].inc()
+        metrics.bytes_by[Source.CACHE].inc(len(payload))
+        metrics.ttfb_by[Result.HIT].observe(time.perf_counter() - started)
+        self._finished()
+        return True
+
+    def _finished(self) -> None:
+        """What aiohttp's request loop does after a keep-alive answer: count it and move
+        the idle connection's deadline (its timer reschedules itself to the new one)."""
+        self._request_count += 1
+        self._server.requests_count += 1
+        self._server.fast_answers += 1
+        loop = self._loop
+        close_time = loop.time() + self._keepalive_timeout
+        self._next_keepalive_close_time = close_time
+        if self._keepalive_handle is None:
+            self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+
+
+class FastServer(web.Server):
+    """aiohttp's connection factory, making `FastHitHandler`s."""
+
+    def __init__(self, node: Node, plain: web.Server) -> None:
+        # The plain server's settings as aiohttp assembled them (handler_args, access log,
+        # keep-alive timeout): the same connections, one override apart.
+        super().__init__(
+            plain.request_handler,
+            request_factory=plain.request_factory,
+            handler_cancellation=plain.handler_cancellation,
+            **plain._kwargs,
+        )
+        self.node = node
+        self.fast_answers = 0
+        """Requests answered by the fast path, for tests and debugging."""
+
+    def __call__(self) -> RequestHandler:
+        return FastHitHandler(self, self.node, loop=self._loop, **self._kwargs)
+
+
+class EdgeRunner(web.AppRunner):
+    """`web.AppRunner` whose server takes the fast path when the node allows it."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        node = self.app.get(NODE)
+        if node is None or not fast_path_enabled(node):
+            return server
+        return FastServer(node, server)
+
+
+def run(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    access_log: logging.Logger | None,
+) -> None:
+    """`web.run_app(app, ...)` with `EdgeRunner`: serves until SIGINT or SIGTERM, then
+    shuts down gracefully (aiohttp's signal handlers raise GracefulExit)."""
+
+    async def serve() -> None:
+        runner = EdgeRunner(
+            app,
+            handle_signals=True,
+            access_log=access_log,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+        )
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    task = loop.create_task(serve())
+    try:
+        loop.run_until_complete(task)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                loop.run_until_complete(task)
+        leftover = asyncio.all_tasks(loop)
+        for other in leftover:
+            other.cancel()
+        loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
