@@ -1,4 +1,4 @@
-"""The framework's own ceiling for the hit-path benchmark: aiohttp on uvloop answering a
+"""What aiohttp's request machinery costs, for the hit-path benchmark: aiohttp on uvloop answering a
 fixed 64 KiB Range slice of an in-memory object with no verification, no cache lookup and
 no metrics. Run by bench/hit_path.py as a reference row; it is not a server to deploy.
 

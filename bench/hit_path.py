@@ -6,7 +6,8 @@ the object so no single answer can be memoized by the load generator. The figure
 matters is the ratio of requests per second, edge / nginx: every round loads each server
 in turn, and the report gives the median of the per-round ratios, which a shared, noisy
 machine disturbs far less than any absolute number. A bare aiohttp server slicing the
-same bytes from memory, with no checks at all, shows the framework's own ceiling.
+same bytes from memory, with no checks at all, shows what aiohttp's request machinery
+costs; the edge's fast path answers hits beneath it (edge/http/fastpath.py).
 
     python -m bench.hit_path [--seconds 5] [--rounds 5] [--connections 16] [--workers 2]
 """
@@ -121,7 +122,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             base = stack.enter_context(
                 python_server("bench.bare_aiohttp", bare_file, port=free_port())
             )
-            urls["bare aiohttp (ceiling)"] = f"{base}/object.wav"
+            urls["bare aiohttp handler"] = f"{base}/object.wav"
 
             scripts: dict[str, Path] = {}
             for name, url in urls.items():
