@@ -216,3 +216,26 @@ def fast_answers(client: TestClient[Any, Any]) -> int:
     """Requests the client's server answered on the fast path (0 when it has none)."""
     server = client.server.handler
     return server.fast_answers if isinstance(server, FastServer) else 0
+
+
+async def render_through_node(
+    aiohttp_client: Any, config: NodeConfig, voice: str, text: str
+) -> tuple[TestClient[Any, Any], Any, int]:
+    """A ready node built from `config`, and the decoded audio (and rate) of its 200
+    answer to a URL for `text` in `voice` with the model the configuration names."""
+    import io
+
+    import soundfile
+
+    from edge.app import create_app
+    from edge.voices import for_config
+
+    keyring = make_keyring()
+    client = await aiohttp_client(create_app(config, keyring))
+    await wait_ready(client)
+    spec = make_spec(text, voice=voice, model=for_config(config)[voice].model_id)
+    async with client.get(sign(keyring, spec)) as resp:
+        assert resp.status == 200
+        body = await resp.read()
+    audio, rate = soundfile.read(io.BytesIO(body))
+    return client, audio, int(rate)

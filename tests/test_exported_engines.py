@@ -3,14 +3,12 @@ behind a voice, in the renders and in the model identity that URLs carry."""
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import soundfile
 from pytest_aiohttp import AiohttpClient
 
 from edge.app import create_app, default_engines
@@ -21,7 +19,15 @@ from edge.synth.hibari_engine import HibariEngine, hibari_model_id
 from edge.synth.piper_engine import PiperEngine, piper_model_id
 from edge.voices import for_config
 from export.measure import snr
-from tests.support import make_config, make_keyring, make_spec, metric, sign, wait_ready
+from tests.support import (
+    make_config,
+    make_keyring,
+    make_spec,
+    metric,
+    render_through_node,
+    sign,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.slow
 TEXT = "Generate near, deliver near."
@@ -114,15 +120,8 @@ def test_an_unknown_export_voice_is_refused(joe_export: Path, tmp_path: Path) ->
 async def test_the_node_renders_urls_for_the_variant(
     aiohttp_client: AiohttpClient, joe_export: Path, tmp_path: Path
 ) -> None:
-    keyring = make_keyring()
     config = exports_config(tmp_path, joe_export)
-    client = await aiohttp_client(create_app(config, keyring))
-    await wait_ready(client)
-    spec = make_spec(TEXT, voice="joe", model=for_config(config)["joe"].model_id)
-    async with client.get(sign(keyring, spec)) as resp:
-        assert resp.status == 200
-        body = await resp.read()
-    audio, rate = soundfile.read(io.BytesIO(body))
+    client, audio, rate = await render_through_node(aiohttp_client, config, "joe", TEXT)
     assert rate == 22050 and len(audio) > rate // 2
     assert await metric(client, "nearvoice_synth_total", engine="piper") == 1.0
 

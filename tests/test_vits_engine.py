@@ -3,23 +3,20 @@ export, tokenized as transformers does it and rendered by the edge without torch
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
-import soundfile
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
 from edge.config import SynthSettings
 from edge.synth import exported
 from edge.synth.vits_engine import VitsEngine, vits_feeds
 from edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
 from edge.voices import for_config
-from tests.support import make_config, make_keyring, make_spec, metric, sign, wait_ready
+from tests.support import make_config, metric, render_through_node
 
 TEXT = "Hello there. This voice came from a transformers checkpoint!"
 
@@ -126,17 +123,10 @@ def test_a_vits_export_defines_a_voice(tiny_optimized: Path, tmp_path: Path) -> 
 async def test_the_edge_serves_the_exported_voice(
     aiohttp_client: AiohttpClient, tiny_optimized: Path, tmp_path: Path
 ) -> None:
-    keyring = make_keyring()
     config = make_config(
         tmp_path,
         synth=SynthSettings(workers=1, voices=("tiny",), exports={"tiny": str(tiny_optimized)}),
     )
-    client = await aiohttp_client(create_app(config, keyring))
-    await wait_ready(client)
-    spec = make_spec(TEXT, voice="tiny", model=for_config(config)["tiny"].model_id)
-    async with client.get(sign(keyring, spec)) as resp:
-        assert resp.status == 200
-        body = await resp.read()
-    audio, rate = soundfile.read(io.BytesIO(body))
+    client, audio, rate = await render_through_node(aiohttp_client, config, "tiny", TEXT)
     assert rate == 16000 and len(audio) > 0
     assert await metric(client, "nearvoice_synth_total", engine="vits") == 1.0
