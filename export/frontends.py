@@ -13,6 +13,7 @@ names; anything else is an unsupported architecture, reported as such.
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ VITS_INPUTS = frozenset({"input_ids", "attention_mask", "length_scale"})
 
 
 @dataclass
-class Frontend:
+class Frontend(abc.ABC):
     """A model family's text front end and audio back end."""
 
     family: str
@@ -43,9 +44,9 @@ class Frontend:
     sidecars: dict[str, Path] = field(default_factory=dict)
     """Files the engine needs beside the model: name in the export dir -> source path."""
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[Feeds]:
         """The model's inputs for `text`: one dict per chunk the model sees at once."""
-        raise NotImplementedError
 
     def decode(self, outputs: Sequence[npt.NDArray[Any]], chunk: int) -> Audio:
         """Audio from one chunk's outputs; `chunk` seeds any host-side noise."""
