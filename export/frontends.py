@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edge.synth.engine import Audio
 from edge.synth.vits_engine import VITS_SIDECAR, vits_feeds
 from edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
 from export.errors import CorruptModel, ModelNotFound, UnsupportedArchitecture
 
 Feeds = dict[str, npt.NDArray[Any]]
-Audio = npt.NDArray[np.float32]
 
 PIPER_INPUTS = frozenset({"input", "input_lengths", "scales"})
 HIBARI_INPUTS = frozenset({"ids", "speed"})

@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edge.synth.engine import Audio
 from edge.synth.providers import NAMES
 from edge.synth.providers import session as engine_session
-from export.frontends import Audio, Feeds, Frontend
-
-PROVIDERS = NAMES
+from export.frontends import Feeds, Frontend
 
 N_FFT = 1024  # samples per STFT frame
 HOP = 256  # samples between frames
@@ -82,9 +81,9 @@ def session(model: Path, provider: str = "cpu", threads: int = 1, options: Any =
     """A session as the engines build one, on one provider only. onnxruntime falls back
     to the CPU when a provider cannot start, which would make a GPU row a CPU timing:
     that is an error here."""
-    loaded = engine_session(model, threads, [(PROVIDERS[provider], options or {})])
+    loaded = engine_session(model, threads, [(NAMES[provider], options or {})])
     running = loaded.get_providers()
-    if not running or running[0] != PROVIDERS[provider]:
+    if not running or running[0] != NAMES[provider]:
         raise RuntimeError(f"{provider} did not start; onnxruntime runs {running}")
     return loaded
 

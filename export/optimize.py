@@ -10,7 +10,6 @@ whole report is complete.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,10 +19,12 @@ from typing import Any
 from tqdm import tqdm
 
 from edge.synth import exported
-from edge.synth.exported import REFERENCE
+from edge.synth.engine import Audio
+from edge.synth.exported import REFERENCE, file_sha256
+from edge.synth.providers import NAMES
 from export.errors import CorruptModel, ExportError, ParityFailure
-from export.frontends import Audio, Feeds, Frontend, detect
-from export.measure import PROVIDERS, Speed, Thresholds, parity, render, session
+from export.frontends import Feeds, Frontend, detect
+from export.measure import Speed, Thresholds, parity, render, session
 from export.report import chart, markdown, write_manifest
 from export.sentences import SENTENCES
 from export.staging import staged_dir
@@ -52,16 +53,11 @@ class Options:
     progress: bool = True
 
 
-def sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def installed_providers() -> list[str]:
     import onnxruntime as ort
 
     available = set(ort.get_available_providers())
-    return [short for short, full in PROVIDERS.items() if full in available]
+    return [short for short, full in NAMES.items() if full in available]
 
 
 def _bar(total: int, desc: str, enabled: bool) -> tqdm[Any]:
@@ -210,7 +206,7 @@ def optimize(
                     **entry,
                     "file": path.name,
                     "bytes": path.stat().st_size,
-                    "sha256": sha256(path),
+                    "sha256": file_sha256(path),
                     "providers": list(recipe.providers),
                     "parity": result.as_dict(),
                     "deterministic": deterministic,
@@ -234,7 +230,11 @@ def optimize(
             "name": opts.name or out.name,
             "family": frontend.family,
             "sample_rate": frontend.sample_rate,
-            "source": {"path": str(model), "sha256": sha256(model), "bytes": model.stat().st_size},
+            "source": {
+                "path": str(model),
+                "sha256": file_sha256(model),
+                "bytes": model.stat().st_size,
+            },
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "sentences": len(opts.sentences),
             "repeats": opts.repeats,

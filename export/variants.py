@@ -110,14 +110,21 @@ def half_precision(source: Path, dest: Path) -> None:
 ROUNDING = frozenset({"Ceil", "Floor", "Round"})
 
 
+FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto element types
 INTEGER_TYPES = frozenset({2, 3, 4, 5, 6, 7, 12, 13})  # onnx.TensorProto uint8 .. uint64
+
+
+def _cast_target(node: Any) -> int | None:
+    """The element type a Cast node casts to (onnx.TensorProto's numbering); None for
+    any other node."""
+    if node.op_type != "Cast":
+        return None
+    return next((int(a.i) for a in node.attribute if a.name == "to"), None)
 
 
 def _casts_to_integer(node: Any) -> bool:
     """A float-to-integer Cast truncates, which is rounding too (durations as frame counts)."""
-    return node.op_type == "Cast" and any(
-        a.name == "to" and a.i in INTEGER_TYPES for a in node.attribute
-    )
+    return _cast_target(node) in INTEGER_TYPES
 
 
 def _duration_path(graph: Any) -> set[str]:
@@ -178,16 +185,11 @@ def _drop_round_trips(graph: Any, fp32_nodes: set[str]) -> None:
     producers = {out: node for node in graph.node for out in node.output}
     outputs = {o.name for o in graph.output}
 
-    def casts_to(node: Any, dtype: int) -> bool:
-        return node.op_type == "Cast" and any(
-            a.name == "to" and a.i == dtype for a in node.attribute
-        )
-
     replace: dict[str, str] = {}
     candidates: set[str] = set()
     for node in graph.node:
         up = producers.get(node.input[0]) if node.input else None
-        if not (casts_to(node, 1) and up is not None and casts_to(up, 10)):
+        if not (_cast_target(node) == FLOAT and up is not None and _cast_target(up) == FLOAT16):
             continue
         source = producers.get(up.input[0])
         if source is None or source.name not in fp32_nodes or node.output[0] in outputs:
