@@ -223,6 +223,9 @@ class ExternalEngine:
             for _ in self.stream(WARMUP_TEXT, voice, 1.0, 0):
                 pass
 
+    def samples(self, text: str, voice: str, speed: float) -> int | None:
+        return None  # the server decides; its length is known only at the end
+
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
         remote = self._voice(voice)
         if not speed > 0:

@@ -66,6 +66,9 @@ class FailingEngine:
     def warmup(self) -> None:
         self._inner.warmup()
 
+    def samples(self, text: str, voice: str, speed: float) -> int | None:
+        return self._inner.samples(text, voice, speed)
+
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
         for index, audio in enumerate(self._inner.stream(text, voice, speed, seed)):
             if index == self.fail_after:

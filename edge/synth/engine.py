@@ -26,6 +26,13 @@ class Engine(Protocol):
         ...
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
-        """Renders `text`, yielding one array per sentence as soon as it is ready.
-        The same arguments always give the same samples."""
+        """Renders `text` chunk by chunk (`edge.synth.chunking.split_chunks`, so the first
+        audio comes from the first phrase), yielding each chunk's audio as soon as it is
+        ready. The same arguments always give the same samples."""
+        ...
+
+    def samples(self, text: str, voice: str, speed: float) -> int | None:
+        """The duration pass: exactly how many samples `stream` will yield for these
+        arguments, computed without rendering audio; None when this engine cannot know
+        (an external server). `seed` changes no length, so it is not an argument."""
         ...

@@ -6,6 +6,9 @@ import threading
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from edge.synth.chunking import split_chunks
 from edge.synth.engine import Audio
 from edge.synth.providers import session, short_name
 
@@ -89,4 +92,13 @@ class HibariEngine:
                 pass
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
-        yield from self._model(voice).stream(text, speed=speed, seed=seed)
+        # hibari.Hibari.stream, over nearvoice's chunks instead of hibari's sentences: one
+        # noise generator for the whole text, as hibari keeps it.
+        model = self._model(voice)
+        rng = np.random.default_rng(seed)
+        for chunk in split_chunks(text):
+            for phonemes in model.phonemize(chunk):
+                yield model.from_ids(model.ids(phonemes), speed, rng)
+
+    def samples(self, text: str, voice: str, speed: float) -> int | None:
+        return None

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge.synth.chunking import split_chunks
 from edge.synth.engine import Audio
 from edge.synth.providers import session, short_name
 
@@ -183,7 +184,12 @@ class PiperEngine:
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
         loaded = self._voice(voice)
-        for chunk in loaded.synthesize(text, self._synthesis(loaded, speed)):
-            samples = np.asarray(chunk.audio_float_array, dtype=np.float32)
-            audio: Audio = np.clip(samples, -1.0, 1.0)
-            yield audio
+        synthesis = self._synthesis(loaded, speed)
+        for text_chunk in split_chunks(text):
+            for chunk in loaded.synthesize(text_chunk, synthesis):
+                samples = np.asarray(chunk.audio_float_array, dtype=np.float32)
+                audio: Audio = np.clip(samples, -1.0, 1.0)
+                yield audio
+
+    def samples(self, text: str, voice: str, speed: float) -> int | None:
+        return None

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from edge.synth.chunking import split_chunks
 from edge.synth.engine import Audio
 from edge.synth.exported import ExportDirError
 from edge.synth.providers import session, short_name
@@ -92,10 +93,13 @@ class VitsEngine:
         if not speed > 0:
             raise ValueError(f"speed must be positive, not {speed}")
         session = self.session()
-        for chunk in chunks(text):
+        for chunk in (piece for part in split_chunks(text) for piece in chunks(part)):
             ids = np.array([self._tokenizer.ids(chunk)], dtype=np.int64)
             if ids.shape[1] == 0:
                 continue  # nothing the vocabulary can say
             out = session.run(None, vits_feeds(ids, 1.0 / speed))[0]
             audio: Audio = np.clip(np.asarray(out, dtype=np.float32).reshape(-1), -1.0, 1.0)
             yield audio
+
+    def samples(self, text: str, voice: str, speed: float) -> int | None:
+        return None
