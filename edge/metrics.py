@@ -106,6 +106,12 @@ class Metrics:
             "Objects that could not be stored (disk full, I/O).",
             registry=r,
         )
+        self.length_mismatches = Counter(
+            "nearvoice_length_mismatches",
+            "Renders aborted because the duration pass and the render disagreed, by engine.",
+            ["engine"],
+            registry=r,
+        )
         # Pre-create the label sets of the contract so dashboards see zeros, not gaps, and
         # keep the children: a `labels()` lookup per request is a visible hot-path cost.
         self.requests_by = {result: self.requests.labels(result.value) for result in Result}

@@ -11,7 +11,6 @@ import time
 from aiohttp import web
 
 from edge.cache.fill import FillFailed
-from edge.cache.meta import etag_for
 from edge.errors import BadGateway, BadRequest, GatewayTimeout, RequestError, ServiceUnavailable
 from edge.handlers.keys import NODE
 from edge.http.deliver import Delivered, deliver
@@ -94,9 +93,7 @@ async def _from_fill(
     else:
         result = Result.MISS if grant.policy.stored else Result.BYPASS
     try:
-        delivered = await deliver_fill(
-            request, fill, grant.policy, node.delivery, etag_for(grant.spec.key)
-        )
+        delivered = await deliver_fill(request, fill, grant.policy, node.delivery)
     except FillFailed as exc:
         looked_up = stale is None
         if stale is None and grant.policy.stored:
