@@ -1,0 +1,160 @@
+"""The duration pass (edge/synth/durations.py and each engine's `samples`): the count an
+engine gives before rendering is the number of samples its render then yields, for the
+fixed sentences, for random texts and speeds, and for exported variants."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge.synth import exported
+from edge.synth.durations import Durations, NoDurationPath, extract
+from edge.synth.engine import Engine
+from edge.synth.hibari_engine import HibariEngine
+from export.sentences import SENTENCES
+from tests.export_support import graph_with_inputs
+
+pytestmark = pytest.mark.slow
+SPEEDS = (0.5, 0.8, 1.0, 1.37, 2.0)
+
+
+def rendered(engine: Engine, text: str, voice: str, speed: float, seed: int = 0) -> int:
+    return sum(len(a) for a in engine.stream(text, voice, speed, seed))
+
+
+@pytest.fixture(scope="module")
+def heart() -> Iterator[HibariEngine]:
+    engine = HibariEngine()
+    engine.warmup()
+    yield engine
+
+
+# Random texts: words, numbers, abbreviations and initials, hints-free punctuation, in
+# one or more sentences; and plain printable noise.
+WORDS = st.sampled_from(
+    ["hello", "there", "Lisbon", "quickly", "the", "a", "gate", "twelve", "I'm", "don't"]
+) | st.text(alphabet=string.ascii_letters, min_size=1, max_size=9)
+NUMBERS = st.one_of(
+    st.integers(0, 10**7).map(str),
+    st.sampled_from(["3.5", "1,000", "$9.99", "7:30", "2024", "50%", "0.001", "1st", "42nd"]),
+)
+ABBREVIATIONS = st.sampled_from(
+    ["Dr.", "Mr.", "Mrs.", "e.g.", "i.e.", "etc.", "J.", "K.", "U.S.", "vs.", "No.", "St."]
+)
+MARKS = st.sampled_from([",", ";", ":", " -", " —", "...", "!", "?", "'", '"', "(", ")"])
+TOKENS = st.one_of(WORDS, WORDS, WORDS, NUMBERS, ABBREVIATIONS, MARKS)
+SENTENCE = st.tuples(
+    st.lists(TOKENS, min_size=1, max_size=12).map(" ".join),
+    st.sampled_from([".", "!", "?", "…", "", "."]),
+).map("".join)
+TEXTS = st.one_of(
+    st.lists(SENTENCE, min_size=1, max_size=4).map(" ".join),
+    st.text(alphabet=string.printable, min_size=1, max_size=60),
+)
+SPEED = st.floats(min_value=0.5, max_value=2.0, allow_nan=False)
+PROPERTY = settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+# The pass itself.
+
+
+def test_a_graph_without_durations_has_no_pass(tmp_path: Path) -> None:
+    model = graph_with_inputs(tmp_path / "g.onnx", ["ids"])
+    with pytest.raises(NoDurationPath):
+        extract(model)
+    durations = Durations(model, 1, ["CPUExecutionProvider"], lambda g: 1)
+    assert durations.samples({"ids": np.zeros((1, 3), np.float32)}) is None
+    assert durations.broken is not None
+
+
+def test_the_hibari_pass_is_the_text_side_of_the_graph() -> None:
+    from hibari.voices import voice_path
+
+    graph = extract(Path(voice_path("heart")))
+    assert graph.inputs == {"ids", "speed"}
+    assert graph.nodes < graph.source_nodes / 2
+    assert graph.upsampling == 1  # hibari's vocoder is hibari.dsp, on the host
+
+
+# hibari (`heart`)
+
+
+@pytest.mark.parametrize("speed", SPEEDS)
+def test_heart_counts_what_it_renders(heart: HibariEngine, speed: float) -> None:
+    for text in SENTENCES:
+        assert heart.samples(text, "heart", speed) == rendered(heart, text, "heart", speed)
+
+
+def test_heart_counts_a_long_text_and_its_clause_splits(heart: HibariEngine) -> None:
+    long = " ".join(SENTENCES)
+    # One sentence over hibari's MAX_PHONEMES (400) is split at its clauses.
+    run_on = ", and ".join(s.rstrip(".!?") for s in SENTENCES[1:12]) + "."
+    for text in (long, run_on):
+        assert heart.samples(text, "heart", 1.0) == rendered(heart, text, "heart", 1.0, seed=5)
+
+
+def test_heart_counts_texts_with_nothing_to_say(heart: HibariEngine) -> None:
+    for text in ("", "...", "  ", "()"):
+        assert heart.samples(text, "heart", 1.0) == rendered(heart, text, "heart", 1.0)
+
+
+def test_the_pass_changes_no_audio(heart: HibariEngine) -> None:
+    text = "Dr. Smith arrived at 7:30, e.g. early. The rest came later!"
+    before = np.concatenate(list(heart.stream(text, "heart", 1.2, 9)))
+    heart.samples(text, "heart", 1.2)
+    after = np.concatenate(list(heart.stream(text, "heart", 1.2, 9)))
+    assert np.array_equal(before, after)
+
+
+@PROPERTY
+@given(text=TEXTS, speed=SPEED)
+def test_heart_counts_random_texts(heart: HibariEngine, text: str, speed: float) -> None:
+    assert heart.samples(text, "heart", speed) == rendered(heart, text, "heart", speed, seed=1)
+
+
+def test_a_pass_that_disagrees_with_the_render_is_disabled_by_warmup() -> None:
+    from hibari.voices import voice_path
+
+    engine = HibariEngine()
+    wrong = Durations(Path(voice_path("heart")), 1, ["CPUExecutionProvider"], lambda g: 599)
+    engine._durations["heart"] = wrong  # a model whose samples per frame were misread
+    assert engine.samples("Hello there.", "heart", 1.0) is not None
+    engine.warmup()
+    assert wrong.broken is not None and "the render gave" in wrong.broken
+    assert engine.samples("Hello there.", "heart", 1.0) is None
+    assert rendered(engine, "Hello there.", "heart", 1.0) > 0  # renders go on
+
+
+def test_samples_refuses_an_unknown_voice(heart: HibariEngine) -> None:
+    with pytest.raises(ValueError, match="nova"):
+        heart.samples("Hello.", "nova", 1.0)
+
+
+def test_heart_counts_an_exported_variant(tmp_path: Path) -> None:
+    from hibari.voices import voice_path
+
+    from export.optimize import Options, optimize
+
+    out = tmp_path / "heart"
+    optimize(
+        Path(voice_path("heart")),
+        out,
+        opts=Options(sentences=SENTENCES[:1], repeats=1, variants=["fp32-opt"], progress=False),
+    )
+    export = exported.load(out)
+    variant = next(v for v in export.variants if v.name == "fp32-opt")
+    choice = exported.Chosen("heart", export, variant, "cpu", "hibari-heart.fp32-opt@x")
+    engine = HibariEngine(exported={"heart": choice})
+    for text in SENTENCES:
+        assert engine.samples(text, "heart", 0.9) == rendered(engine, text, "heart", 0.9)
