@@ -101,8 +101,12 @@ async def deliver_fill(
     """Answers `request` from `fill`, streaming while it runs. Raises FillFailed when the
     fill fails before anything was sent."""
     await fill.until_sized()
-    if fill.is_running() and fill.length is not None:
-        return await _deliver_sized(request, fill, fill.length, policy, options)
+    length = fill.length
+    # A HEAD once every byte exists is waited out: the commit, which is what computes the
+    # digest a fetching node confirms with its HEAD (edge.upstream), is moments away.
+    complete = request.method == hdrs.METH_HEAD and length is not None and fill.size >= length
+    if fill.is_running() and length is not None and not complete:
+        return await _deliver_sized(request, fill, length, policy, options)
     plan = _plan(request, options.max_ranges) if _streamable(request) else None
     if plan is None or not fill.is_running():
         return await _deliver_complete(request, fill, policy, options)
@@ -192,6 +196,11 @@ def _sink(
 class _Sink(Protocol):
     response: web.StreamResponse
 
+    @property
+    def started(self) -> bool:
+        """Whether the head has gone out (with the first send)."""
+        ...
+
     async def send(self, data: memoryview) -> None: ...
 
     async def finish(self) -> None: ...
@@ -204,8 +213,14 @@ class _DirectSink:
         self.request = request
         self.stream = stream
         self.response: web.StreamResponse = stream
+        self._started = False
+
+    @property
+    def started(self) -> bool:
+        return self._started
 
     async def send(self, data: memoryview) -> None:
+        self._started = True
         await self.stream.send(self.request, data)
 
     async def finish(self) -> None:
@@ -225,6 +240,10 @@ class _AiohttpSink:
         self.response = web.StreamResponse(status=status, headers=headers)
         if length is not None:
             self.response.content_length = length
+
+    @property
+    def started(self) -> bool:
+        return self.response.prepared
 
     async def send(self, data: memoryview) -> None:
         if not self.response.prepared:
@@ -265,6 +284,8 @@ async def _pump(sink: _Sink, fill: Fill, parts: list[bytes | tuple[int, int | No
                     await asyncio.sleep(0)
                 sent += len(view)
     except FillFailed:
+        if not sink.started:
+            raise  # nothing went out: the caller answers with the error (or a stale copy)
         # The headers are gone: end the connection without the final chunk, so the client
         # knows the body is incomplete rather than taking a short one for the whole.
         sink.abort()
