@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from edge.metrics import Metrics
 from edge.spec import Spec
 from edge.synth.engine import Engine
-from edge.synth.streaming import stream_encoder
+from edge.synth.streaming import ResamplingEncoder, stream_encoder
 
 EWMA_WEIGHT = 0.2  # weight of the newest render time in the running mean
 INITIAL_RENDER_SECONDS = 0.05  # assumed per render until one has been measured
@@ -95,7 +95,7 @@ class Renderer:
         return found
 
     def content_type(self, engine: Engine, spec: Spec) -> str:
-        return spec.format.content_type(engine.sample_rate)
+        return spec.format.content_type(spec.rate or engine.sample_rate)
 
     async def render(self, engine: Engine, spec: Spec, sink: Callable[[bytes], None]) -> float:
         """Renders `spec`, calling `sink` on the event loop with each encoded chunk as soon
@@ -131,7 +131,9 @@ class Renderer:
 
 def _render_stream(engine: Engine, spec: Spec, emit: Callable[[bytes], None]) -> float:
     """In an inference thread: sentence by sentence, encode and hand over at once."""
-    encoder = stream_encoder(spec.format, engine.sample_rate)
+    encoder = stream_encoder(spec.format, spec.rate or engine.sample_rate)
+    if spec.rate is not None and spec.rate != engine.sample_rate:
+        encoder = ResamplingEncoder(encoder, engine.sample_rate, spec.rate)
     samples = 0
     produced = False
     try:
