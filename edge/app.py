@@ -95,6 +95,7 @@ def create_app(
         )
     app[NODE] = node
     app[API_KEYS] = ApiKeys.from_env() if api_keys is None else api_keys
+    app[openai.MEMO] = openai.PreparedMemo()
     openai.check_aliases(node)
     app.cleanup_ctx.append(_node_lifetime)
 

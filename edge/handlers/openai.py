@@ -35,11 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlencode
@@ -60,6 +63,7 @@ from edge.http.sendfile import send_file_range
 from edge.limits import Scope
 from edge.metrics import Result
 from edge.node import Held, Node
+from edge.policy import Policy
 from edge.spec import MAX_SPEED, MIN_SPEED, Spec, SpecError
 from edge.token import Grant, sign_query, speech_path
 from edge.voices import Voice
@@ -84,6 +88,7 @@ FIELDS = frozenset(
 )
 SPEC_EXTENSIONS = frozenset(("duration", "emotion", "ref", "lang"))
 """Spec controls (DESIGN.md section 2) this API will take under their spec names."""
+MEMO_SIZE = 4096  # parsed, signed requests kept per node; each about 1 KiB with its URL
 SSE_SLICE = 16 * 1024  # raw bytes per `speech.audio.delta` when sending a complete object
 CACHE_HEADER = "X-Nearvoice-Cache"
 SPEED_HEADER = "X-Nearvoice-Speed"
@@ -212,8 +217,8 @@ def check_aliases(node: Node) -> None:
 # -- POST /v1/audio/speech ------------------------------------------------------------------
 
 
-async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
-    """The request body as a JSON object: 413 past `limit` bytes, 400 if not JSON."""
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body: 413 past `limit` bytes, checked before and while reading."""
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge("body_too_large", f"the request body exceeds {limit} bytes")
     raw = bytearray()
@@ -224,6 +229,11 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
         raw += chunk
         if len(raw) > limit:
             raise PayloadTooLarge("body_too_large", f"the request body exceeds {limit} bytes")
+    return bytes(raw)
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or 400."""
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -233,11 +243,61 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     return data
 
 
-class SpeechRequest:
-    """A parsed `POST /v1/audio/speech`: the spec to deliver and how to frame it."""
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A request parsed and signed: what the core needs, and how to frame the answer."""
 
-    def __init__(self, node: Node, data: Mapping[str, Any]) -> None:
-        self.spec, self.sse = _parse(node, data)
+    grant: Grant
+    target: str
+    """The signed URL's path and query: Content-Location, and what an upstream is asked."""
+    sse: bool
+
+
+class PreparedMemo:
+    """Requests already parsed and signed, by (body digest, policy), least recently used
+    dropped first. A repeated request (an application replaying a line) then skips the
+    JSON, the validation, the spec's hash and the signature, as the signed-URL door's
+    memo of verified URLs skips verifying them again. An entry is used only while its URL
+    has at least half its validity left, so Content-Location never names a URL about to
+    expire."""
+
+    def __init__(self, size: int = MEMO_SIZE) -> None:
+        self._size = size
+        self._entries: OrderedDict[tuple[bytes, Policy], Prepared] = OrderedDict()
+
+    def get(self, key: tuple[bytes, Policy], now: float, ttl: int) -> Prepared | None:
+        found = self._entries.get(key)
+        if found is None:
+            return None
+        if found.grant.expires - now < ttl / 2:
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[bytes, Policy], prepared: Prepared) -> None:
+        self._entries[key] = prepared
+        if len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+
+MEMO = web.AppKey("speech_memo", PreparedMemo)
+
+
+def prepare(node: Node, raw: bytes, policy: Policy, memo: PreparedMemo) -> Prepared:
+    """The request in `raw` as a grant under `policy` and its signed URL; raises 400."""
+    settings = node.config.api
+    now = time.time()
+    key = (hashlib.sha256(raw).digest(), policy)
+    found = memo.get(key, now, settings.url_ttl)
+    if found is not None:
+        return found
+    spec, sse = _parse(node, parse_json(raw))
+    query = sign_query(node.keyring, spec, policy=policy, ttl=settings.url_ttl, now=now)
+    grant = Grant(spec=spec, policy=policy, expires=int(query["exp"]))
+    prepared = Prepared(grant, f"{speech_path(spec)}?{urlencode(query)}", sse)
+    memo.put(key, prepared)
+    return prepared
 
 
 def _bad(message: str, param: str, code: str = "invalid_value", **extra: Any) -> BadRequest:
@@ -337,29 +397,26 @@ async def speech(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
     try:
         tenant = authenticate(request.app[API_KEYS], request)
-        parsed = SpeechRequest(node, await read_json(request, node.config.api.max_body_bytes))
+        raw = await read_body(request, node.config.api.max_body_bytes)
+        settings = node.config.api.tenant(tenant)
+        prepared = prepare(node, raw, settings.policy, request.app[MEMO])
     except RequestError:
         node.metrics.requests_by[Result.REJECTED].inc()
         raise
-    settings = node.config.api.tenant(tenant)
-    spec = parsed.spec
-    query = sign_query(node.keyring, spec, policy=settings.policy, ttl=node.config.api.url_ttl)
-    target = f"{speech_path(spec)}?{urlencode(query)}"
-    grant = Grant(spec=spec, policy=settings.policy, expires=int(query["exp"]))
+    spec = prepared.grant.spec
     base = node.config.api.public_base or f"{request.scheme}://{request.host}"
     headers = {
-        "Content-Location": f"{base.rstrip('/')}{target}",
+        "Content-Location": f"{base.rstrip('/')}{prepared.target}",
         SPEED_HEADER: f"{spec.speed:g}",
         hdrs.ETAG: etag_for(spec.key),
     }
     door: SseDoor | AudioDoor
-    if parsed.sse:
+    if prepared.sse:
         door = SseDoor(request, headers, spec, node)
     else:
         door = AudioDoor(request, headers, node.delivery.use_sendfile)
-    served = await serve(
-        node, grant, target, door, started=started, admit=_admission(node, tenant, settings)
-    )
+    admit = _admission(node, tenant, settings)
+    served = await serve(node, prepared.grant, prepared.target, door, started=started, admit=admit)
     return served.delivered.response
 
 
