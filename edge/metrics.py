@@ -42,7 +42,7 @@ RATE_LIMIT_SCOPES = ("hit", "miss", "api", "realtime")
 """`nearvoice_rate_limited_total{scope}` (edge.limits)."""
 API_ENDPOINTS = ("speech", "models", "voices")
 API_CODES: dict[str, tuple[int, ...]] = {
-    "speech": (200, 400, 401, 405, 413, 429, 500, 502, 503, 504),
+    "speech": (200, 400, 401, 413, 429, 500, 502, 503, 504),
     "models": (200, 401),
     "voices": (200, 401),
 }
