@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from edge.config import SynthSettings
 from edge.formats import AudioFormat
 from edge.spec import Spec
 from edge.synth.hibari_engine import HibariEngine, hibari_model_id
+from edge.synth.piper_engine import piper_model_id
 from tests.api_support import (
     ACME,
     API_SETTINGS,
@@ -41,7 +43,7 @@ from tests.api_support import (
     sse_audio,
     sse_events,
 )
-from tests.support import eventually, make_config, metric_from
+from tests.support import eventually, make_config, metric_from, put_object
 from tests.test_engine_faults import FailingEngine
 from tests.test_inflight import HeldEngine
 from tests.test_upstream import closed_port_base
@@ -410,6 +412,21 @@ async def test_an_origin_only_voice_without_upstream_is_503(api: ApiNode) -> Non
         await speak(api.sdk(), input=line(), voice="joe", response_format="wav")
     assert caught.value.status_code == 503
     assert _error(caught.value)["code"] == "no_renderer"
+
+
+@in_module_loop
+async def test_an_expired_copy_is_served_stale_when_the_fresh_one_cannot_be_had(
+    api: ApiNode,
+) -> None:
+    text = line()
+    spec = Spec.create(text=text, voice="joe", format=AudioFormat.WAV, model=piper_model_id("joe"))
+    old = b"RIFF" + b"stale copy of joe" * 10
+    # Past its 7-day TTL but within the store's stale-if-error keep; joe cannot be rendered.
+    put_object(api.app, spec, old, stored_at=time.time() - 7 * 86400 - 600)
+    answer = await speak(api.sdk(), input=text, voice="joe", response_format="wav")
+    assert answer.headers["x-nearvoice-cache"] == "stale"
+    assert int(answer.headers["age"]) >= 7 * 86400
+    assert answer.body == old
 
 
 @in_module_loop

@@ -35,6 +35,7 @@ FFPROBE_CODECS = {
     AudioFormat.MP3: "mp3",
     AudioFormat.OPUS: "opus",
     AudioFormat.PCM: "pcm_s16le",
+    AudioFormat.AAC: "aac",
 }
 
 
