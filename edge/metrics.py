@@ -38,6 +38,16 @@ class Source(StrEnum):
     UPSTREAM = "upstream"
 
 
+RATE_LIMIT_SCOPES = ("hit", "miss", "api", "realtime")
+"""`nearvoice_rate_limited_total{scope}` (edge.limits)."""
+API_ENDPOINTS = ("speech", "models", "voices")
+API_CODES: dict[str, tuple[int, ...]] = {
+    "speech": (200, 400, 401, 413, 429, 500, 502, 503, 504),
+    "models": (200, 401),
+    "voices": (200, 401),
+}
+"""Every status each API endpoint answers with, created at zero when the node starts."""
+
 # Time to first byte spans a memory hit (~100 us) to a long render (seconds).
 TTFB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SYNTH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -112,6 +122,23 @@ class Metrics:
             ["engine"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "nearvoice_rate_limited",
+            "Requests refused by a rate limit, by scope (hit|miss|api|realtime).",
+            ["scope"],
+            registry=r,
+        )
+        self.api_requests = Counter(
+            "nearvoice_api_requests",
+            "OpenAI-compatible API requests, by endpoint and HTTP status.",
+            ["endpoint", "code"],
+            registry=r,
+        )
+        for scope in RATE_LIMIT_SCOPES:
+            self.rate_limited.labels(scope)
+        for endpoint in API_ENDPOINTS:
+            for code in API_CODES[endpoint]:
+                self.api_requests.labels(endpoint, str(code))
         # Pre-create the label sets of the contract so dashboards see zeros, not gaps, and
         # keep the children: a `labels()` lookup per request is a visible hot-path cost.
         self.requests_by = {result: self.requests.labels(result.value) for result in Result}

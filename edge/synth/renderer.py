@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from edge.metrics import Metrics
 from edge.spec import Spec
 from edge.synth.engine import Engine
-from edge.synth.streaming import encoded_length, stream_encoder
+from edge.synth.resample import Resampler
+from edge.synth.streaming import ResamplingEncoder, StreamEncoder, encoded_length, stream_encoder
 
 EWMA_WEIGHT = 0.2  # weight of the newest render time in the running mean
 INITIAL_RENDER_SECONDS = 0.05  # assumed per render until one has been measured
@@ -113,7 +114,7 @@ class Renderer:
         return found
 
     def content_type(self, engine: Engine, spec: Spec) -> str:
-        return spec.format.content_type(engine.sample_rate)
+        return spec.format.content_type(spec.rate or engine.sample_rate)
 
     async def render(
         self,
@@ -177,9 +178,8 @@ def _render_stream(
     produced = False
     try:
         total = engine.samples(spec.text, spec.voice, spec.speed) if sized else None
-        length = None if total is None else encoded_length(spec.format, engine.sample_rate, total)
+        encoder, length = _encoder(engine, spec, total)
         announce(length)
-        encoder = stream_encoder(spec.format, engine.sample_rate, total)
         for audio in engine.stream(spec.text, spec.voice, spec.speed, spec.seed):
             samples += len(audio)
             if total is not None and samples > total:
@@ -200,6 +200,19 @@ def _render_stream(
     except Exception as exc:
         raise RenderError(f"{engine.name} failed: {type(exc).__name__}: {exc}", produced) from exc
     return samples / engine.sample_rate
+
+
+def _encoder(engine: Engine, spec: Spec, total: int | None) -> tuple[StreamEncoder, int | None]:
+    """The object's encoder, at the spec's output rate, and its exact byte length when
+    `total` (the engine's sample count) makes it known."""
+    rate = spec.rate or engine.sample_rate
+    if rate == engine.sample_rate:
+        length = None if total is None else encoded_length(spec.format, rate, total)
+        return stream_encoder(spec.format, rate, total), length
+    resampled = None if total is None else Resampler.output_count(engine.sample_rate, rate, total)
+    length = None if resampled is None else encoded_length(spec.format, rate, resampled)
+    inner = stream_encoder(spec.format, rate, resampled)
+    return ResamplingEncoder(inner, engine.sample_rate, rate), length
 
 
 def _provider_of(engine: Engine) -> str:

@@ -49,6 +49,7 @@ OPUS  libsndfile/libopus in Ogg. Its byte length is not known in advance: libopu
       it is set to 200 ms here so a sentence's audio reaches the player with that
       sentence (about 2% more bytes). Opus takes 8, 12, 16, 24 and 48 kHz only;
       libsndfile refuses other rates (it does not resample).
+AAC   ADTS through PyAV (FFmpeg's aac encoder and adts muxer): edge.synth.aac.
 
 libsndfile writes into `_Sink`, an append-only file it believes it can seek in: bytes
 not yet handed out may still be patched, writes entirely inside what was handed out are
@@ -121,6 +122,10 @@ def stream_encoder(
             },
             post=_Mp3InfoFrameCutter(),
         )
+    if fmt is AudioFormat.AAC:
+        from edge.synth.aac import AacEncoder  # PyAV loads FFmpeg: only when asked for
+
+        return AacEncoder(sample_rate)
     if fmt is AudioFormat.OPUS:
         # Opus codes only these rates (RFC 6716 section 2); other voices are resampled to
         # the next one up, so piper's 22.05 kHz becomes 24 kHz.
