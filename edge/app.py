@@ -22,6 +22,7 @@ from edge.handlers.keys import NODE
 from edge.http.middleware import errors_as_json
 from edge.keyring import Keyring
 from edge.node import Node
+from edge.producer import UpstreamReason
 from edge.synth.engine import Engine
 from edge.synth.exported import describe
 from edge.synth.hibari_engine import HibariEngine, bundled_voices
@@ -87,6 +88,11 @@ def create_app(
             chosen, config.synth.workers, node.metrics, max_queue=config.synth.max_queue
         )
     app[NODE] = node
+    node.metrics.expect(
+        engines=[engine.name for engine in chosen],
+        upstream_reasons=[reason.value for reason in UpstreamReason],
+    )
+    node.upstreams.watch_circuits(node.metrics.circuit)
     app.cleanup_ctx.append(_node_lifetime)
 
     app.router.add_get(SPEECH_ROUTE, speech.speech)  # GET also answers HEAD
@@ -129,6 +135,7 @@ async def _warm(node: Node) -> None:
             log.info("engine %s runs on the %s execution provider", engine, provider)
             node.metrics.engine_provider.labels(engine, provider).set(1)
     node.ready = True
+    node.metrics.ready.set(1)
     log.info("node ready")
 
 
