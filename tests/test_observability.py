@@ -109,15 +109,6 @@ def substitute(expr: str) -> str:
     return expr
 
 
-def samples(text: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
-    """(sample name, sorted labels) of every sample in an exposition."""
-    return {
-        (sample.name, tuple(sorted(sample.labels.items())))
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
 def value_of(text: str, name: str, **labels: str) -> float | None:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -183,7 +174,7 @@ def test_example_prometheus_config_passes_promtool_check(tmp_path: Path) -> None
         shutil.copy(path, tmp_path / path.name)
     done = promtool("check", "config", str(tmp_path / EXAMPLE_CONFIG.name))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 7 rules found" in done.stdout
+    assert f"SUCCESS: {len(alert_names())} rules found" in done.stdout
 
 
 def test_example_prometheus_config_labels_each_job_with_its_tier() -> None:
@@ -385,15 +376,23 @@ def prometheus(where: Path, targets: dict[str, str]) -> Iterator[Prometheus]:
 @dataclass
 class Observed:
     prometheus: Prometheus
-    edge: str
-    origin: str
-    edge_metrics: str
-    origin_metrics: str
+
+
+LOADED = (
+    'sum(nearvoice_requests_total{tier="edge", result="hit"}) >= 4',
+    'sum(nearvoice_requests_total{tier="edge", result="miss"}) >= 3',
+    'sum(nearvoice_token_rejections_total{tier="edge", reason="bad_signature"}) >= 1',
+    'sum(nearvoice_upstream_requests_total{tier="edge", reason="no_engine"}) >= 1',
+    'sum(nearvoice_cache_objects{tier="edge"}) >= 3',
+    'sum(nearvoice_requests_total{tier="origin", result="miss"}) >= 1',
+    'sum(nearvoice_synth_total{tier="origin", engine="piper"}) >= 1',
+)
+"""PromQL conditions that hold once Prometheus has scraped everything `load` caused."""
 
 
 def load(edge: NodeProcess) -> None:
     """Misses rendered at the edge (heart) and fetched through shield and origin (joe), hits
-    of each, a Range hit, and a URL with a forged signature."""
+    of each, a Range hit, and a URL with a forged signature (LOADED: what they cause)."""
     urls = [edge.base + sign(KEYRING, spec) for spec in (heart(), heart(), joe())]
     for url in urls:  # misses
         answer = http(url)
@@ -430,20 +429,12 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
                 "every tier ready",
             )
             load(edge)
-            edge_metrics = http(f"{edge.base}/metrics").body.decode()
-            origin_metrics = http(f"{origin.base}/metrics").body.decode()
-            # Prometheus has scraped the load once it counts what the nodes count now.
-            rejected = {"reason": "bad_signature"}
-            for tier, text, name, labels in (
-                ("edge", edge_metrics, "nearvoice_requests_total", {"result": "hit"}),
-                ("edge", edge_metrics, "nearvoice_token_rejections_total", rejected),
-                ("origin", origin_metrics, "nearvoice_synth_total", {"engine": "piper"}),
-            ):
-                count = value_of(text, name, **labels)
-                assert count, f"{tier} counted no {name}{labels}"
-                selector = ",".join(f'{k}="{v}"' for k, v in {"tier": tier, **labels}.items())
-                server.wait_for(f"sum({name}{{{selector}}}) >= {count}", f"{tier} {name}{labels}")
-            yield Observed(server, edge.base, origin.base, edge_metrics, origin_metrics)
+            # Prometheus has scraped the load once it counts what the load must have
+            # caused (a node counts an answer just after its last byte, so its own
+            # /metrics read at once could still be a step behind).
+            for expr in LOADED:
+                server.wait_for(expr, "the load")
+            yield Observed(server)
 
 
 @pytest.mark.slow
