@@ -306,12 +306,6 @@ class Prometheus:
         result: list[dict[str, Any]] = data["result"]
         return result
 
-    def scalar(self, expr: str) -> float | None:
-        """The value of a query that returns one series, or None when it returns none."""
-        result = self.query(expr)
-        assert len(result) <= 1, result
-        return float(result[0]["value"][1]) if result else None
-
     def wait_for(self, expr: str, what: str, limit: float = SCRAPE_WAIT) -> None:
         """Polls until the instant query `expr` returns a series (a PromQL condition)."""
         deadline = time.monotonic() + limit
