@@ -24,6 +24,7 @@ from edge.handlers.keys import API_KEYS, NODE
 from edge.http.middleware import errors_as_json
 from edge.keyring import Keyring
 from edge.node import Node
+from edge.producer import UpstreamReason
 from edge.synth.engine import Engine
 from edge.synth.exported import describe
 from edge.synth.hibari_engine import HibariEngine, bundled_voices
@@ -97,6 +98,11 @@ def create_app(
     app[API_KEYS] = ApiKeys.from_env() if api_keys is None else api_keys
     app[openai.MEMO] = openai.PreparedMemo()
     openai.check_aliases(node)
+    node.metrics.expect(
+        engines=[engine.name for engine in chosen],
+        upstream_reasons=[reason.value for reason in UpstreamReason],
+    )
+    node.upstreams.watch_circuits(node.metrics.circuit)
     app.cleanup_ctx.append(_node_lifetime)
 
     app.router.add_get(SPEECH_ROUTE, speech.speech)  # GET also answers HEAD
@@ -142,6 +148,7 @@ async def _warm(node: Node) -> None:
             log.info("engine %s runs on the %s execution provider", engine, provider)
             node.metrics.engine_provider.labels(engine, provider).set(1)
     node.ready = True
+    node.metrics.ready.set(1)
     log.info("node ready")
 
 

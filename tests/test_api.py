@@ -43,7 +43,7 @@ from tests.api_support import (
     sse_audio,
     sse_events,
 )
-from tests.support import eventually, make_config, metric_from, put_object
+from tests.support import eventually, make_config, metric_from, put_object, scrape_until
 from tests.test_engine_faults import FailingEngine
 from tests.test_inflight import HeldEngine
 from tests.test_upstream import closed_port_base
@@ -456,7 +456,14 @@ async def test_api_requests_are_counted_by_endpoint_and_code(api: ApiNode) -> No
     await speak(api.sdk(), input=text)
     with pytest.raises(openai.BadRequestError):
         await speak(api.sdk(), input=text, voice="nova")
-    after = await api.metrics()
+    # The SDK has the whole body before the handler counts it: wait for the count.
+    after = await scrape_until(
+        api.client,
+        lambda t: (
+            metric_from(t, name, endpoint="speech", code="200")
+            > metric_from(before, name, endpoint="speech", code="200")
+        ),
+    )
 
     def moved(**labels: str) -> float:
         return metric_from(after, name, **labels) - metric_from(before, name, **labels)

@@ -27,6 +27,7 @@ from tests.support import (
     payload,
     put_object,
     scrape,
+    scrape_until,
     sign,
     signed_fields,
     target,
@@ -228,7 +229,9 @@ async def test_a_miss_counts_synth_bytes_and_render_metrics(
     async with client.get(sign(keyring, make_spec("Counting a miss."))) as resp:
         assert resp.status == 200
         body = await resp.read()
-    text = await scrape(client)
+    text = await scrape_until(
+        client, lambda t: metric_from(t, "nearvoice_synth_seconds_count") == 1
+    )
     assert metric_from(text, "nearvoice_requests_total", result="miss") == 1
     assert metric_from(text, "nearvoice_response_bytes_total", source="synth") == len(body)
     assert metric_from(text, "nearvoice_response_bytes_total", source="cache") == 0
