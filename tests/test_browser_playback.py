@@ -18,6 +18,7 @@ import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from playwright.async_api import Browser, Page
 
+from bench.browser import PLAY, SEEK
 from edge.app import create_app
 from edge.formats import AudioFormat
 from edge.spec import Spec
@@ -33,40 +34,6 @@ MINUTE = " ".join(
     f"Announcement {n}: the train to the coast leaves from platform {n} in a few minutes."
     for n in range(1, 17)
 )
-EVENT_LIMIT_MS = 20_000  # a media event that has not come by then never will
-
-# Plays `url`; resolves with the ms from `src=` to `playing` and what the element knows
-# then, or rejects with the media error.
-PLAY = """async (url) => {
-    const audio = new Audio();
-    window.audio = audio;
-    const started = performance.now();
-    const outcome = new Promise((resolve, reject) => {
-        audio.addEventListener("playing", () => resolve({
-            ms: performance.now() - started, duration: audio.duration,
-        }), {once: true});
-        audio.addEventListener("error", () => reject(new Error(
-            "media error " + (audio.error && audio.error.code) + ": " +
-            (audio.error && audio.error.message))));
-        setTimeout(() => reject(new Error("no playing event")), EVENT_LIMIT);
-    });
-    audio.src = url;
-    audio.play().catch(() => {});
-    return await outcome;
-}""".replace("EVENT_LIMIT", str(EVENT_LIMIT_MS))
-
-# Seeks to `at` seconds; resolves with where the element landed and its duration.
-SEEK = """async (at) => {
-    const audio = window.audio;
-    const done = new Promise((resolve, reject) => {
-        audio.addEventListener("seeked", () => resolve({
-            time: audio.currentTime, duration: audio.duration,
-        }), {once: true});
-        setTimeout(() => reject(new Error("no seeked event")), EVENT_LIMIT);
-    });
-    audio.currentTime = at;
-    return await done;
-}""".replace("EVENT_LIMIT", str(EVENT_LIMIT_MS))
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
