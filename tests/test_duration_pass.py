@@ -17,6 +17,7 @@ from edge.synth import exported
 from edge.synth.durations import Durations, NoDurationPath, extract
 from edge.synth.engine import Engine
 from edge.synth.hibari_engine import HibariEngine
+from edge.synth.piper_engine import BUNDLED, PiperEngine
 from export.sentences import SENTENCES
 from tests.export_support import graph_with_inputs
 
@@ -31,6 +32,13 @@ def rendered(engine: Engine, text: str, voice: str, speed: float, seed: int = 0)
 @pytest.fixture(scope="module")
 def heart() -> Iterator[HibariEngine]:
     engine = HibariEngine()
+    engine.warmup()
+    yield engine
+
+
+@pytest.fixture(scope="module")
+def joe() -> Iterator[PiperEngine]:
+    engine = PiperEngine()
     engine.warmup()
     yield engine
 
@@ -158,3 +166,42 @@ def test_heart_counts_an_exported_variant(tmp_path: Path) -> None:
     engine = HibariEngine(exported={"heart": choice})
     for text in SENTENCES:
         assert engine.samples(text, "heart", 0.9) == rendered(engine, text, "heart", 0.9)
+
+
+# piper (`joe`)
+
+
+def test_the_piper_pass_stops_before_the_vocoder() -> None:
+    graph = extract(BUNDLED["joe"].model_path())
+    assert graph.inputs == {"input", "input_lengths", "scales"}
+    assert graph.upsampling == 256  # joe-medium's hop_length
+    assert b"ConvTranspose" not in graph.model  # no upsampling layer is in the pass
+    assert graph.nodes < graph.source_nodes
+
+
+@pytest.mark.parametrize("speed", [0.5, 1.0, 2.0])
+def test_joe_counts_what_it_renders(joe: PiperEngine, speed: float) -> None:
+    for text in SENTENCES:
+        assert joe.samples(text, "joe", speed) == rendered(joe, text, "joe", speed)
+
+
+def test_joe_counts_a_long_text_and_texts_with_nothing_to_say(joe: PiperEngine) -> None:
+    for text in (" ".join(SENTENCES), "Wait... what?! No way. OK.", "", "  ", "()"):
+        assert joe.samples(text, "joe", 1.37) == rendered(joe, text, "joe", 1.37)
+
+
+@settings(PROPERTY, max_examples=12)
+@given(text=TEXTS, speed=SPEED)
+def test_joe_counts_random_texts(joe: PiperEngine, text: str, speed: float) -> None:
+    assert joe.samples(text, "joe", speed) == rendered(joe, text, "joe", speed)
+
+
+def test_joe_counts_every_exported_variant(joe_export: Path) -> None:
+    export = exported.load(joe_export)
+    assert {v.name for v in export.variants} >= {"fp32", "fp16", "fp32-opt"}
+    for variant in export.variants:
+        choice = exported.Chosen("joe", export, variant, "cpu", f"piper-joe.{variant.name}@x")
+        engine = PiperEngine(exported={"joe": choice})
+        for text in (*SENTENCES[:4], SENTENCES[-1]):
+            counted = engine.samples(text, "joe", 0.85)
+            assert counted == rendered(engine, text, "joe", 0.85), variant.name
