@@ -127,6 +127,12 @@ def test_the_clause_boundary_needs_min_clause_words() -> None:
             assert chunks == [text]
 
 
+def test_marks_standing_alone_are_no_words() -> None:
+    assert split_chunks("Yes — no — maybe, later on.") == ["Yes — no — maybe, later on."]
+    assert split_chunks('So " well - okay, then go.') == ['So " well - okay, then go.']
+    assert split_chunks("One — two three four, five.") == ["One — two three four,", "five."]
+
+
 def test_only_the_first_chunk_ends_at_a_clause() -> None:
     text = "Short. One two three four, five six seven eight, nine."
     assert split_chunks(text) == ["Short.", "One two three four, five six seven eight, nine."]
