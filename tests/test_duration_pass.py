@@ -87,6 +87,14 @@ def test_a_graph_without_durations_has_no_pass(tmp_path: Path) -> None:
     assert durations.broken is not None
 
 
+def test_an_unreadable_model_has_no_pass(tmp_path: Path) -> None:
+    model = tmp_path / "bad.onnx"
+    model.write_bytes(b"not a model")
+    durations = Durations(model, 1, ["CPUExecutionProvider"], lambda g: 1)
+    assert durations.samples({"ids": np.zeros((1, 3), np.int64)}) is None
+    assert durations.broken is not None
+
+
 def test_the_hibari_pass_is_the_text_side_of_the_graph() -> None:
     from hibari.voices import voice_path
 
