@@ -177,8 +177,8 @@ class Durations:
                         graph = extract(self._path)
                         self._scale = self._per_frame(graph)
                         self._graph = graph
-                    except (NoDurationPath, ValueError) as exc:
-                        self.disable(str(exc))
+                    except Exception as exc:  # unreadable graphs too (onnx's own errors)
+                        self.disable(f"{type(exc).__name__}: {exc}")
         return self._graph
 
     def samples(self, feeds: Feeds) -> int | None:
@@ -188,7 +188,12 @@ class Durations:
             return None
         sess = getattr(self._local, "session", None)
         if sess is None:
-            sess = self._local.session = session(graph.model, self._threads, self._providers)
+            try:
+                sess = session(graph.model, self._threads, self._providers)
+            except Exception as exc:  # a provider that cannot build the part
+                self.disable(f"{type(exc).__name__}: {exc}")
+                return None
+            self._local.session = sess
         (frames,) = sess.run(None, {k: v for k, v in feeds.items() if k in graph.inputs})
         return int(np.asarray(frames).reshape(-1)[0]) * self._scale
 
