@@ -19,6 +19,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from edge.app import create_app
 from edge.cache.hot import HotSettings
+from edge.cache.meta import etag_for
 from edge.config import ADMIN_TOKEN_ENV
 from edge.policy import Retention
 from edge.spec import Spec
@@ -57,9 +58,9 @@ async def upstream(aiohttp_server: AiohttpServer, state: dict[str, Any]) -> str:
             return web.Response(status=state["status"], text="down")
         body: bytes = state["body"]
         digest = hashlib.sha256(body).hexdigest()
-        return web.Response(
-            body=body, headers={CHECKSUM_HEADER: digest, "Content-Type": "audio/wav"}
-        )
+        key = request.match_info["tail"].split(".", 1)[0]
+        headers = {CHECKSUM_HEADER: digest, "Content-Type": "audio/wav", "ETag": etag_for(key)}
+        return web.Response(body=body, headers=headers)
 
     app = web.Application()
     app.router.add_get("/v1/speech/{tail:.*}", speech)
