@@ -105,3 +105,24 @@ async def test_chromium_plays_a_cold_miss_while_it_renders_and_seeks_once_comple
         assert landed["duration"] == pytest.approx(seconds, abs=0.05)
     # (A stream of unknown length stays "infinite" to the element that opened it; the
     # seek still lands, on an exact 206 of the complete object.)
+
+
+async def test_chromium_plays_a_cold_mp3_while_it_renders(edge: Edge, page: Page) -> None:
+    """MP3 of announced length: opened with `bytes=0-`, it streams without a size, since
+    a player that knows an MP3's size reads its last bytes first (edge.http.stream).
+    Chromium's demuxer reads about 32 KiB before it plays, a little more than this line's
+    first sentence at 48 kbps, so the render is held after its second chunk."""
+    spec = make_spec(f"{MINUTE} Case mp3.", fmt=AudioFormat.MP3)
+    edge.engine.sized = True
+    edge.engine.hold(at=2)
+    try:
+        played = asyncio.create_task(page.evaluate(PLAY, url_of(edge, spec)))
+        await eventually(edge.engine.holding.is_set)
+        await played
+        fill = edge.fill(spec)
+        assert fill is not None and fill.is_running() and fill.length is not None
+    finally:
+        edge.engine.release()
+    await stored_seconds(edge, spec)
+    landed = await page.evaluate(SEEK, 30.0)  # an exact 206 of the complete object
+    assert landed["time"] == pytest.approx(30.0, abs=0.25)

@@ -3,12 +3,19 @@
 Before its first byte a fill says whether it knows the object's length (edge.cache.fill).
 
 Known length (a local render with a duration pass, or an upstream that declared it): every
-request is answered exactly as for a stored object (edge.http.deliver: preconditions, HEAD,
-If-Range, single and multiple ranges, 416 past the end), with the bytes sent as they are
-produced. A player opening with `Range: bytes=0-` gets `206 bytes 0-(L-1)/L` at once, and a
-range past what exists so far waits only for its own bytes (DESIGN.md section 10). A render
-that fails after the headers aborts the connection: the client sees fewer bytes than the
-Content-Length it was promised, never a padded or short object taken for whole.
+request is answered exactly as for a stored object (edge.http.deliver: preconditions,
+HEAD, If-Range, single and multiple ranges, 416 past the end), with the bytes sent as they
+are produced, but one (below). A player opening with `Range: bytes=0-` gets
+`206 bytes 0-(L-1)/L` at once, and a range past what exists so far waits only for its own
+bytes (DESIGN.md section 10). A render that fails after the headers aborts the
+connection: the client sees fewer bytes than the Content-Length it was promised, never a
+padded or short object taken for whole.
+
+The one exception is MP3 opened with `bytes=0-`: a player that learns an MP3's size reads
+its last 128 bytes first (ffmpeg's ID3v1 probe; Chromium plays through ffmpeg), and those
+exist only once the render ends, so the player would wait for the whole render. That
+request is answered as for an unknown length (a 200 streamed at once, below); the seeks
+that follow get exact 206s.
 
 Unknown length (an external engine, FLAC, Opus), where RFC 9110 section 14.4 would need `*`:
 
@@ -95,6 +102,24 @@ def _plan(request: web.BaseRequest, max_ranges: int) -> tuple[int, int | None] |
     return start, end
 
 
+TAIL_PROBED = frozenset({"audio/mpeg"})
+"""Types whose players read the end of an object of known size before they play: ffmpeg
+(and so Chromium) looks for an ID3v1 tag in an MP3's last 128 bytes as soon as it knows
+the size, and those bytes exist only when the render ends."""
+
+
+def _tail_first(request: web.BaseRequest, fill: Fill) -> bool:
+    """Whether to answer as for an unknown length: a player opening a tail-probed object
+    with `bytes=0-` gets the whole of it streamed as a 200 with no size (see the module
+    docstring), so it starts on the first chunk instead of waiting for the last bytes.
+    Every other request on the object is still answered exactly."""
+    return (
+        fill.content_type in TAIL_PROBED
+        and _streamable(request)
+        and request.headers.get(hdrs.RANGE, "").replace(" ", "") == "bytes=0-"
+    )
+
+
 async def deliver_fill(
     request: web.BaseRequest, fill: Fill, policy: Policy, options: DeliveryOptions
 ) -> Delivered:
@@ -105,7 +130,7 @@ async def deliver_fill(
     # A HEAD once every byte exists is waited out: the commit, which is what computes the
     # digest a fetching node confirms with its HEAD (edge.upstream), is moments away.
     complete = request.method == hdrs.METH_HEAD and length is not None and fill.size >= length
-    if fill.is_running() and length is not None and not complete:
+    if fill.is_running() and length is not None and not complete and not _tail_first(request, fill):
         return await _deliver_sized(request, fill, length, policy, options)
     plan = _plan(request, options.max_ranges) if _streamable(request) else None
     if plan is None or not fill.is_running():
