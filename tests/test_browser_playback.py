@@ -15,17 +15,14 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from aiohttp.test_utils import TestClient, TestServer
 from playwright.async_api import Browser, Page
 
 from bench.browser import PLAY, SEEK
-from edge.app import create_app
 from edge.formats import AudioFormat
 from edge.spec import Spec
-from edge.synth.hibari_engine import HibariEngine
 from tests.browser import chromium
-from tests.support import eventually, make_config, make_keyring, make_spec, sign, wait_ready
-from tests.test_inflight import Edge, HeldEngine
+from tests.support import eventually, make_keyring, make_spec, sign
+from tests.test_inflight import Edge, shared_edge  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -36,14 +33,10 @@ MINUTE = " ".join(
 )
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def edge(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
-    engine = HeldEngine(HibariEngine(threads=1))
-    app = create_app(make_config(tmp_path_factory.mktemp("browser")), KEYRING, engines=[engine])
-    async with TestClient(TestServer(app)) as client:
-        await wait_ready(client)
-        yield Edge(app, client, engine)
-        engine.release()
+@pytest_asyncio.fixture(loop_scope="module")
+async def edge(shared_edge: Edge) -> Edge:  # noqa: F811 (the fixture)
+    """tests.test_inflight's edge: the real hibari engine, held where a test says."""
+    return shared_edge
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

@@ -36,7 +36,7 @@ from tests.support import (
     value_files,
     wait_ready,
 )
-from tests.test_inflight import Edge, HeldEngine, fetch
+from tests.test_inflight import Edge, fetch, shared_edge  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
@@ -48,18 +48,8 @@ TEXT = (
 _CASES = itertools.count(1)
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def shared_edge(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
-    engine = HeldEngine(HibariEngine(threads=1))
-    app = create_app(make_config(tmp_path_factory.mktemp("exact")), KEYRING, engines=[engine])
-    async with TestClient(TestServer(app)) as client:
-        await wait_ready(client)
-        yield Edge(app, client, engine)
-        engine.release()
-
-
 @pytest_asyncio.fixture(loop_scope="module")
-async def edge(shared_edge: Edge) -> AsyncIterator[Edge]:
+async def edge(shared_edge: Edge) -> AsyncIterator[Edge]:  # noqa: F811 (the fixture)
     """Renders pause after their first chunk; lengths are announced."""
     shared_edge.engine.sized = True
     shared_edge.engine.hold(at=1)
