@@ -40,7 +40,8 @@ that started that worker's fill, `collapsed` for those that joined it. The rende
 upstream fetch is counted once, where it happens (`nearvoice_synth_total`,
 `nearvoice_upstream_requests_total` with its real reason); a relay is never an upstream
 fetch. `nearvoice_worker_relays_total{worker,outcome}` counts fills `relayed` from the
-owner, fills produced here as a `fallback`, and relays `served` to siblings as the owner.
+owner (once the owner answered), fills produced here as a `fallback`, and relays `served`
+to siblings as the owner.
 """
 
 from __future__ import annotations
@@ -253,7 +254,6 @@ class Siblings:
             log.exception("relaying %s failed", grant.spec.key)
             fill.fail(FillFailed("internal_error", "relay failed", retry_after=2))
             return True
-        self.outcomes[Outcome.RELAYED].inc()
         fill.finish(meta)
         return True
 
@@ -272,6 +272,8 @@ class Siblings:
             if modified:
                 fill.started_at = parsedate_to_datetime(modified).timestamp()
             upstream = headers.get(SOURCE_HEADER) == Source.UPSTREAM.value
+            # Counted as the owner answers, before any byte reaches a player here.
+            self.outcomes[Outcome.RELAYED].inc()
             fill.start(fetched.content_type, etag, from_upstream=upstream)
             fill.set_length(fetched.content_length)
             async for chunk in fetched.chunks():

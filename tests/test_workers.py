@@ -44,6 +44,7 @@ import pytest
 from edge.config import ADMIN_TOKEN_ENV
 from edge.handlers.admin import merge_hotkeys
 from edge.keyring import KEYS_ENV
+from edge.metrics import Result
 from edge.spec import Spec
 from edge.upstream import CHECKSUM_HEADER
 from edge.workers import channel_dir, owner_of
@@ -97,6 +98,12 @@ class Connection:
         payload = response.read()
         assert response.status == status, payload
         return json.loads(payload)
+
+    def settle(self) -> None:
+        """Returns once this connection's earlier requests are counted in the metrics. A
+        handler counts its request after the last byte went out, which the client may
+        have read already; requests on one connection are handled one after the other."""
+        self.admin("GET", "/admin/hotkeys?k=1")
 
     def get(self, target: str, headers: dict[str, str] | None = None) -> Answer:
         self.conn.request("GET", target, headers=headers or {})
@@ -263,6 +270,23 @@ def fire(conns: list[Connection], target: str, ranged: set[int]) -> list[Answer]
         return list(pool.map(one, range(len(conns))))
 
 
+def counted_after(node: Node, before: str, requests: int) -> str:
+    """The node's metrics once `requests` more speech requests than in `before` have been
+    counted (see `Connection.settle`)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        after = node.metrics()
+        counted = sum(
+            metric_from(after, "nearvoice_requests_total", result=r.value)
+            - metric_from(before, "nearvoice_requests_total", result=r.value)
+            for r in Result
+        )
+        if counted >= requests:
+            return after
+        assert time.monotonic() < deadline, f"{counted} of {requests} requests counted"
+        time.sleep(0.02)
+
+
 def complete(conn: Connection, target: str) -> Answer:
     """GETs `target` until the answer is the complete object, which carries its digest.
     The owner's fill ends (and a relayed answer with it) once every byte exists; its
@@ -301,7 +325,7 @@ def test_hundred_concurrent_cold_requests_over_both_workers_render_once(node: No
     # Every fourth request asks for a bounded range, as players do when they seek.
     ranged = {i for i in range(len(conns)) if i % 4 == 1}
     answers = fire(conns, target, ranged)
-    after = node.metrics()
+    after = counted_after(node, before, len(conns))
     for conn in conns:
         conn.close()
 
@@ -363,7 +387,8 @@ def test_a_key_from_upstream_is_fetched_by_one_worker_only(
             conns = fetching.connections(CONCURRENT)
             before, upstream_before = fetching.metrics(), metrics_of(upstream.port)
             answers = fire(conns, sign(KEYRING, spec), set())
-            after, upstream_after = fetching.metrics(), metrics_of(upstream.port)
+            after = counted_after(fetching, before, len(conns))
+            upstream_after = metrics_of(upstream.port)
             for conn in conns:
                 conn.close()
     finally:
@@ -385,6 +410,30 @@ def test_a_key_from_upstream_is_fetched_by_one_worker_only(
     assert sent == sum(len(a.body) for a in answers)
 
 
+def test_a_player_hanging_up_in_the_relaying_worker_stops_nothing(node: Node) -> None:
+    spec = fresh()
+    target = sign(KEYRING, spec)
+    other = 1 - owner_of(spec.key, WORKERS)
+    pinned = node.pinned()
+    try:
+        rendered = renders(node)
+        pinned[other].conn.request("GET", target)
+        streaming = pinned[other].conn.getresponse()
+        assert streaming.status == 200
+        assert streaming.read(64)
+        pinned[other].close()  # the only player of the relay hangs up mid-object
+        listener = reconnecting(lambda: Connection(node.port))
+        try:
+            whole = complete(listener, target)  # rendered to the end and stored all the same
+        finally:
+            listener.close()
+        assert whole.body[:4] == b"RIFF"
+        assert renders(node) == rendered + 1
+    finally:
+        for conn in pinned.values():
+            conn.close()
+
+
 # -- 2. purges ----------------------------------------------------------------------------
 
 
@@ -396,6 +445,7 @@ def test_purge_through_one_worker_is_honoured_by_the_other(node: Node) -> None:
         first = complete(pinned[0], target)
         for worker in (0, 1):  # into both hot tiers
             assert pinned[worker].get(target).body == first.body
+            pinned[worker].settle()
         hits = node.metric("nearvoice_requests_total", result="hit")
         rendered = renders(node)
         answer = pinned[0].admin("POST", "/admin/purge", {"keys": [spec.key]})
@@ -403,6 +453,7 @@ def test_purge_through_one_worker_is_honoured_by_the_other(node: Node) -> None:
         assert answer["workers"] == {"acknowledged": [1], "unreachable": []}
         again = pinned[1].get(target)  # at once: no waiting for the purge stamp
         assert again.status == 200 and again.body == first.body
+        pinned[1].settle()
         assert node.metric("nearvoice_requests_total", result="hit") == hits
         assert renders(node) == rendered + 1
     finally:
@@ -496,6 +547,7 @@ def test_a_prefetch_job_renders_each_key_once_and_any_worker_reports_it(node: No
         hits = node.metric("nearvoice_requests_total", result="hit")
         for target in targets:
             assert pinned[1].get(target).status == 200
+        pinned[1].settle()
         assert node.metric("nearvoice_requests_total", result="hit") == hits + 2
     finally:
         for conn in pinned.values():
