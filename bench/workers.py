@@ -23,6 +23,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -187,9 +188,12 @@ def _ratio(a: dict[str, float] | None, b: dict[str, float] | None) -> float | No
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="nv-bench-workers-"))
-    # The reference: one worker, where every follower joins the render in-process.
-    single = await edge_rounds(work, 1, args)
-    several = await edge_rounds(work, args.workers, args)
+    try:
+        # The reference: one worker, where every follower joins the render in-process.
+        single = await edge_rounds(work, 1, args)
+        several = await edge_rounds(work, args.workers, args)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     owning, other = summary(several.owning), summary(several.other)
     reference = summary(single.owning)
     return {
