@@ -5,6 +5,10 @@ the two is one core (`edge.core`): lookup (`edge.node`, hot tier then disk) -> f
 miss (render with `edge.synth.renderer` or fetch upstream, then store) -> deliver.
 Signed URLs: `edge.handlers.speech` (authorize with `edge.token`, Range answers).
 The OpenAI-compatible API: `edge.handlers.openai` (API key, raw audio or SSE).
+
+With `--workers N`, a miss for a key another worker owns is streamed from that worker
+instead (`edge.workers`); each worker answers its siblings on a private unix socket with
+the channel app (`edge.handlers.channel`), opened here for the node's lifetime.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,6 +26,7 @@ from aiohttp import web
 from edge.apikeys import ApiKeys
 from edge.config import NodeConfig
 from edge.handlers import admin, health, openai, speech
+from edge.handlers.channel import channel_app
 from edge.handlers.keys import API_KEYS, NODE
 from edge.http.middleware import errors_as_json
 from edge.keyring import Keyring
@@ -38,6 +45,7 @@ from edge.voices import exported_variants
 
 log = logging.getLogger("nearvoice.app")
 SPEECH_ROUTE = r"/v1/speech/{key:[0-9a-f]{64}}.{ext:[a-z0-9]{1,8}}"
+CHANNEL_SHUTDOWN_TIMEOUT = 10.0  # seconds relays to siblings get to finish at shutdown
 
 
 def default_engines(config: NodeConfig) -> list[Engine]:
@@ -126,6 +134,7 @@ def create_app(
 async def _node_lifetime(app: web.Application) -> AsyncIterator[None]:
     node = app[NODE]
     await node.start()
+    channel = await _open_channel(app) if node.siblings.enabled else None
     background = [
         asyncio.create_task(_warm(node), name="warmup"),
         asyncio.create_task(_flush_recency_forever(node), name="recency"),
@@ -136,9 +145,32 @@ async def _node_lifetime(app: web.Application) -> AsyncIterator[None]:
     for task in background:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    if channel is not None:
+        await channel.cleanup()
     await node.stop()
     await node.flush_recency()
     node.close()
+
+
+async def _open_channel(app: web.Application) -> web.AppRunner:
+    """Serves the channel app on this worker's socket, in a directory only this user reads."""
+    path = app[NODE].siblings.socket
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Whoever can reach the sockets is trusted to answer as a sibling: the directory must
+    # be this user's alone (it may be a shared temporary one, see edge.workers.channel_dir).
+    found = path.parent.lstat()
+    if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+        raise RuntimeError(f"{path.parent} must be a directory that only this user can use")
+    path.unlink(missing_ok=True)  # left by this worker's previous life, if it crashed
+    runner = web.AppRunner(
+        channel_app(app, SPEECH_ROUTE),
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=CHANNEL_SHUTDOWN_TIMEOUT,
+    )
+    await runner.setup()
+    await web.UnixSite(runner, path).start()
+    return runner
 
 
 async def _warm(node: Node) -> None:

@@ -9,7 +9,12 @@ import os
 import shutil
 import signal
 import sys
+import time
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
 from pathlib import Path
+
+from prometheus_client.multiprocess import mark_process_dead
 
 from edge.config import NodeConfig, Role, load
 from edge.formats import AudioFormat
@@ -21,6 +26,8 @@ from edge.token import parse_network, sign_url
 from edge.voices import UnknownVoice, for_config, resolve
 
 DEFAULT_TTL = 3600
+MIN_WORKER_UPTIME = 5.0  # seconds: a worker that dies sooner died "during start-up"
+MAX_QUICK_DEATHS = 3  # start-up deaths in a row after which a worker is not restarted
 EXIT_USAGE = 2
 
 
@@ -73,9 +80,20 @@ def _node_config(args: argparse.Namespace, role: Role) -> NodeConfig:
     )
 
 
-def _serve(config: NodeConfig, reuse_port: bool) -> None:
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("NEARVOICE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    )
+
+
+def _serve(config: NodeConfig, reuse_port: bool, worker: int = 0) -> None:
     from edge.app import create_app
     from edge.http.fastpath import run
+    from edge.workers import WORKER_ENV
+
+    _configure_logging()  # a spawned worker starts with none
+    os.environ[WORKER_ENV] = str(worker)  # read by the node's Siblings (edge.workers)
 
     try:
         import uvloop
@@ -103,10 +121,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         for_config(config)  # voices and exported variants, reported here, not as tracebacks
     except (KeyringError, ValueError, OSError) as exc:
         return _fail(str(exc))
-    logging.basicConfig(
-        level=os.environ.get("NEARVOICE_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-    )
+    _configure_logging()
     log = logging.getLogger("nearvoice")
     log.info(
         "%s listening on http://%s:%d (data %s, %d worker(s))",
@@ -125,21 +140,59 @@ def cmd_node(args: argparse.Namespace) -> int:
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ[MULTIPROC_ENV] = str(metrics_dir)
+    return _supervise(config)
+
+
+def _supervise(config: NodeConfig) -> int:
+    """Runs the workers, each with its index (edge.workers), until SIGINT or SIGTERM. A
+    worker that dies is started again under the same index, so the keys it owns come back
+    to it; one that keeps dying during start-up stops the node, since it would only die
+    again."""
+    log = logging.getLogger("nearvoice")
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_serve, args=(config, True)) for _ in range(config.workers)]
-    for proc in procs:
+    procs: dict[int, tuple[BaseProcess, float]] = {}
+    quick_deaths = dict.fromkeys(range(config.workers), 0)
+    stopping = False
+
+    def start(index: int) -> None:
+        proc = ctx.Process(target=_serve, args=(config, True, index), name=f"worker-{index}")
         proc.start()
+        procs[index] = (proc, time.monotonic())
 
     def stop(signum: int, _frame: object) -> None:
-        for proc in procs:
-            if proc.pid is not None:
+        nonlocal stopping
+        stopping = True
+        for proc, _ in procs.values():
+            if proc.pid is not None and proc.exitcode is None:
                 os.kill(proc.pid, signal.SIGINT)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for proc in procs:
-        proc.join()
-    return 0
+    for index in range(config.workers):
+        if not stopping:
+            start(index)
+    code = 0
+    while procs:
+        wait([proc.sentinel for proc, _ in procs.values()])
+        for index, (proc, started) in list(procs.items()):
+            if proc.exitcode is None:
+                continue
+            del procs[index]
+            assert proc.pid is not None
+            # Its live gauges no longer add to the node's.
+            mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
+            if stopping:
+                continue
+            quick = time.monotonic() - started < MIN_WORKER_UPTIME
+            quick_deaths[index] = quick_deaths[index] + 1 if quick else 0
+            if quick_deaths[index] >= MAX_QUICK_DEATHS:
+                log.error("worker %d keeps exiting during start-up; stopping", index)
+                code = 1
+                stop(signal.SIGTERM, None)
+                continue
+            log.warning("worker %d exited with %s; starting it again", index, proc.exitcode)
+            start(index)
+    return code
 
 
 BENCHMARKS = {
@@ -147,6 +200,7 @@ BENCHMARKS = {
     "hit-path": "bench.hit_path",
     "miss-latency": "bench.miss_latency",
     "offload": "bench.offload",
+    "workers": "bench.workers",
 }
 
 

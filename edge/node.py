@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -32,6 +33,7 @@ from edge.synth.renderer import Renderer
 from edge.token import Grant, check_query_shape, check_use, verify_signature
 from edge.upstream import Upstreams
 from edge.voices import for_config
+from edge.workers import Siblings, worker_index
 
 log = logging.getLogger("nearvoice.node")
 IO_THREADS = 4  # disk lookups and commits; they are short and mostly wait on the kernel
@@ -100,6 +102,9 @@ class Node:
             on_refusal=lambda scope: self.metrics.rate_limited.labels(scope).inc(),
         )
         """The node's one rate limiter, shared by its doors (edge.limits)."""
+        self.siblings = Siblings(config, keyring, self.metrics.registry, worker_index())
+        """The node's other workers (edge.workers): who produces a key, and the channel."""
+        self._purge_epoch = 0  # purges seen by this worker, its siblings' included
 
     @property
     def renderer(self) -> Renderer | None:
@@ -111,6 +116,7 @@ class Node:
 
     async def start(self) -> None:
         await self.upstreams.start()
+        await self.siblings.start()
 
     async def stop(self) -> None:
         """Lets fills under way finish (their listeners are mid-stream), then closes."""
@@ -120,6 +126,7 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         await self.upstreams.close()
+        await self.siblings.close()
 
     def close(self) -> None:
         self.hot.clear()
@@ -224,9 +231,17 @@ class Node:
         entry = self.hot_entry(key, now)
         if entry is None:
             loop = asyncio.get_running_loop()
-            opened = await loop.run_in_executor(
-                self.io, self.store.open, key, self.config.hot.max_object_bytes
-            )
+            while True:
+                epoch = self._purge_epoch
+                opened = await loop.run_in_executor(
+                    self.io, self.store.open, key, self.config.hot.max_object_bytes
+                )
+                if epoch == self._purge_epoch:
+                    break
+                # A purge (here or in a sibling) ran meanwhile: what was opened may be
+                # the purged object, which must not enter the hot tier. Look again.
+                if opened.fd >= 0:
+                    os.close(opened.fd)
             if opened.outcome is Outcome.CORRUPT:
                 log.warning("dropped corrupt cache entry %s", key)
             if opened.outcome is not Outcome.HIT or opened.meta is None:
@@ -247,6 +262,7 @@ class Node:
             self._purge_checked = now
             if self.purges.changed():
                 self.hot.clear()
+                self._purge_epoch += 1
         return self.hot.get(key, now)
 
     def count_hit(self, key: str) -> None:
@@ -285,7 +301,9 @@ class Node:
         return fill, False
 
     async def _run(self, fill: Fill, name: str, grant: Grant, target: str) -> None:
-        await self.producer.produce(fill, grant, target)
+        # The key's owning worker produces it; the others stream it from there.
+        if not await self.siblings.relay(fill, grant, target):
+            await self.producer.produce(fill, grant, target)
         if fill.is_running():  # produce() always ends the fill; be safe if that ever changes
             fill.fail(FillFailed("internal_error", "producer ended without a result"))
         if fill.state is FillState.DONE and fill.stored:
@@ -303,16 +321,9 @@ class Node:
     # -- admin ----------------------------------------------------------------------------
     async def purge(self, key: str) -> bool:
         """Removes `key` from every tier of this node, the origin's persistent store
-        included; True if any of them held it."""
-        self.hot.drop(key)
-        self._grants.clear()
-        self.hotkeys.discard(key)
-        # A fill of the key, running or lingering after its commit, must neither commit nor
-        # be joined after this: its bytes are exactly what is being purged.
-        for name in (key, f"draft:{key}"):
-            fill = self._fills.pop(name, None)
-            if fill is not None:
-                fill.purged = True
+        included; True if any of them held it. Siblings are told by the caller
+        (`Siblings.purge`); the stamp bumped here covers those that cannot be."""
+        self.forget(key)
         loop = asyncio.get_running_loop()
         removed = await loop.run_in_executor(self.io, self.store.delete, key)
         persistent = self.producer.persistent
@@ -320,6 +331,20 @@ class Node:
             removed = await loop.run_in_executor(self.io, persistent.delete, key) or removed
         await loop.run_in_executor(self.io, self.purges.bump)
         return removed
+
+    def forget(self, key: str) -> None:
+        """Drops what this worker holds of `key` in memory: its hot entry, its hot-key
+        counter and its fills, which must neither commit nor be joined after this (their
+        bytes are exactly what is being purged). Fills under way keep streaming to the
+        listeners they have."""
+        self._purge_epoch += 1
+        self.hot.drop(key)
+        self._grants.clear()
+        self.hotkeys.discard(key)
+        for name in (key, f"draft:{key}"):
+            fill = self._fills.pop(name, None)
+            if fill is not None:
+                fill.purged = True
 
     async def flush_recency(self) -> None:
         keys, self._recent = self._recent, set()

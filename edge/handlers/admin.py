@@ -1,10 +1,15 @@
 """Admin API, behind `Authorization: Bearer $NEARVOICE_ADMIN_TOKEN`.
 
-* `POST /admin/purge` `{"keys": [...]}`: removes objects from every tier of this node.
-* `GET /admin/stats`: cache occupancy and hot-tier state.
-* `GET /admin/hotkeys?k=N`: the N most requested keys, from a bounded Space-Saving counter.
+* `POST /admin/purge` `{"keys": [...]}`: removes objects from every tier of this node, in
+  every worker (each sibling acknowledges before the answer; edge.workers).
+* `GET /admin/stats`: cache occupancy, hot-tier state and request counts, for the whole
+  node: with `--workers N`, the workers' hot tiers are added up (and listed under
+  `workers`), and counters are read from every worker's metrics.
+* `GET /admin/hotkeys?k=N`: the N most requested keys, from bounded Space-Saving counters,
+  merged over the node's workers.
 * `POST /admin/prefetch` `{"urls": [...], "specs": [...]}`: warms objects in the background;
-  answers 202 with a job id. `GET /admin/prefetch/{id}`: the job's progress.
+  answers 202 with a job id. `GET /admin/prefetch/{id}`: the job's progress, asked of the
+  worker running it when that is another one.
 
 A purge with `"cascade": true` is repeated at each key's home upstream (a shield, which
 cascades on to its origin), so a purged object is gone from every tier that could refill it.
@@ -12,20 +17,30 @@ cascades on to its origin), so a purged object is gone from every tier that coul
 
 from __future__ import annotations
 
+import heapq
+import os
+import re
 from http import HTTPStatus
 from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
+from edge.cache.hotkeys import HotKey
 from edge.config import ADMIN_TOKEN_ENV
 from edge.errors import BadRequest, NotFound
+from edge.handlers.channel import process_stats
 from edge.handlers.keys import NODE
 from edge.http.requests import BEARER, read_json, require_bearer
+from edge.metrics import MULTIPROC_ENV
 from edge.spec import KEY_RE
 from edge.upstream import rendezvous_order
+from edge.workers import HOTKEYS_PATH, PREFETCH_PATH, STATS_PATH
 
 MAX_PURGE_KEYS = 1000
+JOB_RE = re.compile(r"[0-9a-f]{16}")  # prefetch job ids (edge.prefetch)
 CASCADE_TIMEOUT = 5.0  # seconds for the purge at the upstream
 MAX_TOP_K = 1000
 DEFAULT_TOP_K = 20
@@ -54,6 +69,9 @@ async def purge(request: web.Request) -> web.Response:
     for key in dict.fromkeys(keys):
         (purged if await node.purge(key) else missing).append(key)
     answer: dict[str, Any] = {"purged": purged, "missing": missing}
+    if node.siblings.enabled:
+        told = await node.siblings.purge(list(dict.fromkeys(keys)))
+        answer["workers"] = {"acknowledged": sorted(told.answers), "unreachable": told.unreachable}
     if cascade and node.upstreams.available:
         answer["cascade"] = await _cascade(request, list(dict.fromkeys(keys)))
     return web.json_response(answer)
@@ -94,10 +112,17 @@ async def prefetch(request: web.Request) -> web.Response:
 
 async def prefetch_progress(request: web.Request) -> web.Response:
     require_admin(request)
-    job = request.app[NODE].prefetcher.jobs.get(request.match_info["job"])
-    if job is None:
-        raise NotFound("unknown_job", "no such prefetch job (finished jobs are kept a while)")
-    return web.json_response(job.report())
+    node = request.app[NODE]
+    name = request.match_info["job"]
+    job = node.prefetcher.jobs.get(name)
+    if job is not None:
+        return web.json_response(job.report())
+    if node.siblings.enabled and JOB_RE.fullmatch(name):
+        # Started through a connection that another worker accepted: that worker runs it.
+        found = await node.siblings.gather(f"{PREFETCH_PATH}/{name}")
+        for report in found.answers.values():
+            return web.json_response(report)
+    raise NotFound("unknown_job", "no such prefetch job (finished jobs are kept a while)")
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -105,7 +130,15 @@ async def stats(request: web.Request) -> web.Response:
     node = request.app[NODE]
     volume, count = await node.refresh_gauges()
     m = node.metrics
-    evictions = sum(value for _, value in _samples(m.evictions, "nearvoice_evictions_total"))
+    # With several workers, every worker's counters, as /metrics adds them up.
+    shared = _every_worker() if node.siblings.enabled else None
+    evictions = sum(
+        value for _, value in _samples(shared or m.evictions, "nearvoice_evictions_total")
+    )
+    requests = _samples(shared or m.requests, "nearvoice_requests_total")
+    workers = [process_stats(node)]
+    if node.siblings.enabled:
+        workers += (await node.siblings.gather(STATS_PATH)).answers.values()
     return web.json_response(
         {
             "role": node.config.role.value,
@@ -115,21 +148,33 @@ async def stats(request: web.Request) -> web.Response:
                 "size_limit": node.config.store.size_limit,
                 "evictions": int(evictions),
             },
-            "hot": {"objects": len(node.hot), "memory_bytes": node.hot.memory},
-            "requests": {
-                labels[0]: int(value)
-                for labels, value in _samples(m.requests, "nearvoice_requests_total")
+            "hot": {
+                "objects": sum(w["hot"]["objects"] for w in workers),
+                "memory_bytes": sum(w["hot"]["memory_bytes"] for w in workers),
             },
+            "requests": {labels["result"]: int(value) for labels, value in requests},
+            "worker": node.siblings.index,
+            "workers": sorted(workers, key=lambda w: int(w["worker"])),
         }
     )
 
 
-def _samples(metric: Any, name: str) -> list[tuple[tuple[str, ...], float]]:
+def _every_worker() -> CollectorRegistry | None:
+    """A registry reading every worker's metric files (prometheus_client multiprocess)."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if not directory:
+        return None
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def _samples(metric: Any, name: str) -> list[tuple[dict[str, str], float]]:
     out = []
     for family in metric.collect():
         for sample in family.samples:
             if sample.name == name:
-                out.append((tuple(sample.labels.values()), sample.value))
+                out.append((dict(sample.labels), sample.value))
     return out
 
 
@@ -138,8 +183,45 @@ async def hotkeys(request: web.Request) -> web.Response:
     raw = request.query.get("k", str(DEFAULT_TOP_K))
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_TOP_K:
         raise BadRequest("bad_k", f"k must be an integer in 1..{MAX_TOP_K}")
-    top = request.app[NODE].hotkeys.top(int(raw))
+    node = request.app[NODE]
+    k = int(raw)
+    if node.siblings.enabled:
+        gathered = await node.siblings.gather(HOTKEYS_PATH)
+        counter = node.hotkeys
+        mine = [[h.key, h.hits, h.error] for h in counter.top(max(1, len(counter)))]
+        summaries = [{"capacity": counter.capacity, "keys": mine}, *gathered.answers.values()]
+        top = merge_hotkeys(summaries, k)
+    else:
+        top = node.hotkeys.top(k)
     return web.json_response(
         {"keys": [{"key": h.key, "hits": h.hits, "error": h.error} for h in top]},
         status=HTTPStatus.OK,
     )
+
+
+def merge_hotkeys(summaries: list[dict[str, Any]], k: int) -> list[HotKey]:
+    """The top `k` of several workers' Space-Saving summaries, each `{"capacity", "keys":
+    [[key, hits, error], ...]}` with every counter it holds.
+
+    Counts add up. A key missing from a full summary may still have been counted there,
+    up to that summary's smallest counter, so that much is added to its hits and to its
+    error: merged counts over-estimate by at most `error`, as each summary's do (the
+    mergeable summaries of Agarwal et al., 2012)."""
+    hits: dict[str, int] = {}
+    errors: dict[str, int] = {}
+    floors: list[tuple[int, set[str]]] = []
+    for summary in summaries:
+        rows = summary["keys"]
+        present = {str(row[0]) for row in rows}
+        for key, count, error in rows:
+            hits[key] = hits.get(key, 0) + int(count)
+            errors[key] = errors.get(key, 0) + int(error)
+        full = len(rows) >= int(summary["capacity"])
+        floors.append((min(int(row[1]) for row in rows) if full and rows else 0, present))
+    for floor, present in floors:
+        if floor:
+            for key in hits.keys() - present:
+                hits[key] += floor
+                errors[key] += floor
+    best = heapq.nlargest(k, hits.items(), key=lambda item: item[1])
+    return [HotKey(key, count, errors[key]) for key, count in best]
