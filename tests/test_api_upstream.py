@@ -21,7 +21,7 @@ from edge.config import SynthSettings
 from edge.synth.hibari_engine import HibariEngine
 from edge.synth.piper_engine import PiperEngine
 from tests.api_support import API_SETTINGS, ApiNode, api_node, speak, sse_audio, sse_events
-from tests.support import make_config, metric_from
+from tests.support import eventually, make_config, metric_from, scrape_until
 from tests.test_upstream import QUICK
 
 pytestmark = pytest.mark.slow
@@ -65,7 +65,14 @@ async def test_an_origin_only_voice_comes_from_upstream_and_is_cached_at_the_edg
     assert first.headers["x-nearvoice-cache"] == "miss"
     assert first.headers["content-type"] == "audio/wav"
     assert int.from_bytes(first.body[24:28], "little") == 22050  # the WAV header's rate
-    a_after, b_after = await pair.a.metrics(), await pair.b.metrics()
+    # Bytes are counted, and the object committed, after the body's last byte left.
+    bytes_sample = "nearvoice_response_bytes_total"
+    a_after = await scrape_until(
+        pair.a.client,
+        lambda t: moved(t, a_before, bytes_sample, source="upstream") >= len(first.body),
+    )
+    await eventually(pair.a.idle)
+    b_after = await pair.b.metrics()
     upstream = "nearvoice_upstream_requests_total"
     assert moved(a_after, a_before, upstream, reason="no_engine") == 1
     assert moved(b_after, b_before, "nearvoice_synth_total", engine="piper") == 1
