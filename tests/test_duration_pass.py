@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge.synth import exported
+from edge.synth.chunking import split_chunks
 from edge.synth.durations import Durations, NoDurationPath, extract
 from edge.synth.engine import Engine
 from edge.synth.hibari_engine import HibariEngine
@@ -205,15 +206,64 @@ def test_joe_counts_random_texts(joe: PiperEngine, text: str, speed: float) -> N
     assert joe.samples(text, "joe", speed) == rendered(joe, text, "joe", speed)
 
 
-def test_joe_counts_every_exported_variant(joe_export: Path) -> None:
+def as_piper_renders(engine: PiperEngine, text: str, speed: float) -> list[np.ndarray]:
+    """`text` through piper's own `PiperVoice.synthesize` on the whole graph's session."""
+    from piper import PiperVoice
+
+    loaded = engine._voice("joe")
+    voice = PiperVoice(session=engine.session("joe"), config=loaded.config)
+    synthesis = engine._synthesis(loaded, speed)
+    return [
+        np.clip(np.asarray(chunk.audio_float_array, np.float32), -1.0, 1.0)
+        for part in split_chunks(text)
+        for chunk in voice.synthesize(part, synthesis)
+    ]
+
+
+def same(one: list[np.ndarray], other: list[np.ndarray]) -> bool:
+    return len(one) == len(other) and all(
+        a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(one, other, strict=True)
+    )
+
+
+@pytest.mark.parametrize("speed", [0.6, 1.0, 1.9])
+def test_joe_renders_the_rest_after_the_pass_as_the_whole_graph(
+    joe: PiperEngine, speed: float
+) -> None:
+    assert joe._durations["joe"].splits()
+    for text in (*SENTENCES[::2], "Wait... what?! No way."):
+        reference = as_piper_renders(joe, text, speed)
+        joe.samples(text, "joe", speed)
+        assert same(list(joe.stream(text, "joe", speed, 0)), reference)  # after the pass
+        assert same(list(joe.stream(text + " ", "joe", speed, 0)), reference)  # without
+
+
+def test_joe_counts_and_renders_every_exported_variant(joe_export: Path) -> None:
     export = exported.load(joe_export)
     assert {v.name for v in export.variants} >= {"fp32", "fp16", "fp32-opt"}
     for variant in export.variants:
         choice = exported.Chosen("joe", export, variant, "cpu", f"piper-joe.{variant.name}@x")
         engine = PiperEngine(exported={"joe": choice})
+        engine.warmup()
         for text in (*SENTENCES[:4], SENTENCES[-1]):
             counted = engine.samples(text, "joe", 0.85)
-            assert counted == rendered(engine, text, "joe", 0.85), variant.name
+            audio = list(engine.stream(text, "joe", 0.85, 0))
+            assert counted == sum(len(a) for a in audio), variant.name
+            assert same(audio, as_piper_renders(engine, text, 0.85)), variant.name
+
+
+def test_a_split_that_renders_other_samples_is_dropped_by_warmup() -> None:
+    engine = PiperEngine()
+    durations = engine._durations["joe"]
+    assert durations.splits()
+    rest = durations.rest
+    durations.rest = lambda counted, feeds: [rest(counted, feeds)[0] * 0.5]  # type: ignore[method-assign]
+    engine.warmup()
+    assert not durations.splits() and durations.unsplit is not None
+    assert same(
+        list(engine.stream("Hello there.", "joe", 1.0, 0)),
+        as_piper_renders(engine, "Hello there.", 1.0),
+    )
 
 
 # vits (a tiny random transformers VitsModel through from-transformers and optimize)
