@@ -127,12 +127,27 @@ def test_heart_counts_texts_with_nothing_to_say(heart: HibariEngine) -> None:
         assert heart.samples(text, "heart", 1.0) == rendered(heart, text, "heart", 1.0)
 
 
-def test_the_pass_changes_no_audio(heart: HibariEngine) -> None:
-    text = "Dr. Smith arrived at 7:30, e.g. early. The rest came later!"
-    before = np.concatenate(list(heart.stream(text, "heart", 1.2, 9)))
-    heart.samples(text, "heart", 1.2)
-    after = np.concatenate(list(heart.stream(text, "heart", 1.2, 9)))
-    assert np.array_equal(before, after)
+def as_hibari_renders(engine: HibariEngine, text: str, speed: float, seed: int) -> list[np.ndarray]:
+    """`text` through `Hibari.from_ids` on the whole graph, with one noise generator."""
+    model = engine._model("heart")
+    rng = np.random.default_rng(seed)
+    return [
+        model.from_ids(model.ids(phonemes), speed, rng)
+        for chunk in split_chunks(text)
+        for phonemes in model.phonemize(chunk)
+    ]
+
+
+@pytest.mark.parametrize("speed", [0.7, 1.2])
+def test_heart_renders_the_rest_after_the_pass_as_the_whole_graph(
+    heart: HibariEngine, speed: float
+) -> None:
+    assert heart._durations["heart"].splits()
+    for text in (*SENTENCES[::3], "Dr. Smith arrived at 7:30, e.g. early. The rest came later!"):
+        reference = as_hibari_renders(heart, text, speed, 9)
+        heart.samples(text, "heart", speed)
+        assert same(list(heart.stream(text, "heart", speed, 9)), reference)  # after the pass
+        assert same(list(heart.stream(text + " ", "heart", speed, 9)), reference)  # without
 
 
 @PROPERTY
@@ -174,8 +189,12 @@ def test_heart_counts_an_exported_variant(tmp_path: Path) -> None:
     variant = next(v for v in export.variants if v.name == "fp32-opt")
     choice = exported.Chosen("heart", export, variant, "cpu", "hibari-heart.fp32-opt@x")
     engine = HibariEngine(exported={"heart": choice})
+    engine.warmup()
     for text in SENTENCES:
-        assert engine.samples(text, "heart", 0.9) == rendered(engine, text, "heart", 0.9)
+        counted = engine.samples(text, "heart", 0.9)
+        audio = list(engine.stream(text, "heart", 0.9, 0))
+        assert counted == sum(len(a) for a in audio)
+        assert same(audio, as_hibari_renders(engine, text, 0.9, 0))
 
 
 # piper (`joe`)
