@@ -8,20 +8,19 @@ of export/sentences.py), the median over `--repeats` rounds of:
 * `pass_ms`: `samples()` on a text this thread has not seen, front end included (G2P and
   ids of every piece, which the render that follows then reuses);
 * `pass_model_ms`: `samples()` again on the same text: the graph part alone;
-* `render_ms`: `stream()` of a text not seen before, consumed whole, without a pass (for
-  `joe` on the CPU that is, sentence by sentence, the pass's part of the graph and then the
-  rest: the same nodes as the whole graph, run once);
+* `render_ms`: `stream()` of a text not seen before, consumed whole, without a pass (on
+  the CPU that is, piece by piece, the pass's part of the graph and then the rest: the
+  same nodes as the whole graph, run once);
 * `first_chunk_ms`: that render's time to its first chunk of audio;
 * `render_after_pass_ms`: `stream()` right after `samples()` of the same text;
 * `pass_ratio` = pass_ms / render_ms, `pass_over_first_chunk` = pass_ms / first_chunk_ms
   (what the pass adds before the first byte, relative to what the first byte cost
   before), and `overhead` = (pass_ms + render_after_pass_ms) / render_ms - 1: what a miss
-  pays in all for knowing its length. For `heart` the render after the pass repeats the
-  pass's part of the graph, so overhead is about pass_model_ratio; for `joe` it does not
-  (it runs the rest of the graph on what the pass handed off), so overhead is about 0
-  and only the time to the first byte grows. Ratios are medians of each round's ratio;
-  `pass_ratio_of_fastest` divides the fastest pass by the fastest render, the figure least
-  moved by other work on the machine.
+  pays in all for knowing its length. On the CPU neither engine runs the pass's part of
+  the graph again after the pass (it runs the rest of the graph on what the pass handed
+  off), so overhead is about 0 and only the time to the first byte grows. Ratios are
+  medians of each round's ratio; `pass_ratio_of_fastest` divides the fastest pass by the
+  fastest render, the figure least moved by other work on the machine.
 
 "Not seen" texts are the same text with i trailing spaces: the chunker strips them, so
 the work is identical and only the front-end cache misses. Each round measures every
