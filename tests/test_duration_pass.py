@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge.synth import exported
+from edge.synth.chunking import split_chunks
 from edge.synth.durations import Durations, NoDurationPath, extract
 from edge.synth.engine import Engine
 from edge.synth.hibari_engine import HibariEngine
@@ -126,12 +127,27 @@ def test_heart_counts_texts_with_nothing_to_say(heart: HibariEngine) -> None:
         assert heart.samples(text, "heart", 1.0) == rendered(heart, text, "heart", 1.0)
 
 
-def test_the_pass_changes_no_audio(heart: HibariEngine) -> None:
-    text = "Dr. Smith arrived at 7:30, e.g. early. The rest came later!"
-    before = np.concatenate(list(heart.stream(text, "heart", 1.2, 9)))
-    heart.samples(text, "heart", 1.2)
-    after = np.concatenate(list(heart.stream(text, "heart", 1.2, 9)))
-    assert np.array_equal(before, after)
+def as_hibari_renders(engine: HibariEngine, text: str, speed: float, seed: int) -> list[np.ndarray]:
+    """`text` through `Hibari.from_ids` on the whole graph, with one noise generator."""
+    model = engine._model("heart")
+    rng = np.random.default_rng(seed)
+    return [
+        model.from_ids(model.ids(phonemes), speed, rng)
+        for chunk in split_chunks(text)
+        for phonemes in model.phonemize(chunk)
+    ]
+
+
+@pytest.mark.parametrize("speed", [0.7, 1.2])
+def test_heart_renders_the_rest_after_the_pass_as_the_whole_graph(
+    heart: HibariEngine, speed: float
+) -> None:
+    assert heart._durations["heart"].splits()
+    for text in (*SENTENCES[::3], "Dr. Smith arrived at 7:30, e.g. early. The rest came later!"):
+        reference = as_hibari_renders(heart, text, speed, 9)
+        heart.samples(text, "heart", speed)
+        assert same(list(heart.stream(text, "heart", speed, 9)), reference)  # after the pass
+        assert same(list(heart.stream(text + " ", "heart", speed, 9)), reference)  # without
 
 
 @PROPERTY
@@ -173,8 +189,12 @@ def test_heart_counts_an_exported_variant(tmp_path: Path) -> None:
     variant = next(v for v in export.variants if v.name == "fp32-opt")
     choice = exported.Chosen("heart", export, variant, "cpu", "hibari-heart.fp32-opt@x")
     engine = HibariEngine(exported={"heart": choice})
+    engine.warmup()
     for text in SENTENCES:
-        assert engine.samples(text, "heart", 0.9) == rendered(engine, text, "heart", 0.9)
+        counted = engine.samples(text, "heart", 0.9)
+        audio = list(engine.stream(text, "heart", 0.9, 0))
+        assert counted == sum(len(a) for a in audio)
+        assert same(audio, as_hibari_renders(engine, text, 0.9, 0))
 
 
 # piper (`joe`)
@@ -205,15 +225,64 @@ def test_joe_counts_random_texts(joe: PiperEngine, text: str, speed: float) -> N
     assert joe.samples(text, "joe", speed) == rendered(joe, text, "joe", speed)
 
 
-def test_joe_counts_every_exported_variant(joe_export: Path) -> None:
+def as_piper_renders(engine: PiperEngine, text: str, speed: float) -> list[np.ndarray]:
+    """`text` through piper's own `PiperVoice.synthesize` on the whole graph's session."""
+    from piper import PiperVoice
+
+    loaded = engine._voice("joe")
+    voice = PiperVoice(session=engine.session("joe"), config=loaded.config)
+    synthesis = engine._synthesis(loaded, speed)
+    return [
+        np.clip(np.asarray(chunk.audio_float_array, np.float32), -1.0, 1.0)
+        for part in split_chunks(text)
+        for chunk in voice.synthesize(part, synthesis)
+    ]
+
+
+def same(one: list[np.ndarray], other: list[np.ndarray]) -> bool:
+    return len(one) == len(other) and all(
+        a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(one, other, strict=True)
+    )
+
+
+@pytest.mark.parametrize("speed", [0.6, 1.0, 1.9])
+def test_joe_renders_the_rest_after_the_pass_as_the_whole_graph(
+    joe: PiperEngine, speed: float
+) -> None:
+    assert joe._durations["joe"].splits()
+    for text in (*SENTENCES[::2], "Wait... what?! No way."):
+        reference = as_piper_renders(joe, text, speed)
+        joe.samples(text, "joe", speed)
+        assert same(list(joe.stream(text, "joe", speed, 0)), reference)  # after the pass
+        assert same(list(joe.stream(text + " ", "joe", speed, 0)), reference)  # without
+
+
+def test_joe_counts_and_renders_every_exported_variant(joe_export: Path) -> None:
     export = exported.load(joe_export)
     assert {v.name for v in export.variants} >= {"fp32", "fp16", "fp32-opt"}
     for variant in export.variants:
         choice = exported.Chosen("joe", export, variant, "cpu", f"piper-joe.{variant.name}@x")
         engine = PiperEngine(exported={"joe": choice})
+        engine.warmup()
         for text in (*SENTENCES[:4], SENTENCES[-1]):
             counted = engine.samples(text, "joe", 0.85)
-            assert counted == rendered(engine, text, "joe", 0.85), variant.name
+            audio = list(engine.stream(text, "joe", 0.85, 0))
+            assert counted == sum(len(a) for a in audio), variant.name
+            assert same(audio, as_piper_renders(engine, text, 0.85)), variant.name
+
+
+def test_a_split_that_renders_other_samples_is_dropped_by_warmup() -> None:
+    engine = PiperEngine()
+    durations = engine._durations["joe"]
+    assert durations.splits()
+    rest = durations.rest
+    durations.rest = lambda counted, feeds: [rest(counted, feeds)[0] * 0.5]  # type: ignore[method-assign]
+    engine.warmup()
+    assert not durations.splits() and durations.unsplit is not None
+    assert same(
+        list(engine.stream("Hello there.", "joe", 1.0, 0)),
+        as_piper_renders(engine, "Hello there.", 1.0),
+    )
 
 
 # vits (a tiny random transformers VitsModel through from-transformers and optimize)

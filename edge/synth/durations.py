@@ -20,6 +20,12 @@ rounding node (the durations), the one with the fewest nodes behind it: later Ra
 An engine that cannot find its graph's durations, or whose pass disagrees with a render
 (`Durations.check`, run by warmup), reports no length (None), and the node answers as it
 does for engines without a pass: correct, only without the length up front.
+
+Where the text encoder is a large part of a render (piper's is about a tenth), an engine
+can ask for the graph split in two (`split`): the pass, which also hands off the tensors
+the rest of the graph reads, and the rest. A render after the pass then runs only the
+rest, so the pass costs nothing extra; every node still runs once on the same inputs, so
+the samples are the whole graph's, which the engine checks at warmup before relying on it.
 """
 
 from __future__ import annotations
@@ -63,12 +69,20 @@ class DurationGraph:
     upsampling: int
     """Product of the strides of every ConvTranspose in the source graph: a VITS vocoder's
     samples per frame (its upsampling layers); 1 when there is none."""
+    handoff: tuple[str, ...] = ()
+    """Tensors of the part that the rest of the graph reads (with `rest` only)."""
+    rest: bytes | None = None
+    """The graph without the part's nodes, reading `handoff` and the source's inputs and
+    writing the source's outputs: the part and the rest run every node of the graph once,
+    so a render that follows its pass does not run the text encoder again. None unless
+    asked for, or when a handed-off tensor's type is unknown."""
+    rest_inputs: frozenset[str] = frozenset()
 
 
-def extract(path: Path) -> DurationGraph:
-    """Cuts the frame-count part out of the ONNX model at `path`."""
+def extract(path: Path, split: bool = False) -> DurationGraph:
+    """Cuts the frame-count part out of the ONNX model at `path`; with `split`, the rest
+    of the graph too, as a second model fed with what the part hands off."""
     import onnx
-    from onnx import helper
 
     model = onnx.load(str(path))
     graph = model.graph
@@ -85,16 +99,15 @@ def extract(path: Path) -> DurationGraph:
         raise NoDurationPath(f"{path}: no Range laid out from rounded durations")
     frames, nodes, tensors = best
     inputs = [i for i in graph.input if i.name in tensors]
-    part = helper.make_graph(
+    rest = _rest(model, nodes) if split else None
+    handoff = rest[1] if rest else ()
+    cut = _model(
+        model,
         [graph.node[i] for i in sorted(nodes)],  # the source's order is topological
-        "durations",
         inputs,
-        [onnx.ValueInfoProto(name=frames)],
-        initializer=[t for t in graph.initializer if t.name in tensors],
+        [onnx.ValueInfoProto(name=name) for name in (frames, *handoff)],
+        tensors,
     )
-    part.value_info.extend(v for v in graph.value_info if v.name in tensors)
-    cut = helper.make_model(part, opset_imports=model.opset_import, ir_version=model.ir_version)
-    cut.functions.extend(model.functions)
     upsampling = 1
     for node in graph.node:
         if node.op_type == "ConvTranspose":
@@ -102,13 +115,64 @@ def extract(path: Path) -> DurationGraph:
                 if attribute.name == "strides":
                     upsampling *= int(np.prod(list(attribute.ints)))
     return DurationGraph(
-        model=cut.SerializeToString(),
+        model=cut,
         inputs=frozenset(i.name for i in inputs),
         frames=frames,
         nodes=len(nodes),
         source_nodes=len(graph.node),
         upsampling=upsampling,
+        handoff=handoff,
+        rest=rest[0] if rest else None,
+        rest_inputs=rest[2] if rest else frozenset(),
     )
+
+
+def _model(
+    source: Any, nodes: list[Any], inputs: list[Any], outputs: list[Any], reads: set[str]
+) -> bytes:
+    """A model of `nodes` from `source`, with the initializers and value infos they read."""
+    from onnx import helper
+
+    graph = helper.make_graph(
+        nodes,
+        source.graph.name,
+        inputs,
+        outputs,
+        initializer=[t for t in source.graph.initializer if t.name in reads],
+    )
+    graph.value_info.extend(v for v in source.graph.value_info if v.name in reads)
+    model = helper.make_model(
+        graph, opset_imports=source.opset_import, ir_version=source.ir_version
+    )
+    model.functions.extend(source.functions)
+    serialized: bytes = model.SerializeToString()
+    return serialized
+
+
+def _rest(source: Any, part: set[int]) -> tuple[bytes, tuple[str, ...], frozenset[str]] | None:
+    """The graph without the `part` nodes, its handoff, and the source inputs it reads;
+    None when the type of a handed-off tensor cannot be inferred."""
+    import onnx
+    from onnx import helper
+
+    graph = source.graph
+    rest = [i for i in range(len(graph.node)) if i not in part]
+    made = {out for i in part for out in graph.node[i].output}
+    reads = {name for i in rest for name in _reads(graph.node[i])}
+    if any(o.name in made for o in graph.output):
+        return None  # an output of the part would be an input and an output of the rest
+    handoff = tuple(sorted(reads & made))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(source).graph
+    except Exception:  # shape inference gives up on some contrib ops: no split then
+        return None
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.value_info}
+    if not all(types.get(name) for name in handoff):
+        return None
+    inputs = [helper.make_tensor_value_info(name, types[name], None) for name in handoff]
+    inputs += [i for i in graph.input if i.name in reads]
+    model = _model(source, [graph.node[i] for i in rest], inputs, list(graph.output), reads)
+    return model, handoff, frozenset(i.name for i in graph.input if i.name in reads)
 
 
 def _behind(graph: Any, producers: dict[str, int], tensor: str) -> tuple[set[int], set[str]]:
@@ -142,6 +206,15 @@ def _reads(node: Any) -> list[str]:
 Feeds = Mapping[str, npt.NDArray[Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """One run of the pass: the samples its render will have, and what the pass hands
+    to the rest of the graph (empty when the graph is not split)."""
+
+    samples: int
+    handoff: tuple[npt.NDArray[Any], ...] = ()
+
+
 class Durations:
     """One model's duration pass: the part is cut once, when first needed, and each
     inference thread runs its own session of it, as engines keep their render sessions.
@@ -156,8 +229,10 @@ class Durations:
         threads: int,
         providers: list[Any],
         samples_per_frame: Callable[[DurationGraph], int],
+        split: bool = False,
     ) -> None:
         self._path = model
+        self._split = split
         self._threads = threads
         self._providers = providers
         self._per_frame = samples_per_frame
@@ -166,6 +241,8 @@ class Durations:
         self._scale = 0
         self.broken: str | None = None
         """Why this pass gives no lengths (None while it works)."""
+        self.unsplit: str | None = None if split else "not asked for"
+        """Why renders run the whole graph rather than the rest after the pass."""
         self._local = threading.local()
 
     def graph(self) -> DurationGraph | None:
@@ -174,7 +251,7 @@ class Durations:
             with self._lock:
                 if self._graph is None and self.broken is None:
                     try:
-                        graph = extract(self._path)
+                        graph = extract(self._path, self._split)
                         self._scale = self._per_frame(graph)
                         self._graph = graph
                     except Exception as exc:  # unreadable graphs too (onnx's own errors)
@@ -183,6 +260,11 @@ class Durations:
 
     def samples(self, feeds: Feeds) -> int | None:
         """Samples the render of `feeds` (one run of the whole graph) will have."""
+        counted = self.count(feeds)
+        return None if counted is None else counted.samples
+
+    def count(self, feeds: Feeds) -> Counted | None:
+        """`samples`, with what the rest of the graph needs to render `feeds`."""
         graph = self.graph()
         if graph is None or self.broken is not None:
             return None
@@ -194,8 +276,34 @@ class Durations:
                 self.disable(f"{type(exc).__name__}: {exc}")
                 return None
             self._local.session = sess
-        (frames,) = sess.run(None, {k: v for k, v in feeds.items() if k in graph.inputs})
-        return int(np.asarray(frames).reshape(-1)[0]) * self._scale
+        frames, *handoff = sess.run(None, {k: v for k, v in feeds.items() if k in graph.inputs})
+        return Counted(int(np.asarray(frames).reshape(-1)[0]) * self._scale, tuple(handoff))
+
+    def splits(self) -> bool:
+        """Whether renders run the rest of the graph after the pass (see `rest`)."""
+        graph = self.graph()
+        if graph is not None and graph.rest is None and self.unsplit is None:
+            self.unsplit = "the handoff's types are unknown"
+        return graph is not None and self.broken is None and self.unsplit is None
+
+    def rest(self, counted: Counted, feeds: Feeds) -> list[npt.NDArray[Any]]:
+        """The whole graph's outputs for `feeds`, from the rest of the graph and what the
+        pass `counted` for the same feeds. Only while `splits()`."""
+        graph = self._graph
+        assert graph is not None and graph.rest is not None
+        sess = getattr(self._local, "rest", None)
+        if sess is None:
+            sess = self._local.rest = session(graph.rest, self._threads, self._providers)
+        inputs = dict(zip(graph.handoff, counted.handoff, strict=True))
+        inputs.update((k, v) for k, v in feeds.items() if k in graph.rest_inputs)
+        outputs: list[npt.NDArray[Any]] = sess.run(None, inputs)
+        return outputs
+
+    def no_split(self, reason: str) -> None:
+        """Renders run the whole graph from now on."""
+        if self.unsplit is None:
+            log.error("%s: renders run the whole graph: %s", self._path, reason)
+        self.unsplit = reason
 
     def check(self, counted: int | None, rendered: int) -> None:
         """Disables the pass if `counted` (its count for a text) is not what a render of

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge.synth.chunking import split_chunks
-from edge.synth.durations import DurationGraph, Durations, Feeds, Recent
+from edge.synth.durations import Counted, DurationGraph, Durations, Feeds, Recent
 from edge.synth.engine import Audio
 from edge.synth.providers import session, short_name
 
@@ -48,6 +48,10 @@ class HibariEngine:
     onnxruntime sessions are thread-safe, but hibari's G2P keeps per-call state, so each
     inference thread gets its own instance; each uses `threads` onnxruntime threads, and
     the owner sizes the pool so that threads times workers does not oversubscribe cores.
+
+    The duration pass (`samples`) runs the graph's text side; on the CPU a render after it
+    runs only the rest of the graph on what the pass handed off, then `hibari.dsp`, the
+    same samples as `Hibari.from_ids` (warmup checks it, else renders run the whole graph).
     """
 
     name = ENGINE_NAME
@@ -72,6 +76,8 @@ class HibariEngine:
         self._local = threading.local()
         self._durations = {v: self._duration_pass(v) for v in voices}
         self._recent: Recent[tuple[str, str], Pieces] = Recent()
+        self._counted: Recent[tuple[str, str, float], list[Counted | None]] = Recent(size=2)
+        """The pass's runs for the last texts, for the render that follows them."""
 
     def _model_providers(self, voice: str) -> list[Any]:
         chosen = self._exported.get(voice)
@@ -82,7 +88,9 @@ class HibariEngine:
 
         chosen = self._exported.get(voice)
         path = chosen.variant.path if chosen else Path(voice_path(voice))
-        return Durations(path, self._threads, self._model_providers(voice), _per_frame)
+        providers = self._model_providers(voice)
+        split = providers == ["CPUExecutionProvider"]
+        return Durations(path, self._threads, providers, _per_frame, split)
 
     def _model(self, voice: str) -> Any:
         models: dict[str, Any] | None = getattr(self._local, "models", None)
@@ -113,9 +121,14 @@ class HibariEngine:
 
     def warmup(self) -> None:
         for voice in self.voices:
-            counted = self.samples("Warm up.", voice, 1.0)
-            rendered = sum(len(a) for a in self.stream("Warm up.", voice, 1.0, 0))
-            self._durations[voice].check(counted, rendered)
+            durations = self._durations[voice]
+            counted = self.samples(WARM_UP, voice, 1.0)
+            audio = list(self.stream(WARM_UP, voice, 1.0, 0))
+            model, rng = self._model(voice), np.random.default_rng(0)
+            whole = [model.from_ids(ids, 1.0, rng) for ids in self._pieces(voice, WARM_UP)]
+            durations.check(counted, sum(len(a) for a in whole))
+            if durations.splits() and not _same(audio, whole):
+                durations.no_split("the rest after the pass renders other samples")
 
     def _pieces(self, voice: str, text: str) -> Iterator[list[int]]:
         """The ids of each piece `stream` renders, chunk by chunk: hibari's own sentence
@@ -130,9 +143,21 @@ class HibariEngine:
         # hibari.Hibari.stream, over nearvoice's chunks instead of hibari's sentences: one
         # noise generator for the whole text, as hibari keeps it.
         model = self._model(voice)
+        durations = self._durations[voice]
         rng = np.random.default_rng(seed)
         pieces = self._recent.get((voice, text))
-        for ids in self._pieces(voice, text) if pieces is None else pieces:
+        counted = self._counted.get((voice, text, speed)) or []
+        for i, ids in enumerate(self._pieces(voice, text) if pieces is None else pieces):
+            run = counted[i] if i < len(counted) else None
+            if len(ids) >= MIN_IDS and durations.splits():
+                feeds = _feeds(ids, speed)
+                if (run := run or durations.count(feeds)) is not None:
+                    # Hibari.from_ids, with the graph run as the pass and the rest
+                    from hibari import dsp
+
+                    lh, th, ln, lr, phi, f0 = (o[0] for o in durations.rest(run, feeds))
+                    yield dsp.synth(lh, th, ln, lr, phi, f0, rng)
+                    continue
             yield model.from_ids(ids, speed, rng)
 
     def samples(self, text: str, voice: str, speed: float) -> int | None:
@@ -145,19 +170,32 @@ class HibariEngine:
         pieces = self._recent.get(key)
         if pieces is None:
             pieces = self._recent.put(key, list(self._pieces(voice, text)))
-        total = 0
+        runs: list[Counted | None] = []
         for ids in pieces:
             if len(ids) < MIN_IDS:
+                runs.append(None)  # renders nothing
                 continue
-            feeds: Feeds = {
-                "ids": np.asarray([ids], np.int64),
-                "speed": np.asarray([speed], np.float32),
-            }  # as Hibari.from_ids feeds its session
-            count = durations.samples(feeds)
-            if count is None:
+            run = durations.count(_feeds(ids, speed))
+            if run is None:
                 return None
-            total += count
-        return total
+            runs.append(run)
+        if durations.splits():
+            self._counted.put((voice, text, speed), runs)
+        return sum(run.samples for run in runs if run is not None)
+
+
+WARM_UP = "Warm up."
+
+
+def _feeds(ids: list[int], speed: float) -> Feeds:
+    """The graph's inputs for one piece, as `Hibari.from_ids` makes them."""
+    return {"ids": np.asarray([ids], np.int64), "speed": np.asarray([speed], np.float32)}
+
+
+def _same(one: list[Audio], other: list[Audio]) -> bool:
+    return len(one) == len(other) and all(
+        np.array_equal(a, b) for a, b in zip(one, other, strict=False)
+    )
 
 
 def _per_frame(graph: DurationGraph) -> int:

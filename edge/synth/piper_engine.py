@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge.synth.chunking import split_chunks
-from edge.synth.durations import DurationGraph, Durations, Feeds, Recent
+from edge.synth.durations import Counted, DurationGraph, Durations, Feeds, Recent
 from edge.synth.engine import Audio
 from edge.synth.providers import session, short_name
 
@@ -96,6 +96,12 @@ class PiperEngine:
     Audio is piper's float output with its per-sentence peak normalization off: sentences
     keep the model's relative loudness (peaks ~0.4-0.7) instead of each jumping to full
     scale, which also leaves lossy encoders headroom.
+
+    The duration pass (`samples`) runs the voice's text encoder and duration predictor,
+    about a tenth of a render. On the CPU the render does not run them again: it runs the
+    rest of the graph on what the pass handed off (`edge.synth.durations`), every node
+    once, the same samples as the whole graph (warmup checks it, else renders run the
+    whole graph). On GPU providers the whole graph renders and the pass runs beside it.
     """
 
     name = ENGINE_NAME
@@ -127,6 +133,8 @@ class PiperEngine:
         self._local = threading.local()
         self._durations = {v: self._duration_pass(v) for v in voices}
         self._recent: Recent[tuple[str, str], list[list[int]]] = Recent()
+        self._counted: Recent[tuple[str, str, float], list[Counted]] = Recent(size=2)
+        """The pass's runs for the last texts, for the render that follows them."""
 
     def _duration_pass(self, voice: str) -> Durations:
         hop = int(self._configs[voice].get("hop_length", 256))
@@ -138,9 +146,9 @@ class PiperEngine:
                 raise ValueError(f"hop_length {hop}, but the vocoder upsamples {graph.upsampling}x")
             return hop
 
-        return Durations(
-            self._model_path(voice), self._threads, self._providers_for(voice), per_frame
-        )
+        providers = self._providers_for(voice)
+        split = providers == ["CPUExecutionProvider"]
+        return Durations(self._model_path(voice), self._threads, providers, per_frame, split)
 
     def _providers_for(self, voice: str) -> list[Any]:
         chosen = self._exported.get(voice)
@@ -168,8 +176,8 @@ class PiperEngine:
     def _load(self, voice: str) -> PiperVoice:
         from piper import PiperConfig, PiperVoice
 
-        loaded = session(self._model_path(voice), self._threads, self._providers_for(voice))
-        return PiperVoice(session=loaded, config=PiperConfig.from_dict(self._configs[voice]))
+        # The whole graph's session loads when something runs it (`session`).
+        return PiperVoice(session=None, config=PiperConfig.from_dict(self._configs[voice]))
 
     def _synthesis(self, voice: PiperVoice, speed: float) -> SynthesisConfig:
         from piper import SynthesisConfig
@@ -189,8 +197,13 @@ class PiperEngine:
         return short_name(self.session(self.voices[0]).get_providers()[0])
 
     def session(self, voice: str) -> Any:
-        """This thread's onnxruntime session for `voice` (loads it if needed)."""
-        return self._voice(voice).session
+        """This thread's onnxruntime session of the whole graph for `voice` (loads it if
+        needed)."""
+        loaded = self._voice(voice)
+        if loaded.session is None:
+            path, providers = self._model_path(voice), self._providers_for(voice)
+            loaded.session = session(path, self._threads, providers)
+        return loaded.session
 
     def model_id(self, voice: str) -> str:
         chosen = self._exported.get(voice)
@@ -198,9 +211,20 @@ class PiperEngine:
 
     def warmup(self) -> None:
         for voice in self.voices:
-            counted = self.samples("Warm up.", voice, 1.0)
-            rendered = sum(len(a) for a in self.stream("Warm up.", voice, 1.0, 0))
-            self._durations[voice].check(counted, rendered)
+            durations = self._durations[voice]
+            counted = self.samples(WARM_UP, voice, 1.0)
+            audio = list(self.stream(WARM_UP, voice, 1.0, 0))
+            whole = list(self._whole(voice, WARM_UP))
+            durations.check(counted, sum(len(a) for a in whole))
+            if durations.splits() and not _same(audio, whole):
+                durations.no_split("the rest after the pass renders other samples")
+
+    def _whole(self, voice: str, text: str, speed: float = 1.0) -> Iterator[Audio]:
+        """`text` rendered by the whole graph, piece by piece."""
+        loaded = self._voice(voice)
+        synthesis = self._synthesis(loaded, speed)
+        for ids in self._pieces(loaded, text):
+            yield _audio(self.session(voice).run(None, self._feeds(loaded, ids, synthesis)))
 
     def _pieces(self, loaded: PiperVoice, text: str) -> Iterator[list[int]]:
         """The phoneme ids of each sentence `stream` renders, chunk by chunk: piper's own
@@ -233,11 +257,16 @@ class PiperEngine:
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
         loaded = self._voice(voice)
         synthesis = self._synthesis(loaded, speed)
+        durations = self._durations[voice]
         pieces = self._recent.get((voice, text))
-        for ids in self._pieces(loaded, text) if pieces is None else pieces:
-            out = loaded.session.run(None, self._feeds(loaded, ids, synthesis))[0]
-            audio: Audio = np.clip(np.asarray(out, dtype=np.float32).squeeze(), -1.0, 1.0)
-            yield audio
+        counted = self._counted.get((voice, text, speed)) or []
+        for i, ids in enumerate(self._pieces(loaded, text) if pieces is None else pieces):
+            feeds = self._feeds(loaded, ids, synthesis)
+            run = counted[i] if i < len(counted) else None
+            if durations.splits() and (run := run or durations.count(feeds)) is not None:
+                yield _audio(durations.rest(run, feeds))
+            else:
+                yield _audio(self.session(voice).run(None, feeds))
 
     def samples(self, text: str, voice: str, speed: float) -> int | None:
         loaded = self._voice(voice)
@@ -249,10 +278,27 @@ class PiperEngine:
         pieces = self._recent.get(key)
         if pieces is None:
             pieces = self._recent.put(key, list(self._pieces(loaded, text)))
-        total = 0
+        runs: list[Counted] = []
         for ids in pieces:
-            count = durations.samples(self._feeds(loaded, ids, synthesis))
-            if count is None:
+            run = durations.count(self._feeds(loaded, ids, synthesis))
+            if run is None:
                 return None
-            total += count
-        return total
+            runs.append(run)
+        if durations.splits():
+            self._counted.put((voice, text, speed), runs)
+        return sum(run.samples for run in runs)
+
+
+WARM_UP = "Warm up."
+
+
+def _audio(outputs: list[Any]) -> Audio:
+    """A sentence's samples from the graph's outputs, as piper makes them."""
+    audio: Audio = np.clip(np.asarray(outputs[0], dtype=np.float32).squeeze(), -1.0, 1.0)
+    return audio
+
+
+def _same(one: list[Audio], other: list[Audio]) -> bool:
+    return len(one) == len(other) and all(
+        np.array_equal(a, b) for a, b in zip(one, other, strict=False)
+    )
