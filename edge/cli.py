@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -70,7 +71,32 @@ def _node_config(args: argparse.Namespace, role: Role) -> NodeConfig:
         data_dir=Path(args.data_dir) if args.data_dir else None,
         upstreams=tuple(args.upstream) if args.upstream else None,
         workers=args.workers,
-    )
+    ).validate()
+
+
+def _check_environment(config: NodeConfig) -> None:
+    """What the configuration cannot say about itself: a usable data directory and a free
+    port. Raises OSError with a one-line message."""
+    data = Path(config.data_dir)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"data directory {data}: {exc.strerror or exc}") from None
+    if not os.access(data, os.W_OK | os.X_OK):
+        raise OSError(f"data directory {data} is not writable")
+    try:
+        infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise OSError(f"cannot resolve host {config.host!r}: {exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As the server will bind: SO_REUSEADDR, so sockets in TIME_WAIT do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            where = f"{config.host}:{config.port}"
+            raise OSError(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
 
 def _serve(config: NodeConfig, reuse_port: bool) -> None:
@@ -101,6 +127,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         config = _node_config(args, role)
         Keyring.from_env()
         for_config(config)  # voices and exported variants, reported here, not as tracebacks
+        _check_environment(config)
     except (KeyringError, ValueError, OSError) as exc:
         return _fail(str(exc))
     logging.basicConfig(

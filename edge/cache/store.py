@@ -29,8 +29,10 @@ from typing import Any
 import diskcache
 
 from edge.cache.meta import ObjectMeta
+from edge.checks import at_least
 
 STAGING_DIR = "staging"
+MIN_SIZE_LIMIT = 1024**2  # bytes: below this the index alone fills the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,11 @@ class StoreSettings:
     """Seconds an expired object is kept on disk for stale-if-error before it may be culled."""
     sqlite_mmap: int = 64 * 1024**2
     """Bytes of the index that SQLite may memory-map."""
+
+    def validate(self) -> None:
+        at_least(self, "size_limit", MIN_SIZE_LIMIT)
+        at_least(self, "stale_keep", 0)
+        at_least(self, "sqlite_mmap", 0)
 
 
 class Staged:

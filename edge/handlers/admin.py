@@ -4,7 +4,8 @@
 * `GET /admin/stats`: cache occupancy and hot-tier state.
 * `GET /admin/hotkeys?k=N`: the N most requested keys, from a bounded Space-Saving counter.
 * `POST /admin/prefetch` `{"urls": [...], "specs": [...]}`: warms objects in the background;
-  answers 202 with a job id. `GET /admin/prefetch/{id}`: the job's progress.
+  answers 202 with a job id. `GET /admin/prefetch/{id}`: the job's progress;
+  `DELETE /admin/prefetch/{id}`: cancels it (no further item starts).
 
 A purge with `"cascade": true` is repeated at each key's home upstream (a shield, which
 cascades on to its origin), so a purged object is gone from every tier that could refill it.
@@ -95,6 +96,14 @@ async def prefetch(request: web.Request) -> web.Response:
 async def prefetch_progress(request: web.Request) -> web.Response:
     require_admin(request)
     job = request.app[NODE].prefetcher.jobs.get(request.match_info["job"])
+    if job is None:
+        raise NotFound("unknown_job", "no such prefetch job (finished jobs are kept a while)")
+    return web.json_response(job.report())
+
+
+async def prefetch_cancel(request: web.Request) -> web.Response:
+    require_admin(request)
+    job = request.app[NODE].prefetcher.cancel(request.match_info["job"])
     if job is None:
         raise NotFound("unknown_job", "no such prefetch job (finished jobs are kept a while)")
     return web.json_response(job.report())
