@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -16,7 +17,7 @@ from edge.cache.fill import Fill, FillFailed, FillState
 from edge.cache.hot import HotEntry, HotTier, PurgeStamp, SharedFile
 from edge.cache.hotkeys import SpaceSaving
 from edge.cache.meta import ObjectMeta
-from edge.cache.store import DiskStore, Outcome
+from edge.cache.store import DiskStore, Opened, Outcome
 from edge.config import NodeConfig
 from edge.errors import BadRequest, RequestError
 from edge.formats import AudioFormat
@@ -33,7 +34,9 @@ from edge.upstream import Upstreams
 from edge.voices import for_config
 
 log = logging.getLogger("nearvoice.node")
-IO_THREADS = 4  # disk lookups and commits; they are short and mostly wait on the kernel
+IO_THREADS = 4  # commits, deletes and bookkeeping: they fsync, so they may wait long
+HIT_THREADS = 4  # disk lookups of hits, kept apart so a burst of commits never delays them
+SIBLING_PURGE_REREADS = 2  # times a lookup reads again when sibling workers purge meanwhile
 GRANT_MEMO_SIZE = 8192  # verified URLs remembered; each is a few hundred bytes
 PURGE_CHECK_INTERVAL = 0.05  # seconds between checks for purges made by sibling workers
 FILL_GRACE = 5.0  # seconds a completed fill stays joinable after its commit
@@ -75,6 +78,9 @@ class Node:
         self.purges = PurgeStamp(data / "purge.stamp")
         self.hotkeys = SpaceSaving(config.hotkeys_capacity)
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
+        self.hit_io = ThreadPoolExecutor(HIT_THREADS, thread_name_prefix="hit")
+        self._reading: dict[str, list[_DiskRead]] = {}
+        """Lookups waiting on the disk, by key: a purge marks them so they cannot undo it."""
         self.ready = False
         self._recent: set[str] = set()
         self.voices = for_config(config)
@@ -117,6 +123,7 @@ class Node:
 
     def close(self) -> None:
         self.hot.clear()
+        self.hit_io.shutdown(wait=True)
         self.io.shutdown(wait=True)
         self.store.close()
         if self.renderer is not None:
@@ -153,7 +160,9 @@ class Node:
                 grant = self._verify_url(key, ext, fields, repeated)
                 self._grants[target] = grant
                 if len(self._grants) > GRANT_MEMO_SIZE:
-                    self._grants.popitem(last=False)
+                    self._grants.popitem(last=False)  # the least recently used
+            else:
+                self._grants.move_to_end(target)
             if trusted or (
                 node_signature is not None
                 and verify_node_request(self.keyring, node_signature, method, target)
@@ -186,6 +195,7 @@ class Node:
             check_use(grant, client_ip=client_ip, now=now, skew=self.config.http.clock_skew)
         except RequestError:
             return None
+        self._grants.move_to_end(target)
         return grant
 
     def _verify_url(self, key: str, ext: str, query: Mapping[str, str], repeated: bool) -> Grant:
@@ -217,10 +227,7 @@ class Node:
         now = time.time()
         entry = self.hot_entry(key, now)
         if entry is None:
-            loop = asyncio.get_running_loop()
-            opened = await loop.run_in_executor(
-                self.io, self.store.open, key, self.config.hot.max_object_bytes
-            )
+            opened = await self._read_disk(key)
             if opened.outcome is Outcome.CORRUPT:
                 log.warning("dropped corrupt cache entry %s", key)
             if opened.outcome is not Outcome.HIT or opened.meta is None:
@@ -232,6 +239,34 @@ class Node:
         if hit:
             self.count_hit(key)
         return Held(entry.meta, entry.body, entry.file)
+
+    async def _read_disk(self, key: str) -> Opened:
+        """`store.open` in the hit pool. A purge of `key` by this worker that lands while
+        it waits makes it a miss: what it read may be the purged object, and putting that
+        in the hot tier would undo the purge. With several workers, any purge by a sibling
+        meanwhile (the shared stamp moved; it moves after the delete) means reading again."""
+        shared = self.config.workers > 1
+        for _ in range(SIBLING_PURGE_REREADS + 1):
+            read = _DiskRead(self.purges.read() if shared else 0)
+            self._reading.setdefault(key, []).append(read)
+            loop = asyncio.get_running_loop()
+            try:
+                opened = await loop.run_in_executor(
+                    self.hit_io, self.store.open, key, self.config.hot.max_object_bytes
+                )
+            finally:
+                waiting = self._reading[key]
+                waiting.remove(read)
+                if not waiting:
+                    del self._reading[key]
+            moved = shared and self.purges.read() != read.stamp
+            if opened.outcome is not Outcome.HIT or not (read.purged or moved):
+                return opened
+            if opened.fd >= 0:
+                os.close(opened.fd)
+            if read.purged:
+                break
+        return Opened(Outcome.MISS)
 
     def hot_entry(self, key: str, now: float) -> HotEntry | None:
         """The hot tier's fresh entry for `key`, without counting a hit; the synchronous
@@ -293,8 +328,10 @@ class Node:
     async def purge(self, key: str) -> bool:
         """Removes `key` from every tier of this node, the origin's persistent store
         included; True if any of them held it."""
+        # The URL memo stays: a purge changes what is cached, not which URLs are valid.
         self.hot.drop(key)
-        self._grants.clear()
+        for read in self._reading.get(key, ()):
+            read.purged = True
         self.hotkeys.discard(key)
         # A fill of the key, running or lingering after its commit, must neither commit nor
         # be joined after this: its bytes are exactly what is being purged.
@@ -322,6 +359,18 @@ class Node:
         self.metrics.cache_bytes.set(volume)
         self.metrics.cache_objects.set(count)
         return volume, count
+
+
+class _DiskRead:
+    """A lookup waiting on the disk."""
+
+    __slots__ = ("purged", "stamp")
+
+    def __init__(self, stamp: int) -> None:
+        self.purged = False
+        """A purge of its key landed meanwhile."""
+        self.stamp = stamp
+        """The shared purge stamp when it started (several workers only)."""
 
 
 def _volume_and_count(store: DiskStore) -> tuple[int, int]:
