@@ -18,7 +18,7 @@ from edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
 from edge.metrics import MULTIPROC_ENV
 from edge.policy import Policy
 from edge.spec import Spec, SpecError
-from edge.token import parse_network, sign_url
+from edge.token import check_sign_limits, parse_network, sign_url
 from edge.voices import UnknownVoice, for_config, resolve
 
 DEFAULT_TTL = 3600
@@ -38,7 +38,8 @@ def cmd_keygen(_: argparse.Namespace) -> int:
 def cmd_sign(args: argparse.Namespace) -> int:
     try:
         keyring = Keyring.from_env()
-        voices = for_config(load(Path(args.config))) if args.config else None
+        config = load(Path(args.config)) if args.config else NodeConfig()
+        voices = for_config(config) if args.config else None
         voice = resolve(args.voice, voices)
         spec = Spec.create(
             text=args.text,
@@ -59,6 +60,16 @@ def cmd_sign(args: argparse.Namespace) -> int:
     if args.ttl <= 0:
         return _fail("--ttl must be positive")
     url = sign_url(keyring, args.base, spec, policy=Policy(args.policy), ttl=args.ttl, ip=args.ip)
+    try:
+        check_sign_limits(
+            spec,
+            url,
+            args.base,
+            max_text_chars=config.synth.max_text_chars,
+            max_line_size=config.http.max_line_size,
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
     print(url)
     return 0
 

@@ -201,3 +201,34 @@ def test_a_real_process_with_a_bad_config_exits_2_without_a_traceback(tmp_path: 
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().count("\n") == 0
     assert "store.size_limit: must be an integer, not 'big'" in done.stderr
+
+
+# -- signing within the nodes' limits -------------------------------------------------------
+
+
+@pytest.mark.usefixtures("keys")
+def test_sign_refuses_a_text_every_node_would_refuse(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["sign", "--base", "http://edge.example", "--voice", "heart"]
+    code = cli.main([*args, "--text", "word " * 1200])  # 6,000 characters, 5,999 normalized
+    out = capsys.readouterr()
+    assert code == 2
+    assert out.out == ""
+    assert out.err.startswith("nearvoice: the text is 5999 characters after normalization")
+    assert out.err.count("\n") == 1
+    assert cli.main([*args, "--text", "word " * 999]) == 0  # 4,994 characters: signed
+    assert capsys.readouterr().out.startswith("http://edge.example/v1/speech/")
+
+
+@pytest.mark.usefixtures("keys")
+def test_sign_uses_the_limits_of_the_given_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _write(tmp_path, "[http]\nmax_line_size = 8190\n")
+    text = "é" * 4000  # within max_text_chars, but a sealed spec of 8,000 UTF-8 bytes
+    code = cli.main(
+        ["sign", "--base", "http://e", "--voice", "heart", "--text", text, "--config", str(config)]
+    )
+    assert code == 2
+    assert "request line; nodes refuse more than 8190 ([http] max_line_size)" in (
+        capsys.readouterr().err
+    )
