@@ -4,6 +4,7 @@ through the hot tier and the disk store, rendering misses, storing, and purging.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from edge.nodeauth import verify_node_request
 from edge.prefetch import Prefetcher
 from edge.producer import Producer
 from edge.spec import KEY_RE
+from edge.synth.priority import CURRENT, Priority, RenderTicket
 from edge.synth.renderer import Renderer
 from edge.token import Grant, check_query_shape, check_use, verify_signature
 from edge.upstream import Upstreams
@@ -94,6 +96,8 @@ class Node:
         )
         self._purge_checked = 0.0
         self._fills: dict[str, Fill] = {}
+        self._tickets: dict[str, RenderTicket] = {}
+        """Render tickets of fills started by prefetches, for players joining them."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.upstreams = Upstreams(config.upstreams, keyring, config.upstream)
         self.producer = Producer(
@@ -289,8 +293,12 @@ class Node:
         fill = self._fills.get(_fill_key(grant))
         return fill if fill is not None and fill.is_running() else None
 
-    def obtain(self, grant: Grant, target: str) -> tuple[Fill, bool]:
+    def obtain(
+        self, grant: Grant, target: str, *, priority: Priority = Priority.PLAYER
+    ) -> tuple[Fill, bool]:
         """The fill for `grant`'s object, started if none is under way; True if joined.
+        A render it queues waits its turn by `priority`; a player joining a prefetch's
+        fill moves its render up to a player's.
 
         Synchronous on purpose: between the check and the insert nothing else runs, so
         concurrent misses for one key can never start two producers.
@@ -299,17 +307,31 @@ class Node:
         fill = self._fills.get(name)
         if fill is not None:
             fill.readers += 1
+            ticket = self._tickets.get(name)
+            if ticket is not None and priority is Priority.PLAYER:
+                ticket.hurry()
             return fill, True
         fill = Fill(grant.spec.key)
         fill.readers = 1
         self._fills[name] = fill
-        task = asyncio.create_task(self._run(fill, name, grant, target), name=f"fill-{name}")
+        ticket = RenderTicket(priority)
+        if priority is not Priority.PLAYER:
+            self._tickets[name] = ticket
+        context = contextvars.copy_context()
+        context.run(CURRENT.set, ticket)  # the fill's renders queue with this ticket
+        task = asyncio.create_task(
+            self._run(fill, name, grant, target), name=f"fill-{name}", context=context
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fill, False
 
     async def _run(self, fill: Fill, name: str, grant: Grant, target: str) -> None:
-        await self.producer.produce(fill, grant, target)
+        try:
+            await self.producer.produce(fill, grant, target)
+        finally:
+            if self._tickets.get(name) is CURRENT.get():
+                del self._tickets[name]
         if fill.is_running():  # produce() always ends the fill; be safe if that ever changes
             fill.fail(FillFailed("internal_error", "producer ended without a result"))
         if fill.state is FillState.DONE and fill.stored:

@@ -28,6 +28,7 @@ from edge.errors import BadRequest, RequestError
 from edge.formats import AudioFormat
 from edge.policy import Policy
 from edge.spec import Spec, SpecError
+from edge.synth.priority import Priority
 from edge.token import Grant, sign_url
 from edge.voices import UnknownVoice, resolve
 
@@ -198,7 +199,7 @@ class Prefetcher:
             elif not grant.policy.stored:
                 raise BadRequest("draft_prefetch", "drafts are never stored; nothing to warm")
             else:
-                fill, _ = node.obtain(grant, target)
+                fill, _ = node.obtain(grant, target, priority=Priority.PREFETCH)
                 try:
                     await fill.until_done()
                 finally:
