@@ -15,6 +15,7 @@ from pathlib import Path
 from edge.config import NodeConfig, Role, load
 from edge.formats import AudioFormat
 from edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
+from edge.memory import apply_allocator_settings
 from edge.metrics import MULTIPROC_ENV
 from edge.policy import Policy
 from edge.spec import Spec, SpecError
@@ -120,6 +121,7 @@ def _serve(config: NodeConfig, reuse_port: bool) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
+    apply_allocator_settings(config.memory)  # before threads allocate
     keyring = Keyring.from_env()
     if config.role is Role.ORIGIN:
         from origin.app import create_origin_app

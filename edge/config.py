@@ -25,6 +25,7 @@ from edge.checks import (
     positive,
     require,
 )
+from edge.memory import MemorySettings
 from edge.policy import Retention
 from edge.prefetch import PrefetchSettings
 from edge.upstream import UpstreamSettings
@@ -35,6 +36,8 @@ PROVIDERS = ("tensorrt", "cuda", "cpu")
 MAX_THREADS = 1024  # more inference threads or worker processes than this is a typo
 MAX_CLOCK_SKEW = 3600.0  # seconds: more grace than an hour is no longer a clock's error
 MIN_LINE_SIZE = 8190  # bytes: aiohttp's own default request-line limit
+SECTIONS = ("upstream", "store", "hot", "retention", "synth", "http", "prefetch", "memory")
+"""The settings tables every role checks ([origin] and [[external]] are checked apart)."""
 
 
 class Role(StrEnum):
@@ -195,6 +198,7 @@ class NodeConfig:
     recency_flush: float = 30.0
     """Seconds between write-backs of hit recency to the disk index."""
     prefetch: PrefetchSettings = field(default_factory=PrefetchSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
 
     def validate(self) -> NodeConfig:
         """Checks every setting's range and the rules between them; raises ConfigError
@@ -206,7 +210,7 @@ class NodeConfig:
         positive(self, "recency_flush")
         for base in self.upstreams:
             http_url("upstreams", base)
-        for name in ("upstream", "store", "hot", "retention", "synth", "http", "prefetch"):
+        for name in SECTIONS:
             in_section(name, getattr(self, name))
         if self.role is Role.ORIGIN:
             in_section("origin", self.origin)

@@ -43,6 +43,7 @@ GRANT_MEMO_SIZE = 8192  # verified URLs remembered; each is a few hundred bytes
 PURGE_CHECK_INTERVAL = 0.05  # seconds between checks for purges made by sibling workers
 FILL_GRACE = 5.0  # seconds a completed fill stays joinable after its commit
 STOP_GRACE = 10.0  # seconds a stopping node waits for fills under way
+MEMORY_RETRY_AFTER = 1  # seconds a miss refused for the fill budget should wait
 
 
 @dataclass(slots=True)
@@ -313,6 +314,16 @@ class Node:
             return fill, True
         fill = Fill(grant.spec.key)
         fill.readers = 1
+        if not self._fills_within_budget():
+            log.warning("fills hold more than [memory] fill_budget; refusing a miss")
+            fill.fail(
+                FillFailed(
+                    "memory_budget",
+                    "this node holds as many objects in production as its memory allows",
+                    retry_after=MEMORY_RETRY_AFTER,
+                )
+            )
+            return fill, False
         self._fills[name] = fill
         ticket = RenderTicket(priority)
         if priority is not Priority.PLAYER:
@@ -325,6 +336,21 @@ class Node:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fill, False
+
+    def _fills_within_budget(self) -> bool:
+        """Whether the bodies held by fills are under `[memory] fill_budget`, once
+        completed fills (lingering only to be joined) have been let go if need be."""
+        budget = self.config.memory.fill_budget
+        held = sum(fill.size for fill in self._fills.values())
+        if held < budget:
+            return True
+        for name, fill in list(self._fills.items()):
+            if not fill.is_running():
+                del self._fills[name]  # a later request finds it on disk instead
+                held -= fill.size
+                if held < budget:
+                    return True
+        return False
 
     async def _run(self, fill: Fill, name: str, grant: Grant, target: str) -> None:
         try:
