@@ -186,6 +186,7 @@ BENCHMARKS = {
     "hit-path": "bench.hit_path",
     "miss-latency": "bench.miss_latency",
     "offload": "bench.offload",
+    "soak": "bench.soak",
 }
 
 
