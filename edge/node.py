@@ -8,7 +8,7 @@ import contextvars
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -84,6 +84,8 @@ class Node:
         self.hit_io = ThreadPoolExecutor(HIT_THREADS, thread_name_prefix="hit")
         self._reading: dict[str, list[_DiskRead]] = {}
         """Lookups waiting on the disk, by key: a purge marks them so they cannot undo it."""
+        self._purging: Counter[str] = Counter()
+        """Keys whose purge has not finished deleting them from disk yet."""
         self.ready = False
         self._recent: set[str] = set()
         self.voices = for_config(config)
@@ -265,11 +267,12 @@ class Node:
                 if not waiting:
                     del self._reading[key]
             moved = shared and self.purges.read() != read.stamp
-            if opened.outcome is not Outcome.HIT or not (read.purged or moved):
+            purged = read.purged or key in self._purging
+            if opened.outcome is not Outcome.HIT or not (purged or moved):
                 return opened
             if opened.fd >= 0:
                 os.close(opened.fd)
-            if read.purged:
+            if purged:
                 break
         return Opened(Outcome.MISS)
 
@@ -377,6 +380,15 @@ class Node:
         """Removes `key` from every tier of this node, the origin's persistent store
         included; True if any of them held it."""
         # The URL memo stays: a purge changes what is cached, not which URLs are valid.
+        self._purging[key] += 1
+        try:
+            return await self._purge(key)
+        finally:
+            self._purging[key] -= 1
+            if not self._purging[key]:
+                del self._purging[key]
+
+    async def _purge(self, key: str) -> bool:
         self.hot.drop(key)
         for read in self._reading.get(key, ()):
             read.purged = True

@@ -230,6 +230,42 @@ async def test_a_purge_while_a_lookup_waits_on_the_disk_is_not_undone(
     assert state["hits"] == 1
 
 
+async def test_a_lookup_during_a_purges_disk_delete_does_not_refill_the_hot_tier(
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    state: dict[str, Any] = {"hits": 0, "body": b"NEW" * 400}
+    base = await upstream(aiohttp_server, state)
+    app = create_app(make_config(tmp_path, upstreams=(base,)), KEYRING, engines=[])
+    client = await aiohttp_client(app)
+    node = node_of(app)
+    spec = joe("read while its purge deletes it")
+    put_object(app, spec, b"OLD" * 400)
+
+    # The purge's delete from disk, held until the lookup below has read the disk.
+    real_delete = node.store.delete
+    deleting, go = threading.Event(), threading.Event()
+
+    def held_delete(key: str) -> bool:
+        deleting.set()
+        go.wait(WAIT_LIMIT)
+        return real_delete(key)
+
+    monkeypatch.setattr(node.store, "delete", held_delete)
+    purge = asyncio.create_task(node.purge(spec.key))
+    assert await asyncio.to_thread(deleting.wait, WAIT_LIMIT)
+    try:
+        assert await node.lookup(spec.key) is None  # the object is on disk, but going
+    finally:
+        go.set()
+    assert await purge
+    status, got, _ = await get(client, sign(KEYRING, spec))
+    assert (status, got) == (200, b"NEW" * 400)
+
+
 class CommitBetweenLooks:
     """The store's real diskcache, with a commit of the same key landing right after the
     first `get` answers "absent" (as a refill on another thread would)."""
