@@ -39,7 +39,7 @@ def cmd_keygen(_: argparse.Namespace) -> int:
 def cmd_sign(args: argparse.Namespace) -> int:
     try:
         keyring = Keyring.from_env()
-        config = load(Path(args.config)) if args.config else NodeConfig()
+        config = load(Path(args.config), role=None) if args.config else NodeConfig()
         voices = for_config(config) if args.config else None
         voice = resolve(args.voice, voices)
         spec = Spec.create(

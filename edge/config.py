@@ -299,8 +299,25 @@ _TABLE_ARRAYS: dict[tuple[type[Any], str], type[Any]] = {
 """Settings that are arrays of tables, and the dataclass of each element."""
 
 
-def load(path: Path | None = None, role: Role = Role.EDGE) -> NodeConfig:
-    """The role's defaults, overlaid with the TOML file at `path` if given."""
+def load(path: Path | None = None, role: Role | None = Role.EDGE) -> NodeConfig:
+    """The role's defaults, overlaid with the TOML file at `path` if given. A file of
+    another role is refused; `role=None` takes the file's own role (edge if it names none),
+    for commands that read a node's settings without running it."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with path.open("rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        named = data.get("role", Role.EDGE.value if role is None else role.value)
+        if role is None:
+            role = _typed(named, Role, "role")
+        if named != role.value:
+            raise ConfigError(
+                f"{path} is a {named!r} configuration; this command runs a {role.value!r} node"
+            )
+    role = Role.EDGE if role is None else role
     base: dict[str, Any] = {"role": role.value}
     if role is Role.SHIELD:
         base["synth"] = {"enabled": False}
@@ -311,16 +328,6 @@ def load(path: Path | None = None, role: Role = Role.EDGE) -> NodeConfig:
         base["data_dir"] = ".nearvoice/origin"
         base["port"] = 8082
     if path is not None:
-        with path.open("rb") as f:
-            try:
-                data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        named = data.get("role", role.value)
-        if named != role.value:
-            raise ConfigError(
-                f"{path} is a {named!r} configuration; this command runs a {role.value!r} node"
-            )
         for name, value in data.items():
             if isinstance(value, dict) and isinstance(base.get(name), dict):
                 base[name] = {**base[name], **value}

@@ -232,3 +232,11 @@ def test_sign_uses_the_limits_of_the_given_config(
     assert "request line; nodes refuse more than 8190 ([http] max_line_size)" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.usefixtures("keys")
+def test_sign_reads_a_config_of_any_role(capsys: pytest.CaptureFixture[str]) -> None:
+    origin = str(REPO / "configs" / "origin.toml")
+    args = ["sign", "--base", "http://e", "--voice", "joe", "--text", "Hi.", "--config", origin]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out.startswith("http://e/v1/speech/")
