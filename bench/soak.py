@@ -28,7 +28,10 @@ Reported (bench/results/soak.json, soak.png):
 * errors: every non-2xx and client failure by operation, status and code, split into
   expected and unexpected;
 * memory: each process's RSS sampled every `--sample` seconds, plotted over time, and its
-  growth from the end of the warm-up (`--warmup`, a fraction of the run; for the restarted
+  growth from the end of the warm-up. The nodes' hot tiers get `--hot-budget` bytes (32 MiB,
+  not the default 256 MiB) so that they fill during the warm-up: memory a budget accounts
+  for is not growth; what the soak looks for is memory no budget accounts for. Growth runs
+  from the end of the warm-up (`--warmup`, a fraction of the run; for the restarted
   shield, from as long after its restart) to the end of the run, as the mean of the last
   tenth of the samples against the mean of the first tenth after warm-up (target < 5 %);
 * first byte: p50/p99 seen by the clients per operation, and p99 per result from the edge's
@@ -91,6 +94,7 @@ OPERATIONS = {  # operation -> weight in the mix
 COLLAPSE_FANOUT = 4
 EXPECTED_CODES = {"circuit_open", "memory_budget", "no_upstream", "overloaded"}
 GROWTH_TARGET = 0.05
+HOT_BUDGET = 32 * 1024**2  # bytes: small enough to fill during the warm-up
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -137,22 +141,28 @@ class Tier:
 
 
 @contextlib.contextmanager
-def three_tiers(work: Path, env: dict[str, str]) -> Iterator[dict[str, Tier]]:
+def three_tiers(work: Path, env: dict[str, str], hot_budget: int) -> Iterator[dict[str, Tier]]:
     """origin <- shield <- edge, as real processes; always stopped, edge first."""
     origin, shield, edge = (free_port() for _ in range(3))
-    config = work / "origin.toml"
-    config.write_text(
-        f'role = "origin"\n[origin]\npublic_base = "http://127.0.0.1:{edge}"\n'
+    hot = f"[hot]\nmemory_budget = {hot_budget}\n"
+    configs = {role: work / f"{role}.toml" for role in ("origin", "shield", "edge")}
+    configs["origin"].write_text(
+        f'role = "origin"\n{hot}[origin]\npublic_base = "http://127.0.0.1:{edge}"\n'
         f'store = "{(work / "origin" / "objects").resolve()}"\n'
     )
+    for role in ("shield", "edge"):
+        configs[role].write_text(f'role = "{role}"\n{hot}')
+
+    def tier(role: str, port: int, upstream: int | None) -> Tier:
+        extra = ["--config", str(configs[role])]
+        if upstream is not None:
+            extra += ["--upstream", f"http://127.0.0.1:{upstream}"]
+        return Tier(role, port, work / role, extra, env)
+
     tiers = {
-        "origin": Tier("origin", origin, work / "origin", ["--config", str(config)], env),
-        "shield": Tier(
-            "shield", shield, work / "shield", ["--upstream", f"http://127.0.0.1:{origin}"], env
-        ),
-        "edge": Tier(
-            "edge", edge, work / "edge", ["--upstream", f"http://127.0.0.1:{shield}"], env
-        ),
+        "origin": tier("origin", origin, None),
+        "shield": tier("shield", shield, origin),
+        "edge": tier("edge", edge, shield),
     }
     try:
         for tier in tiers.values():
@@ -471,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
         "--outage", type=float, default=None, help="seconds (default 5%% of the run)"
     )
     parser.add_argument("--sample", type=float, default=1.0, help="seconds between RSS samples")
+    parser.add_argument(
+        "--hot-budget", type=int, default=HOT_BUDGET, help="[hot] memory_budget, bytes"
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS / "soak.json")
     args = parser.parse_args(argv)
@@ -486,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     with (
         tempfile.TemporaryDirectory(prefix="nv-soak-") as tmp,
-        three_tiers(Path(tmp), env) as tiers,
+        three_tiers(Path(tmp), env, args.hot_budget) as tiers,
     ):
         t0 = time.monotonic()
         load = Load(

@@ -418,7 +418,7 @@ class Upstreams:
                 elapsed = loop.time() - started
                 self._first_byte += EWMA_WEIGHT * (elapsed - self._first_byte)
                 return base, outcome
-            if not tried and attempt == 0:
+            if not tried and attempt == 0 and not timed_out:
                 # Every upstream is known to be failing: say so now rather than hold the
                 # player for a timeout; the caller serves a stale copy if it has one.
                 wait = self._reopens_in(order)
