@@ -4,6 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 DATA   ?= .nearvoice
 PORT   ?= 8080
+# torch is installed before the export extra, so that the build named here is the one kept
+# (pip keeps an installed torch that satisfies the extra's range). torch==2.13.0 is the CPU
+# build where a local CPU wheel exists; elsewhere take it from PyTorch's CPU index:
+#   make TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: run test lint typecheck pytest bench sysdeps clean
 
@@ -12,6 +18,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_INDEX) '$(TORCH)'
 	$(BIN)/python -m pip install -q -e '.[dev,export]'
 	touch $@
 

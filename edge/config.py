@@ -25,8 +25,9 @@ from edge.checks import (
     positive,
     require,
 )
+from edge.limits import LimitSettings, Rates
 from edge.memory import MemorySettings
-from edge.policy import Retention
+from edge.policy import Policy, Retention
 from edge.prefetch import PrefetchSettings
 from edge.upstream import UpstreamSettings
 
@@ -175,6 +176,57 @@ class OriginSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TenantSettings:
+    """`[api.tenants.<name>]`: one API key's tenant (the key itself comes from
+    NEARVOICE_API_KEYS). A tenant without a table gets these defaults."""
+
+    policy: Policy = Policy.HOT
+    """Caching policy of the tenant's objects: hot, personal or draft (never stored)."""
+    hit_rate: float = 0.0
+    """API requests per second that start no render (hits, joins); 0: unlimited."""
+    hit_burst: float = 0.0
+    """Hits allowed at once above `hit_rate`; 0 means `hit_rate`."""
+    miss_rate: float = 0.0
+    """API requests per second that start a render or an upstream fetch; 0: unlimited."""
+    miss_burst: float = 0.0
+    """Misses allowed at once above `miss_rate`; 0 means `miss_rate`."""
+    realtime_sessions: int = 4
+    """Realtime sessions the tenant may hold open at once."""
+    realtime_chars_per_second: float = 0.0
+    """Text characters per second a realtime session may send; 0: unlimited."""
+
+    @property
+    def rates(self) -> Rates:
+        return Rates(self.hit_rate, self.hit_burst, self.miss_rate, self.miss_burst)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiSettings:
+    """`[api]`: the OpenAI-compatible speech API (edge.handlers.openai)."""
+
+    max_input_chars: int = 4096
+    """Longest `input`, in characters (OpenAI's limit)."""
+    max_body_bytes: int = 65536
+    """Largest request body in bytes (4,096 characters of UTF-8 plus the other fields)."""
+    public_base: str = ""
+    """Base URL of the signed CDN URL each answer names in Content-Location; empty: the
+    node the request came to (its Host)."""
+    url_ttl: int = 86400
+    """Seconds the Content-Location URL stays valid."""
+    voices: dict[str, str] = field(default_factory=dict)
+    """`[api.voices]`: alias = voice, e.g. `alloy = "heart"`; aliases name the same object
+    as the voice itself."""
+    tenants: dict[str, TenantSettings] = field(default_factory=dict)
+    """`[api.tenants.<name>]`: per-tenant policy and limits."""
+
+    def tenant(self, name: str) -> TenantSettings:
+        return self.tenants.get(name) or _DEFAULT_TENANT
+
+
+_DEFAULT_TENANT = TenantSettings()
+
+
+@dataclass(frozen=True, slots=True)
 class NodeConfig:
     role: Role = Role.EDGE
     host: str = "127.0.0.1"
@@ -193,6 +245,8 @@ class NodeConfig:
     origin: OriginSettings = field(default_factory=OriginSettings)
     external: tuple[ExternalSettings, ...] = ()
     """External TTS servers (`[[external]]` tables)."""
+    api: ApiSettings = field(default_factory=ApiSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
     hotkeys_capacity: int = 1024
     """Counters kept for the hot-keys report (bounded memory, Space-Saving)."""
     recency_flush: float = 30.0
@@ -240,6 +294,13 @@ def _build(cls: type[Any], data: Any, where: str) -> Any:
         place = f"{where}.{name}".strip(".")
         if dataclasses.is_dataclass(default):
             values[name] = _build(type(default), value, place)
+        elif (cls, name) in _TABLE_MAPS:
+            item = _TABLE_MAPS[(cls, name)]
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{place}] must be a table, not {_shown(value)}")
+            values[name] = {
+                str(key): _build(item, entry, f"{place}.{key}") for key, entry in value.items()
+            }
         elif (cls, name) in _TABLE_ARRAYS:
             item = _TABLE_ARRAYS[(cls, name)]
             if not isinstance(value, list):
@@ -297,6 +358,12 @@ _TABLE_ARRAYS: dict[tuple[type[Any], str], type[Any]] = {
     (ExternalSettings, "voices"): ExternalVoiceSettings,
 }
 """Settings that are arrays of tables, and the dataclass of each element."""
+
+_TABLE_MAPS: dict[tuple[type[Any], str], type[Any]] = {
+    (ApiSettings, "tenants"): TenantSettings,
+    (LimitSettings, "policy"): Rates,
+}
+"""Settings that are tables of tables (name -> table), and the dataclass of each value."""
 
 
 def load(path: Path | None = None, role: Role | None = Role.EDGE) -> NodeConfig:

@@ -67,6 +67,10 @@ class RangeNotSatisfiable(RequestError):
     status = HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE
 
 
+class TooManyRequests(RequestError):
+    status = HTTPStatus.TOO_MANY_REQUESTS
+
+
 class ServiceUnavailable(RequestError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
 

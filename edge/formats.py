@@ -11,6 +11,7 @@ class AudioFormat(StrEnum):
     OPUS = "opus"  # Ogg-encapsulated Opus (RFC 7845)
     FLAC = "flac"
     PCM = "pcm"  # raw signed 16-bit little-endian mono
+    AAC = "aac"  # AAC-LC in ADTS frames (ISO/IEC 13818-7)
 
     @classmethod
     def parse(cls, value: str) -> AudioFormat | None:
@@ -32,4 +33,5 @@ _CONTENT_TYPES: dict[AudioFormat, str] = {
     AudioFormat.MP3: "audio/mpeg",
     AudioFormat.OPUS: "audio/ogg;codecs=opus",
     AudioFormat.FLAC: "audio/flac",
+    AudioFormat.AAC: "audio/aac",
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from enum import StrEnum
 
 from prometheus_client import (
@@ -36,6 +37,53 @@ class Source(StrEnum):
     CACHE = "cache"
     SYNTH = "synth"
     UPSTREAM = "upstream"
+
+
+API_ENDPOINTS = ("speech", "models", "voices")
+API_CODES: dict[str, tuple[int, ...]] = {
+    "speech": (200, 400, 401, 413, 429, 500, 502, 503, 504),
+    "models": (200, 401),
+    "voices": (200, 401),
+}
+"""Every status each API endpoint answers with, created at zero when the node starts."""
+
+
+class LimitScope(StrEnum):
+    """What a rate-limited request was refused for (`nearvoice_rate_limited_total{scope}`)."""
+
+    HIT = "hit"
+    MISS = "miss"
+    API = "api"
+    REALTIME = "realtime"
+
+
+TOKEN_REJECTION_REASONS = (
+    # edge.token: the URL's shape, signature, seal and use
+    "unknown_parameter",
+    "repeated_parameter",
+    "missing_parameter",
+    "bad_signature",
+    "unknown_kid",
+    "bad_seal",
+    "bad_expiry",
+    "bad_policy",
+    "bad_ip",
+    "key_mismatch",
+    "expired",
+    "ip_mismatch",
+    # edge.spec: a sealed spec that does not parse
+    "bad_spec",
+    "empty_text",
+    "bad_speed",
+    # edge.node: the path against the spec and this node's limits and voices
+    "malformed_key",
+    "unsupported_format",
+    "format_mismatch",
+    "text_too_long",
+    "unknown_voice",
+)
+"""Every `reason` of `nearvoice_token_rejections_total` that a signed URL can be refused
+for (the `error` codes of the authorize step), created at zero when a node starts."""
 
 
 # Time to first byte spans a memory hit (~100 us) to a long render (seconds).
@@ -106,11 +154,69 @@ class Metrics:
             "Objects that could not be stored (disk full, I/O).",
             registry=r,
         )
+        self.length_mismatches = Counter(
+            "nearvoice_length_mismatches",
+            "Renders aborted because the duration pass and the render disagreed, by engine.",
+            ["engine"],
+            registry=r,
+        )
+        self.api_requests = Counter(
+            "nearvoice_api_requests",
+            "OpenAI-compatible API requests, by endpoint and HTTP status.",
+            ["endpoint", "code"],
+            registry=r,
+        )
+        for endpoint in API_ENDPOINTS:
+            for code in API_CODES[endpoint]:
+                self.api_requests.labels(endpoint, str(code))
+        self.rate_limited = Counter(
+            "nearvoice_rate_limited",
+            "Requests refused with 429, by the budget they were over.",
+            ["scope"],
+            registry=r,
+        )
+        # 1 while an upstream's circuit breaker is not closed (open, or half-open waiting
+        # for its trial request); with workers, any worker's open breaker shows.
+        self.upstream_circuit_open = Gauge(
+            "nearvoice_upstream_circuit_open",
+            "1 while the upstream's circuit breaker is open or half-open.",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        # 1 once the engines are warm (what /readyz answers); with workers, the least ready.
+        self.ready = Gauge(
+            "nearvoice_ready",
+            "1 once the node's engines are warm and it takes traffic.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        for scope in LimitScope:
+            self.rate_limited.labels(scope.value)
+        for reason in TOKEN_REJECTION_REASONS:
+            self.token_rejections.labels(reason)
         # Pre-create the label sets of the contract so dashboards see zeros, not gaps, and
         # keep the children: a `labels()` lookup per request is a visible hot-path cost.
         self.requests_by = {result: self.requests.labels(result.value) for result in Result}
         self.bytes_by = {source: self.response_bytes.labels(source.value) for source in Source}
         self.ttfb_by = {result: self.ttfb.labels(result.value) for result in Result}
+
+    def expect(
+        self,
+        *,
+        engines: Iterable[str] = (),
+        upstream_reasons: Iterable[str] = (),
+    ) -> None:
+        """Creates the series this node can emit at zero (DESIGN.md section 5), so that
+        dashboards and alerts see them before their first event."""
+        for engine in engines:
+            self.synth.labels(engine)
+        for reason in upstream_reasons:
+            self.upstream.labels(reason)
+
+    def circuit(self, upstream: str, is_open: bool) -> None:
+        """Records a change of `upstream`'s circuit breaker (edge.upstream)."""
+        self.upstream_circuit_open.labels(upstream).set(1 if is_open else 0)
 
     def render(self) -> bytes:
         """The exposition. With `--workers N` every worker writes its values under

@@ -24,6 +24,7 @@ from edge.errors import BadRequest, RequestError
 from edge.formats import AudioFormat
 from edge.http.deliver import DeliveryOptions
 from edge.keyring import Keyring
+from edge.limits import Limiter
 from edge.metrics import Metrics
 from edge.nodeauth import verify_node_request
 from edge.prefetch import Prefetcher
@@ -107,6 +108,11 @@ class Node:
             config, renderer, self.upstreams, self.store, self.hot, self.metrics, self.io
         )
         self.prefetcher = Prefetcher(self)
+        self.limiter = Limiter(
+            config.limits.max_buckets,
+            on_refusal=lambda scope: self.metrics.rate_limited.labels(scope).inc(),
+        )
+        """The node's one rate limiter, shared by its doors (edge.limits)."""
 
     @property
     def renderer(self) -> Renderer | None:
@@ -296,6 +302,11 @@ class Node:
         """The fill producing `grant`'s object right now, if any."""
         fill = self._fills.get(_fill_key(grant))
         return fill if fill is not None and fill.is_running() else None
+
+    def joinable(self, grant: Grant) -> bool:
+        """Whether `obtain` would join a fill (running, or lingering after its commit)
+        rather than start one: what a limiter's hit or miss scope is decided by."""
+        return _fill_key(grant) in self._fills
 
     def obtain(
         self, grant: Grant, target: str, *, priority: Priority = Priority.PLAYER

@@ -19,15 +19,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from typing import Protocol
 
+from aiohttp import hdrs
+
 from edge.cache.fill import Fill, FillFailed
 from edge.cache.hot import HotTier
-from edge.cache.meta import ObjectMeta, etag_for
+from edge.cache.meta import ObjectMeta, etag_for, revision_of
 from edge.cache.store import DiskStore
 from edge.config import NodeConfig
 from edge.metrics import Metrics
@@ -116,6 +117,12 @@ class Producer:
                             "render_failed", str(exc), retry_after=RENDER_RETRY_AFTER
                         ) from exc
                     await self._fetch(fill, grant, target, UpstreamReason.ENGINE_ERROR)
+            if fill.length is not None and fill.size != fill.length:
+                raise FillFailed(
+                    "length_mismatch",
+                    f"the object ended at {fill.size} of the {fill.length} bytes announced",
+                    retry_after=RENDER_RETRY_AFTER,
+                )
             meta = await self._commit(fill, grant)
             await self._persist(meta, fill)
             fill.finish(meta)
@@ -141,7 +148,8 @@ class Producer:
         if found is None:
             return False
         meta, body = found
-        fill.start(meta.content_type)
+        fill.start(meta.content_type, meta.etag)
+        fill.set_length(len(body))
         fill.append(body)
         return True
 
@@ -161,8 +169,8 @@ class Producer:
         assert self.renderer is not None
         if self.renderer.queue_full(engine):
             raise FillFailed("overloaded", "render queue is full", retry_after=RENDER_RETRY_AFTER)
-        fill.start(self.renderer.content_type(engine, grant.spec))
-        await self.renderer.render(engine, grant.spec, fill.append)
+        fill.start(self.renderer.content_type(engine, grant.spec), etag_for(grant.spec.key))
+        await self.renderer.render(engine, grant.spec, fill.append, fill.set_length)
         # The last chunks were handed over with call_soon_threadsafe; let them land.
         await asyncio.sleep(0)
 
@@ -176,7 +184,18 @@ class Producer:
             )
         self.metrics.upstream.labels(reason.value).inc()
         async with self.upstreams.fetch(grant.spec.key, target) as fetched:
-            fill.start(fetched.content_type, from_upstream=True)
+            # The bytes keep the ETag, and so the render revision, they were made with.
+            etag = fetched.response.headers.get(hdrs.ETAG, "")
+            if revision_of(grant.spec.key, etag) is None:
+                raise FillFailed(
+                    "upstream_corrupt",
+                    f"{fetched.base} answered with an ETag that is not this object's",
+                    retry_after=RENDER_RETRY_AFTER,
+                )
+            fill.start(fetched.content_type, etag, from_upstream=True)
+            # An upstream that knows the length says so in its first headers, so this node
+            # answers exact ranges while the bytes are still arriving.
+            fill.set_length(fetched.content_length)
             async for chunk in fetched.chunks():
                 fill.append(chunk)
             expected = fetched.content_length
@@ -198,7 +217,7 @@ class Producer:
 
     async def _commit(self, fill: Fill, grant: Grant) -> ObjectMeta:
         body = fill.body()
-        assert fill.content_type is not None
+        assert fill.content_type is not None and fill.etag is not None
         loop = asyncio.get_running_loop()
         digest = fill.sha256
         if digest is None:
@@ -207,10 +226,10 @@ class Producer:
             key=grant.spec.key,
             content_type=fill.content_type,
             length=len(body),
-            etag=etag_for(grant.spec.key),
+            etag=fill.etag,
             sha256=digest,
             policy=grant.policy,
-            stored_at=time.time(),
+            stored_at=fill.started_at,
             ttl=self.config.retention.ttl(grant.policy),
         )
         if not grant.policy.stored or fill.is_purged():

@@ -19,6 +19,8 @@ from edge.formats import AudioFormat
 SPEC_VERSION = 1
 MIN_SPEED = 0.5
 MAX_SPEED = 2.0
+MIN_RATE = 8000  # Hz: the lowest rate the codecs take (Opus, AAC)
+MAX_RATE = 48000  # Hz: the highest
 KEY_RE = re.compile(r"[0-9a-f]{64}")
 
 
@@ -46,6 +48,10 @@ class Spec:
     seed: int
     model: str
     """The engine's model identity, `name@sha256`, resolved from the voice."""
+    rate: int | None = None
+    """Output sample rate in Hz, only when it differs from the voice's own (the OpenAI
+    API's 24 kHz `pcm`): a resampled object is a different object. In the canonical JSON
+    only when set, so every key minted before the field existed stays valid."""
     key: str = field(init=False, repr=False, compare=False)
     """Lowercase hex SHA-256 of `to_json()`: the object's cache key."""
 
@@ -63,6 +69,7 @@ class Spec:
         model: str,
         speed: float = 1.0,
         seed: int = 0,
+        rate: int | None = None,
     ) -> Spec:
         text = normalize_text(text)
         if not text:
@@ -70,10 +77,20 @@ class Spec:
         speed = round(float(speed), 2)
         if not MIN_SPEED <= speed <= MAX_SPEED:
             raise SpecError("bad_speed", f"speed must be within {MIN_SPEED}..{MAX_SPEED}")
-        return cls(text=text, voice=voice, format=format, speed=speed, seed=int(seed), model=model)
+        if rate is not None and not MIN_RATE <= rate <= MAX_RATE:
+            raise SpecError("bad_rate", f"rate must be within {MIN_RATE}..{MAX_RATE} Hz")
+        return cls(
+            text=text,
+            voice=voice,
+            format=format,
+            speed=speed,
+            seed=int(seed),
+            model=model,
+            rate=rate,
+        )
 
     def canonical(self) -> dict[str, Any]:
-        return {
+        fields: dict[str, Any] = {
             "v": SPEC_VERSION,
             "text": self.text,
             "voice": self.voice,
@@ -82,6 +99,9 @@ class Spec:
             "seed": self.seed,
             "model": self.model,
         }
+        if self.rate is not None:
+            fields["rate"] = self.rate
+        return fields
 
     def to_json(self) -> bytes:
         """Canonical JSON: sorted keys, compact separators, UTF-8."""
@@ -110,4 +130,9 @@ class Spec:
             raise SpecError("bad_spec", "speed must be a number")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise SpecError("bad_spec", "seed must be an integer")
-        return cls.create(text=text, voice=voice, format=fmt, model=model, speed=speed, seed=seed)
+        rate = data.get("rate")
+        if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool)):
+            raise SpecError("bad_spec", "rate must be an integer")
+        return cls.create(
+            text=text, voice=voice, format=fmt, model=model, speed=speed, seed=seed, rate=rate
+        )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import math
@@ -153,6 +154,9 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None  # None: closed
         self._trial = False  # a half-open trial request is under way
+        self.on_change: Callable[[bool], None] | None = None
+        """Called with True when the breaker opens and False when it closes again (a
+        half-open breaker is still open here: its upstream has not answered yet)."""
 
     @property
     def state(self) -> BreakerState:
@@ -178,17 +182,23 @@ class CircuitBreaker:
         return False
 
     def success(self) -> None:
+        was_open = self._opened_at is not None
         self._failures = 0
         self._opened_at = None
         self._trial = False
+        if was_open and self.on_change is not None:
+            self.on_change(False)
 
     def failure(self) -> None:
+        was_open = self._opened_at is not None
         self._failures += 1
         self._trial = False
         if self._opened_at is not None or self._failures >= self.failure_threshold:
             # A failed trial (or a failure of a request forced through an open breaker)
             # opens it for another full period.
             self._opened_at = self._clock()
+            if not was_open and self.on_change is not None:
+                self.on_change(True)
 
     def abandon(self) -> None:
         """A request ended with no verdict: free the trial slot, change nothing else."""
@@ -277,6 +287,13 @@ class Upstreams:
     def breaker(self, base: str) -> CircuitBreaker:
         """The circuit breaker of the upstream at `base`."""
         return self._breakers[base.rstrip("/")]
+
+    def watch_circuits(self, report: Callable[[str, bool], None]) -> None:
+        """Calls `report(base, is_open)` now for every upstream (all closed) and then on
+        each change of its breaker (`nearvoice_upstream_circuit_open`)."""
+        for base, breaker in self._breakers.items():
+            breaker.on_change = functools.partial(report, base)
+            report(base, breaker.state is not BreakerState.CLOSED)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(

@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from edge.synth.hibari_engine import ENGINE_NAME as HIBARI
-from edge.synth.hibari_engine import hibari_model_id
+from edge.synth.hibari_engine import HibariEngine, hibari_model_id
 from edge.synth.piper_engine import ENGINE_NAME as PIPER
 from edge.synth.piper_engine import piper_model_id
 
@@ -27,14 +27,28 @@ class Voice:
     name: str
     engine: str
     model_id: str
+    sample_rate: int
+    """Hz of the voice's own audio (what its objects carry unless a spec sets `rate`)."""
+    controls: tuple[str, ...] = ()
+    """Optional spec controls (DESIGN.md section 2) the voice's engine honours."""
+
+
+def _piper_rate(voice: str) -> int:
+    """The rate a bundled piper voice's config declares, read without loading its model."""
+    import json
+
+    from edge.synth.piper_engine import BUNDLED
+
+    config = json.loads(BUNDLED[voice].config_path().read_text(encoding="utf-8"))
+    return int(config["audio"]["sample_rate"])
 
 
 @functools.cache
 def catalog() -> Mapping[str, Voice]:
     """Every voice of the default install (read-only; built once per process)."""
     voices = [
-        Voice("heart", HIBARI, hibari_model_id("heart")),
-        Voice("joe", PIPER, piper_model_id("joe")),
+        Voice("heart", HIBARI, hibari_model_id("heart"), HibariEngine.sample_rate),
+        Voice("joe", PIPER, piper_model_id("joe"), _piper_rate("joe")),
     ]
     return MappingProxyType({v.name: v for v in voices})
 
@@ -53,7 +67,7 @@ def with_external(external: Iterable[ExternalSettings]) -> Mapping[str, Voice]:
         for voice in server.voices:
             if voice.name in voices:
                 raise ValueError(f"voice {voice.name!r} is defined twice")
-            voices[voice.name] = Voice(voice.name, server.name, voice.model_id)
+            voices[voice.name] = Voice(voice.name, server.name, voice.model_id, server.sample_rate)
     return MappingProxyType(voices)
 
 
@@ -112,7 +126,7 @@ def for_config(config: NodeConfig) -> Mapping[str, Voice]:
     voices = dict(with_external(config.external))
     for voice, chosen in exported_variants(config).items():
         engine = voices[voice].engine if voice in voices else chosen.export.family
-        voices[voice] = Voice(voice, engine, chosen.model_id)
+        voices[voice] = Voice(voice, engine, chosen.model_id, chosen.export.sample_rate)
     return MappingProxyType(voices)
 
 

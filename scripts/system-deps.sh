@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks run as real peers:
-# nginx (Range reference), wrk (load generator), ffmpeg (client-side decoding).
+# nginx (Range reference), wrk (load generator), ffmpeg (client-side decoding), chromium
+# (playback in a real browser, driven by Playwright), prometheus and promtool (the deploy/
+# dashboards and alert rules).
 set -euo pipefail
 need=()
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
 $SUDO apt-get update -qq

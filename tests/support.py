@@ -182,6 +182,20 @@ async def eventually(predicate: Callable[[], bool], seconds: float = 10.0) -> No
             await asyncio.sleep(0.02)
 
 
+async def scrape_until(
+    client: TestClient[Any, Any], predicate: Callable[[str], bool], seconds: float = 10.0
+) -> str:
+    """The node's metrics once `predicate` holds for them. A client that read a body of
+    known length has every byte before the handler records the request and the render
+    thread its timings: this waits for those, not a fixed time."""
+    async with asyncio.timeout(seconds):
+        while True:
+            text = await scrape(client)
+            if predicate(text):
+                return text
+            await asyncio.sleep(0.02)
+
+
 async def wait_process_ready(
     session: aiohttp.ClientSession,
     base: str,

@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from edge.app import create_app
+from edge.cache.meta import etag_for
 from edge.keyring import Keyring
 from edge.spec import Spec
 from edge.token import speech_path
@@ -26,6 +27,7 @@ from tests.support import (
     payload,
     put_object,
     scrape,
+    scrape_until,
     sign,
     signed_fields,
     target,
@@ -155,7 +157,7 @@ async def test_head_and_304_send_no_body_bytes(
     url = sign(keyring, spec)
     async with client.head(url) as resp:
         assert resp.status == 200
-    async with client.get(url, headers={"If-None-Match": f'"{spec.key}"'}) as resp:
+    async with client.get(url, headers={"If-None-Match": etag_for(spec.key)}) as resp:
         assert resp.status == 304
     text = await scrape(client)
     assert metric_from(text, "nearvoice_response_bytes_total", source="cache") == 0
@@ -227,7 +229,9 @@ async def test_a_miss_counts_synth_bytes_and_render_metrics(
     async with client.get(sign(keyring, make_spec("Counting a miss."))) as resp:
         assert resp.status == 200
         body = await resp.read()
-    text = await scrape(client)
+    text = await scrape_until(
+        client, lambda t: metric_from(t, "nearvoice_synth_seconds_count") == 1
+    )
     assert metric_from(text, "nearvoice_requests_total", result="miss") == 1
     assert metric_from(text, "nearvoice_response_bytes_total", source="synth") == len(body)
     assert metric_from(text, "nearvoice_response_bytes_total", source="cache") == 0

@@ -21,7 +21,16 @@ from edge.app import create_app
 from edge.formats import AudioFormat
 from edge.keyring import Keyring
 from edge.policy import Policy
-from tests.support import make_config, make_keyring, make_spec, metric, node_of, sign, wait_ready
+from tests.support import (
+    eventually,
+    make_config,
+    make_keyring,
+    make_spec,
+    metric,
+    node_of,
+    sign,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +44,7 @@ FFPROBE_CODECS = {
     AudioFormat.MP3: "mp3",
     AudioFormat.OPUS: "opus",
     AudioFormat.PCM: "pcm_s16le",
+    AudioFormat.AAC: "aac",
 }
 
 
@@ -102,9 +112,10 @@ async def test_rendered_body_is_a_valid_wav(node: Any, keyring: Keyring) -> None
     status, headers, body = await fetch(client, sign(keyring, make_spec(TEXT)))
     assert status == 200
     assert headers["Content-Type"] == "audio/wav"
-    # A miss streams while it renders: its length is not known when the headers leave.
-    assert "Content-Length" not in headers
-    assert headers["Transfer-Encoding"] == "chunked"
+    # A miss streams while it renders, and hibari's duration pass gave its exact length
+    # before the first byte (DESIGN.md section 10).
+    assert headers["Content-Length"] == str(len(body))
+    assert "Transfer-Encoding" not in headers
     audio, rate = soundfile.read(io.BytesIO(body), dtype="float32")
     assert rate == SAMPLE_RATE
     assert audio.ndim == 1
@@ -116,6 +127,8 @@ async def test_second_request_is_a_hit_with_identical_bytes(node: Any, keyring: 
     app, client = node
     url = sign(keyring, make_spec(TEXT))
     _, first_headers, first = await fetch(client, url)
+    # The last byte can reach the client just before the commit: wait for it.
+    await eventually(lambda: node_of(app).store.contains(make_spec(TEXT).key))
     _, second_headers, second = await fetch(client, url)
     assert second == first
     assert second_headers["ETag"] == first_headers["ETag"]
@@ -132,17 +145,18 @@ async def test_range_on_a_miss_is_a_slice_of_the_rendered_object(
     status, headers, part = await fetch(client, url, headers={"Range": "bytes=0-1023"})
     assert status == 206
     _, _, whole = await fetch(client, url)
-    # In flight the complete length is unknown: RFC 9110 section 14.4 says `*`.
-    assert headers["Content-Range"] == "bytes 0-1023/*"
+    # In flight, the length is the one the duration pass announced.
+    assert headers["Content-Range"] == f"bytes 0-1023/{len(whole)}"
     assert headers["Content-Length"] == "1024"
     assert part == whole[:1024]
     assert await synths(client) == 1
 
 
 async def test_range_on_the_rendered_object_is_206(node: Any, keyring: Keyring) -> None:
-    _, client = node
+    app, client = node
     url = sign(keyring, make_spec(TEXT))
     _, _, whole = await fetch(client, url)
+    await eventually(lambda: node_of(app).store.contains(make_spec(TEXT).key))
     n = len(whole)
     status, headers, part = await fetch(client, url, headers={"Range": f"bytes=44-{n - 1}"})
     assert status == 206
@@ -160,6 +174,8 @@ async def test_draft_is_streamed_through_and_never_stored(node: Any, keyring: Ke
     assert headers["Cache-Control"] == "no-store"
     assert not node_of(app).store.contains(spec.key)
     assert node_of(app).store.count() == 0
+    # The last byte can reach the client just before the render ends: wait for its end.
+    await eventually(lambda: not any(f.is_running() for f in node_of(app)._fills.values()))
 
     status, _, second = await fetch(client, url)
     assert status == 200

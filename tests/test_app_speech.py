@@ -23,7 +23,7 @@ from yarl import URL
 
 from edge.app import create_app
 from edge.cache.hot import HotSettings
-from edge.cache.meta import ObjectMeta
+from edge.cache.meta import ObjectMeta, etag_for
 from edge.config import HttpSettings, SynthSettings
 from edge.formats import AudioFormat
 from edge.keyring import Keyring
@@ -447,7 +447,7 @@ async def served(make_served: MakeServed) -> Served:
 
 
 def etag_of(s: Served) -> str:
-    return f'"{s.spec.key}"'
+    return etag_for(s.spec.key)
 
 
 async def test_body_path_is_the_one_under_test(served: Served) -> None:

@@ -32,7 +32,7 @@ def meta_for(body: bytes) -> ObjectMeta:
 
 def started_fill() -> Fill:
     fill = Fill(KEY)
-    fill.start(CONTENT_TYPE)
+    fill.start(CONTENT_TYPE, etag_for(KEY))
     return fill
 
 
@@ -214,7 +214,7 @@ async def test_until_started_waits_for_the_content_type() -> None:
     waiter = asyncio.create_task(fill.until_started())
     await settle()
     assert not waiter.done()
-    fill.start(CONTENT_TYPE)
+    fill.start(CONTENT_TYPE, etag_for(KEY))
     await settle()
     assert waiter.done()
     await waiter

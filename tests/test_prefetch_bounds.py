@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from edge.app import create_app
+from edge.cache.meta import etag_for
 from edge.config import ADMIN_TOKEN_ENV
 from edge.policy import Policy
 from edge.synth.engine import Audio, Engine
@@ -168,9 +169,9 @@ async def held_upstream(aiohttp_server: AiohttpServer) -> AsyncIterator[dict[str
         await state["release"].wait()
         body = b"audio" * 200
         digest = hashlib.sha256(body).hexdigest()
-        return web.Response(
-            body=body, headers={CHECKSUM_HEADER: digest, "Content-Type": "audio/wav"}
-        )
+        key = request.match_info["tail"].split(".")[0]
+        headers = {CHECKSUM_HEADER: digest, "Content-Type": "audio/wav", "ETag": etag_for(key)}
+        return web.Response(body=body, headers=headers)
 
     app = web.Application()
     app.router.add_get("/v1/speech/{tail:.*}", speech)

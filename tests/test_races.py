@@ -72,9 +72,9 @@ async def upstream(aiohttp_server: AiohttpServer, state: dict[str, Any]) -> str:
             return web.Response(status=state["status"], text="down")
         body: bytes = state["body"]
         digest = hashlib.sha256(body).hexdigest()
-        return web.Response(
-            body=body, headers={CHECKSUM_HEADER: digest, "Content-Type": "audio/wav"}
-        )
+        key = request.match_info["tail"].split(".")[0]
+        headers = {CHECKSUM_HEADER: digest, "Content-Type": "audio/wav", "ETag": etag_for(key)}
+        return web.Response(body=body, headers=headers)
 
     app = web.Application()
     app.router.add_get("/v1/speech/{tail:.*}", speech)

@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from edge.cache.fill import FillFailed
+from edge.cache.meta import etag_for
 from edge.upstream import (
     CHECKSUM_HEADER,
     BreakerState,
@@ -67,6 +68,11 @@ class Mode(StrEnum):
     """OK without X-Nearvoice-Sha256 (GET and HEAD)."""
     WRONG_LENGTH = "wrong_length"
     """HEAD states a Content-Length other than the body's, with the right digest."""
+
+
+def _etag(request: web.Request) -> str:
+    """The ETag a node gives the object a speech path names (what fetching nodes check)."""
+    return etag_for(request.path.rsplit("/", 1)[-1].split(".", 1)[0])
 
 
 class Peer:
@@ -115,7 +121,7 @@ class Peer:
         await self.server.close()
 
     def _complete(self, request: web.Request, digest: str | None) -> web.StreamResponse:
-        headers = {"Content-Type": "audio/wav"}
+        headers = {"Content-Type": "audio/wav", "ETag": _etag(request)}
         if digest is not None:
             headers[CHECKSUM_HEADER] = digest
         if request.method == "HEAD":
@@ -132,7 +138,7 @@ class Peer:
     async def _half_then(
         self, request: web.Request, length: int | None, rest: bool
     ) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "audio/wav"})
+        response = web.StreamResponse(headers={"Content-Type": "audio/wav", "ETag": _etag(request)})
         if length is not None:
             response.content_length = length
         await response.prepare(request)

@@ -18,8 +18,8 @@ HEX64 = "[0-9a-f]{64}"
 def test_catalog_has_heart_and_joe() -> None:
     voices = catalog()
     assert sorted(voices) == ["heart", "joe"]
-    assert voices["heart"] == Voice("heart", "hibari", hibari_model_id("heart"))
-    assert voices["joe"] == Voice("joe", "piper", piper_model_id("joe"))
+    assert voices["heart"] == Voice("heart", "hibari", hibari_model_id("heart"), 24000)
+    assert voices["joe"] == Voice("joe", "piper", piper_model_id("joe"), 22050)
     assert re.fullmatch(f"hibari-heart@{HEX64}", voices["heart"].model_id)
     assert re.fullmatch(f"piper-joe-medium@{HEX64}", voices["joe"].model_id)
 
@@ -27,7 +27,7 @@ def test_catalog_has_heart_and_joe() -> None:
 def test_catalog_is_built_once_and_read_only() -> None:
     assert catalog() is catalog()
     with pytest.raises(TypeError):
-        catalog()["nova"] = Voice("nova", "piper", "x")  # type: ignore[index]
+        catalog()["nova"] = Voice("nova", "piper", "x", 22050)  # type: ignore[index]
 
 
 def test_resolve() -> None:

@@ -7,6 +7,12 @@ then wait for the next ones; all of them share the same immutable chunks, so 500
 of one object cost one copy of it plus their sockets' buffers. The producer task belongs to
 the node, not to any request, so a listener who hangs up stops nothing.
 
+Sizing: before its first byte a fill says how long the object will be, when its source
+knows (`set_length`): a local engine's duration pass, or an upstream's Content-Length.
+Readers wait for that decision (`until_sized`), so every answer about an object of known
+length is exact from the first byte (DESIGN.md section 10); the producer fails the fill
+rather than let it end at any other length.
+
 A fill that fails is marked failed and forgotten at once, so the next request starts afresh;
 nothing of it is stored. A completed fill lingers for a short grace period so that requests
 that missed the cache just before it was committed join it instead of rendering again.
@@ -43,6 +49,15 @@ class Fill:
         self.key = key
         self.state = FillState.RUNNING
         self.content_type: str | None = None
+        self.etag: str | None = None
+        """The strong ETag of the bytes being produced; it names their render revision
+        (edge.cache.meta.etag_for), which travels with the bytes from tier to tier."""
+        self.length: int | None = None
+        """The object's exact length, when the source announced it before its first byte."""
+        self.sized = False
+        """Whether the source has said if it knows the length (`set_length`)."""
+        self.started_at = time.time()
+        """Unix seconds the fill began: the object's Last-Modified, in flight and stored."""
         self.from_upstream = False
         """Whether the bytes come from an upstream rather than a local render."""
         self.stored = False
@@ -62,9 +77,37 @@ class Fill:
         self._changed = asyncio.Event()
 
     # -- producer side --------------------------------------------------------------------
-    def start(self, content_type: str, *, from_upstream: bool = False) -> None:
+    def start(self, content_type: str, etag: str, *, from_upstream: bool = False) -> None:
+        """The source answered. A second source (an upstream after a render that failed
+        before its first byte) must be producing the object the first one announced:
+        listeners may already hold its ETag and length."""
+        if self.etag is not None and etag != self.etag:
+            raise FillFailed(
+                "upstream_mismatch",
+                f"the fallback source sends {etag}, not the announced {self.etag}",
+                retry_after=1,
+            )
         self.content_type = content_type
+        self.etag = etag
         self.from_upstream = from_upstream
+        self._notify()
+
+    def set_length(self, length: int | None) -> None:
+        """Announces the exact length (None: unknown until the end), before any byte. A
+        second source may repeat the announced length or not know it; it may not change
+        it (see `start`)."""
+        if self.sized:
+            if length is not None and self.length is not None and length != self.length:
+                raise FillFailed(
+                    "upstream_mismatch",
+                    f"the fallback source sends {length} bytes, not the announced {self.length}",
+                    retry_after=1,
+                )
+            return
+        if self._size:
+            raise RuntimeError("a fill's length is announced before its first byte")
+        self.length = length
+        self.sized = True
         self._notify()
 
     def append(self, data: bytes) -> None:
@@ -121,6 +164,13 @@ class Fill:
     async def until_started(self) -> None:
         """Until the content type is known (the source answered) or the fill failed."""
         while self.content_type is None and self.is_running():
+            await self.changed()
+        self.raise_if_failed()
+
+    async def until_sized(self) -> None:
+        """Until the source said whether it knows the length, or the fill ended. A fill
+        that starts producing bytes without saying has an unknown length."""
+        while self.is_running() and not self.sized and not self._size:
             await self.changed()
         self.raise_if_failed()
 

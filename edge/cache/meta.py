@@ -42,5 +42,28 @@ class ObjectMeta:
         return cls(**data)
 
 
-def etag_for(key: str) -> str:
-    return f'"{key}"'
+RENDER_REVISION = 2
+"""What the encoders and the chunking write, as a number: bumped whenever a change makes
+the same spec render to other bytes. 1: streams of unknown length, chunks at sentence
+ends. 2: exact sizes in WAV and FLAC headers from the duration pass, a first chunk that
+ends at its first clause boundary (DESIGN.md section 10)."""
+
+
+def etag_for(key: str, revision: int = RENDER_REVISION) -> str:
+    """The strong ETag of `key`'s object as rendered at `revision`. The key names the spec
+    and the revision names the bytes: revision 1 objects keep the ETag they were first
+    served with (the bare key), later ones add `.r<N>`, so no ETag ever names two byte
+    sequences across an upgrade and a player that mixes ranges from two nodes at
+    different revisions is told by If-Range, not handed corrupt audio."""
+    return f'"{key}"' if revision == 1 else f'"{key}.r{revision}"'
+
+
+def revision_of(key: str, etag: str) -> int | None:
+    """The render revision an ETag of `key`'s object names; None if it names none."""
+    if etag == f'"{key}"':
+        return 1
+    prefix = f'"{key}.r'
+    digits = etag[len(prefix) : -1]
+    if etag.startswith(prefix) and etag.endswith('"') and digits.isascii() and digits.isdigit():
+        return int(digits)
+    return None

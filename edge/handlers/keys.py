@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from edge.apikeys import ApiKeys
 from edge.node import Node
 
 NODE = web.AppKey("node", Node)
+API_KEYS = web.AppKey("api_keys", ApiKeys)
+"""Tenants' keys for the OpenAI-compatible API (NEARVOICE_API_KEYS)."""

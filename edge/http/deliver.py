@@ -57,14 +57,17 @@ def base_headers(meta: ObjectMeta, policy: Policy) -> dict[str, str]:
     `CHECKSUM_HEADER` is the digest of the complete object (a representation digest, like
     RFC 9530's Repr-Digest), so 200, 206, 304 and HEAD answers all carry it, players'
     included: one cached header set for everyone, and the digest reveals nothing the bytes
-    do not. Streamed answers about an object still in flight (edge.http.stream) cannot."""
-    return {
+    do not. Answers about an object still in flight (edge.http.stream) cannot: their
+    `meta.sha256` is empty and the header is left out."""
+    headers: dict[str, str] = {
         hdrs.ETAG: meta.etag,
         hdrs.LAST_MODIFIED: http_date(meta.last_modified),
         hdrs.CACHE_CONTROL: policy.cache_control,
         hdrs.ACCEPT_RANGES: RANGE_UNIT,
-        CHECKSUM_HEADER: meta.sha256,
     }
+    if meta.sha256:
+        headers[CHECKSUM_HEADER] = meta.sha256
+    return headers
 
 
 @lru_cache(maxsize=4096)

@@ -181,4 +181,6 @@ _OPENERS = "([\"'\u201c\u2018"
 
 
 def _words(text: str) -> int:
-    return len(text.split())
+    """Words in `text`: runs without whitespace that hold a letter or a digit, so a dash,
+    an ellipsis or a quote standing alone is no word."""
+    return sum(1 for token in text.split() if any(c.isalnum() for c in token))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edge.synth.chunking import split_chunks
+from edge.synth.durations import DurationGraph, Durations, Feeds, Recent
 from edge.synth.engine import Audio
 from edge.synth.providers import session, short_name
 
@@ -16,6 +18,16 @@ if TYPE_CHECKING:
     from edge.synth.exported import Chosen
 
 ENGINE_NAME = "hibari"
+SAMPLES_PER_FRAME = 600
+"""Samples per duration frame: hibari's durations count 25 ms frames, its network
+outputs two 12.5 ms spectra per frame, and `hibari.dsp` turns each spectrum into HOP
+(300) samples at 24 kHz."""
+MIN_IDS = 3
+"""`Hibari.from_ids` renders nothing (an empty array) for fewer ids: the two pads and no
+phoneme."""
+
+Pieces = list[list[int]]
+"""A text's model inputs: the phoneme ids of each piece the model renders at once."""
 
 
 def bundled_voices() -> dict[str, dict[str, Any]]:
@@ -58,6 +70,19 @@ class HibariEngine:
         self._threads = threads
         self._providers = providers or ["CPUExecutionProvider"]
         self._local = threading.local()
+        self._durations = {v: self._duration_pass(v) for v in voices}
+        self._recent: Recent[tuple[str, str], Pieces] = Recent()
+
+    def _model_providers(self, voice: str) -> list[Any]:
+        chosen = self._exported.get(voice)
+        return chosen.providers(self._providers) if chosen else self._providers
+
+    def _duration_pass(self, voice: str) -> Durations:
+        from hibari.voices import voice_path
+
+        chosen = self._exported.get(voice)
+        path = chosen.variant.path if chosen else Path(voice_path(voice))
+        return Durations(path, self._threads, self._model_providers(voice), _per_frame)
 
     def _model(self, voice: str) -> Any:
         models: dict[str, Any] | None = getattr(self._local, "models", None)
@@ -73,7 +98,7 @@ class HibariEngine:
             if self._providers != ["CPUExecutionProvider"]:
                 # hibari builds a CPU-only session; rebuild it on the chosen providers
                 # (its public `sess` attribute is what it runs).
-                providers = chosen.providers(self._providers) if chosen else self._providers
+                providers = self._model_providers(voice)
                 model.sess = session(model.model_path, self._threads, providers)
         return model
 
@@ -88,17 +113,52 @@ class HibariEngine:
 
     def warmup(self) -> None:
         for voice in self.voices:
-            for _ in self.stream("Warm up.", voice, 1.0, 0):
-                pass
+            counted = self.samples("Warm up.", voice, 1.0)
+            rendered = sum(len(a) for a in self.stream("Warm up.", voice, 1.0, 0))
+            self._durations[voice].check(counted, rendered)
+
+    def _pieces(self, voice: str, text: str) -> Iterator[list[int]]:
+        """The ids of each piece `stream` renders, chunk by chunk: hibari's own sentence
+        split and MAX_PHONEMES clause split inside each of nearvoice's chunks. Lazy, so
+        a render that did not run the duration pass starts on its first chunk at once."""
+        model = self._model(voice)
+        for chunk in split_chunks(text):
+            for phonemes in model.phonemize(chunk):
+                yield model.ids(phonemes)
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
         # hibari.Hibari.stream, over nearvoice's chunks instead of hibari's sentences: one
         # noise generator for the whole text, as hibari keeps it.
         model = self._model(voice)
         rng = np.random.default_rng(seed)
-        for chunk in split_chunks(text):
-            for phonemes in model.phonemize(chunk):
-                yield model.from_ids(model.ids(phonemes), speed, rng)
+        pieces = self._recent.get((voice, text))
+        for ids in self._pieces(voice, text) if pieces is None else pieces:
+            yield model.from_ids(ids, speed, rng)
 
     def samples(self, text: str, voice: str, speed: float) -> int | None:
-        return None
+        durations = self._durations.get(voice)
+        if durations is None:
+            raise ValueError(f"voice {voice!r} is not one of this engine's {self.voices}")
+        if durations.graph() is None:
+            return None
+        key = (voice, text)
+        pieces = self._recent.get(key)
+        if pieces is None:
+            pieces = self._recent.put(key, list(self._pieces(voice, text)))
+        total = 0
+        for ids in pieces:
+            if len(ids) < MIN_IDS:
+                continue
+            feeds: Feeds = {
+                "ids": np.asarray([ids], np.int64),
+                "speed": np.asarray([speed], np.float32),
+            }  # as Hibari.from_ids feeds its session
+            count = durations.samples(feeds)
+            if count is None:
+                return None
+            total += count
+        return total
+
+
+def _per_frame(graph: DurationGraph) -> int:
+    return SAMPLES_PER_FRAME

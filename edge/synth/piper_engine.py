@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from edge.synth.chunking import split_chunks
+from edge.synth.durations import DurationGraph, Durations, Feeds, Recent
 from edge.synth.engine import Audio
 from edge.synth.providers import session, short_name
 
@@ -124,6 +125,26 @@ class PiperEngine:
         self._threads = threads
         self._providers = providers or ["CPUExecutionProvider"]
         self._local = threading.local()
+        self._durations = {v: self._duration_pass(v) for v in voices}
+        self._recent: Recent[tuple[str, str], list[list[int]]] = Recent()
+
+    def _duration_pass(self, voice: str) -> Durations:
+        hop = int(self._configs[voice].get("hop_length", 256))
+
+        def per_frame(graph: DurationGraph) -> int:
+            # piper counts hop_length samples per duration frame (its alignments do);
+            # the vocoder's upsampling must agree, or the graph is not what it seems.
+            if graph.upsampling != hop:
+                raise ValueError(f"hop_length {hop}, but the vocoder upsamples {graph.upsampling}x")
+            return hop
+
+        return Durations(
+            self._model_path(voice), self._threads, self._providers_for(voice), per_frame
+        )
+
+    def _providers_for(self, voice: str) -> list[Any]:
+        chosen = self._exported.get(voice)
+        return chosen.providers(self._providers) if chosen else self._providers
 
     def _config_path(self, voice: str) -> Path:
         chosen = self._exported.get(voice)
@@ -147,9 +168,7 @@ class PiperEngine:
     def _load(self, voice: str) -> PiperVoice:
         from piper import PiperConfig, PiperVoice
 
-        chosen = self._exported.get(voice)
-        providers = chosen.providers(self._providers) if chosen else self._providers
-        loaded = session(self._model_path(voice), self._threads, providers)
+        loaded = session(self._model_path(voice), self._threads, self._providers_for(voice))
         return PiperVoice(session=loaded, config=PiperConfig.from_dict(self._configs[voice]))
 
     def _synthesis(self, voice: PiperVoice, speed: float) -> SynthesisConfig:
@@ -179,17 +198,61 @@ class PiperEngine:
 
     def warmup(self) -> None:
         for voice in self.voices:
-            for _ in self.stream("Warm up.", voice, 1.0, 0):
-                pass
+            counted = self.samples("Warm up.", voice, 1.0)
+            rendered = sum(len(a) for a in self.stream("Warm up.", voice, 1.0, 0))
+            self._durations[voice].check(counted, rendered)
+
+    def _pieces(self, loaded: PiperVoice, text: str) -> Iterator[list[int]]:
+        """The phoneme ids of each sentence `stream` renders, chunk by chunk: piper's own
+        sentence split inside each of nearvoice's chunks, as `PiperVoice.synthesize`
+        makes them. Lazy, so a render that did not run the duration pass starts on its
+        first chunk at once."""
+        for chunk in split_chunks(text):
+            for phonemes in loaded.phonemize(chunk):
+                if phonemes:
+                    yield loaded.phonemes_to_ids(phonemes)
+
+    def _feeds(self, loaded: PiperVoice, ids: list[int], synthesis: SynthesisConfig) -> Feeds:
+        """The graph's inputs for one sentence, as `PiperVoice.phoneme_ids_to_audio` makes
+        them; the render and the duration pass both run these."""
+        feeds: dict[str, Any] = {
+            "input": np.array([ids], dtype=np.int64),
+            "input_lengths": np.array([len(ids)], dtype=np.int64),
+            "scales": np.array(
+                [synthesis.noise_scale, synthesis.length_scale, synthesis.noise_w_scale],
+                dtype=np.float32,
+            ),
+        }
+        if loaded.config.num_speakers > 1:
+            speaker = synthesis.speaker_id
+            if speaker is None:
+                speaker = loaded.config.default_speaker_id
+            feeds["sid"] = np.array([speaker], dtype=np.int64)
+        return feeds
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
         loaded = self._voice(voice)
         synthesis = self._synthesis(loaded, speed)
-        for text_chunk in split_chunks(text):
-            for chunk in loaded.synthesize(text_chunk, synthesis):
-                samples = np.asarray(chunk.audio_float_array, dtype=np.float32)
-                audio: Audio = np.clip(samples, -1.0, 1.0)
-                yield audio
+        pieces = self._recent.get((voice, text))
+        for ids in self._pieces(loaded, text) if pieces is None else pieces:
+            out = loaded.session.run(None, self._feeds(loaded, ids, synthesis))[0]
+            audio: Audio = np.clip(np.asarray(out, dtype=np.float32).squeeze(), -1.0, 1.0)
+            yield audio
 
     def samples(self, text: str, voice: str, speed: float) -> int | None:
-        return None
+        loaded = self._voice(voice)
+        synthesis = self._synthesis(loaded, speed)
+        durations = self._durations[voice]
+        if durations.graph() is None:
+            return None
+        key = (voice, text)
+        pieces = self._recent.get(key)
+        if pieces is None:
+            pieces = self._recent.put(key, list(self._pieces(loaded, text)))
+        total = 0
+        for ids in pieces:
+            count = durations.samples(self._feeds(loaded, ids, synthesis))
+            if count is None:
+                return None
+            total += count
+        return total

@@ -80,17 +80,19 @@ def with_profile(providers: list[Any], profile: dict[str, str]) -> list[Any]:
     return merged
 
 
-def session(model: Path | str, threads: int, providers: list[Any]) -> Any:
+def session(model: Path | str | bytes, threads: int, providers: list[Any]) -> Any:
     """An onnxruntime session as every engine runs one, and as `nearvoice export` times
     one: `threads` intra- and inter-op threads, sequential execution (the owner sizes
-    its pool so threads times workers fits the cores), errors-only logging."""
+    its pool so threads times workers fits the cores), errors-only logging. `model` is a
+    file or a serialized model (the duration pass's part of a graph)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    return ort.InferenceSession(str(model), options, providers=providers)
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=providers)
 
 
 def short_name(provider: Any) -> str:

@@ -4,6 +4,14 @@ Inference runs in a thread pool sized to the cores; each thread owns its model i
 and uses `ort_threads` onnxruntime threads, so workers x ort_threads stays at the core
 count instead of every session spawning one thread per core.
 
+Exact lengths: before any audio, a render asks the engine's duration pass for the
+utterance's sample count and announces the byte length that follows from it (WAV, PCM,
+MP3), so the node answers exact ranges from the first byte (DESIGN.md section 10). The
+render then checks that the engine produced exactly that many samples. If the pass and the
+render ever disagree, the object is aborted (never padded or cut to fit), the mismatch is
+counted in `nearvoice_length_mismatches_total`, and that voice's lengths are treated as
+unknown from then on in this process, until the disagreement is fixed.
+
 Admission: each engine has a bounded queue. `estimated_wait` predicts when a new render
 would start from the renders ahead of it and a running mean of render times, so the node
 can send a miss upstream when that is sooner than rendering here.
@@ -21,7 +29,8 @@ from edge.metrics import Metrics
 from edge.spec import Spec
 from edge.synth.engine import Engine
 from edge.synth.priority import PriorityPool
-from edge.synth.streaming import stream_encoder
+from edge.synth.resample import Resampler
+from edge.synth.streaming import ResamplingEncoder, StreamEncoder, encoded_length, stream_encoder
 
 EWMA_WEIGHT = 0.2  # weight of the newest render time in the running mean
 INITIAL_RENDER_SECONDS = 0.05  # assumed per render until one has been measured
@@ -33,6 +42,14 @@ class RenderError(Exception):
     def __init__(self, message: str, produced: bool) -> None:
         super().__init__(message)
         self.produced = produced
+
+
+class LengthMismatch(RenderError):
+    """The render produced another number of samples than its duration pass announced."""
+
+
+LengthSink = Callable[[int | None], None]
+"""Told the object's exact byte length (None: unknown) once, before the first byte."""
 
 
 @dataclass(slots=True)
@@ -53,6 +70,8 @@ class Renderer:
         self._metrics = metrics
         self._max_queue = max_queue
         self._load: dict[str, EngineLoad] = {e.name: EngineLoad() for e in engines}
+        self._unsized: set[str] = set()
+        """Voices whose duration pass disagreed with a render: lengths unknown from now on."""
 
     @property
     def voices(self) -> list[str]:
@@ -96,11 +115,18 @@ class Renderer:
         return found
 
     def content_type(self, engine: Engine, spec: Spec) -> str:
-        return spec.format.content_type(engine.sample_rate)
+        return spec.format.content_type(spec.rate or engine.sample_rate)
 
-    async def render(self, engine: Engine, spec: Spec, sink: Callable[[bytes], None]) -> float:
+    async def render(
+        self,
+        engine: Engine,
+        spec: Spec,
+        sink: Callable[[bytes], None],
+        on_length: LengthSink | None = None,
+    ) -> float:
         """Renders `spec`, calling `sink` on the event loop with each encoded chunk as soon
-        as it exists. Returns the seconds of audio rendered; raises RenderError."""
+        as it exists, and `on_length` with the object's exact length (or None) before the
+        first chunk. Returns the seconds of audio rendered; raises RenderError."""
         loop = asyncio.get_running_loop()
         metrics = self._metrics
         load = self._load[engine.name]
@@ -113,10 +139,20 @@ class Renderer:
             if data:
                 loop.call_soon_threadsafe(sink, data)
 
+        def announce(length: int | None) -> None:
+            # Queued before the first chunk, so it lands first (call_soon is FIFO).
+            if on_length is not None:
+                loop.call_soon_threadsafe(on_length, length)
+
+        sized = spec.voice not in self._unsized
         try:
             audio_seconds = await loop.run_in_executor(
-                self._pool, _render_stream, engine, spec, emit
+                self._pool, _render_stream, engine, spec, emit, announce, sized
             )
+        except LengthMismatch:
+            self._unsized.add(spec.voice)
+            metrics.length_mismatches.labels(engine.name).inc()
+            raise
         finally:
             load.pending -= 1
             metrics.render_queue.dec()
@@ -130,21 +166,54 @@ class Renderer:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _render_stream(engine: Engine, spec: Spec, emit: Callable[[bytes], None]) -> float:
-    """In an inference thread: sentence by sentence, encode and hand over at once."""
-    encoder = stream_encoder(spec.format, engine.sample_rate)
+def _render_stream(
+    engine: Engine,
+    spec: Spec,
+    emit: Callable[[bytes], None],
+    announce: LengthSink,
+    sized: bool,
+) -> float:
+    """In an inference thread: the duration pass, then chunk by chunk, encode and hand
+    over at once."""
     samples = 0
     produced = False
     try:
+        total = engine.samples(spec.text, spec.voice, spec.speed) if sized else None
+        encoder, length = _encoder(engine, spec, total)
+        announce(length)
         for audio in engine.stream(spec.text, spec.voice, spec.speed, spec.seed):
             samples += len(audio)
+            if total is not None and samples > total:
+                break  # checked below, before these samples reach the encoder
             data = encoder.feed(audio)
             produced = produced or bool(data)
             emit(data)
+        if total is not None and samples != total:
+            raise LengthMismatch(
+                f"{engine.name} rendered {samples if samples <= total else 'more than'} "
+                f"{'' if samples <= total else f'{total} '}samples of voice {spec.voice!r}; "
+                f"its duration pass announced {total}",
+                produced,
+            )
         emit(encoder.finish())
+    except RenderError:
+        raise
     except Exception as exc:
         raise RenderError(f"{engine.name} failed: {type(exc).__name__}: {exc}", produced) from exc
     return samples / engine.sample_rate
+
+
+def _encoder(engine: Engine, spec: Spec, total: int | None) -> tuple[StreamEncoder, int | None]:
+    """The object's encoder, at the spec's output rate, and its exact byte length when
+    `total` (the engine's sample count) makes it known."""
+    rate = spec.rate or engine.sample_rate
+    if rate == engine.sample_rate:
+        length = None if total is None else encoded_length(spec.format, rate, total)
+        return stream_encoder(spec.format, rate, total), length
+    resampled = None if total is None else Resampler.output_count(engine.sample_rate, rate, total)
+    length = None if resampled is None else encoded_length(spec.format, rate, resampled)
+    inner = stream_encoder(spec.format, rate, resampled)
+    return ResamplingEncoder(inner, engine.sample_rate, rate), length
 
 
 def _provider_of(engine: Engine) -> str:

@@ -5,23 +5,29 @@ Every byte an encoder returns is final. The concatenation of everything `feed` a
 receives a prefix of the final bytes (DESIGN.md section 2), and a complete render is just
 `feed(all) + finish()` through this same code (edge.synth.encode).
 
-Formats whose header normally records the length are therefore written as streams of
-unknown length:
+A header that records the length is written once, before any audio, so it can only hold
+the length when the engine's duration pass (`Engine.samples`) told it in advance: an
+encoder made with `total_samples` writes exact sizes, one made without writes the
+formats' "unknown length" values. `encoded_length` gives the byte length that follows
+from a sample count, where one does (WAV, PCM, MP3), so a node can announce an object's
+exact size before its first byte (DESIGN.md section 10). The renderer checks that the
+encoder wrote exactly that many bytes, and aborts the object if not.
 
-WAV   written here, not by libsndfile: a 44-byte RIFF/WAVE header for PCM s16le mono whose
-      RIFF and data chunk sizes are 0xFFFFFFFF, the conventional "unknown, streaming"
-      value, then the samples. libsndfile (python-soundfile) and ffmpeg take the data
-      chunk to run to the end of the file and read every sample, and ffprobe derives
-      the duration from the file size (tests/test_streaming.py checks each). A size of
-      0, the other streaming convention, would not do: libsndfile reads zero frames.
+WAV   written here, not by libsndfile: a 44-byte RIFF/WAVE header for PCM s16le mono,
+      then the samples. With a known count the RIFF and data chunk sizes are exact;
+      without, they are 0xFFFFFFFF, the conventional "unknown, streaming" value, which
+      libsndfile (python-soundfile) and ffmpeg read to the end of the file and ffprobe
+      measures from the file size (tests/test_streaming.py checks each). A size of 0,
+      the other streaming convention, would not do: libsndfile reads zero frames.
 PCM   raw s16le; no header at all.
 FLAC  libsndfile/libFLAC. On close libFLAC seeks back to patch STREAMINFO (minimum and
       maximum frame size, total samples, MD5); those writes land on bytes already handed
       out and are dropped, leaving the values libFLAC wrote first: 0, which the FLAC
-      format defines as "unknown". ffmpeg and libFLAC decode such streams completely.
-      Caveat: python-soundfile's `read` cannot: libsndfile reports an unknown length as
-      SF_COUNT_MAX frames, and soundfile seeks after every read, which libFLAC refuses
-      without a sample count. libsndfile itself (sf_readf_*) reads every sample.
+      format defines as "unknown". With a known count, `_FlacTotalSamples` writes the
+      total sample count into STREAMINFO before the header is handed out, so
+      python-soundfile, ffprobe and seeking decoders know the duration (without it,
+      soundfile's `read` fails: libsndfile reports SF_COUNT_MAX frames). The byte length
+      of FLAC is still unknown until the end: frames compress by content.
 MP3   libsndfile/LAME, constant bitrate. LAME reserves the first frame for a Xing/LAME
       "Info" tag (frame count, seek table, gapless delay/padding) and fills it in on
       close; that rewrite would land on bytes already handed out, so the reserved frame
@@ -33,12 +39,17 @@ MP3   libsndfile/LAME, constant bitrate. LAME reserves the first frame for a Xin
       than libsndfile's default VBR: with VBR the estimate is wrong, and libsndfile
       (mpg123) even stops reading at it, a quarter of the way in. At 22.05 and 24 kHz a
       48 kbps frame is too small for the tag, so LAME reserves none and nothing is cut.
-OPUS  libsndfile/libopus in Ogg. Nothing is rewritten, but libsndfile picks a random
-      stream serial, so pages pass through edge.synth.ogg.SerialPinner (fixed serial,
-      recomputed CRC, complete pages only). libsndfile holds audio until an Ogg page
-      spans its page latency, 1 s by default; it is set to 200 ms here so a sentence's
-      audio reaches the player with that sentence (about 2% more bytes). Opus takes 8,
-      12, 16, 24 and 48 kHz only; libsndfile refuses other rates (it does not resample).
+      Constant bitrate also makes the byte length a function of the sample count
+      (`mp3_length`).
+OPUS  libsndfile/libopus in Ogg. Its byte length is not known in advance: libopus codes
+      variable bitrate, each 20 ms packet to a size of its own. Nothing is rewritten,
+      but libsndfile picks a random stream serial, so pages pass through
+      edge.synth.ogg.SerialPinner (fixed serial, recomputed CRC, complete pages only).
+      libsndfile holds audio until an Ogg page spans its page latency, 1 s by default;
+      it is set to 200 ms here so a sentence's audio reaches the player with that
+      sentence (about 2% more bytes). Opus takes 8, 12, 16, 24 and 48 kHz only;
+      libsndfile refuses other rates (it does not resample).
+AAC   ADTS through PyAV (FFmpeg's aac encoder and adts muxer): edge.synth.aac.
 
 libsndfile writes into `_Sink`, an append-only file it believes it can seek in: bytes
 not yet handed out may still be patched, writes entirely inside what was handed out are
@@ -85,14 +96,19 @@ class StreamEncoder(Protocol):
         ...
 
 
-def stream_encoder(fmt: AudioFormat, sample_rate: int) -> StreamEncoder:
-    """A fresh encoder producing one `fmt` object of `sample_rate` Hz mono audio."""
+def stream_encoder(
+    fmt: AudioFormat, sample_rate: int, total_samples: int | None = None
+) -> StreamEncoder:
+    """A fresh encoder producing one `fmt` object of `sample_rate` Hz mono audio; with
+    `total_samples`, the object's headers state that exact count (it is then an error to
+    feed any other number of samples)."""
     if fmt is AudioFormat.PCM:
         return PcmEncoder(sample_rate)
     if fmt is AudioFormat.WAV:
-        return WavEncoder(sample_rate)
+        return WavEncoder(sample_rate, total_samples)
     if fmt is AudioFormat.FLAC:
-        return SndfileEncoder(fmt, sample_rate, "FLAC", "PCM_16")
+        post = _FlacTotalSamples(total_samples) if total_samples is not None else None
+        return SndfileEncoder(fmt, sample_rate, "FLAC", "PCM_16", post=post)
     if fmt is AudioFormat.MP3:
         kbps = MP3_KBPS_MPEG1 if sample_rate >= 32000 else MP3_KBPS_LSF
         return SndfileEncoder(
@@ -106,6 +122,10 @@ def stream_encoder(fmt: AudioFormat, sample_rate: int) -> StreamEncoder:
             },
             post=_Mp3InfoFrameCutter(),
         )
+    if fmt is AudioFormat.AAC:
+        from edge.synth.aac import AacEncoder  # PyAV loads FFmpeg: only when asked for
+
+        return AacEncoder(sample_rate)
     if fmt is AudioFormat.OPUS:
         # Opus codes only these rates (RFC 6716 section 2); other voices are resampled to
         # the next one up, so piper's 22.05 kHz becomes 24 kHz.
@@ -123,6 +143,44 @@ def stream_encoder(fmt: AudioFormat, sample_rate: int) -> StreamEncoder:
 
 
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+
+
+def encoded_length(fmt: AudioFormat, sample_rate: int, total_samples: int) -> int | None:
+    """The exact byte length of a `fmt` object of `total_samples` samples, where the format
+    makes it a function of the count (WAV, PCM, constant-bitrate MP3); None otherwise."""
+    if fmt is AudioFormat.PCM:
+        return 2 * total_samples
+    if fmt is AudioFormat.WAV:
+        return WAV_HEADER_BYTES + 2 * total_samples
+    if fmt is AudioFormat.MP3:
+        return mp3_length(sample_rate, total_samples)
+    return None
+
+
+MP3_LSF_FRAME_SAMPLES = 576
+"""Samples per MPEG-2/2.5 Layer III frame (ISO/IEC 13818-3)."""
+MP3_LAME_EXTRA_FRAMES = 2
+"""Frames LAME writes beyond ceil(samples / 576): its encoder delay (576 + 529 samples)
+and the flush of the last granule, measured for every count (tests/test_streaming.py)."""
+
+
+def mp3_length(sample_rate: int, total_samples: int) -> int | None:
+    """Bytes LAME writes for `total_samples` at the constant bitrate `stream_encoder`
+    uses, for the MPEG-2/2.5 rates (below 32 kHz, where no Info frame is reserved);
+    None for MPEG-1 rates, whose reserved-and-cut Info frame this does not model.
+
+    A frame holds 72 * bitrate / rate bytes; where that is not whole, LAME pads frames
+    with one byte so the average stays exact: it subtracts the remainder from a running
+    "slot lag" started at the remainder and pads each frame that takes it below zero
+    (lame's `getframebits`), so k frames get ceil((k - 1) * remainder / rate) pads."""
+    if sample_rate >= 32000 or total_samples < 0:
+        return None
+    if total_samples == 0:
+        return 0
+    frames = -(-total_samples // MP3_LSF_FRAME_SAMPLES) + MP3_LAME_EXTRA_FRAMES
+    whole, remainder = divmod(72 * MP3_KBPS_LSF * 1000, sample_rate)
+    pads = -(-(frames - 1) * remainder // sample_rate)
+    return frames * whole + pads
 
 
 class ResamplingEncoder:
@@ -144,16 +202,24 @@ def to_pcm16(audio: Audio) -> bytes:
     return (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
-def wav_header(sample_rate: int) -> bytes:
-    """RIFF/WAVE header for PCM s16le mono of unknown length."""
+WAV_HEADER_BYTES = 44
+
+
+def wav_header(sample_rate: int, total_samples: int | None = None) -> bytes:
+    """RIFF/WAVE header for PCM s16le mono: of exactly `total_samples`, or of unknown
+    length. (A count whose data would not fit the 32-bit sizes is written as unknown.)"""
+    data = _UNKNOWN_SIZE if total_samples is None else 2 * total_samples
+    riff = _UNKNOWN_SIZE if total_samples is None else WAV_HEADER_BYTES - 8 + data
+    if riff > _UNKNOWN_SIZE:
+        data = riff = _UNKNOWN_SIZE
     return (
         b"RIFF"
-        + struct.pack("<I", _UNKNOWN_SIZE)
+        + struct.pack("<I", riff)
         + b"WAVE"
         + b"fmt "
         + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, 2 * sample_rate, 2, 16)
         + b"data"
-        + struct.pack("<I", _UNKNOWN_SIZE)
+        + struct.pack("<I", data)
     )
 
 
@@ -203,10 +269,10 @@ class PcmEncoder:
 
 
 class WavEncoder(PcmEncoder):
-    def __init__(self, sample_rate: int) -> None:
+    def __init__(self, sample_rate: int, total_samples: int | None = None) -> None:
         super().__init__(sample_rate)
         self.content_type = AudioFormat.WAV.content_type(sample_rate)
-        self._header: bytes | None = wav_header(sample_rate)
+        self._header: bytes | None = wav_header(sample_rate, total_samples)
 
     def _take_header(self) -> bytes:
         header, self._header = self._header, None
@@ -282,6 +348,42 @@ class _Post(Protocol):
     def push(self, data: bytes) -> bytes: ...
 
     def finish(self) -> bytes: ...
+
+
+class _FlacTotalSamples:
+    """Writes the total sample count into the STREAMINFO block libFLAC wrote as unknown
+    (0), before those bytes are handed out. STREAMINFO is the first metadata block,
+    right after the 4-byte "fLaC" marker and its 4-byte block header; its total-samples
+    field is 36 bits starting at the low nibble of its 14th byte (RFC 9639 section 8.2)."""
+
+    _FIELD = 4 + 4 + 13  # file offset of the byte holding the field's top 4 bits
+    _HEAD = _FIELD + 5
+
+    def __init__(self, total_samples: int) -> None:
+        if not 0 <= total_samples < 1 << 36:
+            raise ValueError(f"FLAC cannot state {total_samples} samples")
+        self._total = total_samples
+        self._head: bytearray | None = bytearray()
+
+    def push(self, data: bytes) -> bytes:
+        if self._head is None:
+            return data
+        self._head += data
+        if len(self._head) < self._HEAD:
+            return b""
+        return self._patched()
+
+    def finish(self) -> bytes:
+        return b"" if self._head is None else self._patched()
+
+    def _patched(self) -> bytes:
+        head, self._head = self._head, None
+        assert head is not None
+        if len(head) >= self._HEAD and head[:4] == b"fLaC" and head[4] & 0x7F == 0:
+            at, total = self._FIELD, self._total
+            head[at] = (head[at] & 0xF0) | (total >> 32)
+            head[at + 1 : at + 5] = (total & 0xFFFFFFFF).to_bytes(4, "big")
+        return bytes(head)
 
 
 class _OggPinning:

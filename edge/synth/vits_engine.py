@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge.synth.chunking import split_chunks
+from edge.synth.durations import DurationGraph, Durations, Recent
 from edge.synth.engine import Audio
 from edge.synth.exported import ExportDirError
 from edge.synth.providers import session, short_name
@@ -67,6 +68,10 @@ class VitsEngine:
         self._threads = threads
         self._providers = providers or ["CPUExecutionProvider"]
         self._local = threading.local()
+        self._durations = Durations(
+            chosen.variant.path, threads, chosen.providers(self._providers), _per_frame
+        )
+        self._recent: Recent[str, list[npt.NDArray[np.int64]]] = Recent()
 
     def session(self) -> Any:
         loaded = getattr(self._local, "session", None)
@@ -76,6 +81,21 @@ class VitsEngine:
             loaded = self._local.session = session(chosen.variant.path, self._threads, providers)
         return loaded
 
+    def _pieces(self, text: str) -> Iterator[npt.NDArray[np.int64]]:
+        """The token ids of each piece `stream` renders, [1, tokens], chunk by chunk;
+        pieces with nothing the vocabulary can say are left out. Lazy, so a render that
+        did not run the duration pass starts on its first chunk at once."""
+        for chunk in (piece for part in split_chunks(text) for piece in chunks(part)):
+            ids = np.array([self._tokenizer.ids(chunk)], dtype=np.int64)
+            if ids.shape[1]:
+                yield ids
+
+    def _check(self, voice: str, speed: float) -> None:
+        if voice not in self.voices:
+            raise ValueError(f"voice {voice!r} is not one of this engine's {self.voices}")
+        if not speed > 0:
+            raise ValueError(f"speed must be positive, not {speed}")
+
     @property
     def provider(self) -> str:
         return short_name(self.session().get_providers()[0])
@@ -84,22 +104,37 @@ class VitsEngine:
         return self._chosen.model_id
 
     def warmup(self) -> None:
-        for _ in self.stream("Warm up.", self.voices[0], 1.0, 0):
-            pass
+        voice = self.voices[0]
+        counted = self.samples("Warm up.", voice, 1.0)
+        self._durations.check(counted, sum(len(a) for a in self.stream("Warm up.", voice, 1.0, 0)))
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
-        if voice not in self.voices:
-            raise ValueError(f"voice {voice!r} is not one of this engine's {self.voices}")
-        if not speed > 0:
-            raise ValueError(f"speed must be positive, not {speed}")
+        self._check(voice, speed)
         session = self.session()
-        for chunk in (piece for part in split_chunks(text) for piece in chunks(part)):
-            ids = np.array([self._tokenizer.ids(chunk)], dtype=np.int64)
-            if ids.shape[1] == 0:
-                continue  # nothing the vocabulary can say
+        pieces = self._recent.get(text)
+        for ids in self._pieces(text) if pieces is None else pieces:
             out = session.run(None, vits_feeds(ids, 1.0 / speed))[0]
             audio: Audio = np.clip(np.asarray(out, dtype=np.float32).reshape(-1), -1.0, 1.0)
             yield audio
 
     def samples(self, text: str, voice: str, speed: float) -> int | None:
-        return None
+        self._check(voice, speed)
+        if self._durations.graph() is None:
+            return None
+        pieces = self._recent.get(text)
+        if pieces is None:
+            pieces = self._recent.put(text, list(self._pieces(text)))
+        total = 0
+        for ids in pieces:
+            count = self._durations.samples(vits_feeds(ids, 1.0 / speed))
+            if count is None:
+                return None
+            total += count
+        return total
+
+
+def _per_frame(graph: DurationGraph) -> int:
+    """A VITS vocoder's samples per frame: the product of its upsampling rates."""
+    if graph.upsampling < 2:
+        raise ValueError("no upsampling layers (ConvTranspose) found after the durations")
+    return graph.upsampling

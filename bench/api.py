@@ -1,0 +1,268 @@
+"""The OpenAI-compatible speech API against its peers, measured in the same run with the
+same client (the official `openai` SDK, and its own HTTP library for signed URLs).
+
+One real `nearvoice edge` process renders `heart` (hibari) and `joe` (piper) itself
+(`[synth] voices = ["heart", "joe"]`). First audio byte, p50 and p99, concurrency 1:
+
+1. API against signed URLs, voice `heart`, mp3: cold (every text new) and repeated (the
+   same texts again: cache hits). Requests alternate between the two doors, so both see
+   the same machine load. Targets: API cold p50 <= 1.1x the signed URL's; API hit p50
+   <= 1.2x a signed-URL hit.
+2. The edge against tests/openai_tts_server.py (an OpenAI-compatible server rendering the
+   same piper `joe` model, streaming each sentence as it is rendered), voice `joe`, pcm,
+   both through the SDK: cold, and repeated (the peer has no cache and renders again).
+   Target: the edge >= 3x faster to first byte than the peer.
+
+For reference only, not measured here: Kokoro-FastAPI documents about 300 ms to first
+audio on a GPU. Timings on a shared, loaded machine are noisy; compare ratios, not
+absolute numbers.
+
+    python -m bench.api [--requests 20] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx2
+import openai
+
+from bench.common import REPO, edge_process, free_port
+from bench.miss_latency import percentile, texts
+from edge.formats import AudioFormat
+from edge.keyring import Keyring, generate_pair
+from edge.policy import Policy
+from edge.spec import Spec
+from edge.stack import stop_processes
+from edge.token import sign_url
+from edge.voices import resolve
+
+RESULTS = Path(__file__).resolve().parent / "results"
+KOKORO_FASTAPI_GPU_FIRST_AUDIO_MS = 300  # documented by Kokoro-FastAPI; a reference only
+Timed = Callable[[str], Awaitable[float]]
+
+
+async def sdk_first_byte(sdk: openai.AsyncOpenAI, text: str, voice: str, fmt: str) -> float:
+    """Seconds from the SDK call to the first audio byte; the body is read to the end."""
+    started = time.perf_counter()
+    first = None
+    async with sdk.audio.speech.with_streaming_response.create(
+        model="tts-1",
+        voice=voice,
+        input=text,
+        response_format=fmt,  # type: ignore[arg-type]
+    ) as response:
+        async for chunk in response.iter_bytes():
+            if first is None and chunk:
+                first = time.perf_counter() - started
+    assert first is not None
+    return first
+
+
+async def url_first_byte(client: httpx2.AsyncClient, url: str) -> float:
+    started = time.perf_counter()
+    first = None
+    async with client.stream("GET", url) as response:
+        response.raise_for_status()
+        async for chunk in response.aiter_bytes():
+            if first is None and chunk:
+                first = time.perf_counter() - started
+    assert first is not None
+    return first
+
+
+async def post_first_byte(
+    client: httpx2.AsyncClient, base: str, api_key: str, body: dict[str, object]
+) -> float:
+    """The API through the signed URLs' client (httpx2, which the SDK is built on): the
+    same request as the SDK's, without the SDK's own work per call."""
+    started = time.perf_counter()
+    first = None
+    headers = {"Authorization": f"Bearer {api_key}", "Accept": "application/octet-stream"}
+    async with client.stream(
+        "POST", f"{base}/v1/audio/speech", json=body, headers=headers
+    ) as response:
+        response.raise_for_status()
+        async for chunk in response.aiter_bytes():
+            if first is None and chunk:
+                first = time.perf_counter() - started
+    assert first is not None
+    return first
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {
+        "n": len(samples),
+        "p50_ms": round(statistics.median(samples) * 1e3, 2),
+        "p99_ms": round(percentile(samples, 99) * 1e3, 2),
+    }
+
+
+async def alternate(items: list[str], first: Timed, second: Timed) -> tuple[list[float], ...]:
+    """Each item through both, alternating which goes first, so load drifts hit both."""
+    a: list[float] = []
+    b: list[float] = []
+    for i, item in enumerate(items):
+        if i % 2:
+            b.append(await second(item))
+            a.append(await first(item))
+        else:
+            a.append(await first(item))
+            b.append(await second(item))
+    return a, b
+
+
+def start_peer() -> tuple[subprocess.Popen[str], str]:
+    """tests/openai_tts_server.py in its own process; it prints its URL once serving."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.openai_tts_server", "--port", str(free_port())],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        stop_processes([proc])
+        raise SystemExit("the OpenAI-compatible peer did not start")
+    return proc, str(json.loads(line)["url"])
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    work = Path(tempfile.mkdtemp(prefix="nv-bench-api-"))
+    pair = generate_pair()
+    keyring = Keyring.parse(pair)
+    api_key = secrets.token_urlsafe(24)
+    config = work / "edge.toml"
+    config.write_text('[synth]\nvoices = ["heart", "joe"]\n')
+    env = {"NEARVOICE_KEYS": pair, "NEARVOICE_API_KEYS": f"bench:{api_key}"}
+    heart = resolve("heart")
+    report: dict[str, object] = {
+        "machine_note": "shared machine under load from other work: compare ratios",
+        "reference_kokoro_fastapi_gpu_first_audio_ms": KOKORO_FASTAPI_GPU_FIRST_AUDIO_MS,
+    }
+    peer_proc, peer_url = start_peer()
+    try:
+        with edge_process(work / "edge", free_port(), env, config=config) as base:
+            edge_sdk = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=0)
+            peer_sdk = openai.AsyncOpenAI(base_url=f"{peer_url}/v1", api_key="-", max_retries=0)
+            async with httpx2.AsyncClient(timeout=60) as http, edge_sdk, peer_sdk:
+
+                def signed(text: str) -> str:
+                    spec = Spec.create(
+                        text=f"{text} (URL)",
+                        voice="heart",
+                        format=AudioFormat.MP3,
+                        model=heart.model_id,
+                    )
+                    return sign_url(keyring, base, spec, policy=Policy.HOT, ttl=3600)
+
+                async def api_heart(text: str) -> float:
+                    return await sdk_first_byte(edge_sdk, f"{text} (API)", "heart", "mp3")
+
+                async def url_heart(text: str) -> float:
+                    return await url_first_byte(http, signed(text))
+
+                async def raw_heart(text: str) -> float:
+                    body = {"model": "tts-1", "voice": "heart", "input": f"{text} (API)"}
+                    return await post_first_byte(
+                        http, base, api_key, {**body, "response_format": "mp3"}
+                    )
+
+                # Warm both doors and the peer (connections, the first render's caches).
+                await api_heart("Warm up.")
+                await url_heart("Warm up.")
+                await sdk_first_byte(edge_sdk, "Warm up.", "joe", "pcm")
+                await sdk_first_byte(peer_sdk, "Warm up.", "joe", "pcm")
+
+                items = texts(args.requests, "heart")
+                api_cold, url_cold = await alternate(items, api_heart, url_heart)
+                api_hit: list[float] = []
+                url_hit: list[float] = []
+                raw_hit: list[float] = []
+                raw_url_hit: list[float] = []
+                for _ in range(args.repeats):
+                    a, u = await alternate(items, api_heart, url_heart)
+                    api_hit += a
+                    url_hit += u
+                    a, u = await alternate(items, raw_heart, url_heart)
+                    raw_hit += a
+                    raw_url_hit += u
+                report["heart_mp3"] = {
+                    "api_cold": summary(api_cold),
+                    "signed_url_cold": summary(url_cold),
+                    "api_hit": summary(api_hit),
+                    "signed_url_hit": summary(url_hit),
+                    "cold_p50_api_over_url": round(
+                        statistics.median(api_cold) / statistics.median(url_cold), 2
+                    ),
+                    "hit_p50_api_over_url": round(
+                        statistics.median(api_hit) / statistics.median(url_hit), 2
+                    ),
+                    "api_hit_plain_http": summary(raw_hit),
+                    "signed_url_hit_same_pass": summary(raw_url_hit),
+                    "hit_p50_plain_http_api_over_url": round(
+                        statistics.median(raw_hit) / statistics.median(raw_url_hit), 2
+                    ),
+                    "targets": {"cold": 1.1, "hit": 1.2},
+                }
+
+                async def edge_joe(text: str) -> float:
+                    return await sdk_first_byte(edge_sdk, text, "joe", "pcm")
+
+                async def peer_joe(text: str) -> float:
+                    return await sdk_first_byte(peer_sdk, text, "joe", "pcm")
+
+                items = texts(args.requests, "joe")
+                edge_cold, peer_cold = await alternate(items, edge_joe, peer_joe)
+                edge_hit: list[float] = []
+                peer_again: list[float] = []
+                for _ in range(args.repeats):
+                    e, p = await alternate(items, edge_joe, peer_joe)
+                    edge_hit += e
+                    peer_again += p
+                report["joe_pcm_edge_vs_openai_peer"] = {
+                    "edge_cold": summary(edge_cold),
+                    "peer_cold": summary(peer_cold),
+                    "edge_repeated": summary(edge_hit),
+                    "peer_repeated": summary(peer_again),
+                    "cold_p50_peer_over_edge": round(
+                        statistics.median(peer_cold) / statistics.median(edge_cold), 2
+                    ),
+                    "repeated_p50_peer_over_edge": round(
+                        statistics.median(peer_again) / statistics.median(edge_hit), 2
+                    ),
+                    "target_peer_over_edge": 3.0,
+                }
+    finally:
+        stop_processes([peer_proc])
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nearvoice bench api", description=__doc__)
+    parser.add_argument("--requests", type=int, default=20, help="distinct texts per voice")
+    parser.add_argument("--repeats", type=int, default=2, help="repeated passes over them")
+    args = parser.parse_args(argv)
+    report = asyncio.run(run(args))
+    print(json.dumps(report, indent=2))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "api.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""What the duration pass costs (DESIGN.md section 10): `Engine.samples` runs before the
+first audio byte of every miss, so it is measured against the render it precedes.
+
+Per voice (`heart`, hibari; `joe`, piper) on one onnxruntime thread, as nodes run them,
+and per text (a short one-sentence text; a long one, the first 16 of the fixed sentences
+of export/sentences.py), the median over `--repeats` rounds of:
+
+* `pass_ms`: `samples()` on a text this thread has not seen, front end included (G2P and
+  ids of every piece, which the render that follows then reuses);
+* `pass_model_ms`: `samples()` again on the same text: the graph part alone;
+* `render_ms`: `stream()` of a text not seen before, consumed whole, without a pass: the
+  render as it was before the pass existed;
+* `first_chunk_ms`: that render's time to its first chunk of audio;
+* `render_after_pass_ms`: `stream()` right after `samples()` of the same text;
+* `pass_ratio` = pass_ms / render_ms (the contract: at most 0.10), `pass_over_first_chunk`
+  = pass_ms / first_chunk_ms (what the pass adds to the first byte, relative to what the
+  first byte cost before), and `overhead` = (pass_ms + render_after_pass_ms) / render_ms
+  - 1 (the whole miss, pass and render).
+
+"Not seen" texts are the same text with i trailing spaces: the chunker strips them, so
+the work is identical and only the front-end cache misses. Each round measures every
+quantity once, interleaved, so load on a shared machine hits all of them alike; counts are
+checked against the render's length every time.
+
+    python -m bench.duration_pass [--repeats 7]
+
+Results go to bench/results/duration_pass.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edge.synth.engine import Engine
+from edge.synth.hibari_engine import HibariEngine
+from edge.synth.piper_engine import PiperEngine
+from export.sentences import SENTENCES
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TEXTS = {
+    "short": SENTENCES[1],
+    "long": " ".join(SENTENCES[:16]),
+}
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 2)
+
+
+def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = call()
+    return time.perf_counter() - start, result
+
+
+def _render(engine: Engine, text: str, voice: str) -> tuple[float, float, int]:
+    """Seconds to the first chunk, seconds in all, samples."""
+    start = time.perf_counter()
+    first = 0.0
+    samples = 0
+    for audio in engine.stream(text, voice, 1.0, 0):
+        if not first:
+            first = time.perf_counter() - start
+        samples += len(audio)
+    return first, time.perf_counter() - start, samples
+
+
+def measure(engine: Engine, voice: str, text: str, repeats: int, salt: int) -> dict[str, Any]:
+    rows: dict[str, list[float]] = {
+        k: [] for k in ("pass", "pass_model", "render", "first_chunk", "render_after_pass")
+    }
+    for i in range(repeats):
+        fresh = text + " " * (salt + 2 * i)
+        seconds, counted = _timed(lambda: engine.samples(fresh, voice, 1.0))  # noqa: B023
+        rows["pass"].append(seconds)
+        rows["pass_model"].append(_timed(lambda: engine.samples(fresh, voice, 1.0))[0])  # noqa: B023
+        _, after, samples = _render(engine, fresh, voice)
+        rows["render_after_pass"].append(after)
+        first, whole, plain = _render(engine, fresh + " ", voice)
+        rows["first_chunk"].append(first)
+        rows["render"].append(whole)
+        if not counted == samples == plain:
+            raise AssertionError(f"{voice}: counted {counted}, rendered {samples} and {plain}")
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    return {
+        "samples": counted,
+        "audio_s": round(counted / engine.sample_rate, 2),
+        **{f"{k}_ms": _ms(v) for k, v in med.items()},
+        "pass_ratio": round(med["pass"] / med["render"], 4),
+        "pass_model_ratio": round(med["pass_model"] / med["render"], 4),
+        "pass_over_first_chunk": round(med["pass"] / med["first_chunk"], 3),
+        "overhead": round((med["pass"] + med["render_after_pass"]) / med["render"] - 1, 4),
+        "pass_ms_each_round": [_ms(v) for v in rows["pass"]],
+        "render_ms_each_round": [_ms(v) for v in rows["render"]],
+    }
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.duration_pass", description=__doc__)
+    parser.add_argument("--repeats", type=int, default=7, help="rounds per voice and text")
+    args = parser.parse_args(argv)
+    engines: dict[str, Engine] = {"heart": HibariEngine(), "joe": PiperEngine()}
+    report: dict[str, Any] = {
+        "commit": _commit(),
+        "cpus": os.cpu_count(),
+        "ort_threads": 1,
+        "repeats": args.repeats,
+        "texts": TEXTS,
+        "voices": {},
+    }
+    for voice, engine in engines.items():
+        engine.warmup()
+        report["voices"][voice] = {
+            name: measure(engine, voice, text, args.repeats, salt)
+            for salt, (name, text) in enumerate(TEXTS.items())
+        }
+    heads = ("audio s", "pass ms", "model ms", "render ms", "ratio", "1st chunk ms", "pass/1st")
+    print(f"{'voice':6} {'text':6} " + " ".join(f"{h:>12}" for h in (*heads, "overhead")))
+    for voice, by_text in report["voices"].items():
+        for name, row in by_text.items():
+            keys = ("audio_s", "pass_ms", "pass_model_ms", "render_ms", "pass_ratio")
+            keys += ("first_chunk_ms", "pass_over_first_chunk", "overhead")
+            print(f"{voice:6} {name:6} " + " ".join(f"{row[k]:12.3f}" for k in keys))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "duration_pass.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The node's one rate limiter (DESIGN.md section 12), shared by every door.
+
+Token buckets: a bucket holds up to `burst` tokens and gains `rate` tokens a second; a
+request takes one token or is refused. Each door keys its buckets by who asks: the API
+and realtime sessions by tenant, signed URLs by client address and by signing key id.
+Every request is in one of two scopes, `hit` (it starts no work: a cached object, or a fill
+already under way) or `miss` (it would start a render or an upstream fetch), each with its
+own rates, so a client can replay cached audio at a high rate while its renders are held
+to what the engines can afford. The caller tells them apart by looking the key up first
+(edge.core); a request over its miss budget is refused before any fill starts.
+
+State is bounded like nginx's `limit_req` zone: at most `max_buckets` buckets, least
+recently used dropped first. A dropped bucket comes back full, so the bound must exceed
+the number of clients active within a bucket's refill time (burst / rate) for the limits
+to hold exactly; memory stays bounded whatever arrives.
+
+A refusal is a 429 (RFC 6585 section 4) with `Retry-After` (RFC 9110 section 10.2.3) and
+the IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers): `RateLimit-Policy`
+names the bucket with its quota `q` (the burst) and window `w` (seconds to refill it from
+empty), and `RateLimit` says `r` (tokens remaining, 0) and `t` (seconds until a request
+would be admitted again). `nearvoice_rate_limited_total{scope}` counts refusals: `hit` and
+`miss` for signed URLs, `api` for the OpenAI-compatible API's tenants (either bucket),
+`realtime` for realtime sessions.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from edge.errors import RequestError, TooManyRequests
+
+
+class Scope(StrEnum):
+    """Which budget a request spends."""
+
+    HIT = "hit"
+    MISS = "miss"
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Token-bucket rates for the two scopes; 0 turns a scope's limit off."""
+
+    hit_rate: float = 0.0
+    """Requests per second that start no work (hits, joins of a fill under way)."""
+    hit_burst: float = 0.0
+    """Requests a client may make at once above `hit_rate`; 0 means `hit_rate` (at least 1)."""
+    miss_rate: float = 0.0
+    """Requests per second that start a render or an upstream fetch."""
+    miss_burst: float = 0.0
+    """Misses a client may make at once above `miss_rate`; 0 means `miss_rate` (at least 1)."""
+
+    def of(self, scope: Scope) -> tuple[float, float]:
+        """(rate, burst) for `scope`; rate 0 means unlimited."""
+        if scope is Scope.HIT:
+            rate, burst = self.hit_rate, self.hit_burst
+        else:
+            rate, burst = self.miss_rate, self.miss_burst
+        if rate < 0 or burst < 0:
+            raise ValueError("rates and bursts must not be negative")
+        return rate, (burst or max(1.0, rate))
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """`[limits]`: signed URLs' buckets, per client address and per key id."""
+
+    hit_rate: float = 0.0
+    """Requests per second, per client address and per key id, that start no work; 0: off."""
+    hit_burst: float = 0.0
+    """Hits allowed at once above `hit_rate`; 0 means `hit_rate`."""
+    miss_rate: float = 0.0
+    """Requests per second, per client address and per key id, that start a fill; 0: off."""
+    miss_burst: float = 0.0
+    """Misses allowed at once above `miss_rate`; 0 means `miss_rate`."""
+    max_buckets: int = 100_000
+    """Buckets kept (each about 200 bytes); least recently used dropped first."""
+    policy: dict[str, Rates] = field(default_factory=dict)
+    """`[limits.policy.<hot|personal|draft>]`: rates for URLs of that policy instead."""
+
+    def rates(self, policy: str | None = None) -> Rates:
+        found = self.policy.get(policy) if policy is not None else None
+        if found is not None:
+            return found
+        return Rates(self.hit_rate, self.hit_burst, self.miss_rate, self.miss_burst)
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class RateLimited(TooManyRequests):
+    """A request over its budget; the headers say when to come back."""
+
+
+class Limiter:
+    def __init__(
+        self,
+        max_buckets: int,
+        on_refusal: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if max_buckets < 1:
+            raise ValueError("max_buckets must be at least 1")
+        self._max = max_buckets
+        self._buckets: OrderedDict[Hashable, _Bucket] = OrderedDict()
+        self._on_refusal = on_refusal
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: Hashable, scope: Scope, rates: Rates, label: str, name: str) -> None:
+        """Takes one token from the bucket of (`key`, `scope`), or raises RateLimited.
+        `label` is the metric's scope label; `name` names the policy in the headers."""
+        rate, burst = rates.of(scope)
+        if rate == 0:
+            return
+        now = self._clock()
+        slot = (key, scope)
+        bucket = self._buckets.get(slot)
+        if bucket is None:
+            bucket = self._buckets[slot] = _Bucket(burst, now)
+            if len(self._buckets) > self._max:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(slot)
+            bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
+            bucket.stamp = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return
+        wait = max(1, math.ceil((1.0 - bucket.tokens) / rate))
+        if self._on_refusal is not None:
+            self._on_refusal(label)
+        policy_name = f"{name}-{scope.value}"
+        raise RateLimited(
+            "rate_limited",
+            f"over the {scope.value} rate limit of {rate:g}/s (burst {burst:g}); retry in {wait} s",
+            headers={
+                "Retry-After": str(wait),
+                "RateLimit-Policy": f'"{policy_name}";q={int(burst)};w={math.ceil(burst / rate)}',
+                "RateLimit": f'"{policy_name}";r=0;t={wait}',
+            },
+            scope=scope.value,
+        )
+
+
+__all__ = [
+    "LimitSettings",
+    "Limiter",
+    "RateLimited",
+    "Rates",
+    "RequestError",
+    "Scope",
+]

@@ -1,0 +1,107 @@
+"""A real Chromium plays objects still being rendered, and seeks in them once complete.
+
+Browsers open media with `Range: bytes=0-`. With the object's length announced by the
+duration pass, the edge answers that `206 bytes 0-(L-1)/L` from the first sentence; with the
+length unknown it streams a 200 (edge.http.stream). Either way the player must start while
+the render is still going: the render is held after its first chunk (tests.test_inflight's
+HeldEngine, the real hibari engine paused), and `playing` must fire before it is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+from playwright.async_api import Browser, Page
+
+from bench.browser import PLAY, SEEK
+from edge.app import create_app
+from edge.formats import AudioFormat
+from edge.spec import Spec
+from edge.synth.hibari_engine import HibariEngine
+from tests.browser import chromium
+from tests.support import eventually, make_config, make_keyring, make_spec, sign, wait_ready
+from tests.test_inflight import Edge, HeldEngine
+
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
+
+KEYRING = make_keyring()
+MINUTE = " ".join(
+    f"Announcement {n}: the train to the coast leaves from platform {n} in a few minutes."
+    for n in range(1, 17)
+)
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def edge(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Edge]:
+    engine = HeldEngine(HibariEngine(threads=1))
+    app = create_app(make_config(tmp_path_factory.mktemp("browser")), KEYRING, engines=[engine])
+    async with TestClient(TestServer(app)) as client:
+        await wait_ready(client)
+        yield Edge(app, client, engine)
+        engine.release()
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async with chromium() as launched:
+        yield launched
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def page(browser: Browser) -> AsyncIterator[Page]:
+    opened = await browser.new_page()
+    yield opened
+    await opened.close()
+
+
+def url_of(edge: Edge, spec: Spec) -> str:
+    return str(edge.client.make_url(sign(KEYRING, spec)))
+
+
+async def stored_seconds(edge: Edge, spec: Spec, rate: int = 24000) -> float:
+    """The complete object's duration, from the node's own copy."""
+    fill = edge.fill(spec)
+    assert fill is not None
+    await fill.until_done()
+    body = fill.body()
+    if spec.format is AudioFormat.WAV:
+        return (len(body) - 44) / 2 / rate
+    return 0.0
+
+
+@pytest.mark.parametrize("sized", [True, False], ids=["length-announced", "length-unknown"])
+async def test_chromium_plays_a_cold_miss_while_it_renders_and_seeks_once_complete(
+    edge: Edge, page: Page, sized: bool
+) -> None:
+    spec = make_spec(f"{MINUTE} Case {'sized' if sized else 'unsized'}.")
+    edge.engine.sized = sized
+    edge.engine.hold(at=1)  # the first chunk renders, then the render waits
+    try:
+        played = asyncio.create_task(page.evaluate(PLAY, url_of(edge, spec)))
+        await eventually(edge.engine.holding.is_set)
+        outcome: dict[str, Any] = await played
+        fill = edge.fill(spec)
+        # `playing` came while the rest of the minute was still unrendered.
+        assert fill is not None and fill.is_running()
+        assert edge.engine.holding.is_set()
+        assert outcome["ms"] > 0
+    finally:
+        edge.engine.release()
+    seconds = await stored_seconds(edge, spec)
+    assert seconds > 40  # about a minute of speech
+    if sized:
+        # The WAV header stated the exact length before the render went past its start.
+        assert outcome["duration"] == pytest.approx(seconds, abs=0.01)
+
+    # Once complete, the player seeks within the object (a Range request answered 206).
+    landed = await page.evaluate(SEEK, seconds - 5.0)
+    assert landed["time"] == pytest.approx(seconds - 5.0, abs=0.25)
+    if sized:
+        assert landed["duration"] == pytest.approx(seconds, abs=0.05)
+    # (A stream of unknown length stays "infinite" to the element that opened it; the
+    # seek still lands, on an exact 206 of the complete object.)

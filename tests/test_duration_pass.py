@@ -1,0 +1,307 @@
+"""The duration pass (edge/synth/durations.py and each engine's `samples`): the count an
+engine gives before rendering is the number of samples its render then yields, for the
+fixed sentences, for random texts and speeds, and for exported variants."""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge.synth import exported
+from edge.synth.durations import Durations, NoDurationPath, extract
+from edge.synth.engine import Engine
+from edge.synth.hibari_engine import HibariEngine
+from edge.synth.piper_engine import BUNDLED, PiperEngine
+from edge.synth.vits_engine import VitsEngine
+from export.sentences import SENTENCES
+from tests.export_support import graph_with_inputs
+
+pytestmark = pytest.mark.slow
+SPEEDS = (0.5, 0.8, 1.0, 1.37, 2.0)
+
+
+def rendered(engine: Engine, text: str, voice: str, speed: float, seed: int = 0) -> int:
+    return sum(len(a) for a in engine.stream(text, voice, speed, seed))
+
+
+@pytest.fixture(scope="module")
+def heart() -> Iterator[HibariEngine]:
+    engine = HibariEngine()
+    engine.warmup()
+    yield engine
+
+
+@pytest.fixture(scope="module")
+def joe() -> Iterator[PiperEngine]:
+    engine = PiperEngine()
+    engine.warmup()
+    yield engine
+
+
+# Random texts: words, numbers, abbreviations and initials, hints-free punctuation, in
+# one or more sentences; and plain printable noise.
+WORDS = st.sampled_from(
+    ["hello", "there", "Lisbon", "quickly", "the", "a", "gate", "twelve", "I'm", "don't"]
+) | st.text(alphabet=string.ascii_letters, min_size=1, max_size=9)
+NUMBERS = st.one_of(
+    st.integers(0, 10**7).map(str),
+    st.sampled_from(["3.5", "1,000", "$9.99", "7:30", "2024", "50%", "0.001", "1st", "42nd"]),
+)
+ABBREVIATIONS = st.sampled_from(
+    ["Dr.", "Mr.", "Mrs.", "e.g.", "i.e.", "etc.", "J.", "K.", "U.S.", "vs.", "No.", "St."]
+)
+MARKS = st.sampled_from([",", ";", ":", " -", " —", "...", "!", "?", "'", '"', "(", ")"])
+TOKENS = st.one_of(WORDS, WORDS, WORDS, NUMBERS, ABBREVIATIONS, MARKS)
+SENTENCE = st.tuples(
+    st.lists(TOKENS, min_size=1, max_size=12).map(" ".join),
+    st.sampled_from([".", "!", "?", "…", "", "."]),
+).map("".join)
+TEXTS = st.one_of(
+    st.lists(SENTENCE, min_size=1, max_size=4).map(" ".join),
+    st.text(alphabet=string.printable, min_size=1, max_size=60),
+)
+SPEED = st.floats(min_value=0.5, max_value=2.0, allow_nan=False)
+PROPERTY = settings(
+    max_examples=25,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+
+
+# The pass itself.
+
+
+def test_a_graph_without_durations_has_no_pass(tmp_path: Path) -> None:
+    model = graph_with_inputs(tmp_path / "g.onnx", ["ids"])
+    with pytest.raises(NoDurationPath):
+        extract(model)
+    durations = Durations(model, 1, ["CPUExecutionProvider"], lambda g: 1)
+    assert durations.samples({"ids": np.zeros((1, 3), np.float32)}) is None
+    assert durations.broken is not None
+
+
+def test_an_unreadable_model_has_no_pass(tmp_path: Path) -> None:
+    model = tmp_path / "bad.onnx"
+    model.write_bytes(b"not a model")
+    durations = Durations(model, 1, ["CPUExecutionProvider"], lambda g: 1)
+    assert durations.samples({"ids": np.zeros((1, 3), np.int64)}) is None
+    assert durations.broken is not None
+
+
+def test_the_hibari_pass_is_the_text_side_of_the_graph() -> None:
+    from hibari.voices import voice_path
+
+    graph = extract(Path(voice_path("heart")))
+    assert graph.inputs == {"ids", "speed"}
+    assert graph.nodes < graph.source_nodes / 2
+    assert graph.upsampling == 1  # hibari's vocoder is hibari.dsp, on the host
+
+
+# hibari (`heart`)
+
+
+@pytest.mark.parametrize("speed", SPEEDS)
+def test_heart_counts_what_it_renders(heart: HibariEngine, speed: float) -> None:
+    for text in SENTENCES:
+        assert heart.samples(text, "heart", speed) == rendered(heart, text, "heart", speed)
+
+
+def test_heart_counts_a_long_text_and_its_clause_splits(heart: HibariEngine) -> None:
+    long = " ".join(SENTENCES)
+    # One sentence over hibari's MAX_PHONEMES (400) is split at its clauses.
+    run_on = ", and ".join(s.rstrip(".!?") for s in SENTENCES[1:12]) + "."
+    for text in (long, run_on):
+        assert heart.samples(text, "heart", 1.0) == rendered(heart, text, "heart", 1.0, seed=5)
+
+
+def test_heart_counts_texts_with_nothing_to_say(heart: HibariEngine) -> None:
+    for text in ("", "...", "  ", "()"):
+        assert heart.samples(text, "heart", 1.0) == rendered(heart, text, "heart", 1.0)
+
+
+def test_the_pass_changes_no_audio(heart: HibariEngine) -> None:
+    text = "Dr. Smith arrived at 7:30, e.g. early. The rest came later!"
+    before = np.concatenate(list(heart.stream(text, "heart", 1.2, 9)))
+    heart.samples(text, "heart", 1.2)
+    after = np.concatenate(list(heart.stream(text, "heart", 1.2, 9)))
+    assert np.array_equal(before, after)
+
+
+@PROPERTY
+@given(text=TEXTS, speed=SPEED)
+def test_heart_counts_random_texts(heart: HibariEngine, text: str, speed: float) -> None:
+    assert heart.samples(text, "heart", speed) == rendered(heart, text, "heart", speed, seed=1)
+
+
+def test_a_pass_that_disagrees_with_the_render_is_disabled_by_warmup() -> None:
+    from hibari.voices import voice_path
+
+    engine = HibariEngine()
+    wrong = Durations(Path(voice_path("heart")), 1, ["CPUExecutionProvider"], lambda g: 599)
+    engine._durations["heart"] = wrong  # a model whose samples per frame were misread
+    assert engine.samples("Hello there.", "heart", 1.0) is not None
+    engine.warmup()
+    assert wrong.broken is not None and "the render gave" in wrong.broken
+    assert engine.samples("Hello there.", "heart", 1.0) is None
+    assert rendered(engine, "Hello there.", "heart", 1.0) > 0  # renders go on
+
+
+def test_samples_refuses_an_unknown_voice(heart: HibariEngine) -> None:
+    with pytest.raises(ValueError, match="nova"):
+        heart.samples("Hello.", "nova", 1.0)
+
+
+def test_heart_counts_an_exported_variant(tmp_path: Path) -> None:
+    from hibari.voices import voice_path
+
+    from export.optimize import Options, optimize
+
+    out = tmp_path / "heart"
+    optimize(
+        Path(voice_path("heart")),
+        out,
+        opts=Options(sentences=SENTENCES[:1], repeats=1, variants=["fp32-opt"], progress=False),
+    )
+    export = exported.load(out)
+    variant = next(v for v in export.variants if v.name == "fp32-opt")
+    choice = exported.Chosen("heart", export, variant, "cpu", "hibari-heart.fp32-opt@x")
+    engine = HibariEngine(exported={"heart": choice})
+    for text in SENTENCES:
+        assert engine.samples(text, "heart", 0.9) == rendered(engine, text, "heart", 0.9)
+
+
+# piper (`joe`)
+
+
+def test_the_piper_pass_stops_before_the_vocoder() -> None:
+    graph = extract(BUNDLED["joe"].model_path())
+    assert graph.inputs == {"input", "input_lengths", "scales"}
+    assert graph.upsampling == 256  # joe-medium's hop_length
+    assert b"ConvTranspose" not in graph.model  # no upsampling layer is in the pass
+    assert graph.nodes < graph.source_nodes
+
+
+@pytest.mark.parametrize("speed", [0.5, 1.0, 2.0])
+def test_joe_counts_what_it_renders(joe: PiperEngine, speed: float) -> None:
+    for text in SENTENCES:
+        assert joe.samples(text, "joe", speed) == rendered(joe, text, "joe", speed)
+
+
+def test_joe_counts_a_long_text_and_texts_with_nothing_to_say(joe: PiperEngine) -> None:
+    for text in (" ".join(SENTENCES), "Wait... what?! No way. OK.", "", "  ", "()"):
+        assert joe.samples(text, "joe", 1.37) == rendered(joe, text, "joe", 1.37)
+
+
+@settings(PROPERTY, max_examples=12)
+@given(text=TEXTS, speed=SPEED)
+def test_joe_counts_random_texts(joe: PiperEngine, text: str, speed: float) -> None:
+    assert joe.samples(text, "joe", speed) == rendered(joe, text, "joe", speed)
+
+
+def test_joe_counts_every_exported_variant(joe_export: Path) -> None:
+    export = exported.load(joe_export)
+    assert {v.name for v in export.variants} >= {"fp32", "fp16", "fp32-opt"}
+    for variant in export.variants:
+        choice = exported.Chosen("joe", export, variant, "cpu", f"piper-joe.{variant.name}@x")
+        engine = PiperEngine(exported={"joe": choice})
+        for text in (*SENTENCES[:4], SENTENCES[-1]):
+            counted = engine.samples(text, "joe", 0.85)
+            assert counted == rendered(engine, text, "joe", 0.85), variant.name
+
+
+# vits (a tiny random transformers VitsModel through from-transformers and optimize)
+
+
+def tiny_engine(export_dir: Path, name: str) -> VitsEngine:
+    export = exported.load(export_dir)
+    variant = next(v for v in export.variants if v.name == name)
+    return VitsEngine(exported.Chosen("tiny", export, variant, "cpu", f"vits-tiny.{name}@x"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_optimized: Path) -> Iterator[VitsEngine]:
+    engine = tiny_engine(tiny_optimized, "fp32")
+    engine.warmup()
+    yield engine
+
+
+@pytest.fixture(scope="module")
+def reading(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny voice whose durations depend on the text: the shared tiny checkpoint's
+    stochastic duration predictor keeps only its affine flow when inverted, so its
+    durations are the same for every token; the deterministic predictor reads the text
+    encoder's output, as real checkpoints' predictors do."""
+    import torch
+    from transformers import VitsConfig, VitsModel
+
+    from export.from_transformers import export
+    from export.optimize import Options, optimize
+    from tests.export_support import TINY_VITS, save_tiny_vits
+
+    root = tmp_path_factory.mktemp("reading")
+    checkpoint = save_tiny_vits(root / "checkpoint")
+    torch.manual_seed(0)
+    config = VitsConfig(**{**TINY_VITS, "use_stochastic_duration_prediction": False})
+    VitsModel(config).eval().save_pretrained(str(checkpoint))
+    export(checkpoint, root / "export", progress=False)
+    opts = Options(variants=["fp32"], sentences=SENTENCES[:1], repeats=1, progress=False)
+    optimize(root / "export" / "model.onnx", root / "voice", opts=opts)
+    return root / "voice"
+
+
+@pytest.fixture(scope="module")
+def reader(reading: Path) -> Iterator[VitsEngine]:
+    engine = tiny_engine(reading, "fp32")
+    engine.warmup()
+    yield engine
+
+
+def test_a_vits_pass_reads_the_text(reading: Path, reader: VitsEngine) -> None:
+    assert "input_ids" in extract(reading / "fp32.onnx").inputs
+    counts = {reader.samples(text, "tiny", 1.0) for text in SENTENCES}
+    assert len(counts) > 10  # not a constant per token
+    for speed in SPEEDS:
+        for text in (*SENTENCES, " ".join(SENTENCES)):
+            assert reader.samples(text, "tiny", speed) == rendered(reader, text, "tiny", speed)
+
+
+@PROPERTY
+@given(text=TEXTS, speed=SPEED)
+def test_a_vits_voice_counts_random_texts(reader: VitsEngine, text: str, speed: float) -> None:
+    assert reader.samples(text, "tiny", speed) == rendered(reader, text, "tiny", speed)
+
+
+def test_the_vits_pass_stops_before_the_vocoder(tiny_optimized: Path) -> None:
+    graph = extract(tiny_optimized / "fp32.onnx")
+    assert graph.upsampling == 64  # upsample_rates [8, 8] of the tiny checkpoint
+    assert b"ConvTranspose" not in graph.model
+    assert graph.inputs <= {"input_ids", "attention_mask", "length_scale"}
+
+
+@pytest.mark.parametrize("speed", SPEEDS)
+def test_tiny_counts_what_it_renders(tiny: VitsEngine, speed: float) -> None:
+    for text in (*SENTENCES, " ".join(SENTENCES), "", "123 456", "ÉCOLE"):
+        assert tiny.samples(text, "tiny", speed) == rendered(tiny, text, "tiny", speed)
+
+
+def test_tiny_counts_every_exported_variant(tiny_optimized: Path) -> None:
+    names = [v.name for v in exported.load(tiny_optimized).variants]
+    assert {"fp32", "fp32-opt", "fp16", "int8"} <= set(names)
+    for name in names:
+        engine = tiny_engine(tiny_optimized, name)
+        for text in SENTENCES:
+            assert engine.samples(text, "tiny", 0.7) == rendered(engine, text, "tiny", 0.7), name
+
+
+def test_tiny_refuses_what_its_render_refuses(tiny: VitsEngine) -> None:
+    with pytest.raises(ValueError, match="nova"):
+        tiny.samples("Hello.", "nova", 1.0)
+    with pytest.raises(ValueError, match="positive"):
+        tiny.samples("Hello.", "tiny", 0.0)
