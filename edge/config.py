@@ -266,6 +266,8 @@ class NodeConfig:
             http_url("upstreams", base)
         for name in SECTIONS:
             in_section(name, getattr(self, name))
+        _check_api(self.api)
+        _check_limits(self.limits)
         if self.role is Role.ORIGIN:
             in_section("origin", self.origin)
         for i, server in enumerate(self.external):
@@ -278,6 +280,58 @@ class NodeConfig:
 
     def replace(self, **changes: Any) -> NodeConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+_RATES = ("hit_rate", "hit_burst", "miss_rate", "miss_burst")
+
+
+def _check_rates(section: str, rates: Any) -> None:
+    for name in _RATES:
+        try:
+            at_least(rates, name, 0)
+        except ConfigError as exc:
+            raise ConfigError(f"[{section}] {exc}") from None
+
+
+def _check_api(api: ApiSettings) -> None:
+    for name in ("max_input_chars", "max_body_bytes", "url_ttl"):
+        in_section("api", _Bound(api, name, 1))
+    if api.public_base:
+        in_section("api", _Url("public_base", api.public_base))
+    for tenant, settings in api.tenants.items():
+        _check_rates(f"api.tenants.{tenant}", settings)
+        in_section(f"api.tenants.{tenant}", _Bound(settings, "realtime_sessions", 0))
+        in_section(f"api.tenants.{tenant}", _Bound(settings, "realtime_chars_per_second", 0))
+
+
+def _check_limits(limits: LimitSettings) -> None:
+    _check_rates("limits", limits)
+    in_section("limits", _Bound(limits, "max_buckets", 1))
+    for policy, rates in limits.policy.items():
+        if Policy.parse(policy) is None:
+            raise ConfigError(f"[limits.policy] {policy!r} is not one of hot, personal, draft")
+        _check_rates(f"limits.policy.{policy}", rates)
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    """One lower bound on a setting of a section whose class has no `validate`."""
+
+    settings: Any
+    name: str
+    low: float
+
+    def validate(self) -> None:
+        at_least(self.settings, self.name, self.low)
+
+
+@dataclass(frozen=True, slots=True)
+class _Url:
+    name: str
+    value: str
+
+    def validate(self) -> None:
+        http_url(self.name, self.value)
 
 
 def _build(cls: type[Any], data: Any, where: str) -> Any:

@@ -247,3 +247,20 @@ def test_sign_reads_a_config_of_any_role(capsys: pytest.CaptureFixture[str]) -> 
     args = ["sign", "--base", "http://e", "--voice", "joe", "--text", "Hi.", "--config", origin]
     assert cli.main(args) == 0
     assert capsys.readouterr().out.startswith("http://e/v1/speech/")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[limits]\nmiss_rate = -1.0\n", "[limits] miss_rate"),
+        ("[limits]\nmax_buckets = 0\n", "[limits] max_buckets"),
+        ("[limits.policy.forever]\nmiss_rate = 1.0\n", "[limits.policy] 'forever'"),
+        ("[api]\nurl_ttl = 0\n", "[api] url_ttl"),
+        ('[api]\npublic_base = "cdn.example"\n', "[api] public_base"),
+        ("[api.tenants.acme]\nhit_rate = -2.0\n", "[api.tenants.acme] hit_rate"),
+    ],
+)
+def test_rate_limits_and_the_api_are_checked_too(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load(_write(tmp_path, text), Role.EDGE)
+    assert message in str(refused.value)
