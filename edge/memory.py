@@ -1,8 +1,8 @@
 """A node's memory budget, and the allocator setting that lets it hold.
 
-Measured on one edge under a storm of distinct cold misses (400 misses, 32 at a time, hibari
-on 2 cores; bench notes in README): resident memory went from about 330 MB to about 740 MB
-and stayed there. It went to three places:
+Measured on one edge process under a storm of distinct cold misses (400 misses of 15-40
+words, 32 at a time, hibari on 2 cores, default settings): resident memory went from about
+330 MB to about 740 MB and stayed there. It went to three places:
 
 * the hot tier: every new object up to `[hot] max_object_bytes` enters it on commit, up to
   `[hot] memory_budget` (256 MiB by default) — memory by design, but a budget to size;
@@ -13,7 +13,13 @@ and stayed there. It went to three places:
 * the C allocator: glibc raises its mmap threshold each time a large block is freed, after
   which large blocks (numpy's audio buffers, the encoders' output) come from the heap and
   freed ones stay resident as fragmentation. A fixed `mmap_threshold` keeps large blocks
-  mapped, so they return to the system when freed (measured: about 150 MB less growth).
+  mapped, so they return to the system when freed.
+
+Python's own allocations (tracemalloc, same storm, hot tier held to 16 MiB) grew by about
+25 MB, the hot tier and the fills; onnxruntime's CPU arena, when turned off, saved about
+20 MB. With a 16 MiB hot tier the storm took an edge from 330 to 580 MB, and with the fixed
+threshold as well from 285 to 430 MB. With every default (256 MiB hot tier) it now goes
+from 300 to 640 MB: the rest is the hot tier filling, which its budget bounds.
 """
 
 from __future__ import annotations
