@@ -230,7 +230,11 @@ async def test_a_miss_counts_synth_bytes_and_render_metrics(
         assert resp.status == 200
         body = await resp.read()
     text = await scrape_until(
-        client, lambda t: metric_from(t, "nearvoice_synth_seconds_count") == 1
+        client,
+        lambda t: (
+            metric_from(t, "nearvoice_synth_seconds_count") == 1
+            and metric_from(t, "nearvoice_cache_objects") == 1
+        ),
     )
     assert metric_from(text, "nearvoice_requests_total", result="miss") == 1
     assert metric_from(text, "nearvoice_response_bytes_total", source="synth") == len(body)

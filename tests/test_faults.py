@@ -34,6 +34,7 @@ from edge.cache.hot import HotSettings
 from edge.cache.store import DiskStore, Outcome, StoreSettings
 from edge.config import HttpSettings
 from edge.keyring import Keyring
+from edge.upstream import CHECKSUM_HEADER
 from tests.support import (
     KID,
     SECRET,
@@ -41,12 +42,12 @@ from tests.support import (
     make_config,
     make_keyring,
     make_spec,
-    metric,
     metric_from,
     node_of,
     payload,
     put_object,
     scrape,
+    scrape_until,
     sign,
     value_files,
     wait_process_ready,
@@ -223,10 +224,11 @@ async def test_full_disk_still_delivers_and_stores_nothing(
         async with client.get(url) as resp:
             assert resp.status == 200
             first = await resp.read()  # a short chunked body would raise here
-            assert resp.headers["Transfer-Encoding"] == "chunked"  # streamed while rendering
+            assert CHECKSUM_HEADER not in resp.headers  # answered in flight: no digest yet
         audio, rate = soundfile.read(io.BytesIO(first))
         assert rate == 24000 and len(audio) > 0
-        assert await metric(client, "nearvoice_store_errors_total") == 1
+        # The body's last byte leaves before the commit is tried: wait for its failure.
+        await scrape_until(client, lambda t: metric_from(t, "nearvoice_store_errors_total") == 1)
         assert not node.store.contains(spec.key)
         assert node.store.count() == 0
         assert len(node.hot) == 0
@@ -239,6 +241,20 @@ async def test_full_disk_still_delivers_and_stores_nothing(
         assert metric_from(text, "nearvoice_synth_total", engine="hibari") == 2
         assert metric_from(text, "nearvoice_requests_total", result="miss") == 2
         assert metric_from(text, "nearvoice_requests_total", result="hit") == 0
+
+
+async def _until_metric(
+    session: aiohttp.ClientSession, base: str, sample: str, value: float
+) -> str:
+    """The node's metrics once `sample` reached `value` (it is recorded after the last
+    byte of a body of known length has left)."""
+    async with asyncio.timeout(CHILD_TIMEOUT):
+        while True:
+            async with session.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+            if metric_from(text, sample) >= value:
+                return text
+            await asyncio.sleep(0.05)
 
 
 def _free_port() -> int:
@@ -295,14 +311,14 @@ async def test_write_limit_still_delivers_and_stores_nothing(
             async with session.get(url) as resp:
                 assert resp.status == 200
                 first = await resp.read()  # a short chunked body would raise here
-                assert resp.headers["Transfer-Encoding"] == "chunked"
+                assert CHECKSUM_HEADER not in resp.headers  # answered in flight
             assert len(first) > limit  # the body really could not be written
             assert soundfile.info(io.BytesIO(first)).frames > 0
+            await _until_metric(session, base, "nearvoice_store_errors_total", 1)
             async with session.get(url) as resp:
                 assert resp.status == 200
                 assert await resp.read() == first
-            async with session.get(f"{base}/metrics") as resp:
-                text = await resp.text()
+            text = await _until_metric(session, base, "nearvoice_store_errors_total", 2)
         assert metric_from(text, "nearvoice_store_errors_total") == 2
         assert metric_from(text, "nearvoice_synth_total", engine="hibari") == 2
         assert metric_from(text, "nearvoice_cache_objects") == 0
@@ -429,6 +445,8 @@ async def test_truncated_value_is_rendered_again_after_restart(
     async with first.get(url) as resp:
         assert resp.status == 200
         original = await resp.read()
+    # The last byte can reach the client just before the commit: truncate what was stored.
+    await eventually(lambda: node_of(first_app).store.contains(spec.key))
     _truncate_only_value(first_app)
     await first.close()
 
@@ -437,8 +455,9 @@ async def test_truncated_value_is_rendered_again_after_restart(
     await wait_ready(second)
     async with second.get(url) as resp:
         assert resp.status == 200
-        assert resp.headers["Transfer-Encoding"] == "chunked"  # rendered again, streamed
+        assert CHECKSUM_HEADER not in resp.headers  # rendered again, answered in flight
         assert await resp.read() == original
+    await eventually(lambda: node_of(second_app).store.contains(spec.key))
     text = await scrape(second)
     assert metric_from(text, "nearvoice_synth_total", engine="hibari") == 1
     assert metric_from(text, "nearvoice_requests_total", result="miss") == 1

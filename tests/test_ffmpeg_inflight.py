@@ -54,6 +54,7 @@ CODECS = {
     AudioFormat.MP3: "mp3",
     AudioFormat.OPUS: "opus",
     AudioFormat.PCM: "pcm_s16le",
+    AudioFormat.AAC: "aac",
 }
 FORMATS = list(AudioFormat)
 

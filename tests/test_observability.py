@@ -391,6 +391,9 @@ def load(edge: NodeProcess) -> None:
     for url in urls:  # misses
         answer = http(url)
         assert answer.status == 200, answer.body[:300]
+    for url in urls:
+        # The body's last byte leaves before the commit; a HEAD then waits for it.
+        assert http(url, method="HEAD").status == 200
     for url in urls:  # hits
         assert http(url).status == 200
     ranged = http(urls[0], headers={"Range": "bytes=0-999"})

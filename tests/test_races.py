@@ -72,7 +72,7 @@ async def upstream(aiohttp_server: AiohttpServer, state: dict[str, Any]) -> str:
             return web.Response(status=state["status"], text="down")
         body: bytes = state["body"]
         digest = hashlib.sha256(body).hexdigest()
-        key = request.match_info["tail"].split(".")[0]
+        key = request.match_info["tail"].split(".", 1)[0]
         headers = {CHECKSUM_HEADER: digest, "Content-Type": "audio/wav", "ETag": etag_for(key)}
         return web.Response(body=body, headers=headers)
 

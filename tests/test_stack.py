@@ -44,7 +44,7 @@ from edge.keyring import KEYS_ENV, Keyring
 from edge.policy import Policy
 from edge.spec import Spec
 from edge.synth.piper_engine import piper_model_id
-from edge.upstream import rendezvous_order
+from edge.upstream import CHECKSUM_HEADER, rendezvous_order
 from origin.mint import MINT_TOKEN_ENV
 from origin.store import FilesystemStore
 from tests.support import KID, SECRET, make_keyring, make_spec, metric_from, sign
@@ -98,6 +98,16 @@ def http(
     except urllib.error.HTTPError as exc:
         with exc:
             return Answer(exc.code, dict(exc.headers.items()), exc.read())
+
+
+def settled(url: str) -> None:
+    """Returns once the node at `url` has finished producing the object: a body of known
+    length reaches its client before the commit that follows, and a HEAD once every byte
+    exists waits for that commit (edge.http.stream) and, through the tiers' own checksum
+    HEADs, for the tiers above."""
+    answer = http(url, method="HEAD")
+    assert answer.status == 200, answer.status
+    assert CHECKSUM_HEADER in answer.headers  # an answer about the complete object
 
 
 def metrics(base: str) -> str:
@@ -453,6 +463,7 @@ class TestUp:
         )
         first = http(minted["url"])
         assert first.status == 200
+        settled(minted["url"])
         before = metrics(stack.edge)
         second = http(minted["url"])
         after = metrics(stack.edge)
@@ -508,6 +519,7 @@ def dead_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeadOrigin
         url = edge.base + sign(KEYRING, spec)
         warm = http(url)
         assert warm.status == 200, warm.body[:300]
+        settled(url)
         origin.kill()
         assert origin.proc.returncode == -signal.SIGKILL
         yield DeadOrigin(edge, shield, origin, url, warm.body, spec.key, store)
@@ -701,6 +713,7 @@ def full_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullStore]:
             spec = joe(LONG_JOE)
             target = sign(KEYRING, spec, policy=Policy.HOT)
             answer = http(edge.base + target)
+            settled(edge.base + target)
             at_origin = http(origin.base + target)
             yield FullStore(origin, spec, answer, at_origin, metrics(origin.base), store)
 
@@ -711,7 +724,7 @@ class TestFullStore:
     def test_full_origin_store_still_streams_complete_audio(self, full_store: FullStore) -> None:
         answer = full_store.answer
         assert answer.status == 200, answer.body[:300]
-        assert answer.headers.get("Transfer-Encoding") == "chunked"  # streamed as it came
+        assert CHECKSUM_HEADER not in answer.headers  # streamed as it came, in flight
         assert len(answer.body) > STORE_SIZE  # the object really could not be kept
         rate, frames = wav(answer.body)
         assert rate == 22050
