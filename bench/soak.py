@@ -39,7 +39,8 @@ Reported (bench/results/soak.json, soak.png):
   histogram_quantile does);
 * bytes: body bytes the clients received at the edge against the edge's
   `nearvoice_response_bytes_total` over the same span (every byte accounted for: the
-  difference is 0 unless a transfer broke off, which is counted as an error).
+  difference should be 0; a transfer that broke off counts on both sides with the bytes
+  that got through, and as a failure: expected during the outage, unexpected otherwise).
 
     python -m bench.soak                 # 10 minutes
     python -m bench.soak --minutes 1     # a quick check that everything runs
@@ -255,45 +256,47 @@ class Load:
     def expected(self, status: int, code: str) -> bool:
         now = time.monotonic() - self.t0
         during = self.outage[0] <= now < self.outage[1]
+        if code == "broken_transfer":  # a stream from the killed upstream, cut short
+            return during
         upstream = code.startswith("upstream_") or code in EXPECTED_CODES
         return during and status in (502, 503, 504) and upstream
 
     async def get(
         self, session: aiohttp.ClientSession, op: str, url: str, headers: dict[str, str]
     ) -> tuple[int, bytes]:
+        """One GET; a failure is recorded with its status (-1: the body broke off or was
+        not what the headers promised) and code, and answers (status, b"")."""
         started = time.perf_counter()
-        status, body, code = 0, b"", "connection"
+        status, code = 0, "connection"
+        chunks: list[bytes] = []
         try:
             async with session.get(url, headers=headers) as resp:
                 status = resp.status
-                chunks = []
-                first = True
                 async for chunk in resp.content.iter_any():
-                    if first:
+                    if not chunks:
                         self.first_byte[op].append(time.perf_counter() - started)
-                        first = False
                     chunks.append(chunk)
+                    if status < 300:  # the edge counts audio bodies, not JSON errors
+                        self.body_bytes += len(chunk)
                 body = b"".join(chunks)
-                if status < 300:  # the edge counts audio bodies, not JSON errors
-                    self.body_bytes += len(body)
                 declared = resp.content_length
                 if declared is not None and len(body) != declared:
-                    self.broken += 1
-                    code = "short_body"
-                    status = -1
+                    status, code = -1, "short_body"
                 elif status == 200 and not body:
-                    code = "empty_body"  # audio is never empty
-                    status = -1
+                    status, code = -1, "empty_body"  # audio is never empty
                 elif status >= 400:
                     with contextlib.suppress(ValueError):
                         code = json.loads(body).get("error", "")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            code = f"client:{type(exc).__name__}"
+            # Headers came, then the body broke off: the edge ended a stream it could
+            # not finish (its upstream died mid-object) rather than send a short one.
+            status, code = (-1, "broken_transfer") if status else (0, type(exc).__name__)
         if 200 <= status < 300:
             self.ok[op] += 1
-        else:
-            self.outcomes[(op, status, code, self.expected(status, code))] += 1
-        return status, body
+            return status, b"".join(chunks)
+        self.broken += status == -1
+        self.outcomes[(op, status, code, self.expected(status, code))] += 1
+        return status, b""
 
     async def step(self, session: aiohttp.ClientSession) -> None:
         ops, weights = zip(*OPERATIONS.items(), strict=True)
