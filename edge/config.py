@@ -436,7 +436,7 @@ def load(path: Path | None = None, role: Role | None = Role.EDGE) -> NodeConfig:
             role = _typed(named, Role, "role")
         if named != role.value:
             raise ConfigError(
-                f"{path} is a {named!r} configuration; this command runs a {role.value!r} node"
+                f"{path} sets role = {named!r}, but this command runs the {role.value!r} role"
             )
     role = Role.EDGE if role is None else role
     base: dict[str, Any] = {"role": role.value}

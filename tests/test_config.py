@@ -93,7 +93,7 @@ BAD = [
     ("[store]\nsize_limit = 0\n", "[store] size_limit"),
     ("[http]\nclock_skew = -100000\n", "[http] clock_skew"),
     ("[http]\nmax_ranges = 0\n", "[http] max_ranges"),
-    ('role = "shield"\n', "'shield' configuration"),
+    ('role = "shield"\n', "sets role = 'shield', but this command runs the 'edge' role"),
     ("[synth]\nworkers = -3\n", "[synth] workers"),
     ('[synth]\nproviders = ["gpu"]\n', "[synth] providers"),
     ("port = 70000\n", "port: must be in 1..65535"),
