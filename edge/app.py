@@ -128,6 +128,7 @@ def create_app(
     app.router.add_get("/admin/hotkeys", admin.hotkeys)
     app.router.add_post("/admin/prefetch", admin.prefetch)
     app.router.add_get("/admin/prefetch/{job}", admin.prefetch_progress)
+    app.router.add_delete("/admin/prefetch/{job}", admin.prefetch_cancel)
     return app
 
 

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 from multiprocessing.connection import wait
@@ -19,10 +20,11 @@ from prometheus_client.multiprocess import mark_process_dead
 from edge.config import NodeConfig, Role, load
 from edge.formats import AudioFormat
 from edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
+from edge.memory import apply_allocator_settings
 from edge.metrics import MULTIPROC_ENV
 from edge.policy import Policy
 from edge.spec import Spec, SpecError
-from edge.token import parse_network, sign_url
+from edge.token import check_sign_limits, parse_network, sign_url
 from edge.voices import UnknownVoice, for_config, resolve
 
 DEFAULT_TTL = 3600
@@ -44,7 +46,8 @@ def cmd_keygen(_: argparse.Namespace) -> int:
 def cmd_sign(args: argparse.Namespace) -> int:
     try:
         keyring = Keyring.from_env()
-        voices = for_config(load(Path(args.config))) if args.config else None
+        config = load(Path(args.config), role=None) if args.config else NodeConfig()
+        voices = for_config(config) if args.config else None
         voice = resolve(args.voice, voices)
         spec = Spec.create(
             text=args.text,
@@ -65,6 +68,16 @@ def cmd_sign(args: argparse.Namespace) -> int:
     if args.ttl <= 0:
         return _fail("--ttl must be positive")
     url = sign_url(keyring, args.base, spec, policy=Policy(args.policy), ttl=args.ttl, ip=args.ip)
+    try:
+        check_sign_limits(
+            spec,
+            url,
+            args.base,
+            max_text_chars=config.synth.max_text_chars,
+            max_line_size=config.http.max_line_size,
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
     print(url)
     return 0
 
@@ -77,7 +90,32 @@ def _node_config(args: argparse.Namespace, role: Role) -> NodeConfig:
         data_dir=Path(args.data_dir) if args.data_dir else None,
         upstreams=tuple(args.upstream) if args.upstream else None,
         workers=args.workers,
-    )
+    ).validate()
+
+
+def _check_environment(config: NodeConfig) -> None:
+    """What the configuration cannot say about itself: a usable data directory and a free
+    port. Raises OSError with a one-line message."""
+    data = Path(config.data_dir)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"data directory {data}: {exc.strerror or exc}") from None
+    if not os.access(data, os.W_OK | os.X_OK):
+        raise OSError(f"data directory {data} is not writable")
+    try:
+        infos = socket.getaddrinfo(config.host, config.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise OSError(f"cannot resolve host {config.host!r}: {exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        # As the server will bind: SO_REUSEADDR, so sockets in TIME_WAIT do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            where = f"{config.host}:{config.port}"
+            raise OSError(f"cannot listen on {where}: {exc.strerror or exc}") from None
 
 
 def _configure_logging() -> None:
@@ -101,6 +139,7 @@ def _serve(config: NodeConfig, reuse_port: bool, worker: int = 0) -> None:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         pass
+    apply_allocator_settings(config.memory)  # before threads allocate
     keyring = Keyring.from_env()
     if config.role is Role.ORIGIN:
         from origin.app import create_origin_app
@@ -119,6 +158,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         config = _node_config(args, role)
         Keyring.from_env()
         for_config(config)  # voices and exported variants, reported here, not as tracebacks
+        _check_environment(config)
     except (KeyringError, ValueError, OSError) as exc:
         return _fail(str(exc))
     _configure_logging()
@@ -201,6 +241,7 @@ BENCHMARKS = {
     "miss-latency": "bench.miss_latency",
     "offload": "bench.offload",
     "workers": "bench.workers",
+    "soak": "bench.soak",
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
+import typing
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -14,12 +15,30 @@ from typing import Any
 
 from edge.cache.hot import HotSettings
 from edge.cache.store import StoreSettings
+from edge.checks import (
+    ConfigError,
+    at_least,
+    between,
+    http_url,
+    in_section,
+    one_of,
+    positive,
+    require,
+)
 from edge.limits import LimitSettings, Rates
+from edge.memory import MemorySettings
 from edge.policy import Policy, Retention
+from edge.prefetch import PrefetchSettings
 from edge.upstream import UpstreamSettings
 
 ADMIN_TOKEN_ENV = "NEARVOICE_ADMIN_TOKEN"  # noqa: S105 (the variable name, not a secret)
 MINT_TOKEN_ENV = "NEARVOICE_MINT_TOKEN"  # noqa: S105 (the variable name, not a secret)
+PROVIDERS = ("tensorrt", "cuda", "cpu")
+MAX_THREADS = 1024  # more inference threads or worker processes than this is a typo
+MAX_CLOCK_SKEW = 3600.0  # seconds: more grace than an hour is no longer a clock's error
+MIN_LINE_SIZE = 8190  # bytes: aiohttp's own default request-line limit
+SECTIONS = ("upstream", "store", "hot", "retention", "synth", "http", "prefetch", "memory")
+"""The settings tables every role checks ([origin] and [[external]] are checked apart)."""
 
 
 class Role(StrEnum):
@@ -51,6 +70,19 @@ class SynthSettings:
     """Voice -> variant name, pinning an export's variant instead of choosing by speed:
     tiers that pin the same variant render the same URLs."""
 
+    def validate(self) -> None:
+        between(self, "workers", 0, MAX_THREADS)
+        between(self, "ort_threads", 1, MAX_THREADS)
+        at_least(self, "max_text_chars", 1)
+        at_least(self, "max_queue", 1)
+        require(bool(self.providers), "providers", "must name at least one provider")
+        for provider in self.providers:
+            require(
+                provider in PROVIDERS,
+                "providers",
+                f"{provider!r} is not one of {', '.join(PROVIDERS)}",
+            )
+
 
 @dataclass(frozen=True, slots=True)
 class HttpSettings:
@@ -67,6 +99,11 @@ class HttpSettings:
     fast_path: bool = True
     """Answer simple in-memory hits beneath aiohttp's request machinery (edge.http.fastpath)."""
 
+    def validate(self) -> None:
+        at_least(self, "max_ranges", 1)
+        between(self, "clock_skew", 0, MAX_CLOCK_SKEW)
+        at_least(self, "max_line_size", MIN_LINE_SIZE)
+
 
 @dataclass(frozen=True, slots=True)
 class ExternalVoiceSettings:
@@ -78,6 +115,10 @@ class ExternalVoiceSettings:
     """Identity in specs, `<engine>-<voice>@<version>`: change it when the model changes."""
     remote_model: str = "tts-1"
     """The OpenAI `model` field (openai protocol only)."""
+
+    def validate(self) -> None:
+        for name in ("name", "remote", "model_id"):
+            require(bool(getattr(self, name)), name, "must not be empty")
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +139,15 @@ class ExternalSettings:
     """Environment variable holding the server's bearer token (never the token itself)."""
     voices: tuple[ExternalVoiceSettings, ...] = ()
 
+    def validate(self) -> None:
+        require(bool(self.name), "name", "must not be empty")
+        http_url("base_url", self.base_url)
+        one_of(self, "protocol", ("openai", "piper"))
+        positive(self, "sample_rate")
+        positive(self, "timeout")
+        for i, voice in enumerate(self.voices):
+            in_section(f"voices[{i}]", voice)
+
 
 @dataclass(frozen=True, slots=True)
 class OriginSettings:
@@ -112,6 +162,17 @@ class OriginSettings:
     """Seconds a minted URL stays valid when the request names no ttl."""
     max_ttl: int = 30 * 86400
     """Longest validity a minted URL may ask for, in seconds."""
+
+    def validate(self) -> None:
+        http_url("public_base", self.public_base)
+        for edge in self.push_edges:
+            http_url("push_edges", edge)
+        positive(self, "default_ttl")
+        require(
+            self.max_ttl >= self.default_ttl,
+            "max_ttl",
+            f"{self.max_ttl} is less than default_ttl ({self.default_ttl})",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +251,28 @@ class NodeConfig:
     """Counters kept for the hot-keys report (bounded memory, Space-Saving)."""
     recency_flush: float = 30.0
     """Seconds between write-backs of hit recency to the disk index."""
+    prefetch: PrefetchSettings = field(default_factory=PrefetchSettings)
+    memory: MemorySettings = field(default_factory=MemorySettings)
+
+    def validate(self) -> NodeConfig:
+        """Checks every setting's range and the rules between them; raises ConfigError
+        naming the first one out of bounds. Returns the config, for chaining."""
+        require(bool(self.host), "host", "must not be empty")
+        between(self, "port", 1, 65535)
+        between(self, "workers", 1, MAX_THREADS)
+        at_least(self, "hotkeys_capacity", 1)
+        positive(self, "recency_flush")
+        for base in self.upstreams:
+            http_url("upstreams", base)
+        for name in SECTIONS:
+            in_section(name, getattr(self, name))
+        _check_api(self.api)
+        _check_limits(self.limits)
+        if self.role is Role.ORIGIN:
+            in_section("origin", self.origin)
+        for i, server in enumerate(self.external):
+            in_section(f"external[{i}]", server)
+        return self
 
     @property
     def admin_token(self) -> str | None:
@@ -199,39 +282,129 @@ class NodeConfig:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
-def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
+_RATES = ("hit_rate", "hit_burst", "miss_rate", "miss_burst")
+
+
+def _check_rates(section: str, rates: Any) -> None:
+    for name in _RATES:
+        try:
+            at_least(rates, name, 0)
+        except ConfigError as exc:
+            raise ConfigError(f"[{section}] {exc}") from None
+
+
+def _check_api(api: ApiSettings) -> None:
+    for name in ("max_input_chars", "max_body_bytes", "url_ttl"):
+        in_section("api", _Bound(api, name, 1))
+    if api.public_base:
+        in_section("api", _Url("public_base", api.public_base))
+    for tenant, settings in api.tenants.items():
+        _check_rates(f"api.tenants.{tenant}", settings)
+        in_section(f"api.tenants.{tenant}", _Bound(settings, "realtime_sessions", 0))
+        in_section(f"api.tenants.{tenant}", _Bound(settings, "realtime_chars_per_second", 0))
+
+
+def _check_limits(limits: LimitSettings) -> None:
+    _check_rates("limits", limits)
+    in_section("limits", _Bound(limits, "max_buckets", 1))
+    for policy, rates in limits.policy.items():
+        if Policy.parse(policy) is None:
+            raise ConfigError(f"[limits.policy] {policy!r} is not one of hot, personal, draft")
+        _check_rates(f"limits.policy.{policy}", rates)
+
+
+@dataclass(frozen=True, slots=True)
+class _Bound:
+    """One lower bound on a setting of a section whose class has no `validate`."""
+
+    settings: Any
+    name: str
+    low: float
+
+    def validate(self) -> None:
+        at_least(self.settings, self.name, self.low)
+
+
+@dataclass(frozen=True, slots=True)
+class _Url:
+    name: str
+    value: str
+
+    def validate(self) -> None:
+        http_url(self.name, self.value)
+
+
+def _build(cls: type[Any], data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{where}] must be a table, not {_shown(data)}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"unknown setting(s) in [{where}]: {', '.join(unknown)}")
+        raise ConfigError(f"unknown setting(s) in [{where}]: {', '.join(unknown)}")
+    hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
     for name, value in data.items():
         default = getattr(cls(), name)
+        place = f"{where}.{name}".strip(".")
         if dataclasses.is_dataclass(default):
-            values[name] = _build(type(default), value, f"{where}.{name}".strip("."))
+            values[name] = _build(type(default), value, place)
         elif (cls, name) in _TABLE_MAPS:
             item = _TABLE_MAPS[(cls, name)]
             if not isinstance(value, dict):
-                raise ValueError(f"[{where}.{name}] must be a table".replace("[.", "["))
+                raise ConfigError(f"[{place}] must be a table, not {_shown(value)}")
             values[name] = {
-                str(key): _build(item, entry, f"{where}.{name}.{key}".strip("."))
-                for key, entry in value.items()
+                str(key): _build(item, entry, f"{place}.{key}") for key, entry in value.items()
             }
         elif (cls, name) in _TABLE_ARRAYS:
             item = _TABLE_ARRAYS[(cls, name)]
+            if not isinstance(value, list):
+                raise ConfigError(f"{place}: must be an array of tables, not {_shown(value)}")
             values[name] = tuple(
-                _build(item, entry, f"{where}.{name}[{i}]".strip("."))
-                for i, entry in enumerate(value)
+                _build(item, entry, f"{place}[{i}]") for i, entry in enumerate(value)
             )
-        elif isinstance(default, tuple):
-            values[name] = tuple(value)
-        elif isinstance(default, Path):
-            values[name] = Path(value)
-        elif isinstance(default, StrEnum):
-            values[name] = type(default)(value)
         else:
-            values[name] = value
+            values[name] = _typed(value, hints[name], place)
     return cls(**values)
+
+
+def _typed(value: Any, hint: Any, place: str) -> Any:
+    """`value` as a setting of type `hint`, or a ConfigError naming `place`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{place}: must be an array, not {_shown(value)}")
+        return tuple(_typed(v, args[0], f"{place}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{place}: must be a table, not {_shown(value)}")
+        return {str(k): _typed(v, args[1], f"{place}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{place}: must be true or false, not {_shown(value)}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{place}: must be an integer, not {_shown(value)}")
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{place}: must be a number, not {_shown(value)}")
+    if hint is str or hint is Path:
+        if isinstance(value, str):
+            return hint(value)
+        raise ConfigError(f"{place}: must be a string, not {_shown(value)}")
+    if isinstance(hint, type) and issubclass(hint, StrEnum):
+        allowed = [m.value for m in hint]
+        if value in allowed:
+            return hint(value)
+        raise ConfigError(f"{place}: must be one of {', '.join(allowed)}, not {_shown(value)}")
+    raise ConfigError(f"{place}: unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 _TABLE_ARRAYS: dict[tuple[type[Any], str], type[Any]] = {
@@ -247,22 +420,42 @@ _TABLE_MAPS: dict[tuple[type[Any], str], type[Any]] = {
 """Settings that are tables of tables (name -> table), and the dataclass of each value."""
 
 
-def load(path: Path | None = None, role: Role = Role.EDGE) -> NodeConfig:
-    """The role's defaults, overlaid with the TOML file at `path` if given."""
+def load(path: Path | None = None, role: Role | None = Role.EDGE) -> NodeConfig:
+    """The role's defaults, overlaid with the TOML file at `path` if given. A file of
+    another role is refused; `role=None` takes the file's own role (edge if it names none),
+    for commands that read a node's settings without running it."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        with path.open("rb") as f:
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        named = data.get("role", Role.EDGE.value if role is None else role.value)
+        if role is None:
+            role = _typed(named, Role, "role")
+        if named != role.value:
+            raise ConfigError(
+                f"{path} sets role = {named!r}, but this command runs the {role.value!r} role"
+            )
+    role = Role.EDGE if role is None else role
     base: dict[str, Any] = {"role": role.value}
     if role is Role.SHIELD:
         base["synth"] = {"enabled": False}
         base["data_dir"] = ".nearvoice/shield"
+        base["port"] = 8081
     if role is Role.ORIGIN:
         base["synth"] = {"voices": ["heart", "joe"], "providers": ["tensorrt", "cuda", "cpu"]}
         base["data_dir"] = ".nearvoice/origin"
+        base["port"] = 8082
     if path is not None:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
         for name, value in data.items():
             if isinstance(value, dict) and isinstance(base.get(name), dict):
                 base[name] = {**base[name], **value}
             else:
                 base[name] = value
-    config: NodeConfig = _build(NodeConfig, base, "")
-    return config
+    try:
+        config: NodeConfig = _build(NodeConfig, base, "")
+        return config.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None

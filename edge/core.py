@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from edge.cache.fill import Fill, FillFailed
+from edge.cache.fill import Fill, FillFailed, FillState
 from edge.cache.hot import SharedFile
 from edge.errors import BadGateway, GatewayTimeout, RequestError, ServiceUnavailable
 from edge.http.deliver import Delivered
@@ -158,7 +158,12 @@ async def _from_fill(
         raise
     finally:
         fill.readers -= 1
-    return delivered, result, Source.UPSTREAM if fill.from_upstream else Source.SYNTH
+    source = Source.UPSTREAM if fill.from_upstream else Source.SYNTH
+    if fill.state is FillState.FAILED:
+        # The headers had gone out when the fill failed (an upstream body cut short, an
+        # engine failing mid-render): the client got a broken transfer, not its object.
+        return delivered, Result.ERROR, source
+    return delivered, result, source
 
 
 def fill_error(exc: FillFailed) -> RequestError:

@@ -4,10 +4,11 @@ through the hot tier and the disk store, rendering misses, storing, and purging.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -17,7 +18,7 @@ from edge.cache.fill import Fill, FillFailed, FillState
 from edge.cache.hot import HotEntry, HotTier, PurgeStamp, SharedFile
 from edge.cache.hotkeys import SpaceSaving
 from edge.cache.meta import ObjectMeta
-from edge.cache.store import DiskStore, Outcome
+from edge.cache.store import DiskStore, Opened, Outcome
 from edge.config import NodeConfig
 from edge.errors import BadRequest, RequestError
 from edge.formats import AudioFormat
@@ -29,6 +30,7 @@ from edge.nodeauth import verify_node_request
 from edge.prefetch import Prefetcher
 from edge.producer import Producer
 from edge.spec import KEY_RE
+from edge.synth.priority import CURRENT, Priority, RenderTicket
 from edge.synth.renderer import Renderer
 from edge.token import Grant, check_query_shape, check_use, verify_signature
 from edge.upstream import Upstreams
@@ -36,11 +38,14 @@ from edge.voices import for_config
 from edge.workers import Siblings, worker_index
 
 log = logging.getLogger("nearvoice.node")
-IO_THREADS = 4  # disk lookups and commits; they are short and mostly wait on the kernel
+IO_THREADS = 4  # commits, deletes and bookkeeping: they fsync, so they may wait long
+HIT_THREADS = 4  # disk lookups of hits, kept apart so a burst of commits never delays them
+SIBLING_PURGE_REREADS = 2  # times a lookup reads again when sibling workers purge meanwhile
 GRANT_MEMO_SIZE = 8192  # verified URLs remembered; each is a few hundred bytes
 PURGE_CHECK_INTERVAL = 0.05  # seconds between checks for purges made by sibling workers
 FILL_GRACE = 5.0  # seconds a completed fill stays joinable after its commit
 STOP_GRACE = 10.0  # seconds a stopping node waits for fills under way
+MEMORY_RETRY_AFTER = 1  # seconds a miss refused for the fill budget should wait
 
 
 @dataclass(slots=True)
@@ -78,6 +83,11 @@ class Node:
         self.purges = PurgeStamp(data / "purge.stamp")
         self.hotkeys = SpaceSaving(config.hotkeys_capacity)
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="io")
+        self.hit_io = ThreadPoolExecutor(HIT_THREADS, thread_name_prefix="hit")
+        self._reading: dict[str, list[_DiskRead]] = {}
+        """Lookups waiting on the disk, by key: a purge marks them so they cannot undo it."""
+        self._purging: Counter[str] = Counter()
+        """Keys whose purge has not finished deleting them from disk yet."""
         self.ready = False
         self._recent: set[str] = set()
         self.voices = for_config(config)
@@ -91,6 +101,8 @@ class Node:
         )
         self._purge_checked = 0.0
         self._fills: dict[str, Fill] = {}
+        self._tickets: dict[str, RenderTicket] = {}
+        """Render tickets of fills started by prefetches, for players joining them."""
         self._tasks: set[asyncio.Task[None]] = set()
         self.upstreams = Upstreams(config.upstreams, keyring, config.upstream)
         self.producer = Producer(
@@ -104,7 +116,6 @@ class Node:
         """The node's one rate limiter, shared by its doors (edge.limits)."""
         self.siblings = Siblings(config, keyring, self.metrics.registry, worker_index())
         """The node's other workers (edge.workers): who produces a key, and the channel."""
-        self._purge_epoch = 0  # purges seen by this worker, its siblings' included
 
     @property
     def renderer(self) -> Renderer | None:
@@ -130,6 +141,7 @@ class Node:
 
     def close(self) -> None:
         self.hot.clear()
+        self.hit_io.shutdown(wait=True)
         self.io.shutdown(wait=True)
         self.store.close()
         if self.renderer is not None:
@@ -166,7 +178,9 @@ class Node:
                 grant = self._verify_url(key, ext, fields, repeated)
                 self._grants[target] = grant
                 if len(self._grants) > GRANT_MEMO_SIZE:
-                    self._grants.popitem(last=False)
+                    self._grants.popitem(last=False)  # the least recently used
+            else:
+                self._grants.move_to_end(target)
             if trusted or (
                 node_signature is not None
                 and verify_node_request(self.keyring, node_signature, method, target)
@@ -199,6 +213,7 @@ class Node:
             check_use(grant, client_ip=client_ip, now=now, skew=self.config.http.clock_skew)
         except RequestError:
             return None
+        self._grants.move_to_end(target)
         return grant
 
     def _verify_url(self, key: str, ext: str, query: Mapping[str, str], repeated: bool) -> Grant:
@@ -230,18 +245,7 @@ class Node:
         now = time.time()
         entry = self.hot_entry(key, now)
         if entry is None:
-            loop = asyncio.get_running_loop()
-            while True:
-                epoch = self._purge_epoch
-                opened = await loop.run_in_executor(
-                    self.io, self.store.open, key, self.config.hot.max_object_bytes
-                )
-                if epoch == self._purge_epoch:
-                    break
-                # A purge (here or in a sibling) ran meanwhile: what was opened may be
-                # the purged object, which must not enter the hot tier. Look again.
-                if opened.fd >= 0:
-                    os.close(opened.fd)
+            opened = await self._read_disk(key)
             if opened.outcome is Outcome.CORRUPT:
                 log.warning("dropped corrupt cache entry %s", key)
             if opened.outcome is not Outcome.HIT or opened.meta is None:
@@ -254,6 +258,35 @@ class Node:
             self.count_hit(key)
         return Held(entry.meta, entry.body, entry.file)
 
+    async def _read_disk(self, key: str) -> Opened:
+        """`store.open` in the hit pool. A purge of `key` by this worker that lands while
+        it waits makes it a miss: what it read may be the purged object, and putting that
+        in the hot tier would undo the purge. With several workers, any purge by a sibling
+        meanwhile (the shared stamp moved; it moves after the delete) means reading again."""
+        shared = self.config.workers > 1
+        for _ in range(SIBLING_PURGE_REREADS + 1):
+            read = _DiskRead(self.purges.read() if shared else 0)
+            self._reading.setdefault(key, []).append(read)
+            loop = asyncio.get_running_loop()
+            try:
+                opened = await loop.run_in_executor(
+                    self.hit_io, self.store.open, key, self.config.hot.max_object_bytes
+                )
+            finally:
+                waiting = self._reading[key]
+                waiting.remove(read)
+                if not waiting:
+                    del self._reading[key]
+            moved = shared and self.purges.read() != read.stamp
+            purged = read.purged or key in self._purging
+            if opened.outcome is not Outcome.HIT or not (purged or moved):
+                return opened
+            if opened.fd >= 0:
+                os.close(opened.fd)
+            if purged:
+                break
+        return Opened(Outcome.MISS)
+
     def hot_entry(self, key: str, now: float) -> HotEntry | None:
         """The hot tier's fresh entry for `key`, without counting a hit; the synchronous
         first step of `lookup`, shared with the fast path (edge.http.fastpath)."""
@@ -262,7 +295,6 @@ class Node:
             self._purge_checked = now
             if self.purges.changed():
                 self.hot.clear()
-                self._purge_epoch += 1
         return self.hot.get(key, now)
 
     def count_hit(self, key: str) -> None:
@@ -281,8 +313,12 @@ class Node:
         rather than start one: what a limiter's hit or miss scope is decided by."""
         return _fill_key(grant) in self._fills
 
-    def obtain(self, grant: Grant, target: str) -> tuple[Fill, bool]:
+    def obtain(
+        self, grant: Grant, target: str, *, priority: Priority = Priority.PLAYER
+    ) -> tuple[Fill, bool]:
         """The fill for `grant`'s object, started if none is under way; True if joined.
+        A render it queues waits its turn by `priority`; a player joining a prefetch's
+        fill moves its render up to a player's.
 
         Synchronous on purpose: between the check and the insert nothing else runs, so
         concurrent misses for one key can never start two producers.
@@ -291,19 +327,58 @@ class Node:
         fill = self._fills.get(name)
         if fill is not None:
             fill.readers += 1
+            ticket = self._tickets.get(name)
+            if ticket is not None and priority is Priority.PLAYER:
+                ticket.hurry()
             return fill, True
         fill = Fill(grant.spec.key)
         fill.readers = 1
+        if not self._fills_within_budget():
+            log.warning("fills hold more than [memory] fill_budget; refusing a miss")
+            fill.fail(
+                FillFailed(
+                    "memory_budget",
+                    "this node holds as many objects in production as its memory allows",
+                    retry_after=MEMORY_RETRY_AFTER,
+                )
+            )
+            return fill, False
         self._fills[name] = fill
-        task = asyncio.create_task(self._run(fill, name, grant, target), name=f"fill-{name}")
+        ticket = RenderTicket(priority)
+        if priority is not Priority.PLAYER:
+            self._tickets[name] = ticket
+        context = contextvars.copy_context()
+        context.run(CURRENT.set, ticket)  # the fill's renders queue with this ticket
+        task = asyncio.create_task(
+            self._run(fill, name, grant, target), name=f"fill-{name}", context=context
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return fill, False
 
+    def _fills_within_budget(self) -> bool:
+        """Whether the bodies held by fills are under `[memory] fill_budget`, once
+        completed fills (lingering only to be joined) have been let go if need be."""
+        budget = self.config.memory.fill_budget
+        held = sum(fill.size for fill in self._fills.values())
+        if held < budget:
+            return True
+        for name, fill in list(self._fills.items()):
+            if not fill.is_running():
+                del self._fills[name]  # a later request finds it on disk instead
+                held -= fill.size
+                if held < budget:
+                    return True
+        return False
+
     async def _run(self, fill: Fill, name: str, grant: Grant, target: str) -> None:
-        # The key's owning worker produces it; the others stream it from there.
-        if not await self.siblings.relay(fill, grant, target):
-            await self.producer.produce(fill, grant, target)
+        try:
+            # The key's owning worker produces it; the others stream it from there.
+            if not await self.siblings.relay(fill, grant, target):
+                await self.producer.produce(fill, grant, target)
+        finally:
+            if self._tickets.get(name) is CURRENT.get():
+                del self._tickets[name]
         if fill.is_running():  # produce() always ends the fill; be safe if that ever changes
             fill.fail(FillFailed("internal_error", "producer ended without a result"))
         if fill.state is FillState.DONE and fill.stored:
@@ -323,6 +398,16 @@ class Node:
         """Removes `key` from every tier of this node, the origin's persistent store
         included; True if any of them held it. Siblings are told by the caller
         (`Siblings.purge`); the stamp bumped here covers those that cannot be."""
+        # The URL memo stays: a purge changes what is cached, not which URLs are valid.
+        self._purging[key] += 1
+        try:
+            return await self._purge(key)
+        finally:
+            self._purging[key] -= 1
+            if not self._purging[key]:
+                del self._purging[key]
+
+    async def _purge(self, key: str) -> bool:
         self.forget(key)
         loop = asyncio.get_running_loop()
         removed = await loop.run_in_executor(self.io, self.store.delete, key)
@@ -334,12 +419,13 @@ class Node:
 
     def forget(self, key: str) -> None:
         """Drops what this worker holds of `key` in memory: its hot entry, its hot-key
-        counter and its fills, which must neither commit nor be joined after this (their
-        bytes are exactly what is being purged). Fills under way keep streaming to the
-        listeners they have."""
-        self._purge_epoch += 1
+        counter, lookups of it waiting on the disk (they must not refill the hot tier) and
+        its fills, which must neither commit nor be joined after this (their bytes are
+        exactly what is being purged). Fills under way keep streaming to the listeners
+        they have. Called by `purge`, and by a sibling worker's purge (edge.workers)."""
         self.hot.drop(key)
-        self._grants.clear()
+        for read in self._reading.get(key, ()):
+            read.purged = True
         self.hotkeys.discard(key)
         for name in (key, f"draft:{key}"):
             fill = self._fills.pop(name, None)
@@ -358,6 +444,18 @@ class Node:
         self.metrics.cache_bytes.set(volume)
         self.metrics.cache_objects.set(count)
         return volume, count
+
+
+class _DiskRead:
+    """A lookup waiting on the disk."""
+
+    __slots__ = ("purged", "stamp")
+
+    def __init__(self, stamp: int) -> None:
+        self.purged = False
+        """A purge of its key landed meanwhile."""
+        self.stamp = stamp
+        """The shared purge stamp when it started (several workers only)."""
 
 
 def _volume_and_count(store: DiskStore) -> tuple[int, int]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from edge.checks import at_least
+
 
 class Policy(StrEnum):
     HOT = "hot"  # shared templates and popular lines
@@ -42,6 +44,10 @@ class Retention:
     """Seconds a `hot` object stays fresh (the contract asks for 24 h or more)."""
     personal: int = 3600
     """Seconds a `personal` object stays fresh."""
+
+    def validate(self) -> None:
+        at_least(self, "hot", 86400)  # the contract: 24 h or more (DESIGN.md section 3)
+        at_least(self, "personal", 1)
 
     def ttl(self, policy: Policy) -> int:
         if policy is Policy.HOT:

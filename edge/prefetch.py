@@ -3,8 +3,10 @@
 A job takes signed URLs (as players would fetch them) or plain specs (the admin is
 trusted, so the node signs them itself), and fills each missing object through the normal
 path, so prefetches collapse with player requests and go upstream when rendering here is not
-possible. At most `CONCURRENCY` objects of a job are in flight at once; the node keeps the
-last `KEEP_JOBS` jobs for progress queries.
+possible. At most `[prefetch] concurrency` objects of a job are in flight at once, a job
+holds at most `[prefetch] max_specs` items, and `DELETE /admin/prefetch/{id}` cancels one;
+the node keeps the last `KEEP_JOBS` jobs for progress queries. Drafts are refused: they are
+never stored, so warming one would only spend a render.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from edge.cache.fill import FillFailed
+from edge.checks import between
 from edge.errors import BadRequest, RequestError
 from edge.formats import AudioFormat
 from edge.policy import Policy
 from edge.spec import Spec, SpecError
+from edge.synth.priority import Priority
 from edge.token import Grant, sign_url
 from edge.voices import UnknownVoice, resolve
 
@@ -32,11 +36,22 @@ if TYPE_CHECKING:
     from edge.node import Node
 
 log = logging.getLogger("nearvoice.prefetch")
-CONCURRENCY = 2  # objects of one job produced at once
 KEEP_JOBS = 100  # finished jobs remembered for progress queries
-MAX_ITEMS = 10_000  # items one job may hold
 SPEC_TTL = 3600  # seconds the node's own signature on a spec item stays valid
 _SPEECH = "/v1/speech/"
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchSettings:
+    max_specs: int = 1000
+    """Items (URLs and specs together) one prefetch job may hold; a longer list is
+    refused with 400, so no single request can keep the renderers busy for hours."""
+    concurrency: int = 2
+    """Objects of one job produced at once."""
+
+    def validate(self) -> None:
+        between(self, "max_specs", 1, 100_000)
+        between(self, "concurrency", 1, 64)
 
 
 @dataclass(slots=True)
@@ -49,9 +64,12 @@ class Job:
     errors: list[str] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
+    cancelled: bool = False
 
     @property
     def state(self) -> str:
+        if self.cancelled:
+            return "cancelled"
         return "finished" if self.finished_at is not None else "running"
 
     def report(self) -> dict[str, Any]:
@@ -70,7 +88,7 @@ class Prefetcher:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def items(self, payload: Any) -> list[tuple[str, Grant | None]]:
         """Validates a request body into (target, grant-or-None) pairs; URLs are authorized
@@ -80,8 +98,11 @@ class Prefetcher:
         urls, specs = payload.get("urls", []), payload.get("specs", [])
         if not isinstance(urls, list) or not isinstance(specs, list):
             raise BadRequest("bad_items", "urls and specs must be lists")
-        if not 0 < len(urls) + len(specs) <= MAX_ITEMS:
-            raise BadRequest("bad_items", f"a job takes 1..{MAX_ITEMS} items")
+        limit = self.node.config.prefetch.max_specs
+        if not urls and not specs:
+            raise BadRequest("bad_items", "a job needs at least one URL or spec")
+        if len(urls) + len(specs) > limit:
+            raise BadRequest("too_many_items", f"a job takes at most {limit} items")
         out: list[tuple[str, Grant | None]] = []
         for url in urls:
             if not isinstance(url, str):
@@ -89,6 +110,8 @@ class Prefetcher:
             parts = urlsplit(url)
             if not parts.path.startswith(_SPEECH):
                 raise BadRequest("bad_items", f"not a speech URL: {url[:80]!r}")
+            if ("p", Policy.DRAFT.value) in parse_qsl(parts.query):
+                raise BadRequest("draft_prefetch", "drafts are never stored; nothing to warm")
             out.append((f"{parts.path}?{parts.query}", None))
         for item in specs:
             grant = self._grant_for(item)
@@ -109,6 +132,8 @@ class Prefetcher:
             voice = resolve(str(item.get("voice", "heart")), self.node.voices)
             fmt = AudioFormat(str(item.get("format", "wav")))
             policy = Policy(str(item.get("policy", "hot")))
+            if not policy.stored:
+                raise BadRequest("draft_prefetch", "drafts are never stored; nothing to warm")
             spec = Spec.create(
                 text=item["text"],
                 voice=voice.name,
@@ -132,8 +157,20 @@ class Prefetcher:
         while len(self.jobs) > KEEP_JOBS:
             self.jobs.popitem(last=False)
         task = asyncio.get_running_loop().create_task(self._run(job, items))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[job.id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
+        return job
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Stops a job: no further item of it starts. Renders it already started finish
+        (players may have joined them). None for an unknown job."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return None
+        task = self._tasks.get(job_id)
+        if task is not None and not task.done():
+            job.cancelled = True
+            task.cancel()
         return job
 
     async def _run(self, job: Job, items: list[tuple[str, Grant | None]]) -> None:
@@ -144,7 +181,8 @@ class Prefetcher:
                 await self._one(job, target, grant)
 
         try:
-            await asyncio.gather(*(worker() for _ in itertools.repeat(None, CONCURRENCY)))
+            workers = itertools.repeat(None, self.node.config.prefetch.concurrency)
+            await asyncio.gather(*(worker() for _ in workers))
         finally:
             job.finished_at = time.time()
 
@@ -158,9 +196,14 @@ class Prefetcher:
                 held.close()
             if held is not None and not held.stale:
                 job.cached += 1
+            elif not grant.policy.stored:
+                raise BadRequest("draft_prefetch", "drafts are never stored; nothing to warm")
             else:
-                fill, _ = node.obtain(grant, target)
-                await fill.until_done()
+                fill, _ = node.obtain(grant, target, priority=Priority.PREFETCH)
+                try:
+                    await fill.until_done()
+                finally:
+                    fill.readers -= 1
         except (RequestError, FillFailed) as exc:
             job.failed += 1
             job.errors.append(f"{target.split('?')[0]}: {getattr(exc, 'code', exc)}")
@@ -184,8 +227,8 @@ class Prefetcher:
         return self.node.authorize(target, key, ext, parsed, None, trusted=True)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
+        for task in list(self._tasks.values()):
             task.cancel()
-        for task in list(self._tasks):
+        for task in list(self._tasks.values()):
             with contextlib.suppress(asyncio.CancelledError):
                 await task

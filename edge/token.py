@@ -128,6 +128,26 @@ def sign_url(
     return f"{base.rstrip('/')}{speech_path(spec)}?{urlencode(query)}"
 
 
+def check_sign_limits(
+    spec: Spec, url: str, base: str, *, max_text_chars: int, max_line_size: int
+) -> None:
+    """Raises ValueError when nodes with these limits would refuse `url` (signed for
+    `spec` under `base`): a text longer than `max_text_chars` after normalization, or a
+    request line longer than `max_line_size` bytes. Signing such a URL helps no one."""
+    if len(spec.text) > max_text_chars:
+        raise ValueError(
+            f"the text is {len(spec.text)} characters after normalization; "
+            f"nodes refuse more than {max_text_chars} ([synth] max_text_chars)"
+        )
+    target = url[len(base.rstrip("/")) :]
+    line = len(f"GET {target} HTTP/1.1".encode())
+    if line > max_line_size:
+        raise ValueError(
+            f"the URL makes a {line}-byte request line; "
+            f"nodes refuse more than {max_line_size} ([http] max_line_size)"
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What a verified URL allows: this spec, under this policy, until `expires`."""

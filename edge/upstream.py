@@ -12,10 +12,13 @@ Resilience, all before the first byte:
   (connect errors, timeouts, 5xx, bodies broken mid-transfer) it opens and the upstream
   is skipped, so its keys go straight to their next choice instead of waiting for a
   timeout each. After `open_seconds` it lets one trial request through (half-open):
-  success closes it, failure opens it again. When every upstream is open, the key's home
-  upstream is tried anyway: trying beats failing without trying.
+  success closes it, failure opens it again. When every upstream is open, a miss fails at
+  once with `circuit_open` (503 with Retry-After, or a stale copy): holding players for a
+  timeout against upstreams known to be failing helps nobody.
 * When every upstream in the order failed, the whole order is tried again, up to
-  `retries` more times, after a full-jitter backoff. A 4xx is never retried (the upstream
+  `retries` more times, after a full-jitter backoff. One `deadline` bounds the whole
+  chain (connects, first bytes, backoffs): a miss never waits longer than that for its
+  first byte, whatever the number of upstreams and retries. A 4xx is never retried (the upstream
   refused the request itself; another one would too), and nothing is retried once a body
   byte has been handed to the caller.
 
@@ -33,9 +36,10 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from http import HTTPStatus
@@ -45,6 +49,7 @@ from aiohttp import hdrs
 from yarl import URL
 
 from edge.cache.fill import FillFailed
+from edge.checks import at_least, between, positive, require
 from edge.keyring import Keyring
 from edge.nodeauth import NODE_HEADER, sign_node_request
 
@@ -82,6 +87,30 @@ class UpstreamSettings:
     """Seconds: the backoff cap before the first retry; it doubles for each later one."""
     backoff_max: float = 0.5
     """Seconds: the largest backoff cap. The sleep is uniform in [0, cap] (full jitter)."""
+    deadline: float = 6.0
+    """Seconds one miss may spend getting a first byte from upstream, over its whole chain
+    of attempts (connects, first bytes, backoffs and retries); a node in front of this one
+    should allow more than this."""
+
+    def validate(self) -> None:
+        for name in ("connect_timeout", "first_byte_timeout", "read_timeout", "open_seconds"):
+            positive(self, name)
+        positive(self, "deadline")
+        at_least(self, "first_byte_estimate", 0)
+        at_least(self, "failure_threshold", 1)
+        between(self, "retries", 0, 10)
+        at_least(self, "backoff_base", 0)
+        require(
+            self.backoff_max >= self.backoff_base,
+            "backoff_max",
+            f"{self.backoff_max} is less than backoff_base ({self.backoff_base})",
+        )
+        require(
+            self.connect_timeout <= self.first_byte_timeout <= self.deadline,
+            "first_byte_timeout",
+            "must hold connect_timeout <= first_byte_timeout <= deadline, not "
+            f"{self.connect_timeout} <= {self.first_byte_timeout} <= {self.deadline}",
+        )
 
 
 def rendezvous_order(key: str, bases: tuple[str, ...]) -> list[str]:
@@ -174,6 +203,12 @@ class CircuitBreaker:
     def abandon(self) -> None:
         """A request ended with no verdict: free the trial slot, change nothing else."""
         self._trial = False
+
+    def reopens_in(self) -> float:
+        """Seconds until an open breaker half-opens (0 when it is not open)."""
+        if self._opened_at is None:
+            return 0.0
+        return max(0.0, self._opened_at + self.open_seconds - self._clock())
 
 
 @dataclass(slots=True)
@@ -279,33 +314,21 @@ class Upstreams:
         # the node signature covers it); yarl must not requote.
         return URL(base + target, encoded=True)
 
-    def _candidates(self, order: list[str], failures: list[str]) -> Iterator[str]:
-        """The upstreams to try in one round, in `order`, skipping open breakers; the home
-        upstream when every breaker is open. Lazy: a breaker is asked only when its turn
-        comes, so a half-open trial slot is taken only by a request that is really sent."""
-        tried = False
-        for base in order:
-            if self._breakers[base].allow():
-                tried = True
-                yield base
-            else:
-                failures.append(f"{base}: circuit open")
-        if not tried:
-            yield order[0]  # better than failing without trying
-
     async def _open(
         self,
         session: aiohttp.ClientSession,
         base: str,
         target: str,
         headers: dict[str, str],
+        patience: float,
     ) -> aiohttp.ClientResponse | str:
-        """One GET to `base`: its 200 response, or why to fail over ("timeout", an error
-        name, a 5xx status), with the outcome recorded on the upstream's breaker. A 4xx
-        raises FillFailed: the upstream refused the request itself; another one would too."""
+        """One GET to `base` given `patience` seconds for its first byte: its 200 response,
+        or why to fail over ("timeout", an error name, a 5xx status), with the outcome
+        recorded on the upstream's breaker. A 4xx raises FillFailed: the upstream refused
+        the request itself; another one would too."""
         breaker = self._breakers[base]
         try:
-            return await self._attempt(session, base, target, headers, breaker)
+            return await self._attempt(session, base, target, headers, breaker, patience)
         except FillFailed:
             raise
         except BaseException:
@@ -319,12 +342,16 @@ class Upstreams:
         target: str,
         headers: dict[str, str],
         breaker: CircuitBreaker,
+        patience: float,
     ) -> aiohttp.ClientResponse | str:
         try:
-            async with asyncio.timeout(self.settings.first_byte_timeout):
+            async with asyncio.timeout(patience):
                 response = await session.get(self._url(base, target), headers=headers)
         except TimeoutError:
-            breaker.failure()
+            if patience < self.settings.first_byte_timeout:
+                breaker.abandon()  # cut short by the miss's deadline: no verdict on it
+            else:
+                breaker.failure()
             return "timeout"
         except aiohttp.ClientError as exc:
             breaker.failure()
@@ -333,7 +360,7 @@ class Upstreams:
             breaker.success()
             return response
         try:
-            async with asyncio.timeout(self.settings.first_byte_timeout):
+            async with asyncio.timeout(patience):
                 body = await response.read()  # an error page: short, or cut short
         except (aiohttp.ClientError, TimeoutError):
             body = b""
@@ -351,7 +378,9 @@ class Upstreams:
     async def fetch(self, key: str, target: str) -> AsyncIterator[Fetched]:
         """Opens the object at `target` (a signed path and query) on the first upstream that
         answers 200, in the key's rendezvous order, skipping upstreams whose breaker is
-        open; retries the whole order with backoff when all of them failed."""
+        open; retries the whole order with backoff when all of them failed. Everything up
+        to the first byte fits in `deadline` seconds; when every breaker is open it fails
+        at once (`circuit_open`, with the seconds until one lets a trial through)."""
         session = self._session
         if session is None or not self.bases:
             raise FillFailed("no_upstream", "no upstream is configured", retry_after=5)
@@ -359,31 +388,72 @@ class Upstreams:
             NODE_HEADER: sign_node_request(self.keyring, hdrs.METH_GET, target),
             hdrs.ACCEPT_ENCODING: "identity",
         }
+        base, response = await self._first_answer(session, key, target, headers)
+        try:
+            yield Fetched(base, response, self._breakers[base])
+        finally:
+            response.release()
+
+    async def _first_answer(
+        self,
+        session: aiohttp.ClientSession,
+        key: str,
+        target: str,
+        headers: dict[str, str],
+    ) -> tuple[str, aiohttp.ClientResponse]:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.deadline
+        order = rendezvous_order(key, self.bases)
         failures: list[str] = []
         timed_out = False
-        order = rendezvous_order(key, self.bases)
-        loop = asyncio.get_running_loop()
-        for attempt in range(self.settings.retries + 1):
+        for attempt in range(settings.retries + 1):
             if attempt:
-                await asyncio.sleep(backoff_delay(attempt - 1, self.settings, self._random))
-            for base in self._candidates(order, failures):
+                pause = backoff_delay(attempt - 1, settings, self._random)
+                if loop.time() + pause >= deadline:
+                    break
+                await asyncio.sleep(pause)
+            tried = False
+            for base in order:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                # Asked only when its turn comes, so a half-open breaker's trial slot is
+                # taken only by a request that is really sent.
+                if not self._breakers[base].allow():
+                    failures.append(f"{base}: circuit open")
+                    continue
+                tried = True
                 started = loop.time()
-                outcome = await self._open(session, base, target, headers)
+                patience = min(settings.first_byte_timeout, remaining)
+                outcome = await self._open(session, base, target, headers, patience)
                 if isinstance(outcome, str):
                     timed_out = timed_out or outcome == "timeout"
                     failures.append(f"{base}: {outcome}")
                     continue
                 elapsed = loop.time() - started
                 self._first_byte += EWMA_WEIGHT * (elapsed - self._first_byte)
-                try:
-                    yield Fetched(base, outcome, self._breakers[base])
-                finally:
-                    outcome.release()
-                return
+                return base, outcome
+            if not tried and attempt == 0 and not timed_out:
+                # Every upstream is known to be failing: say so now rather than hold the
+                # player for a timeout; the caller serves a stale copy if it has one.
+                wait = self._reopens_in(order)
+                raise FillFailed(
+                    "circuit_open",
+                    f"every upstream is failing; the next trial in {wait} s",
+                    retry_after=wait,
+                )
+            if not tried or loop.time() >= deadline:
+                break
         log.warning("all upstreams failed for %s: %s", key, "; ".join(failures))
         if timed_out:
             raise FillFailed("upstream_timeout", "upstreams did not answer in time", RETRY_AFTER)
         raise FillFailed("upstream_unavailable", "no upstream could serve the object", RETRY_AFTER)
+
+    def _reopens_in(self, order: list[str]) -> int:
+        """Whole seconds (at least 1) until the first of `order`'s breakers half-opens."""
+        return max(1, math.ceil(min(self._breakers[base].reopens_in() for base in order)))
 
     async def verify(self, key: str, target: str, base: str, size: int, sha256_hex: str) -> bool:
         """Whether the upstream at `base` confirms that the object at `target` is `size`

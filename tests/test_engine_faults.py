@@ -234,7 +234,7 @@ async def failing_with_upstream(
         keyring,
         [engine],
         upstreams=(base,),
-        upstream=UpstreamSettings(connect_timeout=2.0, first_byte_timeout=10.0),
+        upstream=UpstreamSettings(connect_timeout=2.0, first_byte_timeout=10.0, deadline=12.0),
     )
     return app, client, upstream
 

@@ -28,7 +28,7 @@ from pytest_aiohttp import AiohttpClient
 from edge.app import create_app
 from edge.config import ADMIN_TOKEN_ENV, OriginSettings, Role, SynthSettings
 from edge.node import Node
-from edge.prefetch import MAX_ITEMS
+from edge.prefetch import PrefetchSettings
 from edge.spec import Spec
 from edge.synth.hibari_engine import HibariEngine
 from edge.token import speech_path
@@ -366,9 +366,17 @@ async def test_spec_item_with_a_fractional_seed_is_400(bare: Served, admin_token
 
 
 async def test_too_many_items_are_400(bare: Served, admin_token: str) -> None:
-    urls = [f"/v1/speech/{'0' * 64}.wav"] * (MAX_ITEMS + 1)  # the count is checked first
+    limit = PrefetchSettings().max_specs
+    assert limit == 1000
+    urls = [f"/v1/speech/{'0' * 64}.wav"] * (limit + 1)  # the count is checked first
     answer = await post_json(bare.client, "/admin/prefetch", 400, headers=AUTH, json={"urls": urls})
-    assert answer["error"] == "bad_items"
+    assert answer["error"] == "too_many_items"
+    specs = [{"text": f"line {n}"} for n in range(limit + 1)]
+    answer = await post_json(
+        bare.client, "/admin/prefetch", 400, headers=AUTH, json={"specs": specs}
+    )
+    assert answer["error"] == "too_many_items"
+    assert bare.node.prefetcher.jobs == {}
 
 
 async def test_unknown_job_is_404(bare: Served, admin_token: str) -> None:

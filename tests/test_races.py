@@ -8,6 +8,8 @@ import asyncio
 import gc
 import hashlib
 import os
+import stat
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,24 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from edge.app import create_app
 from edge.cache.hot import HotSettings
-from edge.cache.meta import etag_for
+from edge.cache.meta import ObjectMeta, etag_for
+from edge.cache.store import DiskStore, Opened, Outcome, StoreSettings
 from edge.config import ADMIN_TOKEN_ENV
-from edge.policy import Retention
+from edge.node import IO_THREADS
+from edge.policy import Policy, Retention
 from edge.spec import Spec
 from edge.synth.piper_engine import piper_model_id
 from edge.upstream import CHECKSUM_HEADER, UpstreamSettings
-from tests.support import make_config, make_keyring, make_spec, payload, put_object, sign
+from tests.support import (
+    eventually,
+    make_config,
+    make_keyring,
+    make_spec,
+    node_of,
+    payload,
+    put_object,
+    sign,
+)
 
 KEYRING = make_keyring()
 TOKEN = "admin-token-for-race-tests"
@@ -53,7 +66,8 @@ def open_cache_files(cache: Path) -> int:
 async def upstream(aiohttp_server: AiohttpServer, state: dict[str, Any]) -> str:
     async def speech(request: web.Request) -> web.Response:
         state["hits"] += 1
-        await asyncio.sleep(state.get("delay", 0))
+        if "release" in state:
+            await state["release"].wait()
         if state.get("status", 200) != 200:
             return web.Response(status=state["status"], text="down")
         body: bytes = state["body"]
@@ -146,23 +160,302 @@ async def test_an_object_is_sent_whole_when_the_hot_tier_holds_no_descriptors(
 async def test_requests_that_joined_a_failed_fill_also_get_the_stale_copy(
     aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer, tmp_path: Path
 ) -> None:
-    state: dict[str, Any] = {"hits": 0, "status": 503, "delay": 0.5}
+    release = asyncio.Event()
+    state: dict[str, Any] = {"hits": 0, "status": 503, "release": release}
     base = await upstream(aiohttp_server, state)
     config = make_config(
         tmp_path, upstreams=(base,), upstream=UpstreamSettings(retries=0, failure_threshold=100)
     )
     app = create_app(config, KEYRING, engines=[])
     client = await aiohttp_client(app)
+    node = node_of(app)
     spec = joe("stale, shared")
     body = payload(500, 3)
     put_object(app, spec, body, stored_at=time.time() - EXPIRED)
     url = sign(KEYRING, spec)
 
-    async def later(delay: float) -> tuple[int, bytes, str | None]:
-        await asyncio.sleep(delay)
-        return await get(client, url)
-
-    first, joined = await asyncio.gather(later(0), later(0.2))
-    for status, got, age in (first, joined):
+    first = asyncio.create_task(get(client, url))
+    await eventually(lambda: state["hits"] == 1)  # the fill is under way, held upstream
+    joined = asyncio.create_task(get(client, url))
+    # Both requests read the one fill before the upstream fails it.
+    await eventually(lambda: node._fills[spec.key].readers == 2)
+    release.set()
+    for status, got, age in await asyncio.gather(first, joined):
         assert (status, got) == (200, body)
         assert age is not None and int(age) >= EXPIRED
+    assert state["hits"] == 1
+
+
+# -- races found by reading the code ----------------------------------------------------------
+
+WAIT_LIMIT = 30.0  # seconds a held thread waits for the test's go-ahead at most
+
+
+async def test_a_purge_while_a_lookup_waits_on_the_disk_is_not_undone(
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    state: dict[str, Any] = {"hits": 0, "body": b"NEW" * 400}
+    base = await upstream(aiohttp_server, state)
+    app = create_app(make_config(tmp_path, upstreams=(base,)), KEYRING, engines=[])
+    client = await aiohttp_client(app)
+    node = node_of(app)
+    spec = joe("purged while being read")
+    put_object(app, spec, b"OLD" * 400)
+
+    # The real store's open, held after it has read the old object and before the
+    # lookup gets its answer back.
+    real_open = node.store.open
+    have_read, go = threading.Event(), threading.Event()
+
+    def held_open(key: str, read_below: int = 0) -> Opened:
+        opened = real_open(key, read_below)
+        have_read.set()
+        go.wait(WAIT_LIMIT)
+        return opened
+
+    monkeypatch.setattr(node.store, "open", held_open)
+    lookup = asyncio.create_task(node.lookup(spec.key))
+    assert await asyncio.to_thread(have_read.wait, WAIT_LIMIT)
+    monkeypatch.setattr(node.store, "open", real_open)
+    async with client.post("/admin/purge", json={"keys": [spec.key]}, headers=ADMIN) as resp:
+        assert (await resp.json())["purged"] == [spec.key]
+    go.set()
+    assert await lookup is None  # what it read was purged meanwhile
+    status, got, _ = await get(client, sign(KEYRING, spec))
+    assert (status, got) == (200, b"NEW" * 400)
+    assert state["hits"] == 1
+
+
+async def test_a_lookup_during_a_purges_disk_delete_does_not_refill_the_hot_tier(
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    state: dict[str, Any] = {"hits": 0, "body": b"NEW" * 400}
+    base = await upstream(aiohttp_server, state)
+    app = create_app(make_config(tmp_path, upstreams=(base,)), KEYRING, engines=[])
+    client = await aiohttp_client(app)
+    node = node_of(app)
+    spec = joe("read while its purge deletes it")
+    put_object(app, spec, b"OLD" * 400)
+
+    # The purge's delete from disk, held until the lookup below has read the disk.
+    real_delete = node.store.delete
+    deleting, go = threading.Event(), threading.Event()
+
+    def held_delete(key: str) -> bool:
+        deleting.set()
+        go.wait(WAIT_LIMIT)
+        return real_delete(key)
+
+    monkeypatch.setattr(node.store, "delete", held_delete)
+    purge = asyncio.create_task(node.purge(spec.key))
+    assert await asyncio.to_thread(deleting.wait, WAIT_LIMIT)
+    try:
+        assert await node.lookup(spec.key) is None  # the object is on disk, but going
+    finally:
+        go.set()
+    assert await purge
+    status, got, _ = await get(client, sign(KEYRING, spec))
+    assert (status, got) == (200, b"NEW" * 400)
+
+
+class CommitBetweenLooks:
+    """The store's real diskcache, with a commit of the same key landing right after the
+    first `get` answers "absent" (as a refill on another thread would)."""
+
+    def __init__(self, real: Any, commit: Any) -> None:
+        self._real = real
+        self._commit = commit
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._real
+
+    def get(self, *args: Any, **kwargs: Any) -> Any:
+        answer = self._real.get(*args, **kwargs)
+        if self._commit is not None:
+            commit, self._commit = self._commit, None
+            commit()
+        return answer
+
+
+def test_open_keeps_an_object_committed_between_its_two_looks(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path / "cache", StoreSettings(size_limit=1 << 30))
+    try:
+        spec = joe("refilled meanwhile")
+        body = payload(5000, 9)
+        meta = ObjectMeta(
+            key=spec.key,
+            content_type="audio/wav",
+            length=len(body),
+            etag=etag_for(spec.key),
+            sha256=hashlib.sha256(body).hexdigest(),
+            policy=Policy.HOT,
+            stored_at=time.time(),
+            ttl=3600,
+        )
+        real = store._cache
+        store._cache = CommitBetweenLooks(real, lambda: store.put(meta, body))
+        opened = store.open(spec.key)
+        store._cache = real
+        assert opened.outcome is not Outcome.CORRUPT
+        if opened.fd >= 0:
+            os.close(opened.fd)
+        assert store.contains(spec.key), "the fresh commit was deleted as corrupt"
+    finally:
+        store.close()
+
+
+def test_orphaned_value_files_are_collected_at_start(tmp_path: Path) -> None:
+    directory = tmp_path / "cache"
+    store = DiskStore(directory, StoreSettings(size_limit=1 << 30))
+    body = payload(3000, 4)
+    spec = joe("kept")
+    meta = ObjectMeta(
+        key=spec.key,
+        content_type="audio/wav",
+        length=len(body),
+        etag=etag_for(spec.key),
+        sha256=hashlib.sha256(body).hexdigest(),
+        policy=Policy.HOT,
+        stored_at=time.time(),
+        ttl=3600,
+    )
+    store.put(meta, body)
+    store.close()
+    # What a crash between the rename into the value store and the index commit leaves.
+    old = directory / "ab" / "cd"
+    old.mkdir(parents=True, exist_ok=True)
+    (old / "orphan.val").write_bytes(b"x" * 1000)
+    os.utime(old / "orphan.val", (0, 0))
+    (old / "young.val").write_bytes(b"y" * 10)  # a sibling worker may be mid-commit
+
+    store = DiskStore(directory, StoreSettings(size_limit=1 << 30))
+    try:
+        assert not (old / "orphan.val").exists()
+        assert (old / "young.val").exists()
+        opened = store.open(spec.key)
+        assert opened.outcome is Outcome.HIT
+        os.close(opened.fd)
+    finally:
+        store.close()
+
+
+def test_a_commit_syncs_the_directory_it_renamed_into(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = DiskStore(tmp_path / "cache", StoreSettings(size_limit=1 << 30))
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            synced.append(info.st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    try:
+        spec = joe("durable")
+        body = payload(2000, 5)
+        store.put(
+            ObjectMeta(
+                key=spec.key,
+                content_type="audio/wav",
+                length=len(body),
+                etag=etag_for(spec.key),
+                sha256=hashlib.sha256(body).hexdigest(),
+                policy=Policy.HOT,
+                stored_at=time.time(),
+                ttl=3600,
+            ),
+            body,
+        )
+        (value,) = [p for p in (tmp_path / "cache").rglob("*.val")]
+        assert value.parent.stat().st_ino in synced
+    finally:
+        store.close()
+
+
+async def test_hits_do_not_queue_behind_commits(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    app = create_app(make_config(tmp_path), KEYRING, engines=[])
+    client = await aiohttp_client(app)
+    node = node_of(app)
+    spec = joe("a hit during a burst of commits")
+    body = payload(4000, 6)
+    put_object(app, spec, body)
+    # Every commit thread busy (as fsyncs of a burst of misses keep them).
+    release = threading.Event()
+    loop = asyncio.get_running_loop()
+    busy = [loop.run_in_executor(node.io, release.wait, WAIT_LIMIT) for _ in range(IO_THREADS)]
+    try:
+        async with asyncio.timeout(WAIT_LIMIT / 2):
+            status, got, _ = await get(client, sign(KEYRING, spec))
+        assert (status, got) == (200, body)
+    finally:
+        release.set()
+        await asyncio.gather(*busy)
+
+
+async def test_the_url_memo_is_lru_and_survives_purges(
+    aiohttp_client: AiohttpClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    monkeypatch.setattr("edge.node.GRANT_MEMO_SIZE", 3)
+    app = create_app(make_config(tmp_path), KEYRING, engines=[])
+    client = await aiohttp_client(app)
+    node = node_of(app)
+    urls = {}
+    for name in "abcd":
+        spec = joe(f"memo {name}")
+        put_object(app, spec, payload(300, ord(name)))
+        urls[name] = (spec, sign(KEYRING, spec))
+    for name in "abca":  # a is used again: b is now the least recently used
+        assert (await get(client, urls[name][1]))[0] == 200
+    assert (await get(client, urls["d"][1]))[0] == 200
+
+    def memoized(name: str) -> bool:
+        return node.remembered(urls[name][1], "127.0.0.1", time.time()) is not None
+
+    assert [memoized(n) for n in "abcd"] == [True, False, True, True]
+    async with client.post(
+        "/admin/purge", json={"keys": [urls["a"][0].key]}, headers=ADMIN
+    ) as resp:
+        assert resp.status == 200
+    assert memoized("a") and memoized("c"), "a purge forgot verified URLs"
+
+
+async def test_prefetch_lets_go_of_the_fills_it_joined(
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    release = asyncio.Event()
+    state: dict[str, Any] = {"hits": 0, "body": b"warm" * 300, "release": release}
+    base = await upstream(aiohttp_server, state)
+    app = create_app(make_config(tmp_path, upstreams=(base,)), KEYRING, engines=[])
+    client = await aiohttp_client(app)
+    node = node_of(app)
+    spec = joe("prefetched")
+    urls = ["http://edge" + sign(KEYRING, spec)]
+    async with client.post("/admin/prefetch", json={"urls": urls}, headers=ADMIN) as resp:
+        job = await resp.json()
+    await eventually(lambda: state["hits"] == 1)
+    fill = node._fills[spec.key]
+    assert fill.readers == 1
+    release.set()
+    await eventually(lambda: node.prefetcher.jobs[job["id"]].state == "finished")
+    assert fill.readers == 0

@@ -381,24 +381,43 @@ async def test_keys_of_an_open_upstream_go_to_their_next_choice() -> None:
             assert a.gets == 1
 
 
-async def test_when_every_breaker_is_open_the_home_upstream_is_still_tried() -> None:
+async def test_when_every_breaker_is_open_a_miss_fails_at_once_until_a_trial() -> None:
     async with peers(Mode.UNAVAILABLE, Mode.UNAVAILABLE) as (a, b):
         key = key_with_order(a.base, b.base)
-        async with client(a.base, b.base, failure_threshold=1, open_seconds=60, retries=0) as up:
+        async with client(a.base, b.base, failure_threshold=1, open_seconds=0.5, retries=0) as up:
             with pytest.raises(FillFailed) as failed:
                 await fetch(up, key)
             assert failed.value.code == "upstream_unavailable"
             assert (up.breaker_state(a.base), up.breaker_state(b.base)) == ("open", "open")
             assert a.log == ["a", "b"]
 
-            with pytest.raises(FillFailed):
+            with pytest.raises(FillFailed) as failed:
                 await fetch(up, key)
-            assert a.log == ["a", "b", "a"]  # home only, not the other open one
+            assert failed.value.code == "circuit_open"
+            assert failed.value.retry_after == 1  # whole seconds until a trial, at least 1
+            assert a.log == ["a", "b"], "an upstream behind an open breaker was asked"
 
             a.mode = Mode.OK
-            assert await fetch(up, key) == (a.base, BODY)
+            await eventually(lambda: up.breaker_state(a.base) == "half_open")
+            assert await fetch(up, key) == (a.base, BODY)  # the trial
             assert up.breaker_state(a.base) == "closed"  # it proved itself
-            assert up.breaker_state(b.base) == "open"
+            assert up.breaker_state(b.base) != "closed"
+
+
+async def test_a_single_upstream_behind_an_open_breaker_is_not_asked() -> None:
+    async with (
+        peers(Mode.UNAVAILABLE) as (a,),
+        client(a.base, failure_threshold=2, open_seconds=60, retries=0) as up,
+    ):
+        for _ in range(2):
+            with pytest.raises(FillFailed):
+                await fetch(up, "k")
+        for _ in range(3):
+            with pytest.raises(FillFailed) as failed:
+                await fetch(up, "k")
+            assert failed.value.code == "circuit_open"
+            assert 1 <= (failed.value.retry_after or 0) <= 60
+        assert a.gets == 2
 
 
 # -- retries -------------------------------------------------------------------------------
@@ -424,16 +443,17 @@ async def test_a_retry_succeeds_when_the_upstream_recovers() -> None:
         assert a.gets == 3
 
 
-async def test_retries_still_skip_open_upstreams_and_fall_back_to_home() -> None:
+async def test_retries_stop_once_every_breaker_is_open() -> None:
     async with peers(Mode.UNAVAILABLE, Mode.UNAVAILABLE) as (a, b):
         key = key_with_order(a.base, b.base)
         async with client(
             a.base, b.base, failure_threshold=1, open_seconds=60, retries=2, backoff_base=0.01
         ) as up:
-            with pytest.raises(FillFailed):
+            with pytest.raises(FillFailed) as failed:
                 await fetch(up, key)
-        # Round 1 opens both; rounds 2 and 3 try only the home upstream.
-        assert a.log == ["a", "b", "a", "a"]
+        # Round 1 opens both; there is nobody left to retry.
+        assert failed.value.code == "upstream_unavailable"
+        assert a.log == ["a", "b"]
 
 
 async def test_4xx_is_not_retried_nor_failed_over() -> None:
@@ -499,6 +519,41 @@ async def test_first_byte_timeout_everywhere_is_upstream_timeout_after_retries()
         assert a.gets == 2
 
 
+async def test_one_deadline_bounds_every_attempt_and_retry_of_a_miss() -> None:
+    # Three rounds of a 0.3 s first-byte timeout would hold the miss for 0.9 s; the 0.45 s
+    # deadline allows the first attempt whole and what is left of it to the second.
+    async with (
+        peers(Mode.HANG) as (a,),
+        client(
+            a.base,
+            first_byte_timeout=0.3,
+            deadline=0.45,
+            failure_threshold=1000,
+            retries=2,
+            backoff_base=0.0,
+            backoff_max=0.0,
+        ) as up,
+    ):
+        with pytest.raises(FillFailed) as failed:
+            await fetch(up, "k")
+        assert failed.value.code == "upstream_timeout"
+        assert a.gets == 2
+        # The attempt the deadline cut short is no verdict on the upstream.
+        assert up.breaker(a.base).consecutive_failures == 1
+
+
+async def test_the_deadline_spans_failover_between_upstreams() -> None:
+    async with peers(Mode.HANG, Mode.HANG, Mode.OK) as (a, b, c):
+        key = key_with_order(a.base, b.base, c.base)
+        async with client(
+            a.base, b.base, c.base, first_byte_timeout=0.3, deadline=0.5, **CALM
+        ) as up:
+            with pytest.raises(FillFailed) as failed:
+                await fetch(up, key)
+            assert failed.value.code == "upstream_timeout"
+            assert (a.gets, b.gets, c.gets) == (1, 1, 0)
+
+
 async def test_slow_first_byte_within_the_timeout_is_served() -> None:
     async with peers(Mode.SLOW_OK, Mode.OK, delay=0.2) as (a, b):
         key = key_with_order(a.base, b.base)
@@ -561,3 +616,4 @@ def test_default_settings() -> None:
     assert settings.open_seconds == 5.0
     assert settings.retries == 2
     assert (settings.backoff_base, settings.backoff_max) == (0.05, 0.5)
+    assert settings.first_byte_timeout <= settings.deadline

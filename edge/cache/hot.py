@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.cache.meta import ObjectMeta
+from edge.checks import at_least, require
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,15 @@ class HotSettings:
     """Descriptors the tier may hold open."""
     revalidate_after: float = 10.0
     """Seconds an entry is served before the disk store is asked again."""
+
+    def validate(self) -> None:
+        for name in ("max_object_bytes", "memory_budget", "max_open_files", "revalidate_after"):
+            at_least(self, name, 0)
+        require(
+            self.max_object_bytes <= self.memory_budget,
+            "max_object_bytes",
+            f"{self.max_object_bytes} is more than memory_budget ({self.memory_budget})",
+        )
 
 
 class SharedFile:

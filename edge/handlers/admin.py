@@ -9,7 +9,8 @@
   merged over the node's workers.
 * `POST /admin/prefetch` `{"urls": [...], "specs": [...]}`: warms objects in the background;
   answers 202 with a job id. `GET /admin/prefetch/{id}`: the job's progress, asked of the
-  worker running it when that is another one.
+  worker running it when that is another one; `DELETE /admin/prefetch/{id}`: cancels it (no
+  further item starts).
 
 A purge with `"cascade": true` is repeated at each key's home upstream (a shield, which
 cascades on to its origin), so a purged object is gone from every tier that could refill it.
@@ -123,6 +124,14 @@ async def prefetch_progress(request: web.Request) -> web.Response:
         for report in found.answers.values():
             return web.json_response(report)
     raise NotFound("unknown_job", "no such prefetch job (finished jobs are kept a while)")
+
+
+async def prefetch_cancel(request: web.Request) -> web.Response:
+    require_admin(request)
+    job = request.app[NODE].prefetcher.cancel(request.match_info["job"])
+    if job is None:
+        raise NotFound("unknown_job", "no such prefetch job (finished jobs are kept a while)")
+    return web.json_response(job.report())
 
 
 async def stats(request: web.Request) -> web.Response:

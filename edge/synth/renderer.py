@@ -23,12 +23,12 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from edge.metrics import Metrics
 from edge.spec import Spec
 from edge.synth.engine import Engine
+from edge.synth.priority import PriorityPool
 from edge.synth.resample import Resampler
 from edge.synth.streaming import ResamplingEncoder, StreamEncoder, encoded_length, stream_encoder
 
@@ -65,7 +65,8 @@ class Renderer:
     ) -> None:
         self._by_voice: dict[str, Engine] = {v: e for e in engines for v in e.voices}
         self.workers = workers or os.cpu_count() or 1
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="synth")
+        # Queued renders start by priority: players' misses before prefetches.
+        self._pool = PriorityPool(self.workers, thread_name_prefix="synth")
         self._metrics = metrics
         self._max_queue = max_queue
         self._load: dict[str, EngineLoad] = {e.name: EngineLoad() for e in engines}
