@@ -16,6 +16,7 @@ from edge.cache.hot import HotSettings
 from edge.cache.store import StoreSettings
 from edge.limits import LimitSettings, Rates
 from edge.policy import Policy, Retention
+from edge.realtime.settings import RealtimeSettings
 from edge.upstream import UpstreamSettings
 
 ADMIN_TOKEN_ENV = "NEARVOICE_ADMIN_TOKEN"  # noqa: S105 (the variable name, not a secret)
@@ -186,6 +187,7 @@ class NodeConfig:
     """External TTS servers (`[[external]]` tables)."""
     api: ApiSettings = field(default_factory=ApiSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    realtime: RealtimeSettings = field(default_factory=RealtimeSettings)
     hotkeys_capacity: int = 1024
     """Counters kept for the hot-keys report (bounded memory, Space-Saving)."""
     recency_flush: float = 30.0
