@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import logging
 import struct
@@ -30,12 +31,12 @@ from edge.realtime.protocol import (
 from edge.realtime.session import Drop, Finish, Render, Send, Session, State, VoiceInfo
 from edge.realtime.turns import Turns
 from edge.synth.chunking import Segmenter
-from tests.support import make_keyring
+from tests.support import eventually, make_keyring
 
 VOICES = {"heart": VoiceInfo("heart", 24000), "alloy": VoiceInfo("heart", 24000)}
 TEXT = (
     "Well, hello there, my friend: this is the first clause. Dr. Smith paid $3.50 for it! "
-    "Did he, really? Yes… and then [word](/wɜːd/) came. The end"
+    "Did he, really? Yes… and then [word](/wɜrd/) came. The end"
 )
 
 
@@ -62,9 +63,7 @@ def rendered(actions: list[object]) -> list[str]:
 
 def errors(actions: list[object]) -> list[str]:
     return [
-        a.message["error"]
-        for a in actions
-        if isinstance(a, Send) and a.message["type"] == "error"
+        a.message["error"] for a in actions if isinstance(a, Send) and a.message["type"] == "error"
     ]
 
 
@@ -119,7 +118,7 @@ def test_segments_depend_only_on_the_text_and_flushes() -> None:
         session = open_session()
         bounds = [0, *sorted(cuts), len(TEXT)]
         texts: list[str] = []
-        for start, end in zip(bounds, bounds[1:], strict=False):
+        for start, end in itertools.pairwise(bounds):
             texts += rendered(session.receive(TextDelta(TEXT[start:end]), 0.0))
         texts += rendered(session.receive(TextDone(), 0.0))
         assert texts == expected
@@ -238,8 +237,7 @@ async def test_turns_go_round_robin_between_owners() -> None:
     tasks = [asyncio.create_task(segment("a", f"a{i}")) for i in range(3)]
     tasks += [asyncio.create_task(segment("b", f"b{i}")) for i in range(2)]
     tasks += [asyncio.create_task(segment("c", "c0"))]
-    while turns.waiting < 6:
-        await asyncio.sleep(0)
+    await eventually(lambda: turns.waiting == 6)
     first.release()
     await asyncio.gather(*tasks)
     assert order == ["a0", "b0", "c0", "a1", "b1", "a2"]
@@ -250,8 +248,7 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     turns = Turns(1)
     held = await turns.take("a")
     waiter = asyncio.create_task(turns.take("b"))
-    while turns.waiting < 1:
-        await asyncio.sleep(0)
+    await eventually(lambda: turns.waiting == 1)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
