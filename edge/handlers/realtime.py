@@ -267,6 +267,7 @@ class Connection:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._closer
             self.hub.leave(self.caller.tenant)
+            self.hub.turns.forget(self.id)
             metrics.realtime_sessions.dec()
             reason = CLIENT_CLOSED if self.close_code is None else CLOSE_REASONS[self.close_code]
             metrics.realtime_closes.labels(reason).inc()

@@ -5,7 +5,8 @@ started its fill at once, its renders would fill the engines' queue and every ot
 session would wait behind them. Instead a segment that would start a render first takes a
 turn: at most `slots` segments (of all sessions) render at once, and a freed slot goes to
 the next session in rotation that has a segment waiting, so sessions take turns segment by
-segment whatever each has queued (as a scheduler's round robin between run queues).
+segment whatever each has queued (as a scheduler's round robin between run queues): the
+owner served longest ago goes first, a turn taken at once counting like any other.
 
 A waiting segment that is cancelled leaves the queue; a turn is given back exactly once
 (`Turn.release`), when its render ends, so a failed or abandoned render frees its slot.
@@ -39,9 +40,10 @@ class Turns:
             raise ValueError("slots must be at least 1")
         self.slots = slots
         self.busy = 0
-        self._queues: OrderedDict[Hashable, deque[asyncio.Future[Turn]]] = OrderedDict()
-        """Owners with segments waiting, in rotation order: the next turn goes to the
-        first; an owner served moves to the end."""
+        self._queues: dict[Hashable, deque[asyncio.Future[Turn]]] = {}
+        """Owners with segments waiting."""
+        self._served: OrderedDict[Hashable, None] = OrderedDict()
+        """Owners by when they last had a turn, longest ago first."""
 
     @property
     def waiting(self) -> int:
@@ -52,6 +54,7 @@ class Turns:
         owner waiting before it has had its turn."""
         if self.busy < self.slots and not self._queues:
             self.busy += 1
+            self._mark(owner)
             return Turn(self)
         future: asyncio.Future[Turn] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(owner, deque()).append(future)
@@ -71,15 +74,30 @@ class Turns:
             if not queue:
                 del self._queues[owner]
 
+    def forget(self, owner: Hashable) -> None:
+        """The owner is gone (its session ended)."""
+        self._served.pop(owner, None)
+
+    def _mark(self, owner: Hashable) -> None:
+        self._served.pop(owner, None)
+        self._served[owner] = None
+
+    def _next_owner(self) -> Hashable:
+        never = [owner for owner in self._queues if owner not in self._served]
+        if never:
+            return never[0]
+        return next(owner for owner in self._served if owner in self._queues)
+
     def _free(self) -> None:
         self.busy -= 1
         while self.busy < self.slots and self._queues:
-            owner, queue = next(iter(self._queues.items()))
+            owner = self._next_owner()
+            queue = self._queues[owner]
             future = queue.popleft()
-            del self._queues[owner]
-            if queue:
-                self._queues[owner] = queue  # to the back of the rotation
+            if not queue:
+                del self._queues[owner]
             if future.cancelled():
                 continue
             self.busy += 1
+            self._mark(owner)
             future.set_result(Turn(self))
