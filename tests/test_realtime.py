@@ -4,7 +4,10 @@ WebSocket clients (aiohttp's, and the `websockets` package), the real hibari eng
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import socket
 import struct
 import subprocess
 import time
@@ -413,3 +416,60 @@ async def test_idle_sessions_close_with_4002(tmp_path: Path) -> None:
         await send(ws, "session.update", voice="heart", format="pcm")
         got = await receive_all(ws)
         assert got.of("session.updated") and got.close_code == 4002
+
+
+# -- a reader that stops ----------------------------------------------------------------------
+
+
+def _frame(text: str) -> bytes:
+    """A masked client text frame (RFC 6455 section 5.2)."""
+    payload = text.encode()
+    mask = os.urandom(4)
+    head = bytes([0x81])
+    if len(payload) < 126:
+        head += bytes([0x80 | len(payload)])
+    else:
+        head += bytes([0x80 | 126]) + struct.pack(">H", len(payload))
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def test_a_reader_that_stops_is_held_back_then_closed(tmp_path: Path) -> None:
+    async with realtime_node(
+        tmp_path, send_timeout=1.0, queue_frames=2, frame_bytes=4096, socket_send_buffer=4096
+    ) as api:
+        host, port = api.server.host, api.server.port
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, (host, port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        request = (
+            f"GET /v1/realtime/speech HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {ACME}\r\n\r\n"
+        )
+        await loop.sock_sendall(sock, request.encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await loop.sock_recv(sock, 1)  # the head only: no frame is read
+        assert head.startswith(b"HTTP/1.1 101")
+        long_text = " ".join(f"Sentence number {n} is here to make audio." for n in range(40))
+        for message in (
+            {"type": "session.update", "voice": "heart", "format": "pcm"},
+            {"type": "text.delta", "text": long_text},
+            {"type": "text.done"},
+        ):
+            await loop.sock_sendall(sock, _frame(json.dumps(message)))
+        try:
+            metrics = await scrape_until(
+                api.client,
+                lambda m: (
+                    metric_from(m, "nearvoice_realtime_closes_total", reason="slow_reader") == 1
+                ),
+                seconds=60,
+            )
+        finally:
+            sock.close()
+        assert metric_from(metrics, "nearvoice_realtime_sessions") == 0

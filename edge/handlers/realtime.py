@@ -39,6 +39,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -201,6 +202,9 @@ async def speech(request: web.Request) -> web.StreamResponse:
             "websocket_required", "GET /v1/realtime/speech upgrades to a WebSocket"
         )
     await ws.prepare(request)
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if settings.socket_send_buffer and sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer)
     await Connection(request, node, ws, caller).run()
     return ws
 

@@ -23,6 +23,10 @@ class RealtimeSettings:
     """Audio bytes per binary frame at most."""
     send_timeout: float = 10.0
     """Seconds a session waits for a reader that takes no frames before closing with 4004."""
+    socket_send_buffer: int = 0
+    """Bytes of kernel send buffer (SO_SNDBUF) per session socket; 0 keeps the kernel's
+    default. Smaller buffers bound how much audio sits past the node's own queue, so
+    back-pressure (and a `cancel`) acts sooner."""
     render_slots: int = 0
     """Segments of all sessions that may be rendering at once, handed out round robin
     between sessions; 0 means one per inference thread."""
