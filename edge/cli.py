@@ -153,6 +153,7 @@ BENCHMARKS = {
     "hit-path": "bench.hit_path",
     "miss-latency": "bench.miss_latency",
     "offload": "bench.offload",
+    "realtime": "bench.realtime",
 }
 
 
