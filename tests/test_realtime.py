@@ -25,10 +25,11 @@ from edge.realtime import tokens
 from edge.spec import Spec
 from edge.synth.hibari_engine import HibariEngine, hibari_model_id
 from edge.token import sign_url
-from tests.api_support import ACME, DRAFTY, KEYRING, LIMITED, ApiNode
+from tests.api_support import ACME, DRAFTY, KEYRING, LIMITED, ApiNode, api_node
 from tests.realtime_support import (
     RecordingEngine,
     connect,
+    realtime_config,
     realtime_node,
     receive_all,
     send,
@@ -473,3 +474,19 @@ async def test_a_reader_that_stops_is_held_back_then_closed(tmp_path: Path) -> N
         finally:
             sock.close()
         assert metric_from(metrics, "nearvoice_realtime_sessions") == 0
+
+
+async def test_a_voice_this_node_does_not_render_comes_from_upstream(tmp_path: Path) -> None:
+    async with realtime_node(tmp_path / "upstream") as upstream:
+        config = realtime_config(tmp_path / "edge", upstreams=(upstream.base,))
+        async with api_node(config, []) as edge:  # no engine: every segment goes upstream
+            got = await speak(edge, "Fetched from upstream. Every segment of it.")
+            assert got.close_code == 1000 and not got.of("error")
+            assert [s["cache"] for s in got.of("segment.started")] == ["miss", "miss"]
+            metrics = await edge.metrics()
+            assert (
+                metric_from(metrics, "nearvoice_upstream_requests_total", reason="no_engine") == 2
+            )
+            direct = await speak(upstream, "Fetched from upstream. Every segment of it.")
+            assert direct.all_audio == got.all_audio
+            assert [s["cache"] for s in direct.of("segment.started")] == ["hit", "hit"]

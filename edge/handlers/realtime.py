@@ -358,19 +358,18 @@ class Connection:
     async def _segment(self, segment: Segment, earlier: list[asyncio.Event]) -> None:
         door = SegmentDoor(self, segment, earlier)
         try:
-            grant, target = self._grant(segment)
-            if self.node.hot_entry(grant.spec.key, time.time()) is None and not (
-                self.node.joinable(grant)
-            ):
-                door.turn = await self.hub.turns.take(self.id)
             try:
+                grant, target = self._grant(segment)
+                if self.node.hot_entry(grant.spec.key, time.time()) is None and not (
+                    self.node.joinable(grant)
+                ):
+                    door.turn = await self.hub.turns.take(self.id)
                 await serve(self.node, grant, target, door, started=time.perf_counter())
-            except RequestError as exc:  # the fill failed before this segment sent a byte
+            except RequestError as exc:  # refused, or its fill failed before a byte was sent
                 door.release()
                 await door.in_order()
-                await self._put(
-                    protocol.encode(protocol.error(exc.code, exc.message, segment.index))
-                )
+                error = protocol.error(exc.code, exc.message, segment.index)
+                await self._put(protocol.encode(error))
             for action in self.session.finished(segment.index):
                 await self._act(action)
         except _Closed:
