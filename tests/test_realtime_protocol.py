@@ -17,9 +17,12 @@ from hypothesis import strategies as st
 from edge.errors import Forbidden, Gone
 from edge.formats import AudioFormat
 from edge.logredact import RedactSecrets, redact
+from edge.metrics import REALTIME_CLOSE_REASONS, Metrics
 from edge.realtime import protocol, tokens
 from edge.realtime.framing import OGG_SERIAL, Framer, link_serial
 from edge.realtime.protocol import (
+    CLIENT_CLOSED,
+    CLOSE_REASONS,
     Cancel,
     Close,
     ProtocolError,
@@ -339,3 +342,15 @@ def test_segmenter_is_the_one_rule() -> None:
     # The session cuts exactly where the shared rule does.
     segmenter = Segmenter()
     assert rendered(open_session().receive(TextDelta(TEXT), 0.0)) == segmenter.feed(TEXT)
+
+
+def test_every_realtime_series_exists_at_zero() -> None:
+    text = Metrics().render().decode()
+    assert "nearvoice_realtime_sessions 0.0" in text
+    assert "nearvoice_realtime_first_audio_seconds_count 0.0" in text
+    for result in ("hit", "miss", "collapsed"):
+        assert f'nearvoice_realtime_segments_total{{result="{result}"}} 0.0' in text
+    reasons = {*CLOSE_REASONS.values(), CLIENT_CLOSED}
+    assert reasons == set(REALTIME_CLOSE_REASONS)
+    for reason in reasons:
+        assert f'nearvoice_realtime_closes_total{{reason="{reason}"}} 0.0' in text
