@@ -63,9 +63,10 @@ def session_texts(count: int, salt: str) -> list[str]:
     clause-led first sentence, then three or four sentences of varied length."""
     out = []
     for i in range(count):
-        picked = [SENTENCES[(i * step + step) % len(SENTENCES)] for step in (1, 3, 4, 7)]
+        picked = [SENTENCES[(i + k) % len(SENTENCES)] for k in range(4)]
         body = " ".join(f"{s[:-1]} for listener {salt} {i}{s[-1]}" for s in picked[: 3 + i % 2])
-        out.append(f"Well, here is answer {salt} {i}, as you asked. {body}")
+        tag = f"{salt} {i}"
+        out.append(f"Well, here is answer {tag} for you, as asked in message {tag}. {body}")
     return out
 
 
