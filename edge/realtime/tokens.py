@@ -62,11 +62,6 @@ def _mac(signing: SigningKey, payload: str) -> bytes:
     return hmac.new(_key(signing), message, sha256).digest()
 
 
-def mint(keyring: Keyring, tenant: str, voice: str, *, ttl: int, now: float) -> SessionToken:
-    """The token's fields: `encode` turns them into the string a client sends."""
-    return SessionToken(tenant, voice, int(now) + int(ttl))
-
-
 def encode(keyring: Keyring, token: SessionToken) -> str:
     signing = keyring.signer
     fields = {"e": token.expires, "t": token.tenant, "v": token.voice}
