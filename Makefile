@@ -47,6 +47,7 @@ bench: $(VENV)/.installed sysdeps
 	$(BIN)/python -m bench.miss_latency
 	$(BIN)/python -m bench.offload
 	$(BIN)/python -m bench.workers
+	$(BIN)/python -m bench.realtime
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -5,6 +5,7 @@ the two is one core (`edge.core`): lookup (`edge.node`, hot tier then disk) -> f
 miss (render with `edge.synth.renderer` or fetch upstream, then store) -> deliver.
 Signed URLs: `edge.handlers.speech` (authorize with `edge.token`, Range answers).
 The OpenAI-compatible API: `edge.handlers.openai` (API key, raw audio or SSE).
+Realtime sessions: `edge.handlers.realtime` (WebSocket, text in and audio out).
 
 With `--workers N`, a miss for a key another worker owns is streamed from that worker
 instead (`edge.workers`); each worker answers its siblings on a private unix socket with
@@ -25,11 +26,12 @@ from aiohttp import web
 
 from edge.apikeys import ApiKeys
 from edge.config import NodeConfig
-from edge.handlers import admin, health, openai, speech
+from edge.handlers import admin, health, openai, realtime, speech
 from edge.handlers.channel import channel_app
 from edge.handlers.keys import API_KEYS, NODE
 from edge.http.middleware import errors_as_json
 from edge.keyring import Keyring
+from edge.logredact import install as redact_access_log
 from edge.node import Node
 from edge.producer import UpstreamReason
 from edge.synth.engine import Engine
@@ -105,6 +107,8 @@ def create_app(
     app[NODE] = node
     app[API_KEYS] = ApiKeys.from_env() if api_keys is None else api_keys
     app[openai.MEMO] = openai.PreparedMemo()
+    app[realtime.HUB] = realtime.create_hub(node)
+    redact_access_log()  # ?token= never reaches a log
     openai.check_aliases(node)
     node.metrics.expect(
         engines=[engine.name for engine in chosen],
@@ -120,6 +124,9 @@ def create_app(
     app.router.add_post("/v1/audio/speech", openai.speech)
     app.router.add_get("/v1/audio/voices", openai.voices)
     app.router.add_get("/v1/models", openai.models)
+    app.router.add_get("/v1/realtime/speech", realtime.speech)
+    app.router.add_post("/v1/realtime/tokens", realtime.mint_token)
+    app.router.add_get("/demo", realtime.demo)
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics)

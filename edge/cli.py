@@ -23,6 +23,7 @@ from edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
 from edge.memory import apply_allocator_settings
 from edge.metrics import MULTIPROC_ENV
 from edge.policy import Policy
+from edge.realtime.command import realtime_url
 from edge.spec import Spec, SpecError
 from edge.token import check_sign_limits, parse_network, sign_url
 from edge.voices import UnknownVoice, for_config, resolve
@@ -49,6 +50,11 @@ def cmd_sign(args: argparse.Namespace) -> int:
         config = load(Path(args.config), role=None) if args.config else NodeConfig()
         voices = for_config(config) if args.config else None
         voice = resolve(args.voice, voices)
+        if args.realtime:
+            print(realtime_url(keyring, args.base, args.tenant or "", voice, args.ttl))
+            return 0
+        if args.text is None:
+            return _fail("--text is required (except with --realtime)")
         spec = Spec.create(
             text=args.text,
             voice=voice.name,
@@ -242,6 +248,7 @@ BENCHMARKS = {
     "offload": "bench.offload",
     "workers": "bench.workers",
     "soak": "bench.soak",
+    "realtime": "bench.realtime",
 }
 
 
@@ -280,7 +287,7 @@ def parser() -> argparse.ArgumentParser:
 
     sign = sub.add_parser("sign", help=f"print one signed URL (keys from ${KEYS_ENV})")
     sign.add_argument("--base", required=True, help="edge base URL, e.g. http://127.0.0.1:8080")
-    sign.add_argument("--text", required=True)
+    sign.add_argument("--text")
     sign.add_argument("--voice", required=True)
     sign.add_argument("--format", default="wav", choices=[f.value for f in AudioFormat])
     sign.add_argument("--speed", type=float, default=1.0)
@@ -289,6 +296,10 @@ def parser() -> argparse.ArgumentParser:
     sign.add_argument("--ttl", type=int, default=DEFAULT_TTL, help="seconds the URL is valid")
     sign.add_argument("--ip", help="bind the URL to a client address or CIDR")
     sign.add_argument("--config", help="a node's TOML, for the voices of [[external]] servers")
+    sign.add_argument(
+        "--realtime", action="store_true", help="a ws(s):// realtime session URL, no --text"
+    )
+    sign.add_argument("--tenant", help="the tenant a --realtime session token is for")
     sign.set_defaults(func=cmd_sign)
 
     for role in Role:

@@ -29,6 +29,7 @@ from edge.limits import LimitSettings, Rates
 from edge.memory import MemorySettings
 from edge.policy import Policy, Retention
 from edge.prefetch import PrefetchSettings
+from edge.realtime.settings import RealtimeSettings
 from edge.upstream import UpstreamSettings
 
 ADMIN_TOKEN_ENV = "NEARVOICE_ADMIN_TOKEN"  # noqa: S105 (the variable name, not a secret)
@@ -37,7 +38,9 @@ PROVIDERS = ("tensorrt", "cuda", "cpu")
 MAX_THREADS = 1024  # more inference threads or worker processes than this is a typo
 MAX_CLOCK_SKEW = 3600.0  # seconds: more grace than an hour is no longer a clock's error
 MIN_LINE_SIZE = 8190  # bytes: aiohttp's own default request-line limit
-SECTIONS = ("upstream", "store", "hot", "retention", "synth", "http", "prefetch", "memory")
+SECTIONS = (
+    "upstream", "store", "hot", "retention", "synth", "http", "prefetch", "memory", "realtime",
+)  # fmt: skip
 """The settings tables every role checks ([origin] and [[external]] are checked apart)."""
 
 
@@ -247,6 +250,7 @@ class NodeConfig:
     """External TTS servers (`[[external]]` tables)."""
     api: ApiSettings = field(default_factory=ApiSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    realtime: RealtimeSettings = field(default_factory=RealtimeSettings)
     hotkeys_capacity: int = 1024
     """Counters kept for the hot-keys report (bounded memory, Space-Saving)."""
     recency_flush: float = 30.0

@@ -117,9 +117,12 @@ class Limiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: Hashable, scope: Scope, rates: Rates, label: str, name: str) -> None:
-        """Takes one token from the bucket of (`key`, `scope`), or raises RateLimited.
-        `label` is the metric's scope label; `name` names the policy in the headers."""
+    def take(
+        self, key: Hashable, scope: Scope, rates: Rates, label: str, name: str, cost: float = 1.0
+    ) -> None:
+        """Takes `cost` tokens (one request; a realtime session's characters) from the
+        bucket of (`key`, `scope`), or raises RateLimited. `label` is the metric's scope
+        label; `name` names the policy in the headers."""
         rate, burst = rates.of(scope)
         if rate == 0:
             return
@@ -134,10 +137,10 @@ class Limiter:
             self._buckets.move_to_end(slot)
             bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
             bucket.stamp = now
-        if bucket.tokens >= 1.0:
-            bucket.tokens -= 1.0
+        if bucket.tokens >= cost:
+            bucket.tokens -= cost
             return
-        wait = max(1, math.ceil((1.0 - bucket.tokens) / rate))
+        wait = max(1, math.ceil((cost - bucket.tokens) / rate))
         if self._on_refusal is not None:
             self._on_refusal(label)
         policy_name = f"{name}-{scope.value}"

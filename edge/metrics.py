@@ -86,6 +86,21 @@ TOKEN_REJECTION_REASONS = (
 for (the `error` codes of the authorize step), created at zero when a node starts."""
 
 
+REALTIME_SEGMENT_RESULTS = ("hit", "miss", "collapsed")
+REALTIME_CLOSE_REASONS = (
+    "done",
+    "client",
+    "binary_frame",
+    "token_expired",
+    "message_too_big",
+    "rate_limit",
+    "idle",
+    "too_many_sessions",
+    "slow_reader",
+)
+"""Every `reason` of `nearvoice_realtime_closes_total` (edge.realtime.protocol.Close)."""
+FIRST_AUDIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5)
+
 # Time to first byte spans a memory hit (~100 us) to a long render (seconds).
 TTFB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SYNTH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -191,6 +206,34 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
+        self.realtime_sessions = Gauge(
+            "nearvoice_realtime_sessions",
+            "Realtime sessions open.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.realtime_first_audio = Histogram(
+            "nearvoice_realtime_first_audio_seconds",
+            "Seconds from a realtime segment's last text byte to its first audio byte.",
+            buckets=FIRST_AUDIO_BUCKETS,
+            registry=r,
+        )
+        self.realtime_segments = Counter(
+            "nearvoice_realtime_segments",
+            "Realtime segments, by what the cache had.",
+            ["result"],
+            registry=r,
+        )
+        self.realtime_closes = Counter(
+            "nearvoice_realtime_closes",
+            "Realtime sessions ended, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        for result in REALTIME_SEGMENT_RESULTS:
+            self.realtime_segments.labels(result)
+        for reason in REALTIME_CLOSE_REASONS:
+            self.realtime_closes.labels(reason)
         for scope in LimitScope:
             self.rate_limited.labels(scope.value)
         for reason in TOKEN_REJECTION_REASONS:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks run as real peers:
-# nginx (Range reference), wrk (load generator), ffmpeg (client-side decoding), chromium
+# nginx (Range reference), wrk (load generator), ffmpeg (client-side decoding), opus-tools
+# (opusdec: libopusfile, a reference decoder for chained Ogg Opus), chromium
 # (playback in a real browser, driven by Playwright), prometheus and promtool (the deploy/
 # dashboards and alert rules).
 set -euo pipefail
@@ -8,6 +9,7 @@ need=()
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
+command -v opusdec >/dev/null 2>&1 || need+=(opus-tools)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 [ ${#need[@]} -eq 0 ] && exit 0
