@@ -35,7 +35,7 @@ from edge.metrics import Metrics
 from edge.synth.engine import Engine
 from edge.synth.renderer import Renderer, RenderError
 from edge.token import Grant
-from edge.upstream import Upstreams
+from edge.upstream import Fetched, Upstreams
 
 log = logging.getLogger("nearvoice.producer")
 RENDER_RETRY_AFTER = 2  # seconds a client should wait after a failed render
@@ -184,23 +184,7 @@ class Producer:
             )
         self.metrics.upstream.labels(reason.value).inc()
         async with self.upstreams.fetch(grant.spec.key, target) as fetched:
-            # The bytes keep the ETag, and so the render revision, they were made with.
-            etag = fetched.response.headers.get(hdrs.ETAG, "")
-            if revision_of(grant.spec.key, etag) is None:
-                raise FillFailed(
-                    "upstream_corrupt",
-                    f"{fetched.base} answered with an ETag that is not this object's",
-                    retry_after=RENDER_RETRY_AFTER,
-                )
-            fill.start(fetched.content_type, etag, from_upstream=True)
-            # An upstream that knows the length says so in its first headers, so this node
-            # answers exact ranges while the bytes are still arriving.
-            fill.set_length(fetched.content_length)
-            async for chunk in fetched.chunks():
-                fill.append(chunk)
-            expected = fetched.content_length
-        if expected is not None and fill.size != expected:
-            raise FillFailed("upstream_truncated", f"upstream sent {fill.size} of {expected} bytes")
+            await receive(fill, fetched, grant.spec.key, source="upstream", from_upstream=True)
         if grant.policy.stored:  # drafts are never kept (and a HEAD would render one again)
             # End to end: the digest the upstream declared (or confirms with a HEAD, for an
             # object it was still producing) must match the bytes received, or nothing is kept.
@@ -248,6 +232,30 @@ class Producer:
         if len(body) <= self.config.hot.max_object_bytes:
             self.hot.put(meta, body=body, fd=-1, now=meta.stored_at)
         return meta
+
+
+async def receive(
+    fill: Fill, fetched: Fetched, key: str, *, source: str, from_upstream: bool
+) -> None:
+    """Streams another node's answer into `fill`: an upstream's, or the owning worker's
+    (edge.workers). The bytes keep the ETag, and so the render revision, they were made
+    with; a length the source knows is announced before the first byte, so this node
+    answers exact ranges while the bytes are still arriving; a body that ends short of its
+    Content-Length fails. Error codes start with `source`."""
+    etag = fetched.response.headers.get(hdrs.ETAG, "")
+    if revision_of(key, etag) is None:
+        raise FillFailed(
+            f"{source}_corrupt",
+            f"{fetched.base} answered with an ETag that is not this object's",
+            retry_after=RENDER_RETRY_AFTER,
+        )
+    fill.start(fetched.content_type, etag, from_upstream=from_upstream)
+    fill.set_length(fetched.content_length)
+    async for chunk in fetched.chunks():
+        fill.append(chunk)
+    expected = fetched.content_length
+    if expected is not None and fill.size != expected:
+        raise FillFailed(f"{source}_truncated", f"{source} sent {fill.size} of {expected} bytes")
 
 
 def _sha256(body: bytes) -> str:

@@ -64,11 +64,12 @@ from prometheus_client import CollectorRegistry, Counter
 from yarl import URL
 
 from edge.cache.fill import Fill, FillFailed
-from edge.cache.meta import ObjectMeta, revision_of
+from edge.cache.meta import ObjectMeta
 from edge.config import NodeConfig
 from edge.keyring import Keyring
 from edge.metrics import Source
 from edge.nodeauth import NODE_HEADER, sign_node_request
+from edge.producer import receive
 from edge.token import Grant
 from edge.upstream import Upstreams, UpstreamSettings, rendezvous_order
 
@@ -265,23 +266,14 @@ class Siblings:
             # The owner's object as it announced it: its ETag (the render revision), its
             # Last-Modified (when its fill began) and, when known, its exact length, so
             # that answers here are the owner's, byte for byte and header for header.
-            etag = headers.get(hdrs.ETAG, "")
-            if revision_of(grant.spec.key, etag) is None:
-                raise FillFailed("relay_corrupt", "the owner's ETag is not this object's")
             modified = headers.get(hdrs.LAST_MODIFIED)
             if modified:
                 fill.started_at = parsedate_to_datetime(modified).timestamp()
             upstream = headers.get(SOURCE_HEADER) == Source.UPSTREAM.value
             # Counted as the owner answers, before any byte reaches a player here.
             self.outcomes[Outcome.RELAYED].inc()
-            fill.start(fetched.content_type, etag, from_upstream=upstream)
-            fill.set_length(fetched.content_length)
-            async for chunk in fetched.chunks():
-                fill.append(chunk)
-            expected = fetched.content_length
+            await receive(fill, fetched, grant.spec.key, source="relay", from_upstream=upstream)
             digest = fetched.sha256
-        if expected is not None and fill.size != expected:
-            raise FillFailed("relay_truncated", f"worker sent {fill.size} of {expected} bytes")
         body = fill.body()
         computed = await asyncio.get_running_loop().run_in_executor(None, _sha256, body)
         # A stream of an object still in flight carries no digest; a complete one must match.
