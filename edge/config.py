@@ -97,6 +97,9 @@ class ExternalSettings:
     api_key_env: str = ""
     """Environment variable holding the server's bearer token (never the token itself)."""
     voices: tuple[ExternalVoiceSettings, ...] = ()
+    controls: tuple[str, ...] = ()
+    """Optional spec controls the server honours (duration, emotion, ref, lang, ipa,
+    pinyin; DESIGN.md section 2): only the operator knows what its model supports."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,7 +30,13 @@ from typing import Protocol
 
 from edge.cache.fill import Fill, FillFailed
 from edge.cache.hot import SharedFile
-from edge.errors import BadGateway, GatewayTimeout, RequestError, ServiceUnavailable
+from edge.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    RequestError,
+    ServiceUnavailable,
+)
 from edge.http.deliver import Delivered
 from edge.limits import Scope
 from edge.metrics import Result, Source
@@ -169,6 +175,8 @@ def fill_error(exc: FillFailed) -> RequestError:
 
 
 _FILL_ERRORS: dict[str, type[RequestError]] = {
+    "duration_out_of_range": BadRequest,  # a spec no tier renders as asked
+    "unsupported_control": BadRequest,
     "upstream_timeout": GatewayTimeout,
     "upstream_unavailable": BadGateway,
     "upstream_refused": BadGateway,

@@ -66,6 +66,7 @@ def external_engines(config: NodeConfig) -> list[Engine]:
                 timeout=server.timeout,
                 api_key_env=server.api_key_env or None,
                 name=server.name,
+                controls=frozenset(server.controls),
             )
         )
     return engines

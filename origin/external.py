@@ -64,6 +64,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from edge.spec import CONTROLS, Spec
+from edge.synth import capability
 from edge.synth.engine import Audio
 
 Protocol = Literal["openai", "piper"]
@@ -172,6 +174,7 @@ class ExternalEngine:
         timeout: float = 30.0,
         api_key_env: str | None = None,
         name: str | None = None,
+        controls: frozenset[str] = frozenset(),
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
@@ -197,6 +200,11 @@ class ExternalEngine:
         self.timeout = timeout
         self.api_key_env = api_key_env
         self._voices = {v.name: v for v in voices}
+        unknown = sorted(set(controls) - CONTROLS)
+        if unknown:
+            raise ValueError(f"unknown controls {unknown}; known: {sorted(CONTROLS)}")
+        self.controls: frozenset[str] = frozenset(controls)
+        """What the configured server supports (configuration: the server cannot say)."""
 
     def _voice(self, voice: str) -> ExternalVoice:
         found = self._voices.get(voice)
@@ -206,6 +214,9 @@ class ExternalEngine:
 
     def model_id(self, voice: str) -> str:
         return self._voice(voice).model_id
+
+    def refuses(self, spec: Spec) -> str | None:
+        return capability.refused(spec, self.controls)
 
     def warmup(self) -> None:
         """Checks that the server is up and knows every voice (piper: at the configured

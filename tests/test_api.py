@@ -317,7 +317,10 @@ async def test_bad_requests_are_bad_request_errors(api: ApiNode) -> None:
         ({"speed": 0.2}, "speed", "invalid_value"),
         ({"model": "tts-2"}, "model", "invalid_value"),
         ({"extra_body": {"colour": "blue"}}, "colour", "unknown_parameter"),
-        ({"extra_body": {"duration": 3.0}}, "duration", "unsupported_control"),
+        ({"extra_body": {"emotion": {"label": "happy"}}}, "emotion", "unsupported_control"),
+        ({"extra_body": {"ref": "ref_" + "0" * 64}}, "ref", "unsupported_control"),
+        ({"extra_body": {"duration": 1.0}, "speed": 1.5}, "duration", "conflicting_controls"),
+        ({"extra_body": {"emotion": {"vector": [0.5] * 7}}}, "emotion", "bad_emotion"),
         ({"stream_format": "chunks"}, "stream_format", "invalid_value"),
     ]
     before = await synth_count(api)
