@@ -197,6 +197,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 BENCHMARKS = {
     "api": "bench.api",
+    "duration-fit": "bench.duration_fit",
     "hit-path": "bench.hit_path",
     "miss-latency": "bench.miss_latency",
     "offload": "bench.offload",
