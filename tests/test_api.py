@@ -189,7 +189,7 @@ async def test_models_and_voices(api: ApiNode) -> None:
         "name": "heart",
         "engine": "hibari",
         "sample_rate": 24000,
-        "controls": [],
+        "controls": ["duration", "ipa", "lang"],
     }
     assert voices["alloy"]["name"] == "heart"
     assert voices["joe"]["sample_rate"] == 22050
