@@ -89,7 +89,8 @@ class ExternalSettings:
     """Engine name, as reported in metrics."""
     base_url: str = ""
     protocol: str = "openai"
-    """"openai" (POST /v1/audio/speech, streamed PCM) or "piper" (POST /synthesize)."""
+    """"openai" (POST /v1/audio/speech, streamed PCM), "piper" (POST /synthesize) or
+    "indextts2" (index-tts-vllm's POST /tts_url, WAV)."""
     sample_rate: int = 24000
     """Hz of the audio the server returns."""
     timeout: float = 30.0
@@ -100,6 +101,13 @@ class ExternalSettings:
     controls: tuple[str, ...] = ()
     """Optional spec controls the server honours (duration, emotion, ref, lang, ipa,
     pinyin; DESIGN.md section 2): only the operator knows what its model supports."""
+    clip_dir: str = ""
+    """indextts2: a directory shared with the server, where reference clips are written."""
+    remote_clip_dir: str = ""
+    """indextts2: that directory as the server sees it (empty: the same path)."""
+    seconds_per_char: float = 0.065
+    """indextts2: seconds of speech per character at factor 1, to turn a spec's duration
+    into IndexTTS 2.5's `duration_factor` (the achieved length is measured)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from edge.errors import (
     BadGateway,
     BadRequest,
     GatewayTimeout,
+    Gone,
     RequestError,
     ServiceUnavailable,
 )
@@ -177,6 +178,7 @@ def fill_error(exc: FillFailed) -> RequestError:
 _FILL_ERRORS: dict[str, type[RequestError]] = {
     "duration_out_of_range": BadRequest,  # a spec no tier renders as asked
     "unsupported_control": BadRequest,
+    "unknown_ref": Gone,  # the reference voice was deleted: its specs are refused
     "upstream_timeout": GatewayTimeout,
     "upstream_unavailable": BadGateway,
     "upstream_refused": BadGateway,

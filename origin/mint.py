@@ -16,10 +16,11 @@ registered here (`unknown_ref`; the origin fills in the clip's hash itself).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from http import HTTPStatus
-from typing import Any, Protocol
+from typing import Any
 
 from aiohttp import web
 
@@ -34,9 +35,10 @@ from edge.policy import Policy
 from edge.spec import Ref, Spec, SpecError
 from edge.token import parse_network, sign_url
 from edge.voices import UnknownVoice, resolve
+from origin.refvoices import RefVoices
 
 _FIELDS = frozenset(("text", "voice", "format", "speed", "seed", "policy", "ttl", "ip")) | FIELDS
-REFS: web.AppKey[RefLookup] = web.AppKey("refs", object)  # type: ignore[arg-type]
+REFS: web.AppKey[RefVoices] = web.AppKey("refs", RefVoices)
 """The origin's reference voices, to fill in a `ref`'s clip hash."""
 
 
@@ -49,15 +51,12 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
     return value
 
 
-class RefLookup(Protocol):
-    async def sha256_of(self, ref_id: str) -> str | None:
-        """The registered clip's SHA-256, None when no such reference voice exists."""
-        ...
-
-
 async def _ref(request: web.Request, ref_id: str) -> Ref:
     refs = request.app.get(REFS)
-    sha256 = await refs.sha256_of(ref_id) if refs is not None else None
+    sha256 = None
+    if refs is not None:
+        loop = asyncio.get_running_loop()
+        sha256 = await loop.run_in_executor(request.app[NODE].io, refs.sha256_of, ref_id)
     if sha256 is None:
         raise SpecError("unknown_ref", f"no reference voice {ref_id!r} is registered here")
     return Ref.create(ref_id, sha256)
