@@ -36,6 +36,7 @@ from origin.mint import MINT_TOKEN_ENV
 from origin.refvoices import CANONICAL_RATE, RefVoices
 from origin.store import FilesystemStore
 from tests.indextts2_server import IndexTTS2Server
+from tests.openai_tts_server import OpenAITTSServer
 from tests.seaweed import SeaweedS3, seaweed_fixture
 from tests.support import make_config, make_keyring, metric, node_of, wait_ready
 
@@ -274,3 +275,43 @@ def test_a_registry_records_renders_once(tmp_path: Path) -> None:
     registry.record(sha, "b" * 64)
     registry.record(sha, "c" * 64)
     assert registry._rendered(sha) == ["b" * 64, "c" * 64]
+
+
+@pytest.fixture(scope="module")
+def openai_server() -> Iterator[OpenAITTSServer]:
+    with OpenAITTSServer() as server:
+        yield server
+
+
+async def test_the_openai_wire_sends_an_emotion_text_as_instructions(
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    openai_server: OpenAITTSServer,
+) -> None:
+    monkeypatch.setenv(MINT_TOKEN_ENV, TOKEN)
+    external = ExternalSettings(
+        name="gpu-openai",
+        base_url=openai_server.url,
+        protocol="openai",
+        sample_rate=22050,
+        voices=(ExternalVoiceSettings("nova", "joe", "gpt-nova@test"),),
+        controls=("emotion",),
+    )
+    config = make_config(
+        tmp_path, origin=OriginSettings(), synth=SynthSettings(workers=1, voices=())
+    )
+    config = config.replace(external=(external,))
+    client = await aiohttp_client(create_origin_app(config, KEYRING, persistent=None))
+    await wait_ready(client)
+    body = {"text": "Tell it gently.", "voice": "nova", "emotion": {"text": "warm and slow"}}
+    async with client.post("/v1/speech", json=body, headers=AUTH) as resp:
+        assert resp.status == 201, await resp.text()
+        url = (await resp.json())["url"]
+    async with client.get("/v1/speech/" + url.split("/v1/speech/", 1)[1]) as resp:
+        assert resp.status == 200
+    assert openai_server.log[-1].body["instructions"] == "warm and slow"
+    # A control it does not declare is refused when minted.
+    body = {"text": "Tell it.", "voice": "nova", "duration": 1.0}
+    async with client.post("/v1/speech", json=body, headers=AUTH) as resp:
+        assert resp.status == 400 and (await resp.json())["error"] == "unsupported_control"
