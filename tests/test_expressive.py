@@ -201,6 +201,22 @@ def test_a_fit_lasts_its_target(engines: dict[str, Any], voice: str, ratio: floa
     assert again == fitted  # the same speed on every node
 
 
+def test_an_exported_piper_variant_fits_durations(joe_export: Path) -> None:
+    from edge.synth import exported
+
+    export = exported.load(joe_export)
+    variant = next(v for v in export.variants if v.name == "fp32-opt")
+    choice = exported.Chosen("joe", export, variant, "cpu", "piper-joe.fp32-opt@x")
+    engine = PiperEngine(exported={"joe": choice})
+    natural = engine.samples(LINE, "joe", 1.0)
+    assert natural is not None
+    duration = round(natural / engine.sample_rate * 0.7, 2)
+    fitted = fit.fit(engine, LINE, "joe", duration)
+    target = fit.target_samples(duration, engine.sample_rate)
+    assert sum(len(a) for a in engine.stream(LINE, "joe", fitted.speed, 0)) == fitted.samples
+    assert abs(fitted.samples - target) <= fit.tolerance(target, fit.frame_samples(engine))
+
+
 def test_a_duration_outside_half_to_twice_the_natural_length_is_refused(
     engines: dict[str, Any],
 ) -> None:

@@ -35,7 +35,8 @@ class DurationOutOfRange(ValueError):
 
 
 class CannotFit(ValueError):
-    """The engine has no working duration pass for this voice."""
+    """The engine has no working duration pass for this voice, or no speed it can render
+    at lands within the tolerance (the render fails rather than miss the length)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +107,12 @@ def fit(engine: Engine, text: str, voice: str, duration: float) -> Fit:
             raise CannotFit(f"{engine.name}'s duration pass stopped answering")
         scale, count = guess, counted
         best = min(best, (abs(count - target), scale, count))
-    _, scale, count = best
+    error, scale, count = best
+    if error > allowed:  # a model whose lengths jump past the target: never a wrong length
+        raise CannotFit(
+            f"{engine.name} cannot say this text in {duration:.2f} s within "
+            f"{allowed} samples (closest: {count / engine.sample_rate:.3f} s)"
+        )
     return Fit(1 / scale, count, passes)
 
 
