@@ -315,3 +315,106 @@ async def test_the_openai_wire_sends_an_emotion_text_as_instructions(
     body = {"text": "Tell it.", "voice": "nova", "duration": 1.0}
     async with client.post("/v1/speech", json=body, headers=AUTH) as resp:
         assert resp.status == 400 and (await resp.json())["error"] == "unsupported_control"
+
+
+@pytest.fixture(scope="module")
+def aac(speech: tuple[np.ndarray[Any, Any], int]) -> bytes:
+    import shutil
+    import subprocess
+
+    ffmpeg = shutil.which("ffmpeg")
+    assert ffmpeg, "ffmpeg is installed by scripts/system-deps.sh"
+    return subprocess.run(
+        [ffmpeg, "-v", "error", "-f", "wav", "-i", "pipe:0", "-c:a", "aac", "-f", "adts", "-"],
+        input=encode(*speech),
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
+async def test_a_clip_only_ffmpeg_decodes_is_taken(
+    origin: Client, speech: tuple[np.ndarray[Any, Any], int], aac: bytes
+) -> None:
+    """libsndfile reads no AAC: the origin decodes it with ffmpeg instead."""
+    status, voice = await upload(origin, aac, "audio/aac")
+    assert status == 201, voice
+    assert abs(voice["seconds"] - len(speech[0]) / speech[1]) < 0.1
+
+
+async def test_deleting_a_voice_purges_its_renders_at_the_edges(
+    aiohttp_client: AiohttpClient,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    indextts2: IndexTTS2Server,
+    speech: tuple[np.ndarray[Any, Any], int],
+) -> None:
+    """Edge -> origin, both real servers on loopback: the edge fetches a cloned line from
+    the origin (it has no engine for the voice, and never sees the clip) and caches it;
+    deleting the voice at the origin purges it at the edge too."""
+    from aiohttp.test_utils import TestServer
+
+    from edge.app import create_app
+    from tests.seaweed import free_ports
+    from tests.test_upstream import QUICK
+
+    monkeypatch.setenv(MINT_TOKEN_ENV, TOKEN)
+    monkeypatch.setenv("NEARVOICE_ADMIN_TOKEN", "admin-token-0123456789")
+    (edge_port,) = free_ports(1)
+    preset = tmp_path / "preset.wav"
+    preset.write_bytes(encode(*speech))
+    external = ExternalSettings(
+        name="indextts",
+        base_url=indextts2.url,
+        protocol="indextts2",
+        sample_rate=22050,
+        voices=(ExternalVoiceSettings("alice", str(preset), "indextts2-alice@test"),),
+        controls=("ref",),
+        clip_dir=str(tmp_path / "shared"),
+    )
+    origin_config = make_config(
+        tmp_path / "origin",
+        origin=OriginSettings(push_edges=(f"http://127.0.0.1:{edge_port}",)),
+        synth=SynthSettings(workers=1, voices=()),
+        external=(external,),
+    )
+    origin_app = create_origin_app(
+        origin_config, KEYRING, persistent=FilesystemStore(tmp_path / "objects")
+    )
+    origin = await aiohttp_client(origin_app)
+    await wait_ready(origin)
+    edge_config = make_config(
+        tmp_path / "edge",
+        synth=SynthSettings(workers=1, voices=()),
+        external=(external,),
+        upstreams=(str(origin.make_url("")).rstrip("/"),),
+        upstream=QUICK,
+    )
+    edge = await aiohttp_client(TestServer(create_app(edge_config, KEYRING), port=edge_port))
+    await wait_ready(edge)
+
+    status, voice = await upload(origin, encode(*speech))
+    assert status == 201
+    body = {"text": "Through the edge.", "voice": "alice", "ref": voice["id"]}
+    async with origin.post("/v1/speech", json=body, headers=AUTH) as resp:
+        path = (await resp.json())["url"].split("/v1/speech/", 1)[1]
+    key = path.split(".", 1)[0]
+    async with edge.get(f"/v1/speech/{path}") as resp:
+        assert resp.status == 200
+        first = await resp.read()
+    edge_node = node_of(edge.server.app)
+    await edge_node.flush_recency()
+    held = await edge_node.lookup(key, hit=False)
+    assert held is not None
+    held.close()
+    # The clip stays at the origin: nothing the edge keeps is it.
+    kept = [p for p in (tmp_path / "edge").rglob("*") if p.is_file()]
+    assert kept and all(hashlib.sha256(p.read_bytes()).hexdigest() != voice["sha256"] for p in kept)
+    async with origin.delete(f"/v1/voices/{voice['id']}", headers=AUTH) as resp:
+        answer = await resp.json()
+    assert answer["purged"] == [key]
+    assert answer["edges"] == {f"http://127.0.0.1:{edge_port}": 200}
+    assert await edge_node.lookup(key, hit=False) is None
+    async with edge.get(f"/v1/speech/{path}") as resp:
+        # The origin refuses it now (410 unknown_ref), and the edge has nothing left.
+        assert resp.status == 502 and "unknown_ref" in (await resp.json())["message"]
+    assert len(first) > 44
