@@ -290,6 +290,7 @@ async def test_the_openai_wire_sends_an_emotion_text_as_instructions(
     openai_server: OpenAITTSServer,
 ) -> None:
     monkeypatch.setenv(MINT_TOKEN_ENV, TOKEN)
+    monkeypatch.setenv("NEARVOICE_API_KEYS", "acme:" + "k" * 40)
     external = ExternalSettings(
         name="gpu-openai",
         base_url=openai_server.url,
@@ -311,6 +312,14 @@ async def test_the_openai_wire_sends_an_emotion_text_as_instructions(
     async with client.get("/v1/speech/" + url.split("/v1/speech/", 1)[1]) as resp:
         assert resp.status == 200
     assert openai_server.log[-1].body["instructions"] == "warm and slow"
+    # Through the OpenAI-compatible door: `instructions` becomes the spec's emotion text
+    # for a voice whose engine honours emotion, and reaches the server.
+    speech = {"model": "tts-1", "input": "Door test.", "voice": "nova", "instructions": "sunny"}
+    api_auth = {"Authorization": "Bearer " + "k" * 40}
+    async with client.post("/v1/audio/speech", json=speech, headers=api_auth) as resp:
+        assert resp.status == 200, await resp.text()
+        await resp.read()
+    assert openai_server.log[-1].body["instructions"] == "sunny"
     # A control it does not declare is refused when minted.
     body = {"text": "Tell it.", "voice": "nova", "duration": 1.0}
     async with client.post("/v1/speech", json=body, headers=AUTH) as resp:
