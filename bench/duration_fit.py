@@ -9,6 +9,8 @@ rounds it). Per fit it records:
 * the absolute error of the fitted length against the target, in ms and in %, and whether
   it is within the contract's tolerance (2 % or one frame, whichever is larger);
 * duration passes per fit (the natural length's included): the renders never repeat;
+* fits refused because no speed lands within the tolerance (the render would fail rather
+  than miss the length);
 * the time of the whole fitted miss (fit + render at the chosen speed) against a plain
   miss of the same sentence (duration pass + render at speed 1), interleaved so load on a
   shared machine hits both alike: `overhead` = fitted / plain (target at most 1.3).
@@ -53,7 +55,10 @@ def _one(engine: Engine, voice: str, text: str, ratio: float, variant: int) -> d
     assert natural is not None
     duration = round(natural / engine.sample_rate * ratio, 2)
     start = time.perf_counter()
-    fitted = fit.fit(engine, fit_text, voice, duration)
+    try:
+        fitted = fit.fit(engine, fit_text, voice, duration)
+    except fit.CannotFit:  # refused rather than rendered at a wrong length: counted
+        return {"ratio": round(ratio, 3), "target_s": duration, "refused": True}
     rendered = _render(engine, fit_text, voice, fitted.speed)
     fitted_seconds = time.perf_counter() - start
     assert rendered == fitted.samples, "the fitted length is the rendered length"
@@ -75,14 +80,18 @@ def run(sentences: int) -> dict[str, Any]:
     report: dict[str, Any] = {}
     for voice, engine in (("heart", HibariEngine()), ("joe", PiperEngine())):
         engine.warmup()
-        rows = []
+        rows, refused = [], 0
         for i, text in enumerate(texts):
             ratio = LOW + (HIGH - LOW) * i / max(1, len(texts) - 1)
-            rows.append(_one(engine, voice, text, ratio, i))
+            row = _one(engine, voice, text, ratio, i)
+            refused += bool(row.get("refused"))
+            if not row.get("refused"):
+                rows.append(row)
         errors_ms = [r["error_ms"] for r in rows]
         errors_pct = [r["error_pct"] for r in rows]
         report[voice] = {
             "fits": len(rows),
+            "refused": refused,
             "mean_error_ms": round(statistics.fmean(errors_ms), 1),
             "max_error_ms": round(max(errors_ms), 1),
             "mean_error_pct": round(statistics.fmean(errors_pct), 2),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from edge.spec import Emotion, Ref, Spec, SpecError
+from edge.spec import Emotion, Spec, SpecError
 from edge.synth import fit
 from edge.synth.engine import Engine
 from edge.voices import Voice, refused_control
@@ -46,10 +46,6 @@ def from_json(body: Mapping[str, Any]) -> dict[str, Any]:
             raise SpecError("bad_ref", "ref must be a reference voice id")
         out["ref_id"] = ref
     return out
-
-
-def ref_of(ref_id: str, sha256: str) -> Ref:
-    return Ref.create(ref_id, sha256)
 
 
 def check_voice(voice: Voice, spec: Spec) -> None:

@@ -55,9 +55,12 @@ def refused_control(voice: Voice, spec: Spec) -> str | None:
     if voice.engine == HIBARI:
         ipa = hibari_engine.check_ipa
     elif voice.engine == PIPER and voice.name in piper_engine.BUNDLED:
-        config = _piper_config(voice.name)
-        ipa = lambda text: piper_engine.check_ipa(text, config)  # noqa: E731
+        ipa = functools.partial(_piper_ipa, config=_piper_config(voice.name))
     return capability.refused(spec, voice.controls, voice.languages, ipa)
+
+
+def _piper_ipa(text: str, config: dict[str, object]) -> None:
+    piper_engine.check_ipa(text, config)
 
 
 @functools.cache

@@ -102,10 +102,6 @@ def kinds(text: str) -> frozenset[str]:
     return frozenset(p.kind for p in parse(text) if isinstance(p, Hint))
 
 
-def has_hints(text: str) -> bool:
-    return "[" in text and any(isinstance(p, Hint) for p in parse(text))
-
-
 def hints(text: str) -> Iterator[Hint]:
     return (p for p in parse(text) if isinstance(p, Hint))
 

@@ -218,9 +218,8 @@ class PiperEngine:
 
     def refuses(self, spec: Spec) -> str | None:
         config = self._configs.get(spec.voice, {})
-        return capability.refused(
-            spec, self.controls, config_languages(config), lambda t: check_ipa(t, config)
-        )
+        ipa = functools.partial(check_ipa, config=config)
+        return capability.refused(spec, self.controls, config_languages(config), ipa)
 
     def warmup(self) -> None:
         for voice in self.voices:
