@@ -12,8 +12,10 @@ rounds it). Per fit it records:
 * fits refused because no speed lands within the tolerance (the render would fail rather
   than miss the length);
 * the time of the whole fitted miss (fit + render at the chosen speed) against a plain
-  miss of the same sentence (duration pass + render at speed 1), interleaved so load on a
-  shared machine hits both alike: `overhead` = fitted / plain (target at most 1.3).
+  miss of the same sentence and the same length (duration pass + render at that speed):
+  `overhead` = fitted / plain, what fitting costs (target at most 1.3); and against a
+  plain miss at the natural length, `vs_natural` (a longer object takes longer to render
+  whatever fits it). Measured interleaved, so load on a shared machine hits all alike.
 
     python -m bench.duration_fit [--sentences 50]
 
@@ -45,12 +47,8 @@ def _render(engine: Engine, text: str, voice: str, speed: float) -> int:
 
 
 def _one(engine: Engine, voice: str, text: str, ratio: float, variant: int) -> dict[str, Any]:
-    # Trailing spaces: the same work, but no front-end cache from the previous measurement.
-    plain_text, fit_text = text + " " * (2 * variant), text + " " * (2 * variant + 1)
-    start = time.perf_counter()
-    engine.samples(plain_text, voice, 1.0)
-    _render(engine, plain_text, voice, 1.0)
-    plain = time.perf_counter() - start
+    # Trailing spaces: the same work, but no front-end cache from another measurement.
+    fit_text, same_text, natural_text = (text + " " * (3 * variant + k) for k in (1, 2, 3))
     natural = engine.samples(text, voice, 1.0)
     assert natural is not None
     duration = round(natural / engine.sample_rate * ratio, 2)
@@ -62,6 +60,16 @@ def _one(engine: Engine, voice: str, text: str, ratio: float, variant: int) -> d
     rendered = _render(engine, fit_text, voice, fitted.speed)
     fitted_seconds = time.perf_counter() - start
     assert rendered == fitted.samples, "the fitted length is the rendered length"
+    # A plain miss of the same length (the duration pass at that speed, then the render)
+    # and one at the natural length.
+    start = time.perf_counter()
+    engine.samples(same_text, voice, fitted.speed)
+    _render(engine, same_text, voice, fitted.speed)
+    same = time.perf_counter() - start
+    start = time.perf_counter()
+    engine.samples(natural_text, voice, 1.0)
+    _render(engine, natural_text, voice, 1.0)
+    plain = time.perf_counter() - start
     target = fit.target_samples(duration, engine.sample_rate)
     error = abs(rendered - target)
     return {
@@ -71,7 +79,8 @@ def _one(engine: Engine, voice: str, text: str, ratio: float, variant: int) -> d
         "error_pct": error / target * 100,
         "within": error <= fit.tolerance(target, fit.frame_samples(engine)),
         "passes": fitted.passes,
-        "overhead": fitted_seconds / plain,
+        "overhead": fitted_seconds / same,
+        "vs_natural": fitted_seconds / plain,
     }
 
 
@@ -100,6 +109,7 @@ def run(sentences: int) -> dict[str, Any]:
             "mean_passes": round(statistics.fmean(r["passes"] for r in rows), 2),
             "max_passes": max(r["passes"] for r in rows),
             "median_overhead": round(statistics.median(r["overhead"] for r in rows), 3),
+            "median_vs_natural": round(statistics.median(r["vs_natural"] for r in rows), 3),
             "rows": rows,
         }
     return report

@@ -45,9 +45,11 @@ indextts2
 Controls: what a server honours is configuration (`controls`; none by default), and a spec
 with a control it does not declare never reaches it (edge.synth.capability). Engines here
 take whole specs (`stream_spec`, edge.synth.engine.SpecEngine): the OpenAI wire sends an
-emotion text as `instructions`, where the server takes it. A spec whose `ref` is no longer
-registered (or whose clip's hash is not the one the spec binds) is refused with
-`unknown_ref` (410) before the server is asked.
+emotion text (or label) as `instructions`, where the server takes it; it has no field for
+an emotion vector, which is refused (`unsupported_control`). Each wire accepts only the
+controls it can carry (`WIRE_CONTROLS`). A spec whose `ref` is no longer registered (or
+whose clip's hash is not the one the spec binds) is refused with `unknown_ref` (410)
+before the server is asked.
 
 Identity: a spec names its model, and a remote model's bytes are out of reach, so each
 voice's `model_id` is configured by the operator (`<engine>-<voice>@<hash or version>`)
@@ -98,6 +100,14 @@ from edge.synth.renderer import RenderRefused
 
 Protocol = Literal["openai", "piper", "indextts2"]
 PROTOCOLS: tuple[Protocol, ...] = ("openai", "piper", "indextts2")
+
+WIRE_CONTROLS: dict[Protocol, frozenset[str]] = {
+    "openai": frozenset(("emotion", "lang", "ipa", "pinyin")),
+    "piper": frozenset(("lang", "ipa")),
+    "indextts2": frozenset(("duration", "emotion", "ref", "lang", "ipa", "pinyin")),
+}
+"""Controls each wire can carry to its server (emotion reaches an OpenAI-compatible server
+as `instructions`; the others ride in the text). A server may declare fewer."""
 
 MIN_CHUNK_SECONDS = 0.2
 """A streamed array is yielded once at least this much audio has arrived..."""
@@ -247,6 +257,9 @@ class ExternalEngine:
         unknown = sorted(set(controls) - CONTROLS)
         if unknown:
             raise ValueError(f"unknown controls {unknown}; known: {sorted(CONTROLS)}")
+        unsent = sorted(set(controls) - WIRE_CONTROLS[protocol])
+        if unsent:
+            raise ValueError(f"the {protocol} wire cannot carry the controls {unsent}")
         self.controls: frozenset[str] = frozenset(controls)
         """What the configured server supports (configuration: the server cannot say)."""
         if "ref" in self.controls and protocol == "indextts2" and not clip_dir:
@@ -306,9 +319,11 @@ class ExternalEngine:
         if self.protocol == "indextts2":
             return self._stream_indextts2(spec.text, clip or remote.remote, spec)
         if self.protocol == "openai":
-            extra = (
-                {"instructions": spec.emotion.text} if spec.emotion and spec.emotion.text else {}
-            )
+            emotion = spec.emotion
+            if emotion is not None and emotion.vector is not None:
+                raise RenderRefused("unsupported_control", "the OpenAI wire has no emotion vector")
+            said = (emotion.text or emotion.label) if emotion else None
+            extra = {"instructions": said} if said else {}
             return self._stream_openai(spec.text, remote, spec.speed, extra)
         return self._stream_piper(spec.text, remote, spec.speed)
 
