@@ -320,6 +320,12 @@ async def test_the_openai_wire_sends_an_emotion_text_as_instructions(
         assert resp.status == 200, await resp.text()
         await resp.read()
     assert openai_server.log[-1].body["instructions"] == "sunny"
+    # The OpenAI wire has no field for an emotion vector: refused before any byte.
+    body = {"text": "Vector.", "voice": "nova", "emotion": {"vector": [0.5] + [0] * 7}}
+    async with client.post("/v1/speech", json=body, headers=AUTH) as resp:
+        url = (await resp.json())["url"]
+    async with client.get("/v1/speech/" + url.split("/v1/speech/", 1)[1]) as resp:
+        assert resp.status == 400 and (await resp.json())["error"] == "unsupported_control"
     # A control it does not declare is refused when minted.
     body = {"text": "Tell it.", "voice": "nova", "duration": 1.0}
     async with client.post("/v1/speech", json=body, headers=AUTH) as resp:
@@ -427,3 +433,26 @@ async def test_deleting_a_voice_purges_its_renders_at_the_edges(
         # The origin refuses it now (410 unknown_ref), and the edge has nothing left.
         assert resp.status == 502 and "unknown_ref" in (await resp.json())["message"]
     assert len(first) > 44
+
+
+def test_a_wire_takes_only_the_controls_it_can_carry() -> None:
+    from origin.external import ExternalEngine, ExternalVoice
+
+    voices = [ExternalVoice("nova", "joe", "gpt-nova@test")]
+    for protocol, control in (("openai", "duration"), ("openai", "ref"), ("piper", "emotion")):
+        with pytest.raises(ValueError, match=control):
+            ExternalEngine(
+                base_url="http://127.0.0.1:9",
+                protocol=protocol,  # type: ignore[arg-type]
+                voices=voices,
+                sample_rate=22050,
+                controls=frozenset((control,)),
+            )
+    with pytest.raises(ValueError, match="clip_dir"):
+        ExternalEngine(
+            base_url="http://127.0.0.1:9",
+            protocol="indextts2",
+            voices=voices,
+            sample_rate=22050,
+            controls=frozenset(("ref",)),
+        )
