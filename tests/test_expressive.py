@@ -347,3 +347,28 @@ async def test_mint_takes_the_controls_and_validates_them(origin: Client) -> Non
     for code, fields in cases.items():
         status, body = await mint(**fields)
         assert (status, body["error"]) == (400, code), fields
+
+
+def test_sign_with_a_config_takes_what_an_external_engine_declares(tmp_path: Path) -> None:
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        """
+[[external]]
+name = "indextts"
+base_url = "http://127.0.0.1:9"
+protocol = "indextts2"
+sample_rate = 22050
+controls = ["duration", "emotion", "ref"]
+clip_dir = "/srv/clips"
+[[external.voices]]
+name = "alice"
+remote = "/srv/clips/alice.wav"
+model_id = "indextts2-alice@test"
+"""
+    )
+    ref = ["--ref", "ref_" + "a" * 64, "--ref-sha256", "a" * 64]
+    flags = ["--emotion", "excited", "--emotion-alpha", "0.6", "--duration", "2.4", *ref]
+    done = _sign("--text", "Hi.", "--voice", "alice", "--config", str(config), *flags)
+    assert done.returncode == 0, done.stderr
+    refused = _sign("--text", "Hi.", "--voice", "alice", "--config", str(config), "--lang", "fr")
+    assert refused.returncode == 2 and "'lang'" in refused.stderr
