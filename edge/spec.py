@@ -3,6 +3,11 @@
 A speech object is defined by its canonical spec; its cache key is the SHA-256 of the
 canonical JSON. The model identity is part of the spec, so a new model never serves stale
 audio under an old key.
+
+The expressive controls (`duration`, `emotion`, `ref`, `lang`) and `rate` are optional
+fields, each in the canonical JSON only when set, so every key minted before a field
+existed stays valid. Pronunciation hints stay inside the text (edge.synth.hints) and are
+checked for form here; which engine honours which control is edge.synth.capability's.
 """
 
 from __future__ import annotations
