@@ -14,17 +14,19 @@ import time
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.multiprocess import mark_process_dead
 
 from edge.config import NodeConfig, Role, load
+from edge.controls import check_duration, check_voice, natural_samples
 from edge.formats import AudioFormat
 from edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
 from edge.memory import apply_allocator_settings
 from edge.metrics import MULTIPROC_ENV
 from edge.policy import Policy
 from edge.realtime.command import realtime_url
-from edge.spec import Spec, SpecError
+from edge.spec import Emotion, Ref, Spec, SpecError
 from edge.token import check_sign_limits, parse_network, sign_url
 from edge.voices import UnknownVoice, for_config, resolve
 
@@ -62,7 +64,11 @@ def cmd_sign(args: argparse.Namespace) -> int:
             model=voice.model_id,
             speed=args.speed,
             seed=args.seed,
+            **_controls(args),
         )
+        check_voice(voice, spec)
+        if args.config and spec.duration is not None:
+            _check_natural(load(Path(args.config)), spec)
         if args.ip:
             parse_network(args.ip)
     except KeyringError as exc:
@@ -86,6 +92,53 @@ def cmd_sign(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(url)
     return 0
+
+
+def _controls(args: argparse.Namespace) -> dict[str, Any]:
+    """`Spec.create` arguments of the expressive flags (DESIGN.md section 4)."""
+    out: dict[str, Any] = {}
+    if args.duration is not None:
+        out["duration"] = args.duration
+    if args.lang is not None:
+        out["lang"] = args.lang
+    given = [x for x in (args.emotion, args.emotion_vector, args.emotion_text) if x is not None]
+    if len(given) > 1:
+        raise SpecError("bad_emotion", "give one of --emotion, --emotion-vector, --emotion-text")
+    if given:
+        vector = None
+        if args.emotion_vector is not None:
+            try:
+                vector = [float(x) for x in args.emotion_vector.split(",")]
+            except ValueError as exc:
+                raise SpecError("bad_emotion", "--emotion-vector takes numbers a,b,...,h") from exc
+        out["emotion"] = Emotion.create(
+            label=args.emotion, vector=vector, text=args.emotion_text, alpha=args.emotion_alpha
+        )
+    elif args.emotion_alpha is not None:
+        raise SpecError("bad_emotion", "--emotion-alpha goes with an emotion")
+    if (args.ref is None) != (args.ref_sha256 is None):
+        raise SpecError("bad_ref", "--ref and --ref-sha256 go together")
+    if args.ref is not None:
+        out["ref"] = Ref.create(args.ref, args.ref_sha256)
+    return out
+
+
+def _check_natural(config: NodeConfig, spec: Spec) -> None:
+    """With --config, the voice's natural length is known here (its engine loads in this
+    process): a duration outside 0.5-2.0x of it is refused before a URL exists."""
+    import dataclasses
+
+    from edge.app import default_engines
+
+    synth = dataclasses.replace(config.synth, enabled=True, voices=(spec.voice,))
+    try:
+        engines = default_engines(dataclasses.replace(config, synth=synth))
+    except ValueError:  # an external server's voice: its length is the server's to know
+        return
+    for engine in engines:
+        if spec.voice in engine.voices and engine.model_id(spec.voice) == spec.model:
+            check_duration(spec, natural_samples(engine, spec), engine.sample_rate)
+            return
 
 
 def _node_config(args: argparse.Namespace, role: Role) -> NodeConfig:
@@ -243,6 +296,7 @@ def _supervise(config: NodeConfig) -> int:
 
 BENCHMARKS = {
     "api": "bench.api",
+    "duration-fit": "bench.duration_fit",
     "hit-path": "bench.hit_path",
     "miss-latency": "bench.miss_latency",
     "offload": "bench.offload",
@@ -300,6 +354,14 @@ def parser() -> argparse.ArgumentParser:
         "--realtime", action="store_true", help="a ws(s):// realtime session URL, no --text"
     )
     sign.add_argument("--tenant", help="the tenant a --realtime session token is for")
+    sign.add_argument("--duration", type=float, help="target length in seconds (replaces speed)")
+    sign.add_argument("--emotion", help="an emotion label, e.g. excited")
+    sign.add_argument("--emotion-vector", help="8 numbers in 0..1: happy,angry,...,calm")
+    sign.add_argument("--emotion-text", help="an emotion instruction")
+    sign.add_argument("--emotion-alpha", type=float, help="emotion strength in 0..1 (default 1)")
+    sign.add_argument("--ref", help="a registered reference voice id (ref_...)")
+    sign.add_argument("--ref-sha256", help="the reference clip's SHA-256 (from the origin)")
+    sign.add_argument("--lang", help="BCP 47 language tag, e.g. en-US")
     sign.set_defaults(func=cmd_sign)
 
     for role in Role:

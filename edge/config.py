@@ -133,7 +133,8 @@ class ExternalSettings:
     """Engine name, as reported in metrics."""
     base_url: str = ""
     protocol: str = "openai"
-    """"openai" (POST /v1/audio/speech, streamed PCM) or "piper" (POST /synthesize)."""
+    """"openai" (POST /v1/audio/speech, streamed PCM), "piper" (POST /synthesize) or
+    "indextts2" (index-tts-vllm's POST /tts_url, WAV)."""
     sample_rate: int = 24000
     """Hz of the audio the server returns."""
     timeout: float = 30.0
@@ -141,11 +142,22 @@ class ExternalSettings:
     api_key_env: str = ""
     """Environment variable holding the server's bearer token (never the token itself)."""
     voices: tuple[ExternalVoiceSettings, ...] = ()
+    controls: tuple[str, ...] = ()
+    """Optional spec controls the server honours (duration, emotion, ref, lang, ipa,
+    pinyin; DESIGN.md section 2): only the operator knows what its model supports."""
+    clip_dir: str = ""
+    """indextts2: a directory shared with the server, where reference clips are written."""
+    remote_clip_dir: str = ""
+    """indextts2: that directory as the server sees it (empty: the same path)."""
+    seconds_per_char: float = 0.065
+    """indextts2: seconds of speech per character at factor 1, to turn a spec's duration
+    into IndexTTS 2.5's `duration_factor` (the achieved length is measured)."""
 
     def validate(self) -> None:
         require(bool(self.name), "name", "must not be empty")
         http_url("base_url", self.base_url)
-        one_of(self, "protocol", ("openai", "piper"))
+        one_of(self, "protocol", ("openai", "piper", "indextts2"))
+        positive(self, "seconds_per_char")
         positive(self, "sample_rate")
         positive(self, "timeout")
         for i, voice in enumerate(self.voices):

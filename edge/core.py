@@ -30,7 +30,14 @@ from typing import Protocol
 
 from edge.cache.fill import Fill, FillFailed, FillState
 from edge.cache.hot import SharedFile
-from edge.errors import BadGateway, GatewayTimeout, RequestError, ServiceUnavailable
+from edge.errors import (
+    BadGateway,
+    BadRequest,
+    GatewayTimeout,
+    Gone,
+    RequestError,
+    ServiceUnavailable,
+)
 from edge.http.deliver import Delivered
 from edge.limits import Scope
 from edge.metrics import Result, Source
@@ -174,6 +181,9 @@ def fill_error(exc: FillFailed) -> RequestError:
 
 
 _FILL_ERRORS: dict[str, type[RequestError]] = {
+    "duration_out_of_range": BadRequest,  # a spec no tier renders as asked
+    "unsupported_control": BadRequest,
+    "unknown_ref": Gone,  # the reference voice was deleted: its specs are refused
     "upstream_timeout": GatewayTimeout,
     "upstream_unavailable": BadGateway,
     "upstream_refused": BadGateway,

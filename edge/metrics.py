@@ -175,6 +175,15 @@ class Metrics:
             ["engine"],
             registry=r,
         )
+        # |achieved - target| / target of every render fitted to a spec's duration, by
+        # engine: local fits stay within 2 % or a frame, external servers say nothing.
+        self.duration_error = Histogram(
+            "nearvoice_duration_error_ratio",
+            "Relative error of fitted durations (|achieved - target| / target), by engine.",
+            ["engine"],
+            buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
+            registry=r,
+        )
         self.api_requests = Counter(
             "nearvoice_api_requests",
             "OpenAI-compatible API requests, by endpoint and HTTP status.",

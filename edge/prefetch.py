@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
+from edge import controls
 from edge.cache.fill import FillFailed
 from edge.checks import between
 from edge.errors import BadRequest, RequestError
@@ -134,6 +135,9 @@ class Prefetcher:
             policy = Policy(str(item.get("policy", "hot")))
             if not policy.stored:
                 raise BadRequest("draft_prefetch", "drafts are never stored; nothing to warm")
+            extra = controls.from_json(item)  # duration, emotion, lang (DESIGN.md section 2)
+            if "ref_id" in extra:
+                raise SpecError("bad_ref", "a spec with a ref is minted by the origin")
             spec = Spec.create(
                 text=item["text"],
                 voice=voice.name,
@@ -141,7 +145,9 @@ class Prefetcher:
                 model=voice.model_id,
                 speed=float(speed),
                 seed=seed,
+                **extra,
             )
+            controls.check_voice(voice, spec)
         except UnknownVoice as exc:
             raise BadRequest("unknown_voice", f"unknown voice {exc.voice!r}") from exc
         except (SpecError, ValueError, TypeError) as exc:

@@ -5,6 +5,8 @@ and its render queue promises a start sooner than an upstream's first byte; othe
 fetches, counting the reason in `nearvoice_upstream_requests_total{reason}`:
 
 * `no_engine`: the voice (or this exact model) is not rendered on this node;
+* `capability`: the local engine does not honour every control in the spec (a duration,
+  an emotion, a reference voice, a hint symbol it cannot say; edge.synth.capability);
 * `overload`: the engine's render queue is full;
 * `queue`: the estimated queue wait exceeds the upstream's estimated first byte;
 * `engine_error`: the local render failed before producing a byte.
@@ -33,7 +35,7 @@ from edge.cache.store import DiskStore
 from edge.config import NodeConfig
 from edge.metrics import Metrics
 from edge.synth.engine import Engine
-from edge.synth.renderer import Renderer, RenderError
+from edge.synth.renderer import Renderer, RenderError, RenderRefused
 from edge.token import Grant
 from edge.upstream import Fetched, Upstreams
 
@@ -59,6 +61,7 @@ StoredHook = Callable[[Grant, str], None]
 
 class UpstreamReason(StrEnum):
     NO_ENGINE = "no_engine"
+    CAPABILITY = "capability"
     OVERLOAD = "overload"
     QUEUE = "queue"
     ENGINE_ERROR = "engine_error"
@@ -90,6 +93,8 @@ class Producer:
         engine = self.renderer.engine_for(grant.spec) if self.renderer else None
         if engine is None or self.renderer is None:
             return UpstreamReason.NO_ENGINE
+        if engine.refuses(grant.spec) is not None:
+            return UpstreamReason.CAPABILITY
         if not self.upstreams.available:
             return engine  # nowhere else to go: queue here
         if self.renderer.queue_full(engine):
@@ -110,6 +115,8 @@ class Producer:
             else:
                 try:
                     await self._render(fill, grant, choice)
+                except RenderRefused as exc:  # no tier would render it: a 400
+                    raise FillFailed(exc.code, str(exc)) from exc
                 except RenderError as exc:
                     log.warning("render of %s failed: %s", grant.spec.key, exc)
                     if fill.size or not self.upstreams.available:
@@ -175,6 +182,10 @@ class Producer:
         await asyncio.sleep(0)
 
     async def _fetch(self, fill: Fill, grant: Grant, target: str, reason: UpstreamReason) -> None:
+        if not self.upstreams.available and reason is UpstreamReason.CAPABILITY:
+            engine = self.renderer.engine_for(grant.spec) if self.renderer else None
+            control = engine.refuses(grant.spec) if engine else None
+            raise FillFailed("unsupported_control", f"no engine here honours {control!r}")
         if not self.upstreams.available:
             voices = ", ".join(self.renderer.voices) if self.renderer else "none"
             raise FillFailed(

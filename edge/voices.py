@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
+from edge.synth import capability, hibari_engine, piper_engine
 from edge.synth.hibari_engine import ENGINE_NAME as HIBARI
 from edge.synth.hibari_engine import HibariEngine, hibari_model_id
 from edge.synth.piper_engine import ENGINE_NAME as PIPER
@@ -19,6 +20,7 @@ from edge.synth.piper_engine import piper_model_id
 
 if TYPE_CHECKING:
     from edge.config import ExternalSettings, NodeConfig
+    from edge.spec import Spec
     from edge.synth.exported import Chosen
 
 
@@ -31,6 +33,44 @@ class Voice:
     """Hz of the voice's own audio (what its objects carry unless a spec sets `rate`)."""
     controls: tuple[str, ...] = ()
     """Optional spec controls (DESIGN.md section 2) the voice's engine honours."""
+    languages: tuple[str, ...] = ()
+    """BCP 47 tags the voice speaks (empty: whatever its engine is asked)."""
+
+
+def _engine_controls(engine: str) -> tuple[str, ...]:
+    from edge.synth import vits_engine
+
+    known = {
+        HIBARI: hibari_engine.CONTROLS,
+        PIPER: piper_engine.CONTROLS,
+        vits_engine.ENGINE_NAME: vits_engine.CONTROLS,
+    }
+    return tuple(sorted(known.get(engine, ())))
+
+
+def refused_control(voice: Voice, spec: Spec) -> str | None:
+    """The first control of `spec` that `voice`'s engine does not honour, decided without
+    loading a model, as signing and minting need (edge.synth.capability)."""
+    ipa: capability.IpaCheck | None = None
+    if voice.engine == HIBARI:
+        ipa = hibari_engine.check_ipa
+    elif voice.engine == PIPER and voice.name in piper_engine.BUNDLED:
+        ipa = functools.partial(_piper_ipa, config=_piper_config(voice.name))
+    return capability.refused(spec, voice.controls, voice.languages, ipa)
+
+
+def _piper_ipa(text: str, config: dict[str, object]) -> None:
+    piper_engine.check_ipa(text, config)
+
+
+@functools.cache
+def _piper_config(voice: str) -> dict[str, object]:
+    import json
+
+    from edge.synth.piper_engine import BUNDLED
+
+    loaded: dict[str, object] = json.loads(BUNDLED[voice].config_path().read_text("utf-8"))
+    return loaded
 
 
 def _piper_rate(voice: str) -> int:
@@ -46,9 +86,19 @@ def _piper_rate(voice: str) -> int:
 @functools.cache
 def catalog() -> Mapping[str, Voice]:
     """Every voice of the default install (read-only; built once per process)."""
+    joe = piper_engine.config_languages(_piper_config("joe"))
     voices = [
-        Voice("heart", HIBARI, hibari_model_id("heart"), HibariEngine.sample_rate),
-        Voice("joe", PIPER, piper_model_id("joe"), _piper_rate("joe")),
+        Voice(
+            "heart",
+            HIBARI,
+            hibari_model_id("heart"),
+            HibariEngine.sample_rate,
+            _engine_controls(HIBARI),
+            hibari_engine.LANGUAGES,
+        ),
+        Voice(
+            "joe", PIPER, piper_model_id("joe"), _piper_rate("joe"), _engine_controls(PIPER), joe
+        ),
     ]
     return MappingProxyType({v.name: v for v in voices})
 
@@ -67,7 +117,13 @@ def with_external(external: Iterable[ExternalSettings]) -> Mapping[str, Voice]:
         for voice in server.voices:
             if voice.name in voices:
                 raise ValueError(f"voice {voice.name!r} is defined twice")
-            voices[voice.name] = Voice(voice.name, server.name, voice.model_id, server.sample_rate)
+            voices[voice.name] = Voice(
+                voice.name,
+                server.name,
+                voice.model_id,
+                server.sample_rate,
+                tuple(sorted(server.controls)),
+            )
     return MappingProxyType(voices)
 
 
@@ -125,8 +181,16 @@ def for_config(config: NodeConfig) -> Mapping[str, Voice]:
     the same way."""
     voices = dict(with_external(config.external))
     for voice, chosen in exported_variants(config).items():
-        engine = voices[voice].engine if voice in voices else chosen.export.family
-        voices[voice] = Voice(voice, engine, chosen.model_id, chosen.export.sample_rate)
+        known = voices.get(voice)
+        engine = known.engine if known else chosen.export.family
+        voices[voice] = Voice(
+            voice,
+            engine,
+            chosen.model_id,
+            chosen.export.sample_rate,
+            _engine_controls(engine),
+            known.languages if known else (),
+        )
     return MappingProxyType(voices)
 
 

@@ -18,8 +18,10 @@ from edge.keyring import Keyring
 from edge.producer import PersistentStore
 from edge.synth.engine import Engine
 from edge.token import Grant
-from origin.external import ExternalEngine, ExternalVoice
-from origin.mint import mint
+from origin import voices_api
+from origin.external import PROTOCOLS, ClipSource, ExternalEngine, ExternalVoice
+from origin.mint import REFS, mint
+from origin.refvoices import RefVoices
 from origin.store import open_store
 
 log = logging.getLogger("nearvoice.origin")
@@ -33,14 +35,19 @@ def create_origin_app(
     engines: list[Engine] | None = None,
     persistent: PersistentStore | None = None,
 ) -> web.Application:
-    if engines is None:
-        engines = default_engines(config) + external_engines(config)
-    app = create_app(config, keyring, engines=engines)
-    node = app[NODE]
     if persistent is None and config.origin.store:
         persistent = open_store(config.origin.store)
+    # Reference voices live in the object store: without one, no clip can be registered.
+    registry = RefVoices(persistent) if persistent is not None else None
+    if engines is None:
+        engines = default_engines(config) + external_engines(config, registry)
+    app = create_app(config, keyring, engines=engines)
+    node = app[NODE]
     node.producer.persistent = persistent
     app.router.add_post("/v1/speech", mint)
+    if registry is not None:
+        app[REFS] = registry
+        voices_api.setup(app, registry)
     if config.origin.push_edges:
         pusher = EdgePusher(config.origin.push_edges)
         node.producer.on_stored.append(pusher.schedule)
@@ -48,16 +55,18 @@ def create_origin_app(
     return app
 
 
-def external_engines(config: NodeConfig) -> list[Engine]:
-    """An engine per `[[external]]` server: how a heavy model on a GPU box joins the origin."""
+def external_engines(config: NodeConfig, clips: ClipSource | None = None) -> list[Engine]:
+    """An engine per `[[external]]` server: how a heavy model on a GPU box joins the origin.
+    `clips` gives cloning servers the registered reference voices."""
     engines: list[Engine] = []
     for server in config.external:
-        if server.protocol not in ("openai", "piper"):
+        protocol = next((p for p in PROTOCOLS if p == server.protocol), None)
+        if protocol is None:
             raise ValueError(f"[[external]] {server.name}: unknown protocol {server.protocol!r}")
         engines.append(
             ExternalEngine(
                 base_url=server.base_url,
-                protocol="openai" if server.protocol == "openai" else "piper",
+                protocol=protocol,
                 voices=[
                     ExternalVoice(v.name, v.remote, v.model_id, v.remote_model)
                     for v in server.voices
@@ -66,6 +75,11 @@ def external_engines(config: NodeConfig) -> list[Engine]:
                 timeout=server.timeout,
                 api_key_env=server.api_key_env or None,
                 name=server.name,
+                controls=frozenset(server.controls),
+                clips=clips,
+                clip_dir=server.clip_dir or None,
+                remote_clip_dir=server.remote_clip_dir or None,
+                seconds_per_char=server.seconds_per_char,
             )
         )
     return engines

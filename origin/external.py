@@ -26,6 +26,31 @@ piper   `POST {base_url}/synthesize` to piper's own HTTP server (`python -m
         and it renders an unknown `voice` with its default voice, with only a warning
         in its log, which is why `warmup` checks every remote voice in `GET /voices`.
 
+indextts2
+        `POST {base_url}/tts_url` to index-tts-vllm's API server (how IndexTTS2 is usually
+        deployed), JSON `{"text", "audio_paths": [path]}` answered with a whole WAV. The
+        speaker is a reference clip the server reads from a path: for a spec with a `ref`,
+        the adapter writes the registered clip (from the origin's object store, which
+        may be S3) into `clip_dir`, a directory shared with the server, as
+        `<sha256>.wav`, and sends its path as the server sees it (`remote_clip_dir`);
+        without a `ref`, the voice's `remote` is the server's own clip path. IndexTTS2's
+        controls go along under their own names: `emo_vector` and `emo_alpha` (a label
+        of the eight is sent as a one-hot vector), `emo_text` with `use_emo_text` (other
+        labels too, as text), and IndexTTS 2.5's `duration_factor` (the spec's duration
+        over `seconds_per_char` per character: the server decides the length, and the
+        renderer measures what it achieved in `nearvoice_duration_error_ratio`). The v2
+        server's own names are sent as well (`spk_audio_path`, `emo_control_method`,
+        `emo_vec`, `emo_weight`), so either generation of the server understands.
+
+Controls: what a server honours is configuration (`controls`; none by default), and a spec
+with a control it does not declare never reaches it (edge.synth.capability). Engines here
+take whole specs (`stream_spec`, edge.synth.engine.SpecEngine): the OpenAI wire sends an
+emotion text (or label) as `instructions`, where the server takes it; it has no field for
+an emotion vector, which is refused (`unsupported_control`). Each wire accepts only the
+controls it can carry (`WIRE_CONTROLS`). A spec whose `ref` is no longer registered (or
+whose clip's hash is not the one the spec binds) is refused with `unknown_ref` (410)
+before the server is asked.
+
 Identity: a spec names its model, and a remote model's bytes are out of reach, so each
 voice's `model_id` is configured by the operator (`<engine>-<voice>@<hash or version>`)
 and must change whenever the server's model does (DESIGN.md section 2).
@@ -50,24 +75,39 @@ there was one; the renderer turns it into a RenderError (a 503 or an upstream fa
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import json
 import os
 import re
+import tempfile
 import urllib.error
 import urllib.request
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
+from typing import Protocol as Interface
 
 import numpy as np
 
+from edge.spec import CONTROLS, EMOTIONS, Spec
+from edge.synth import capability
 from edge.synth.engine import Audio
+from edge.synth.renderer import RenderRefused
 
-Protocol = Literal["openai", "piper"]
-PROTOCOLS: tuple[Protocol, ...] = ("openai", "piper")
+Protocol = Literal["openai", "piper", "indextts2"]
+PROTOCOLS: tuple[Protocol, ...] = ("openai", "piper", "indextts2")
+
+WIRE_CONTROLS: dict[Protocol, frozenset[str]] = {
+    "openai": frozenset(("emotion", "lang", "ipa", "pinyin")),
+    "piper": frozenset(("lang", "ipa")),
+    "indextts2": frozenset(("duration", "emotion", "ref", "lang", "ipa", "pinyin")),
+}
+"""Controls each wire can carry to its server (emotion reaches an OpenAI-compatible server
+as `instructions`; the others ride in the text). A server may declare fewer."""
 
 MIN_CHUNK_SECONDS = 0.2
 """A streamed array is yielded once at least this much audio has arrived..."""
@@ -81,6 +121,18 @@ WARMUP_TEXT = "Warm up."
 PCM16_SCALE = 32768.0
 
 _MODEL_ID = re.compile(r"[^@\s]+@[^@\s]+")
+
+
+class ClipSource(Interface):
+    """The origin's reference voices (origin.refvoices.RefVoices), as engines need them."""
+
+    def clip(self, ref: str) -> bytes | None:
+        """The canonical WAV of a registered voice; None when it is not (or no longer)."""
+        ...
+
+    def record(self, sha: str, key: str) -> None:
+        """Notes that object `key` is rendered from clip `sha` (purged with it)."""
+        ...
 
 
 class ExternalEngineError(RuntimeError):
@@ -172,6 +224,11 @@ class ExternalEngine:
         timeout: float = 30.0,
         api_key_env: str | None = None,
         name: str | None = None,
+        controls: frozenset[str] = frozenset(),
+        clips: ClipSource | None = None,
+        clip_dir: str | None = None,
+        remote_clip_dir: str | None = None,
+        seconds_per_char: float = 0.065,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
@@ -197,6 +254,22 @@ class ExternalEngine:
         self.timeout = timeout
         self.api_key_env = api_key_env
         self._voices = {v.name: v for v in voices}
+        unknown = sorted(set(controls) - CONTROLS)
+        if unknown:
+            raise ValueError(f"unknown controls {unknown}; known: {sorted(CONTROLS)}")
+        unsent = sorted(set(controls) - WIRE_CONTROLS[protocol])
+        if unsent:
+            raise ValueError(f"the {protocol} wire cannot carry the controls {unsent}")
+        self.controls: frozenset[str] = frozenset(controls)
+        """What the configured server supports (configuration: the server cannot say)."""
+        if "ref" in self.controls and protocol == "indextts2" and not clip_dir:
+            raise ValueError("an indextts2 server that clones needs clip_dir (shared with it)")
+        if not seconds_per_char > 0:
+            raise ValueError(f"seconds_per_char must be positive, not {seconds_per_char}")
+        self.clips = clips
+        self.clip_dir = Path(clip_dir) if clip_dir else None
+        self.remote_clip_dir = remote_clip_dir or clip_dir
+        self.seconds_per_char = seconds_per_char
 
     def _voice(self, voice: str) -> ExternalVoice:
         found = self._voices.get(voice)
@@ -206,6 +279,9 @@ class ExternalEngine:
 
     def model_id(self, voice: str) -> str:
         return self._voice(voice).model_id
+
+    def refuses(self, spec: Spec) -> str | None:
+        return capability.refused(spec, self.controls)
 
     def warmup(self) -> None:
         """Checks that the server is up and knows every voice (piper: at the configured
@@ -232,17 +308,90 @@ class ExternalEngine:
             raise ValueError(f"speed must be positive, not {speed}")
         if self.protocol == "openai":
             return self._stream_openai(text, remote, speed)
+        if self.protocol == "indextts2":
+            return self._stream_indextts2(text, remote.remote, None)
         return self._stream_piper(text, remote, speed)
+
+    def stream_spec(self, spec: Spec) -> Iterator[Audio]:
+        """Renders a whole spec: its controls go to the server in its own terms."""
+        remote = self._voice(spec.voice)
+        clip = self._clip(spec)
+        if self.protocol == "indextts2":
+            return self._stream_indextts2(spec.text, clip or remote.remote, spec)
+        if self.protocol == "openai":
+            emotion = spec.emotion
+            if emotion is not None and emotion.vector is not None:
+                raise RenderRefused("unsupported_control", "the OpenAI wire has no emotion vector")
+            said = (emotion.text or emotion.label) if emotion else None
+            extra = {"instructions": said} if said else {}
+            return self._stream_openai(spec.text, remote, spec.speed, extra)
+        return self._stream_piper(spec.text, remote, spec.speed)
+
+    def _clip(self, spec: Spec) -> str | None:
+        """The path (as the server sees it) of the spec's reference clip, written into the
+        shared directory; None for a spec without a `ref`. Raises RenderRefused
+        `unknown_ref` for a clip no longer registered, or not the one the spec binds."""
+        if spec.ref is None:
+            return None
+        data = self.clips.clip(spec.ref.id) if self.clips is not None else None
+        if data is None or hashlib.sha256(data).hexdigest() != spec.ref.sha256:
+            raise RenderRefused("unknown_ref", f"reference voice {spec.ref.id} is not registered")
+        assert self.clips is not None
+        self.clips.record(spec.ref.sha256, spec.key)
+        if self.clip_dir is None:
+            return None
+        name = f"{spec.ref.sha256}.wav"
+        path = self.clip_dir / name
+        if not path.exists():  # content-addressed: an existing file is this clip
+            self.clip_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.clip_dir, delete=False) as tmp:
+                tmp.write(data)
+            os.replace(tmp.name, path)  # whole or absent, for a server reading it
+        return f"{str(self.remote_clip_dir).rstrip('/')}/{name}"
 
     # The protocols.
 
-    def _stream_openai(self, text: str, voice: ExternalVoice, speed: float) -> Iterator[Audio]:
+    def _stream_indextts2(self, text: str, path: str, spec: Spec | None) -> Iterator[Audio]:
+        body: dict[str, Any] = {
+            "text": text,
+            "audio_paths": [path],
+            "spk_audio_path": path,
+            "emo_control_method": 0,
+        }
+        emotion = spec.emotion if spec else None
+        if emotion is not None:
+            vector = emotion.vector
+            if vector is None and emotion.label in EMOTIONS:
+                vector = tuple(1.0 if e == emotion.label else 0.0 for e in EMOTIONS)
+            body["emo_alpha"] = body["emo_weight"] = emotion.alpha
+            if vector is not None:
+                body["emo_vector"] = body["emo_vec"] = list(vector)
+                body["emo_control_method"] = 2
+            else:
+                body["emo_text"] = emotion.text or emotion.label
+                body["use_emo_text"] = True
+                body["emo_control_method"] = 3
+        if spec is not None and spec.duration is not None:
+            natural = max(len(text), 1) * self.seconds_per_char
+            body["duration_factor"] = round(spec.duration / natural, 3)
+        with self._post("/tts_url", body) as response:
+            data = self._read(response)
+        yield self._decode_wav(data)
+
+    def _stream_openai(
+        self,
+        text: str,
+        voice: ExternalVoice,
+        speed: float,
+        extra: dict[str, Any] | None = None,
+    ) -> Iterator[Audio]:
         body = {
             "model": voice.remote_model,
             "input": text,
             "voice": voice.remote,
             "response_format": "pcm",
             "speed": speed,
+            **(extra or {}),
         }
         chunker = Pcm16Chunker(
             max(1, round(MIN_CHUNK_SECONDS * self.sample_rate)),

@@ -1,17 +1,22 @@
 """`POST /v1/speech`: the URL-minting API an application backend calls.
 
     {"text": "...", "voice": "heart", "format": "wav", "speed": 1.0,
-     "policy": "hot", "ttl": 3600, "ip": "203.0.113.0/24"}
+     "policy": "hot", "ttl": 3600, "ip": "203.0.113.0/24",
+     "duration": 2.4, "emotion": {"label": "excited"}, "ref": "ref_...", "lang": "en-US"}
     -> 201 {"url": "<public edge base>/v1/speech/<key>.<ext>?...", "key": "...",
             "expires_at": 1700000000}
 
 It authenticates with `Authorization: Bearer $NEARVOICE_MINT_TOKEN` (constant-time), and
 validates everything an edge would check, so a minted URL never fails at the edge for a
-reason the backend could have been told about.
+reason the backend could have been told about: controls no engine of the voice honours
+(`unsupported_control`), a duration outside 0.5-2.0x of the voice's natural length
+(`duration_out_of_range`, when this origin renders the voice), a `ref` that is not
+registered here (`unknown_ref`; the origin fills in the clip's hash itself).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from http import HTTPStatus
@@ -19,17 +24,22 @@ from typing import Any
 
 from aiohttp import web
 
+from edge import controls
 from edge.config import MINT_TOKEN_ENV
+from edge.controls import FIELDS
 from edge.errors import BadRequest
 from edge.formats import AudioFormat
 from edge.handlers.keys import NODE
 from edge.http.requests import read_json, require_bearer
 from edge.policy import Policy
-from edge.spec import Spec, SpecError
+from edge.spec import Ref, Spec, SpecError
 from edge.token import parse_network, sign_url
 from edge.voices import UnknownVoice, resolve
+from origin.refvoices import RefVoices
 
-_FIELDS = frozenset(("text", "voice", "format", "speed", "seed", "policy", "ttl", "ip"))
+_FIELDS = frozenset(("text", "voice", "format", "speed", "seed", "policy", "ttl", "ip")) | FIELDS
+REFS: web.AppKey[RefVoices] = web.AppKey("refs", RefVoices)
+"""The origin's reference voices, to fill in a `ref`'s clip hash."""
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
@@ -39,6 +49,17 @@ def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise BadRequest(f"bad_{name}", f"{name} must be a {kind.__name__}")
     return value
+
+
+async def _ref(request: web.Request, ref_id: str) -> Ref:
+    refs = request.app.get(REFS)
+    sha256 = None
+    if refs is not None:
+        loop = asyncio.get_running_loop()
+        sha256 = await loop.run_in_executor(request.app[NODE].io, refs.sha256_of, ref_id)
+    if sha256 is None:
+        raise SpecError("unknown_ref", f"no reference voice {ref_id!r} is registered here")
+    return Ref.create(ref_id, sha256)
 
 
 async def mint(request: web.Request) -> web.Response:
@@ -76,6 +97,10 @@ async def mint(request: web.Request) -> web.Response:
         except ValueError as exc:
             raise BadRequest("bad_ip", str(exc)) from exc
     try:
+        extra = controls.from_json(body)
+        ref_id = extra.pop("ref_id", None)
+        if ref_id is not None:
+            extra["ref"] = await _ref(request, ref_id)
         spec = Spec.create(
             text=text,
             voice=voice.name,
@@ -83,7 +108,14 @@ async def mint(request: web.Request) -> web.Response:
             model=voice.model_id,
             speed=_field(body, "speed", float, 1.0),
             seed=_field(body, "seed", int, 0),
+            **extra,
         )
+        controls.check_voice(voice, spec)
+        renderer = node.renderer
+        engine = renderer.engine_for(spec) if renderer else None
+        if renderer is not None and engine is not None and spec.duration is not None:
+            natural = await renderer.natural_samples(engine, spec)
+            controls.check_duration(spec, natural, engine.sample_rate)
     except SpecError as exc:
         raise BadRequest(exc.code, str(exc)) from exc
     limit = node.config.synth.max_text_chars

@@ -189,7 +189,7 @@ async def test_models_and_voices(api: ApiNode) -> None:
         "name": "heart",
         "engine": "hibari",
         "sample_rate": 24000,
-        "controls": [],
+        "controls": ["duration", "ipa", "lang"],
     }
     assert voices["alloy"]["name"] == "heart"
     assert voices["joe"]["sample_rate"] == 22050
@@ -317,7 +317,10 @@ async def test_bad_requests_are_bad_request_errors(api: ApiNode) -> None:
         ({"speed": 0.2}, "speed", "invalid_value"),
         ({"model": "tts-2"}, "model", "invalid_value"),
         ({"extra_body": {"colour": "blue"}}, "colour", "unknown_parameter"),
-        ({"extra_body": {"duration": 3.0}}, "duration", "unsupported_control"),
+        ({"extra_body": {"emotion": {"label": "happy"}}}, "emotion", "unsupported_control"),
+        ({"extra_body": {"ref": "ref_" + "0" * 64}}, "ref", "unsupported_control"),
+        ({"extra_body": {"duration": 1.0}, "speed": 1.5}, "duration", "conflicting_controls"),
+        ({"extra_body": {"emotion": {"vector": [0.5] * 7}}}, "emotion", "bad_emotion"),
         ({"stream_format": "chunks"}, "stream_format", "invalid_value"),
     ]
     before = await synth_count(api)
@@ -533,3 +536,24 @@ async def test_a_render_failing_mid_stream_ends_sse_with_an_error_event(
     assert events[-1]["type"] == "error"
     assert events[-1]["error"]["code"] == "render_failed"
     assert "speech.audio.done" not in {e["type"] for e in events}
+
+
+@in_module_loop
+async def test_the_spec_extensions_reach_the_spec(api: ApiNode) -> None:
+    sdk = api.sdk()
+    fitted = await speak(
+        sdk, input="Fitted to the second.", response_format="wav", extra_body={"duration": 2.4}
+    )
+    assert fitted.status == 200
+    import io
+
+    import soundfile
+
+    audio, rate = soundfile.read(io.BytesIO(fitted.body))
+    assert abs(len(audio) / rate - 2.4) <= max(0.02 * 2.4, 600 / rate)
+    # `lang` and an IPA hint are honoured by hibari; `instructions` is ignored for a voice
+    # whose engine does not honour emotion (the same object as without it).
+    hinted = {"input": "Say [tomato](/təmˈɑːtoʊ/).", "response_format": "wav"}  # noqa: RUF001
+    plain = await speak(sdk, **hinted, extra_body={"lang": "en-US"})
+    told = await speak(sdk, **hinted, instructions="Speak warmly.", extra_body={"lang": "en-US"})
+    assert plain.status == told.status == 200 and plain.body == told.body

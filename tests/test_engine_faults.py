@@ -23,6 +23,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from edge.app import create_app
 from edge.keyring import Keyring
+from edge.spec import Spec
 from edge.synth.engine import Audio, Engine
 from edge.synth.hibari_engine import HibariEngine
 from edge.upstream import UpstreamSettings
@@ -57,11 +58,15 @@ class FailingEngine:
         self.name = inner.name
         self.sample_rate = inner.sample_rate
         self.voices = inner.voices
+        self.controls = inner.controls
         self.fail_after = fail_after
         self.go_ahead = go_ahead
 
     def model_id(self, voice: str) -> str:
         return self._inner.model_id(voice)
+
+    def refuses(self, spec: Spec) -> str | None:
+        return self._inner.refuses(spec)
 
     def warmup(self) -> None:
         self._inner.warmup()

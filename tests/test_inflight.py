@@ -65,6 +65,7 @@ class HeldEngine:
         self.name = inner.name
         self.sample_rate = inner.sample_rate
         self.voices = inner.voices
+        self.controls = inner.controls
         self.hold_at = hold_at
         self.sized = True
         """Whether the duration pass answers (False: lengths unknown, as external engines)."""
@@ -87,6 +88,9 @@ class HeldEngine:
 
     def model_id(self, voice: str) -> str:
         return self._inner.model_id(voice)
+
+    def refuses(self, spec: Spec) -> str | None:
+        return self._inner.refuses(spec)
 
     def warmup(self) -> None:
         self._inner.warmup()

@@ -221,9 +221,13 @@ class LyingEngine:
         self.name = inner.name
         self.sample_rate = inner.sample_rate
         self.voices = inner.voices
+        self.controls = inner.controls
 
     def model_id(self, voice: str) -> str:
         return self._inner.model_id(voice)
+
+    def refuses(self, spec: Spec) -> str | None:
+        return self._inner.refuses(spec)
 
     def warmup(self) -> None:
         self._inner.warmup()

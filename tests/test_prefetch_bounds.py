@@ -21,6 +21,7 @@ from edge.app import create_app
 from edge.cache.meta import etag_for
 from edge.config import ADMIN_TOKEN_ENV
 from edge.policy import Policy
+from edge.spec import Spec
 from edge.synth.engine import Audio, Engine
 from edge.synth.hibari_engine import HibariEngine
 from edge.synth.piper_engine import piper_model_id
@@ -57,6 +58,7 @@ class HeldEngine:
         self.name = inner.name
         self.sample_rate = inner.sample_rate
         self.voices = inner.voices
+        self.controls = inner.controls
         self.go = threading.Event()
         self.started: list[str] = []
 
@@ -68,6 +70,9 @@ class HeldEngine:
 
     def samples(self, text: str, voice: str, speed: float) -> int | None:
         return self._inner.samples(text, voice, speed)
+
+    def refuses(self, spec: Spec) -> str | None:
+        return self._inner.refuses(spec)
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
         self.started.append(text)

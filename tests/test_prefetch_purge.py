@@ -27,6 +27,7 @@ from pytest_aiohttp import AiohttpClient
 
 from edge.app import create_app
 from edge.config import ADMIN_TOKEN_ENV, OriginSettings, Role, SynthSettings
+from edge.formats import AudioFormat
 from edge.node import Node
 from edge.prefetch import PrefetchSettings
 from edge.spec import Spec
@@ -224,6 +225,19 @@ async def test_prefetch_of_a_spec_honours_its_fields(renderer: Served, admin_tok
     report = await prefetch(renderer.client, {"specs": [item]})
     assert report["done"] == 1 and report["failed"] == 0
     assert renderer.node.store.contains(spec.key)
+    # The expressive controls too (a duration, a language).
+    fitted = Spec.create(
+        text=f"Fitted ahead of time. Case {next(_CASES)}.",
+        voice="heart",
+        format=AudioFormat.WAV,
+        model=spec.model,
+        duration=2.0,
+        lang="en-US",
+    )
+    item = {"text": fitted.text, "voice": "heart", "duration": 2.0, "lang": "en-US"}
+    report = await prefetch(renderer.client, {"specs": [item]})
+    assert report["done"] == 1 and report["failed"] == 0
+    assert renderer.node.store.contains(fitted.key)
 
 
 # -- prefetch without rendering -------------------------------------------------------------

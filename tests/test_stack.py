@@ -472,6 +472,22 @@ class TestUp:
         assert delta(before, after, "nearvoice_requests_total", result="hit") == 1
         assert delta(before, after, "nearvoice_upstream_requests_total", reason="no_engine") == 0
 
+    def test_up_a_line_fitted_to_its_duration_plays_through_the_tiers(self, stack: Stack) -> None:
+        text = f"A dubbed line, fitted at the origin. Case {next(_CASES)}."
+        minted = stack.mint({"text": text, "voice": "joe", "format": "wav", "duration": 2.4})
+        answer = http(minted["url"])
+        assert answer.status == 200, answer.body[:300]
+        rate, frames = wav(answer.body)
+        assert abs(frames / rate - 2.4) <= max(0.02 * 2.4, 256 / rate)
+        token = (stack.data / "mint-token").read_text().strip()
+        far = http(
+            f"{stack.origin}/v1/speech",
+            method="POST",
+            body={"text": text, "voice": "joe", "duration": 30.0},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert far.status == 400 and far.json()["error"] == "duration_out_of_range"
+
     def test_up_stops_cleanly_on_sigint(self, stack: Stack) -> None:
         """Runs last in this class: it stops the stack the tests above use."""
         children = list(stack.children)

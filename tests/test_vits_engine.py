@@ -130,3 +130,21 @@ async def test_the_edge_serves_the_exported_voice(
     client, audio, rate = await render_through_node(aiohttp_client, config, "tiny", TEXT)
     assert rate == 16000 and len(audio) > 0
     assert await metric(client, "nearvoice_synth_total", engine="vits") == 1.0
+
+
+def test_an_exported_vits_voice_fits_durations_or_refuses_a_length_it_cannot_hit(
+    tiny_optimized: Path,
+) -> None:
+    """The tiny random model's durations jump (every token its minimum frames until the
+    scale doubles them), so 1.0x fits exactly and 1.4x has no speed within tolerance: the
+    fit refuses rather than render a wrong length."""
+    from edge.synth import fit
+
+    engine = engine_for(tiny_optimized)
+    assert "duration" in engine.controls
+    natural = engine.samples(TEXT, "tiny", 1.0)
+    assert natural is not None
+    exact = fit.fit(engine, TEXT, "tiny", round(natural / engine.sample_rate, 2))
+    assert sum(len(a) for a in engine.stream(TEXT, "tiny", exact.speed, 0)) == exact.samples
+    with pytest.raises(fit.CannotFit):
+        fit.fit(engine, TEXT, "tiny", round(natural / engine.sample_rate * 1.4, 2))

@@ -18,8 +18,13 @@ HEX64 = "[0-9a-f]{64}"
 def test_catalog_has_heart_and_joe() -> None:
     voices = catalog()
     assert sorted(voices) == ["heart", "joe"]
-    assert voices["heart"] == Voice("heart", "hibari", hibari_model_id("heart"), 24000)
-    assert voices["joe"] == Voice("joe", "piper", piper_model_id("joe"), 22050)
+    controls = ("duration", "ipa", "lang")
+    assert voices["heart"] == Voice(
+        "heart", "hibari", hibari_model_id("heart"), 24000, controls, ("en-US",)
+    )
+    assert voices["joe"] == Voice(
+        "joe", "piper", piper_model_id("joe"), 22050, controls, ("en-US",)
+    )
     assert re.fullmatch(f"hibari-heart@{HEX64}", voices["heart"].model_id)
     assert re.fullmatch(f"piper-joe-medium@{HEX64}", voices["joe"].model_id)
 

@@ -14,9 +14,12 @@ share one render, and a miss streams as it renders.
 Request fields are OpenAI's. `model` does not change the render. Speeds outside the
 engines' 0.5-2.0 are clamped, and `X-Nearvoice-Speed` gives the speed applied. `pcm` is
 24 kHz s16le whatever the voice's own rate: the spec then carries `rate`, a different
-object. `instructions` is ignored: it would become the spec's `emotion.text` for a voice
-whose engine honours emotion, and no engine here does. The spec's own extensions
-(`duration`, `emotion`, `ref`, `lang`) are refused until specs carry them.
+object. `instructions` becomes the spec's `emotion.text` for a voice whose engine honours
+emotion (an external server's, where configured) and is ignored for the others. The
+spec's own extensions `duration`, `emotion` and `lang` are taken under their spec names
+and validated as the minting API validates them (`unsupported_control` for a control the
+voice's engine does not honour, `conflicting_controls` for a duration with a speed); a
+`ref` needs the origin's minting API, which binds the clip's hash.
 
 Answers: the raw audio (`stream_format: "audio"`, the default) or, for `"sse"`,
 `text/event-stream` (WHATWG HTML section 9.2) with `speech.audio.delta` events (base64
@@ -49,6 +52,7 @@ from urllib.parse import urlencode
 
 from aiohttp import hdrs, web
 
+from edge import controls
 from edge.apikeys import ApiKeys
 from edge.cache.fill import Fill, FillFailed
 from edge.cache.hot import SharedFile
@@ -63,9 +67,9 @@ from edge.limits import Scope
 from edge.metrics import Result
 from edge.node import Held, Node
 from edge.policy import Policy
-from edge.spec import MAX_SPEED, MIN_SPEED, Spec, SpecError
+from edge.spec import MAX_SPEED, MIN_SPEED, Emotion, Spec, SpecError
 from edge.token import Grant, sign_query, speech_path
-from edge.voices import Voice
+from edge.voices import Voice, refused_control
 
 log = logging.getLogger("nearvoice.api")
 
@@ -305,14 +309,7 @@ def _bad(message: str, param: str, code: str = "invalid_value", **extra: Any) ->
 
 def _parse(node: Node, data: Mapping[str, Any]) -> tuple[Spec, bool]:
     settings = node.config.api
-    extensions = sorted(set(data) & SPEC_EXTENSIONS)
-    if extensions:
-        raise _bad(
-            f"{extensions[0]!r} is not supported by this node's engines yet",
-            extensions[0],
-            "unsupported_control",
-        )
-    unknown = sorted(set(data) - FIELDS)
+    unknown = sorted(set(data) - FIELDS - SPEC_EXTENSIONS)
     if unknown:
         raise _bad(f"unknown parameter {unknown[0]!r}", unknown[0], "unknown_parameter")
 
@@ -337,7 +334,16 @@ def _parse(node: Node, data: Mapping[str, Any]) -> tuple[Spec, bool]:
     instructions = data.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise _bad("instructions must be a string", "instructions")
-    # No engine here honours emotion, so instructions are ignored (see the docstring).
+    try:
+        extra = controls.from_json({k: data[k] for k in SPEC_EXTENSIONS if k in data})
+    except SpecError as exc:
+        raise _bad(str(exc), exc.code.removeprefix("bad_"), exc.code) from exc
+    if "ref_id" in extra:  # only an origin holds clips and knows their hashes
+        raise _bad(
+            "reference voices are named in specs minted by the origin", "ref", "unsupported_control"
+        )
+    if instructions and "emotion" not in extra and "emotion" in voice.controls:
+        extra["emotion"] = Emotion.create(text=instructions)
 
     named = data.get("response_format", "mp3")
     fmt = FORMATS.get(named) if isinstance(named, str) else None
@@ -363,10 +369,21 @@ def _parse(node: Node, data: Mapping[str, Any]) -> tuple[Spec, bool]:
     rate = PCM_RATE if fmt is AudioFormat.PCM and voice.sample_rate != PCM_RATE else None
     try:
         spec = Spec.create(
-            text=text, voice=voice.name, format=fmt, model=voice.model_id, speed=applied, rate=rate
+            text=text,
+            voice=voice.name,
+            format=fmt,
+            model=voice.model_id,
+            speed=applied,
+            rate=rate,
+            **extra,
         )
     except SpecError as exc:
-        raise _bad(str(exc), "input", exc.code) from exc
+        param = "duration" if exc.code == "conflicting_controls" else "input"
+        raise _bad(str(exc), param, exc.code) from exc
+    control = refused_control(voice, spec)
+    if control is not None:
+        message = f"voice {voice.name!r} does not honour {control!r} on this service"
+        raise _bad(message, control, "unsupported_control")
     if len(spec.text) > node.config.synth.max_text_chars:
         limit = node.config.synth.max_text_chars
         raise _bad(f"input is longer than {limit} characters", "input", "string_above_max_length")

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from edge.spec import Spec
 
 Audio = npt.NDArray[np.float32]
 
@@ -16,6 +19,13 @@ class Engine(Protocol):
     sample_rate: int
     """Hz of the float32 mono audio `stream` yields."""
     voices: tuple[str, ...]
+    controls: frozenset[str]
+    """The optional spec controls (edge.spec.CONTROLS) this engine honours."""
+
+    def refuses(self, spec: Spec) -> str | None:
+        """The first control of `spec` this engine does not honour (edge.synth.capability),
+        None when it renders the spec as asked."""
+        ...
 
     def model_id(self, voice: str) -> str:
         """`name@sha256` of the model file that renders `voice`."""
@@ -35,4 +45,15 @@ class Engine(Protocol):
         """The duration pass: exactly how many samples `stream` will yield for these
         arguments, computed without rendering audio; None when this engine cannot know
         (an external server). `seed` changes no length, so it is not an argument."""
+        ...
+
+
+@runtime_checkable
+class SpecEngine(Protocol):
+    """An engine that takes the whole spec and applies its controls itself (emotion, a
+    reference voice, a target duration): an external server does the work, so the node
+    neither fits durations nor knows the length in advance."""
+
+    def stream_spec(self, spec: Spec) -> Iterator[Audio]:
+        """Renders `spec` as `Engine.stream` renders its text, voice, speed and seed."""
         ...

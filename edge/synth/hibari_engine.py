@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -9,12 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge.synth import capability, hints
 from edge.synth.chunking import split_chunks
 from edge.synth.durations import Counted, DurationGraph, Durations, Feeds, Recent
 from edge.synth.engine import Audio
 from edge.synth.providers import session, short_name
 
 if TYPE_CHECKING:
+    from edge.spec import Spec
     from edge.synth.exported import Chosen
 
 ENGINE_NAME = "hibari"
@@ -26,6 +30,14 @@ MIN_IDS = 3
 """`Hibari.from_ids` renders nothing (an empty array) for fewer ids: the two pads and no
 phoneme."""
 
+CONTROLS = frozenset(("duration", "lang", hints.IPA))
+"""hibari fits durations through its duration pass and says IPA hints through its phoneme
+input (misaki's alphabet); emotion, reference voices and pinyin need an external engine."""
+LANGUAGES = ("en-US",)
+"""The bundled voice speaks American English (`heart`)."""
+MAX_PHONEMES = 400
+"""As hibari's own: a piece longer than this is split at clause punctuation."""
+
 Pieces = list[list[int]]
 """A text's model inputs: the phoneme ids of each piece the model renders at once."""
 
@@ -35,6 +47,20 @@ def bundled_voices() -> dict[str, dict[str, Any]]:
     from hibari.voices import VOICES
 
     return {name: info for name, info in VOICES.items() if info.get("bundled")}
+
+
+@functools.cache
+def hibari_vocab() -> frozenset[str]:
+    """The phonemes hibari's model takes (its package's vocab.json), read without a model."""
+    from importlib.resources import files
+
+    text = files("hibari").joinpath("assets", "vocab.json").read_text(encoding="utf-8")
+    return frozenset(json.loads(text))
+
+
+def check_ipa(text: str) -> None:
+    """Raises hints.Unmappable for an IPA hint in `text` hibari cannot say."""
+    hints.check_ipa(text, hibari_vocab(), espeak=False, engine=ENGINE_NAME)
 
 
 def hibari_model_id(voice: str) -> str:
@@ -56,6 +82,8 @@ class HibariEngine:
 
     name = ENGINE_NAME
     sample_rate = 24000
+    controls = CONTROLS
+    frame_samples = SAMPLES_PER_FRAME
 
     def __init__(
         self,
@@ -119,6 +147,9 @@ class HibariEngine:
         chosen = self._exported.get(voice)
         return chosen.model_id if chosen else hibari_model_id(voice)
 
+    def refuses(self, spec: Spec) -> str | None:
+        return capability.refused(spec, self.controls, LANGUAGES, check_ipa)
+
     def warmup(self) -> None:
         for voice in self.voices:
             durations = self._durations[voice]
@@ -136,7 +167,12 @@ class HibariEngine:
         a render that did not run the duration pass starts on its first chunk at once."""
         model = self._model(voice)
         for chunk in split_chunks(text):
-            for phonemes in model.phonemize(chunk):
+            parts: list[hints.Part] = hints.parse(chunk) if "[" in chunk else [chunk]
+            if not any(isinstance(p, hints.Hint) for p in parts):
+                for phonemes in model.phonemize(chunk):
+                    yield model.ids(phonemes)
+                continue
+            for phonemes in _split(_hinted(model, parts)):
                 yield model.ids(phonemes)
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
@@ -196,6 +232,37 @@ def _same(one: list[Audio], other: list[Audio]) -> bool:
     return len(one) == len(other) and all(
         np.array_equal(a, b) for a, b in zip(one, other, strict=False)
     )
+
+
+def _hinted(model: Any, parts: list[hints.Part]) -> str:
+    """A chunk's phonemes with its IPA hints in place: the plain runs through hibari's G2P,
+    each hint's IPA mapped to misaki's alphabet."""
+    out: list[str] = []
+    for part in parts:
+        if isinstance(part, hints.Hint):
+            out.append(hints.to_misaki(part.value, model.vocab, ENGINE_NAME))
+        elif part.strip():
+            phonemes = model.g2p(part.strip())
+            if phonemes:
+                out.append(phonemes)
+    return " ".join(out)
+
+
+def _split(phonemes: str) -> list[str]:
+    """Pieces of at most MAX_PHONEMES, cut after clause punctuation as hibari cuts them."""
+    if len(phonemes) <= MAX_PHONEMES:
+        return [phonemes] if phonemes else []
+    pieces: list[str] = []
+    current = ""
+    for word in phonemes.split(" "):
+        if current and len(current) + len(word) + 1 > MAX_PHONEMES and current[-1] in ",;:—.!?":
+            pieces.append(current)
+            current = word
+        else:
+            current = f"{current} {word}" if current else word
+    if current:
+        pieces.append(current)
+    return pieces
 
 
 def _per_frame(graph: DurationGraph) -> int:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edge.synth import capability, hints
 from edge.synth.chunking import split_chunks
 from edge.synth.durations import Counted, DurationGraph, Durations, Feeds, Recent
 from edge.synth.engine import Audio
@@ -26,12 +27,16 @@ from edge.synth.providers import session, short_name
 if TYPE_CHECKING:
     from piper import PiperVoice, SynthesisConfig
 
+    from edge.spec import Spec
     from edge.synth.exported import Chosen
 
 PIPER_CONFIG = "model.onnx.json"
 """A piper voice's config, beside its model and in its export directory."""
 
 ENGINE_NAME = "piper"
+CONTROLS = frozenset(("duration", "lang", hints.IPA))
+"""piper fits durations through its duration pass (the length scale) and says IPA hints
+as raw phonemes (espeak-ng's IPA, as its voice's phoneme_id_map lists them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,17 @@ def file_sha256(path: Path) -> str:
 
 def model_id_for(model: str, path: Path) -> str:
     return f"piper-{model}@{file_sha256(path)}"
+
+
+def config_languages(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """The BCP 47 tag of the language a piper voice's config declares (`en_US` -> en-US)."""
+    code = str(config.get("language", {}).get("code", "")).replace("_", "-")
+    return (code,) if code else ()
+
+
+def check_ipa(text: str, config: Mapping[str, Any]) -> None:
+    """Raises hints.Unmappable for an IPA hint in `text` the voice cannot say."""
+    hints.check_ipa(text, config.get("phoneme_id_map", {}), espeak=True, engine=ENGINE_NAME)
 
 
 @functools.cache
@@ -105,6 +121,7 @@ class PiperEngine:
     """
 
     name = ENGINE_NAME
+    controls = CONTROLS
 
     def __init__(
         self,
@@ -135,6 +152,9 @@ class PiperEngine:
         self._recent: Recent[tuple[str, str], list[list[int]]] = Recent()
         self._counted: Recent[tuple[str, str, float], list[Counted]] = Recent(size=2)
         """The pass's runs for the last texts, for the render that follows them."""
+        hops = {int(c.get("hop_length", 256)) for c in self._configs.values()}
+        self.frame_samples = min(hops) if hops else 256
+        """Samples per duration frame (the voices' hop length)."""
 
     def _duration_pass(self, voice: str) -> Durations:
         hop = int(self._configs[voice].get("hop_length", 256))
@@ -209,6 +229,11 @@ class PiperEngine:
         chosen = self._exported.get(voice)
         return chosen.model_id if chosen else piper_model_id(voice)
 
+    def refuses(self, spec: Spec) -> str | None:
+        config = self._configs.get(spec.voice, {})
+        ipa = functools.partial(check_ipa, config=config)
+        return capability.refused(spec, self.controls, config_languages(config), ipa)
+
     def warmup(self) -> None:
         for voice in self.voices:
             durations = self._durations[voice]
@@ -232,9 +257,15 @@ class PiperEngine:
         makes them. Lazy, so a render that did not run the duration pass starts on its
         first chunk at once."""
         for chunk in split_chunks(text):
-            for phonemes in loaded.phonemize(chunk):
-                if phonemes:
-                    yield loaded.phonemes_to_ids(phonemes)
+            parts: list[hints.Part] = hints.parse(chunk) if "[" in chunk else [chunk]
+            if not any(isinstance(p, hints.Hint) for p in parts):
+                for phonemes in loaded.phonemize(chunk):
+                    if phonemes:
+                        yield loaded.phonemes_to_ids(phonemes)
+                continue
+            hinted = _hinted(loaded, parts)
+            if hinted:
+                yield loaded.phonemes_to_ids(hinted)
 
     def _feeds(self, loaded: PiperVoice, ids: list[int], synthesis: SynthesisConfig) -> Feeds:
         """The graph's inputs for one sentence, as `PiperVoice.phoneme_ids_to_audio` makes
@@ -302,3 +333,20 @@ def _same(one: list[Audio], other: list[Audio]) -> bool:
     return len(one) == len(other) and all(
         np.array_equal(a, b) for a, b in zip(one, other, strict=False)
     )
+
+
+def _hinted(loaded: PiperVoice, parts: list[hints.Part]) -> list[str]:
+    """A chunk's phonemes as one piece, its IPA hints in place: the plain runs through
+    espeak-ng (piper's phonemizer), each hint's IPA mapped to espeak-ng's symbols."""
+    known = loaded.config.phoneme_id_map
+    out: list[str] = []
+    for part in parts:
+        if isinstance(part, hints.Hint):
+            phonemes = hints.to_espeak(part.value, known, ENGINE_NAME)
+        else:
+            phonemes = [p for sentence in loaded.phonemize(part.strip()) for p in sentence]
+        if phonemes:
+            if out:
+                out.append(" ")
+            out.extend(phonemes)
+    return out

@@ -12,6 +12,13 @@ render ever disagree, the object is aborted (never padded or cut to fit), the mi
 counted in `nearvoice_length_mismatches_total`, and that voice's lengths are treated as
 unknown from then on in this process, until the disagreement is fixed.
 
+Durations: a spec with a `duration` renders at the speed edge.synth.fit chooses from the
+duration pass (never a stretched waveform), and its exact length is still announced
+first. A target outside 0.5-2.0x of the voice's natural length is refused before any
+byte (`duration_out_of_range`). An engine that takes whole specs (`SpecEngine`, the
+external servers) fits durations itself; the achieved length is measured and observed in
+`nearvoice_duration_error_ratio`.
+
 Admission: each engine has a bounded queue. `estimated_wait` predicts when a new render
 would start from the renders ahead of it and a running mean of render times, so the node
 can send a miss upstream when that is sooner than rendering here.
@@ -22,12 +29,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from edge.metrics import Metrics
 from edge.spec import Spec
-from edge.synth.engine import Engine
+from edge.synth import fit
+from edge.synth.engine import Audio, Engine, SpecEngine
 from edge.synth.priority import PriorityPool
 from edge.synth.resample import Resampler
 from edge.synth.streaming import ResamplingEncoder, StreamEncoder, encoded_length, stream_encoder
@@ -42,6 +50,14 @@ class RenderError(Exception):
     def __init__(self, message: str, produced: bool) -> None:
         super().__init__(message)
         self.produced = produced
+
+
+class RenderRefused(RenderError):
+    """The spec cannot be rendered as asked, whoever renders it (a 400, `code`)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message, produced=False)
+        self.code = code
 
 
 class LengthMismatch(RenderError):
@@ -104,6 +120,12 @@ class Renderer:
             )
         )
 
+    async def natural_samples(self, engine: Engine, spec: Spec) -> int | None:
+        """The duration pass at speed 1: the voice's natural length for `spec`'s text (in
+        an inference thread); None when the engine cannot say."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, engine.samples, spec.text, spec.voice, 1.0)
+
     async def providers(self) -> dict[str, str]:
         """Engine name -> the execution provider its sessions run on (read in an inference
         thread: asking loads the model there, never on the event loop)."""
@@ -149,6 +171,9 @@ class Renderer:
             audio_seconds = await loop.run_in_executor(
                 self._pool, _render_stream, engine, spec, emit, announce, sized
             )
+            if spec.duration is not None:
+                error = abs(audio_seconds - spec.duration) / spec.duration
+                metrics.duration_error.labels(engine.name).observe(error)
         except LengthMismatch:
             self._unsized.add(spec.voice)
             metrics.length_mismatches.labels(engine.name).inc()
@@ -178,10 +203,21 @@ def _render_stream(
     samples = 0
     produced = False
     try:
-        total = engine.samples(spec.text, spec.voice, spec.speed) if sized else None
+        chunks: Iterator[Audio]
+        if isinstance(engine, SpecEngine):  # it applies every control itself
+            total = None
+            chunks = engine.stream_spec(spec)
+        else:
+            speed = spec.speed
+            if spec.duration is None:
+                total = engine.samples(spec.text, spec.voice, speed) if sized else None
+            else:
+                fitted = _fit(engine, spec)
+                speed, total = fitted.speed, fitted.samples if sized else None
+            chunks = engine.stream(spec.text, spec.voice, speed, spec.seed)
         encoder, length = _encoder(engine, spec, total)
         announce(length)
-        for audio in engine.stream(spec.text, spec.voice, spec.speed, spec.seed):
+        for audio in chunks:
             samples += len(audio)
             if total is not None and samples > total:
                 break  # checked below, before these samples reach the encoder
@@ -201,6 +237,16 @@ def _render_stream(
     except Exception as exc:
         raise RenderError(f"{engine.name} failed: {type(exc).__name__}: {exc}", produced) from exc
     return samples / engine.sample_rate
+
+
+def _fit(engine: Engine, spec: Spec) -> fit.Fit:
+    assert spec.duration is not None
+    try:
+        return fit.fit(engine, spec.text, spec.voice, spec.duration)
+    except fit.DurationOutOfRange as exc:
+        raise RenderRefused(exc.code, str(exc)) from exc
+    except fit.CannotFit as exc:
+        raise RenderError(str(exc), produced=False) from exc
 
 
 def _encoder(engine: Engine, spec: Spec, total: int | None) -> tuple[StreamEncoder, int | None]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from edge.synth import capability
 from edge.synth.chunking import split_chunks
 from edge.synth.durations import DurationGraph, Durations, Recent
 from edge.synth.engine import Audio
@@ -25,10 +26,14 @@ from edge.synth.providers import session, short_name
 from edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
 
 if TYPE_CHECKING:
+    from edge.spec import Spec
     from edge.synth.exported import Chosen
 
 ENGINE_NAME = "vits"
 FAMILY = "vits"
+CONTROLS = frozenset(("duration",))
+"""Durations fit through the exported graph's duration pass; a character-level vocabulary
+takes no phoneme hints."""
 VITS_SIDECAR = "vits.json"
 """Beside a `from-transformers` model: its sample rate and character vocabulary."""
 
@@ -51,6 +56,7 @@ class VitsEngine:
     engines keep theirs."""
 
     name = ENGINE_NAME
+    controls = CONTROLS
 
     def __init__(self, chosen: Chosen, threads: int = 1, providers: list[Any] | None = None):
         if chosen.export.family != FAMILY:
@@ -102,6 +108,15 @@ class VitsEngine:
 
     def model_id(self, voice: str) -> str:
         return self._chosen.model_id
+
+    def refuses(self, spec: Spec) -> str | None:
+        return capability.refused(spec, self.controls)
+
+    @property
+    def frame_samples(self) -> int:
+        """Samples per duration frame: the vocoder's upsampling (1 without a pass)."""
+        graph = self._durations.graph()
+        return graph.upsampling if graph is not None else 1
 
     def warmup(self) -> None:
         voice = self.voices[0]

@@ -1,0 +1,117 @@
+"""A small, real server that speaks index-tts-vllm's wire format, for the IndexTTS2
+adapter's tests (origin/external.py, protocol `indextts2`).
+
+`POST /tts_url` with JSON `{"text", "audio_paths": [path], ...}` answers a whole 16-bit
+mono WAV, as index-tts-vllm's API server does. It CANNOT clone: it renders every request
+with the bundled piper `joe` voice (edge.synth.piper_engine.PiperEngine, 22050 Hz), so the
+audio is real speech but never in the reference speaker's voice. What it checks and
+reports instead, so tests can assert what reached it:
+
+* each path in `audio_paths` must be a readable file (400 otherwise); a file named
+  `<64 hex>.wav` must hash to that name (409 otherwise), so a clip written half, or the
+  wrong clip, is caught;
+* `duration_factor` is applied through piper's length scale (speed = 1 / factor);
+* the controls it received (`emo_vector`, `emo_alpha`, `emo_text`, `use_emo_text`,
+  `duration_factor`) come back as JSON in the `X-Received-Controls` header, and the
+  clip's SHA-256 in `X-Clip-Sha256`; every request is also kept in `log`.
+
+It runs on its own event loop in a background thread, on a free loopback port; rendering
+runs in one dedicated thread (one piper session).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import soundfile
+from aiohttp import web
+
+from edge.synth.piper_engine import PiperEngine
+
+SAMPLE_RATE = 22050
+CONTROLS = ("emo_vector", "emo_alpha", "emo_text", "use_emo_text", "duration_factor")
+_HASHED = re.compile(r"[0-9a-f]{64}")
+
+
+class IndexTTS2Server:
+    def __init__(self, engine: PiperEngine | None = None) -> None:
+        self._engine = engine or PiperEngine(voices=("joe",), threads=1)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="indextts2")
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+        self.log: list[dict[str, Any]] = []
+
+    def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/tts_url", self._tts_url)
+        runner = self._runner = web.AppRunner(app, shutdown_timeout=5.0)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        host, port = runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        return self.url
+
+    def stop(self) -> None:
+        if self._thread is not None and self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(30)
+            self._thread = None
+        self._loop.close()
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _tts_url(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"status": "error", "error": "not JSON"}, status=400)
+        self.log.append(body)
+        text, paths = body.get("text"), body.get("audio_paths")
+        if not isinstance(text, str) or not isinstance(paths, list) or not paths:
+            return web.json_response({"status": "error", "error": "text, audio_paths"}, status=400)
+        loop = asyncio.get_running_loop()
+        digests = []
+        for path in paths:
+            try:
+                data = await loop.run_in_executor(self._pool, Path(path).read_bytes)
+            except (OSError, TypeError):
+                return web.json_response({"status": "error", "error": f"cannot read {path}"}, 400)
+            digest = hashlib.sha256(data).hexdigest()
+            stem = Path(path).stem
+            if _HASHED.fullmatch(stem) and stem != digest:
+                return web.json_response({"status": "error", "error": "clip hash mismatch"}, 409)
+            digests.append(digest)
+        factor = float(body.get("duration_factor", 1.0))
+        audio = await loop.run_in_executor(self._pool, self._render, text, 1.0 / factor)
+        out = io.BytesIO()
+        soundfile.write(out, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+        received = {name: body[name] for name in CONTROLS if name in body}
+        headers = {
+            "X-Received-Controls": json.dumps(received, sort_keys=True),
+            "X-Clip-Sha256": ",".join(digests),
+        }
+        return web.Response(body=out.getvalue(), content_type="audio/wav", headers=headers)
+
+    def _render(self, text: str, speed: float) -> np.ndarray[Any, np.dtype[np.float32]]:
+        return np.concatenate(list(self._engine.stream(text, "joe", speed, 0)))
