@@ -22,6 +22,7 @@ from edge.config import NodeConfig
 from edge.handlers import admin, health, openai, speech
 from edge.handlers.keys import API_KEYS, NODE
 from edge.http.middleware import errors_as_json
+from edge.http.proxies import TRUSTED, TrustedProxies
 from edge.keyring import Keyring
 from edge.node import Node
 from edge.producer import UpstreamReason
@@ -96,6 +97,7 @@ def create_app(
         )
     app[NODE] = node
     app[API_KEYS] = ApiKeys.from_env() if api_keys is None else api_keys
+    app[TRUSTED] = TrustedProxies(config.http.trusted_proxies)
     app[openai.MEMO] = openai.PreparedMemo()
     openai.check_aliases(node)
     node.metrics.expect(

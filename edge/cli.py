@@ -8,11 +8,14 @@ import multiprocessing
 import os
 import shutil
 import signal
+import ssl
 import sys
 from pathlib import Path
 
 from edge.config import NodeConfig, Role, load
 from edge.formats import AudioFormat
+from edge.http.logs import install_redaction
+from edge.http.tls import server_context
 from edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
 from edge.metrics import MULTIPROC_ENV
 from edge.policy import Policy
@@ -76,6 +79,7 @@ def _node_config(args: argparse.Namespace, role: Role) -> NodeConfig:
 def _serve(config: NodeConfig, reuse_port: bool) -> None:
     from edge.app import create_app
     from edge.http.fastpath import run
+    from edge.http.logs import access_logger_class
 
     try:
         import uvloop
@@ -92,7 +96,15 @@ def _serve(config: NodeConfig, reuse_port: bool) -> None:
         app = create_app(config, keyring)
     access_log = logging.getLogger("aiohttp.access") if config.http.access_log else None
     # aiohttp's run_app with the fast path's runner (edge.http.fastpath).
-    run(app, host=config.host, port=config.port, reuse_port=reuse_port, access_log=access_log)
+    run(
+        app,
+        host=config.host,
+        port=config.port,
+        reuse_port=reuse_port,
+        access_log=access_log,
+        access_log_class=access_logger_class(config.http.access_log_format),
+        tls=config.tls,
+    )
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -100,17 +112,20 @@ def cmd_node(args: argparse.Namespace) -> int:
     try:
         config = _node_config(args, role)
         Keyring.from_env()
+        server_context(config.tls)  # unreadable certificates are reported here
         for_config(config)  # voices and exported variants, reported here, not as tracebacks
-    except (KeyringError, ValueError, OSError) as exc:
+    except (KeyringError, ValueError, OSError, ssl.SSLError) as exc:
         return _fail(str(exc))
     logging.basicConfig(
         level=os.environ.get("NEARVOICE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
     )
+    install_redaction()
     log = logging.getLogger("nearvoice")
     log.info(
-        "%s listening on http://%s:%d (data %s, %d worker(s))",
+        "%s listening on %s://%s:%d (data %s, %d worker(s))",
         role.value,
+        "https" if config.tls.enabled else "http",
         config.host,
         config.port,
         config.data_dir,
@@ -135,8 +150,14 @@ def cmd_node(args: argparse.Namespace) -> int:
             if proc.pid is not None:
                 os.kill(proc.pid, signal.SIGINT)
 
+    def forward(signum: int, _frame: object) -> None:
+        for proc in procs:
+            if proc.pid is not None:
+                os.kill(proc.pid, signum)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, forward)  # certificate reload, in every worker
     for proc in procs:
         proc.join()
     return 0

@@ -14,7 +14,9 @@ from typing import Any
 
 from edge.cache.hot import HotSettings
 from edge.cache.store import StoreSettings
+from edge.http.tls import TlsSettings
 from edge.limits import LimitSettings, Rates
+from edge.nodeauth import NodeAuthSettings
 from edge.policy import Policy, Retention
 from edge.upstream import UpstreamSettings
 
@@ -66,6 +68,18 @@ class HttpSettings:
     """Log every request (the hot path is faster without; logging turns the fast path off)."""
     fast_path: bool = True
     """Answer simple in-memory hits beneath aiohttp's request machinery (edge.http.fastpath)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs of proxies and load balancers whose X-Forwarded-For (or PROXY header) names
+    the client (edge.http.proxies); from any other peer such headers are ignored."""
+    proxy_protocol: bool = False
+    """Connections from trusted proxies start with a PROXY protocol v1/v2 header."""
+    header_timeout: float = 10.0
+    """Seconds a client may take to send a complete request head (slowloris); 0: off."""
+    max_connections_per_client: int = 256
+    """Open connections per client address (per worker); trusted proxies and node-signed
+    tiers are exempt; 0: unlimited."""
+    access_log_format: str = "text"
+    """"text" (aiohttp's line) or "json" (one object per request, the fast path's too)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +200,8 @@ class NodeConfig:
     """External TTS servers (`[[external]]` tables)."""
     api: ApiSettings = field(default_factory=ApiSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    nodeauth: NodeAuthSettings = field(default_factory=NodeAuthSettings)
     hotkeys_capacity: int = 1024
     """Counters kept for the hot-keys report (bounded memory, Space-Saving)."""
     recency_flush: float = 30.0

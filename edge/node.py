@@ -24,7 +24,7 @@ from edge.http.deliver import DeliveryOptions
 from edge.keyring import Keyring
 from edge.limits import Limiter
 from edge.metrics import Metrics
-from edge.nodeauth import verify_node_request
+from edge.nodeauth import NodeVerifier, NonceStore, own_audience
 from edge.prefetch import Prefetcher
 from edge.producer import Producer
 from edge.spec import KEY_RE
@@ -84,8 +84,8 @@ class Node:
         self.delivery = DeliveryOptions(
             max_ranges=config.http.max_ranges,
             use_sendfile=config.http.sendfile,
-            # aiohttp's access logger reads response internals the direct path skips.
-            direct=not config.http.access_log,
+            # The access log (edge.http.logs) records direct answers too.
+            direct=True,
         )
         self._purge_checked = 0.0
         self._fills: dict[str, Fill] = {}
@@ -95,6 +95,14 @@ class Node:
             config, renderer, self.upstreams, self.store, self.hot, self.metrics, self.io
         )
         self.prefetcher = Prefetcher(self)
+        scheme = "https" if config.tls.enabled else "http"
+        self.node_auth = NodeVerifier(
+            keyring,
+            config.nodeauth.audience or own_audience(scheme, config.host, config.port),
+            NonceStore(data / "nodeauth-nonces.sqlite" if config.workers > 1 else None),
+            config.nodeauth.legacy_until,
+        )
+        """Checks X-Nearvoice-Node from the tiers below (edge.nodeauth)."""
         self.limiter = Limiter(
             config.limits.max_buckets,
             on_refusal=lambda scope: self.metrics.rate_limited.labels(scope).inc(),
@@ -125,6 +133,7 @@ class Node:
         self.hot.clear()
         self.io.shutdown(wait=True)
         self.store.close()
+        self.node_auth.nonces.close()
         if self.renderer is not None:
             self.renderer.close()
 
@@ -140,6 +149,7 @@ class Node:
         *,
         trusted: bool = False,
         method: str = "GET",
+        local: tuple[str, ...] = (),
     ) -> Grant:
         """Checks everything about a speech URL before any cache or engine sees it.
 
@@ -162,7 +172,7 @@ class Node:
                     self._grants.popitem(last=False)
             if trusted or (
                 node_signature is not None
-                and verify_node_request(self.keyring, node_signature, method, target)
+                and self.node_auth.verify(node_signature, method, target, local=local)
             ):
                 client_ip = None
                 grant_to_check = replace(grant, network=None)

@@ -45,6 +45,7 @@ from aiohttp import hdrs
 from yarl import URL
 
 from edge.cache.fill import FillFailed
+from edge.http.tls import client_context, require_https
 from edge.keyring import Keyring
 from edge.nodeauth import NODE_HEADER, sign_node_request
 
@@ -82,6 +83,14 @@ class UpstreamSettings:
     """Seconds: the backoff cap before the first retry; it doubles for each later one."""
     backoff_max: float = 0.5
     """Seconds: the largest backoff cap. The sleep is uniform in [0, cap] (full jitter)."""
+    ca: str = ""
+    """PEM file of CAs that upstream certificates must chain to; empty: the system's."""
+    cert: str = ""
+    """PEM file: this node's client certificate for mutual TLS with its upstreams."""
+    key: str = ""
+    """PEM file: the private key of `cert`."""
+    require_tls: bool = False
+    """Refuse to start with an upstream that is not https://."""
 
 
 def rendezvous_order(key: str, bases: tuple[str, ...]) -> list[str]:
@@ -261,7 +270,12 @@ class Upstreams:
             report(base, breaker.state is not BreakerState.CLOSED)
 
     async def start(self) -> None:
+        settings = self.settings
+        if settings.require_tls:
+            require_https(self.bases)
+        tls = client_context(settings.ca, settings.cert, settings.key)
         self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=tls),
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(
                 total=None,
@@ -355,10 +369,6 @@ class Upstreams:
         session = self._session
         if session is None or not self.bases:
             raise FillFailed("no_upstream", "no upstream is configured", retry_after=5)
-        headers = {
-            NODE_HEADER: sign_node_request(self.keyring, hdrs.METH_GET, target),
-            hdrs.ACCEPT_ENCODING: "identity",
-        }
         failures: list[str] = []
         timed_out = False
         order = rendezvous_order(key, self.bases)
@@ -368,6 +378,11 @@ class Upstreams:
                 await asyncio.sleep(backoff_delay(attempt - 1, self.settings, self._random))
             for base in self._candidates(order, failures):
                 started = loop.time()
+                headers = {
+                    # Bound to this upstream and used once (edge.nodeauth).
+                    NODE_HEADER: sign_node_request(self.keyring, hdrs.METH_GET, target, base),
+                    hdrs.ACCEPT_ENCODING: "identity",
+                }
                 outcome = await self._open(session, base, target, headers)
                 if isinstance(outcome, str):
                     timed_out = timed_out or outcome == "timeout"
@@ -399,7 +414,7 @@ class Upstreams:
         base = base.rstrip("/")
         breaker = self._breakers.get(base)
         headers = {
-            NODE_HEADER: sign_node_request(self.keyring, hdrs.METH_HEAD, target),
+            NODE_HEADER: sign_node_request(self.keyring, hdrs.METH_HEAD, target, base),
             hdrs.ACCEPT_ENCODING: "identity",
         }
         # The upstream may still be committing; allow it a whole fetch's patience.

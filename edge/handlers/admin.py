@@ -136,7 +136,7 @@ def _samples(metric: Any, name: str) -> list[tuple[tuple[str, ...], float]]:
 async def hotkeys(request: web.Request) -> web.Response:
     require_admin(request)
     raw = request.query.get("k", str(DEFAULT_TOP_K))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_TOP_K:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_TOP_K:
         raise BadRequest("bad_k", f"k must be an integer in 1..{MAX_TOP_K}")
     top = request.app[NODE].hotkeys.top(int(raw))
     return web.json_response(

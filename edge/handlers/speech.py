@@ -17,10 +17,11 @@ from edge.core import serve
 from edge.errors import BadRequest, RequestError
 from edge.handlers.keys import NODE
 from edge.http.deliver import Delivered, deliver
+from edge.http.proxies import client_address
 from edge.http.stream import deliver_fill
 from edge.metrics import Result
 from edge.node import Held, Node
-from edge.nodeauth import NODE_HEADER
+from edge.nodeauth import NODE_HEADER, local_names
 from edge.token import Grant
 
 
@@ -31,14 +32,21 @@ def _authorize(node: Node, request: web.Request) -> Grant:
         return flat, len(flat) != len(parsed)
 
     info = request.match_info
+    signature = request.headers.get(NODE_HEADER)
+    transport = request.transport
+    local: tuple[str, ...] = ()
+    if signature is not None and transport is not None:
+        scheme = "https" if request.secure else "http"
+        local = local_names(scheme, transport.get_extra_info("sockname"))
     return node.authorize(
         request.raw_path,
         info["key"],
         info["ext"],
         query,
-        request.remote,
-        request.headers.get(NODE_HEADER),
+        client_address(request),
+        signature,
         method=request.method,
+        local=local,
     )
 
 

@@ -51,6 +51,8 @@ class DirectResponse(web.StreamResponse):
         super().__init__(status=status)
         self._head_parts = (status, fixed, varying)
         self._payload = payload
+        self.body_bytes = len(payload)
+        """Body bytes sent, for the access log (edge.http.logs)."""
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self._eof_sent:

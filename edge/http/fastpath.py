@@ -36,16 +36,23 @@ import asyncio
 import contextlib
 import logging
 import re
+import signal
 import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 
 from edge.handlers.keys import NODE
 from edge.http.deliver import direct_parts
 from edge.http.direct import direct_head
+from edge.http.logs import EdgeAccessLogger, write_access
+from edge.http.protocol import EdgeHandler, Guard
+from edge.http.proxies import TrustedProxies
 from edge.http.ranges import ByteRange, RangeError, parse_range
+from edge.http.tls import TlsSettings, server_context
+from edge.http.tls import reload as tls_reload
 from edge.metrics import Result, Source
 from edge.node import Node
 
@@ -102,13 +109,14 @@ def _without_body(head: bytes) -> bool:
     return True
 
 
-class FastHitHandler(RequestHandler):
-    __slots__ = ("_aligned", "_client_ip", "_node", "_pending", "_server")
+class FastHitHandler(EdgeHandler):
+    __slots__ = ("_aligned", "_last_answer", "_node", "_pending", "_server")
 
-    def __init__(self, server: FastServer, node: Node, **kwargs: Any) -> None:
-        super().__init__(server, **kwargs)
+    def __init__(self, server: FastServer, node: Node, guard: Guard, **kwargs: Any) -> None:
+        super().__init__(server, guard, **kwargs)
         self._server = server
         self._node = node
+        self._last_answer = (0, 0)
         self._pending = b""
         """The start of a request head that arrived without its end (RFC 9112 section
         2.1 lets a message arrive in any number of segments)."""
@@ -117,21 +125,11 @@ class FastHitHandler(RequestHandler):
         complete requests without bodies, so the next byte starts a request head. Once a
         body, a pipeline or anything unclear went to aiohttp, the connection stays
         aiohttp's for good."""
-        self._client_ip: str | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        # The client address as aiohttp's BaseRequest.remote reads it.
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, list | tuple):
-            self._client_ip = str(peer[0])
-        elif peer is not None:
-            self._client_ip = str(peer)
-
-    def data_received(self, data: bytes) -> None:
+    def http_received(self, data: bytes) -> None:
         if not self._aligned or not data:
             # b"" comes from aiohttp resuming its own parsing; nothing of ours is in it.
-            super().data_received(data)
+            RequestHandler.data_received(self, data)
             return
         buffer = self._pending + data if self._pending else data
         self._pending = b""
@@ -148,7 +146,12 @@ class FastHitHandler(RequestHandler):
             self._aligned = _without_body(head)
         else:
             self._aligned = False  # a body, or pipelined requests: aiohttp's to parse
-        super().data_received(buffer)
+        RequestHandler.data_received(self, buffer)
+
+    def _client(self) -> str | None:
+        """The client address as aiohttp's BaseRequest.remote reads it."""
+        peer = self.peername
+        return str(peer[0]) if isinstance(peer, list | tuple) else None
 
     def _may_complete(self, partial: bytes) -> bool:
         """Whether a head without its end is worth holding back: it may still become a
@@ -187,6 +190,7 @@ class FastHitHandler(RequestHandler):
         if request is None or len(lines[0]) > self.max_line_size or not self._idle():
             return False
         range_header: str | None = None
+        agent = ""
         seen: set[bytes] = set()
         for line in lines[1:]:
             field = _FIELD_LINE.fullmatch(line)
@@ -201,15 +205,28 @@ class FastHitHandler(RequestHandler):
                 range_header = value.decode("ascii")
             elif name == b"connection" and value.lower() != b"keep-alive":
                 return False
+            elif name == b"user-agent":
+                agent = value.decode("ascii")
         if b"host" not in seen:
             return False  # RFC 9112 section 3.2: a 400, aiohttp's to send
-        return self._send_hit(request[1].decode("ascii"), range_header, started)
+        if not self._send_hit(request[1].decode("ascii"), range_header, started):
+            return False
+        self._log_access(request[1].decode("ascii"), started, agent)
+        return True
+
+    def _log_access(self, target: str, started: float, agent: str) -> None:
+        """The access record aiohttp's path would write (edge.http.logs)."""
+        logger = self.access_logger
+        if isinstance(logger, EdgeAccessLogger) and logger.enabled:
+            status, size = self._last_answer
+            write_access(logger.logger, logger.fmt, self._client(), "GET", target, status, size,
+                         time.perf_counter() - started, agent)  # fmt: skip
 
     def _send_hit(self, target: str, range_header: str | None, started: float) -> bool:
         """`edge.handlers.speech.speech` for a hit in memory, or False before any effect."""
         node = self._node
         now = time.time()
-        grant = node.remembered(target, self._client_ip, now)
+        grant = node.remembered(target, self._client(), now)
         if grant is None or not grant.policy.stored or node.running_fill(grant) is not None:
             return False
         key = grant.spec.key
@@ -230,6 +247,7 @@ class FastHitHandler(RequestHandler):
         node.count_hit(key)
         status, fixed, varying, payload = direct_parts(meta, grant.policy, entry.body, ranges)
         transport.writelines((direct_head(status, fixed, varying), payload))
+        self._last_answer = (status.value, len(payload))
         metrics = node.metrics
         metrics.requests_by[Result.HIT].inc()
         metrics.bytes_by[Source.CACHE].inc(len(payload))
@@ -250,10 +268,11 @@ class FastHitHandler(RequestHandler):
             self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
 
 
-class FastServer(web.Server):
-    """aiohttp's connection factory, making `FastHitHandler`s."""
+class EdgeServer(web.Server):
+    """aiohttp's connection factory, making `EdgeHandler`s (edge.http.protocol), or
+    `FastHitHandler`s when the node takes the fast path."""
 
-    def __init__(self, node: Node, plain: web.Server) -> None:
+    def __init__(self, node: Node, plain: web.Server, fast: bool) -> None:
         # The plain server's settings as aiohttp assembled them (handler_args, access log,
         # keep-alive timeout): the same connections, one override apart.
         super().__init__(
@@ -263,22 +282,35 @@ class FastServer(web.Server):
             **plain._kwargs,
         )
         self.node = node
+        self.fast = fast
+        http = node.config.http
+        metrics = node.metrics
+        self.guard = Guard(
+            trusted=TrustedProxies(http.trusted_proxies),
+            proxy_protocol=http.proxy_protocol,
+            header_timeout=http.header_timeout,
+            max_connections_per_client=http.max_connections_per_client,
+            on_rejected=lambda: metrics.requests_by[Result.REJECTED].inc(),
+        )
         self.fast_answers = 0
         """Requests answered by the fast path, for tests and debugging."""
 
     def __call__(self) -> RequestHandler:
-        return FastHitHandler(self, self.node, loop=self._loop, **self._kwargs)
+        if self.fast:
+            return FastHitHandler(self, self.node, self.guard, loop=self._loop, **self._kwargs)
+        return EdgeHandler(self, self.guard, loop=self._loop, **self._kwargs)
 
 
 class EdgeRunner(web.AppRunner):
-    """`web.AppRunner` whose server takes the fast path when the node allows it."""
+    """`web.AppRunner` whose server is the node's hardened one (`EdgeServer`), taking the
+    fast path when the node allows it."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         node = self.app.get(NODE)
-        if node is None or not fast_path_enabled(node):
+        if node is None:
             return server
-        return FastServer(node, server)
+        return EdgeServer(node, server, fast_path_enabled(node))
 
 
 def run(
@@ -288,21 +320,37 @@ def run(
     port: int,
     reuse_port: bool,
     access_log: logging.Logger | None,
+    access_log_class: type[AbstractAccessLogger] | None = None,
+    tls: TlsSettings | None = None,
 ) -> None:
     """`web.run_app(app, ...)` with `EdgeRunner`: serves until SIGINT or SIGTERM, then
-    shuts down gracefully (aiohttp's signal handlers raise GracefulExit)."""
+    shuts down gracefully (aiohttp's signal handlers raise GracefulExit). With `tls`
+    enabled the listener speaks HTTP/1.1 over TLS, and SIGHUP reloads its certificate
+    (edge.http.tls)."""
 
     async def serve() -> None:
+        extra: dict[str, Any] = {}
+        if access_log_class is not None:
+            extra["access_log_class"] = access_log_class
         runner = EdgeRunner(
             app,
             handle_signals=True,
             access_log=access_log,
             keepalive_timeout=KEEPALIVE_TIMEOUT,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
+            **extra,
         )
         await runner.setup()
+        context = server_context(tls) if tls is not None else None
+        if context is not None and tls is not None:
+            settings = tls
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: tls_reload(context, settings)
+            )
         try:
-            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+            await web.TCPSite(
+                runner, host, port, reuse_port=reuse_port or None, ssl_context=context
+            ).start()
             await asyncio.Event().wait()
         finally:
             await runner.cleanup()
