@@ -117,12 +117,8 @@ class Limiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
-    def take(self, key: Hashable, scope: Scope, rates: Rates, label: str, name: str) -> None:
-        """Takes one token from the bucket of (`key`, `scope`), or raises RateLimited.
-        `label` is the metric's scope label; `name` names the policy in the headers."""
-        rate, burst = rates.of(scope)
-        if rate == 0:
-            return
+    def _bucket(self, key: Hashable, scope: Scope, rate: float, burst: float) -> _Bucket:
+        """The bucket of (`key`, `scope`), refilled to now (created full if new)."""
         now = self._clock()
         slot = (key, scope)
         bucket = self._buckets.get(slot)
@@ -134,6 +130,21 @@ class Limiter:
             self._buckets.move_to_end(slot)
             bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
             bucket.stamp = now
+        return bucket
+
+    def allows(self, key: Hashable, scope: Scope, rates: Rates) -> bool:
+        """Whether `take` would admit a request now; takes nothing and counts nothing
+        (the fast path asks first and leaves refusals to the ordinary path)."""
+        rate, burst = rates.of(scope)
+        return rate == 0 or self._bucket(key, scope, rate, burst).tokens >= 1.0
+
+    def take(self, key: Hashable, scope: Scope, rates: Rates, label: str, name: str) -> None:
+        """Takes one token from the bucket of (`key`, `scope`), or raises RateLimited.
+        `label` is the metric's scope label; `name` names the policy in the headers."""
+        rate, burst = rates.of(scope)
+        if rate == 0:
+            return
+        bucket = self._bucket(key, scope, rate, burst)
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
             return

@@ -149,7 +149,6 @@ class Node:
         *,
         trusted: bool = False,
         method: str = "GET",
-        local: tuple[str, ...] = (),
     ) -> Grant:
         """Checks everything about a speech URL before any cache or engine sees it.
 
@@ -171,8 +170,7 @@ class Node:
                 if len(self._grants) > GRANT_MEMO_SIZE:
                     self._grants.popitem(last=False)
             if trusted or (
-                node_signature is not None
-                and self.node_auth.verify(node_signature, method, target, local=local)
+                node_signature is not None and self.node_auth.verify(node_signature, method, target)
             ):
                 client_ip = None
                 grant_to_check = replace(grant, network=None)

@@ -45,6 +45,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 
 from edge.handlers.keys import NODE
+from edge.handlers.speech import admission
 from edge.http.deliver import direct_parts
 from edge.http.direct import direct_head
 from edge.http.logs import EdgeAccessLogger, write_access
@@ -53,6 +54,7 @@ from edge.http.proxies import TrustedProxies
 from edge.http.ranges import ByteRange, RangeError, parse_range
 from edge.http.tls import TlsSettings, server_context
 from edge.http.tls import reload as tls_reload
+from edge.limits import Scope
 from edge.metrics import Result, Source
 from edge.node import Node
 
@@ -60,6 +62,7 @@ KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection is kept: web.run_app's de
 SHUTDOWN_TIMEOUT = 60.0  # seconds requests under way get at shutdown: web.run_app's default
 
 _SPEECH_GET = b"GET /v1/speech/"
+_KID = re.compile(r"[?&]kid=([^&]*)")
 # RFC 9112 section 3: request-line = method SP request-target SP HTTP-version. Only the
 # canonical speech path, with no percent-encoding, so the raw target is the path the
 # router would match; the query must be there, since no URL verifies without one.
@@ -112,7 +115,7 @@ def _without_body(head: bytes) -> bool:
 class FastHitHandler(EdgeHandler):
     __slots__ = ("_aligned", "_last_answer", "_node", "_pending", "_server")
 
-    def __init__(self, server: FastServer, node: Node, guard: Guard, **kwargs: Any) -> None:
+    def __init__(self, server: EdgeServer, node: Node, guard: Guard, **kwargs: Any) -> None:
         super().__init__(server, guard, **kwargs)
         self._server = server
         self._node = node
@@ -226,9 +229,12 @@ class FastHitHandler(EdgeHandler):
         """`edge.handlers.speech.speech` for a hit in memory, or False before any effect."""
         node = self._node
         now = time.time()
-        grant = node.remembered(target, self._client(), now)
+        client = self._client()
+        grant = node.remembered(target, client, now)
         if grant is None or not grant.policy.stored or node.running_fill(grant) is not None:
             return False
+        kid = _KID.search(target)
+        admit = admission(node, client, kid[1] if kid else "", grant.policy, via_node=False)
         key = grant.spec.key
         entry = node.hot_entry(key, now)
         if entry is None or entry.body is None:
@@ -242,6 +248,10 @@ class FastHitHandler(EdgeHandler):
                 return False  # 416, a JSON answer
             if len(ranges) > 1:
                 return False  # multipart/byteranges
+        if admit is not None:
+            if not admit.allows(Scope.HIT):
+                return False  # the ordinary path answers and counts the 429
+            admit(Scope.HIT)
         transport = self.transport
         assert transport is not None  # _idle() checked it
         node.count_hit(key)
