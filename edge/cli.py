@@ -76,7 +76,20 @@ def _node_config(args: argparse.Namespace, role: Role) -> NodeConfig:
     )
 
 
+def _configure_logging() -> None:
+    """Once per process (workers are spawned, not forked): the format, and secrets
+    masked in every line (edge.http.logs)."""
+    if logging.getLogger().handlers:
+        return
+    logging.basicConfig(
+        level=os.environ.get("NEARVOICE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
+    )
+    install_redaction()
+
+
 def _serve(config: NodeConfig, reuse_port: bool) -> None:
+    _configure_logging()
     from edge.app import create_app
     from edge.http.fastpath import run
     from edge.http.logs import access_logger_class
@@ -116,11 +129,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         for_config(config)  # voices and exported variants, reported here, not as tracebacks
     except (KeyringError, ValueError, OSError, ssl.SSLError) as exc:
         return _fail(str(exc))
-    logging.basicConfig(
-        level=os.environ.get("NEARVOICE_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
-    )
-    install_redaction()
+    _configure_logging()
     log = logging.getLogger("nearvoice")
     log.info(
         "%s listening on %s://%s:%d (data %s, %d worker(s))",
@@ -174,7 +183,7 @@ BENCHMARKS = {
 def cmd_up(args: argparse.Namespace) -> int:
     from edge.stack import run_stack
 
-    return run_stack(Path(args.data_dir), args.base_port)
+    return run_stack(Path(args.data_dir), args.base_port, tls=args.tls)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -230,6 +239,9 @@ def parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the local stack: edge, shield and origin")
     up.add_argument("--data-dir", default=".nearvoice/stack")
     up.add_argument("--base-port", type=int, default=8080, help="edge on N, shield N+1, origin N+2")
+    up.add_argument(
+        "--tls", action="store_true", help="TLS everywhere, with a development CA in the data dir"
+    )
     up.set_defaults(func=cmd_up)
 
     bench = sub.add_parser("bench", help="run a benchmark (see bench/)")

@@ -8,6 +8,7 @@ import contextlib
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -39,34 +40,63 @@ def _secret(env: dict[str, str], name: str, path: Path, make: str) -> None:
     env[name] = path.read_text().strip()
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], deadline: float) -> None:
+def _wait_ready(
+    url: str, proc: subprocess.Popen[bytes], deadline: float, tls: ssl.SSLContext | None = None
+) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{url} exited with {proc.returncode} during start-up")
-        # `url` is our own http://127.0.0.1 readiness URL, never user input.
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310
+        # `url` is our own 127.0.0.1 readiness URL, never user input.
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url, timeout=2, context=tls) as resp,  # noqa: S310
+        ):
             if resp.status == 200:
                 return
         time.sleep(0.2)
     raise RuntimeError(f"{url} was not ready within {READY_TIMEOUT:.0f} s")
 
 
-def run_stack(data: Path, base_port: int) -> int:
+def _tls_configs(data: Path) -> tuple[dict[str, str], ssl.SSLContext]:
+    """`up --tls`: a development CA and a certificate per node (edge.http.devca), and each
+    node's TOML: TLS on its listener, its upstream verified against the CA, mutual TLS
+    between tiers. Returns the TOML per role and a client context trusting the CA."""
+    from edge.http import devca
+
+    pki = data / "tls"
+    ca = devca.make_ca(pki)
+    tomls = {}
+    for role in ("edge", "shield", "origin"):
+        node = devca.issue(ca, pki, role)
+        tomls[role] = (
+            f'[tls]\ncert = "{node.cert.resolve()}"\nkey = "{node.key.resolve()}"\n'
+            + ("" if role == "edge" else f'client_ca = "{ca.cert.resolve()}"\n')
+            + f'[upstream]\nca = "{ca.cert.resolve()}"\ncert = "{node.cert.resolve()}"\n'
+            f'key = "{node.key.resolve()}"\nrequire_tls = {str(role != "origin").lower()}\n'
+        )
+    return tomls, ssl.create_default_context(cafile=str(ca.cert))
+
+
+def run_stack(data: Path, base_port: int, tls: bool = False) -> int:
     data.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     _secret(env, KEYS_ENV, data / "keys", generate_pair())
     _secret(env, ADMIN_TOKEN_ENV, data / "admin-token", secrets.token_urlsafe(24))
     _secret(env, MINT_TOKEN_ENV, data / "mint-token", secrets.token_urlsafe(24))
-    edge, shield, origin = (f"http://127.0.0.1:{base_port + i}" for i in range(3))
+    scheme = "https" if tls else "http"
+    edge, shield, origin = (f"{scheme}://127.0.0.1:{base_port + i}" for i in range(3))
+    tomls, client_tls = _tls_configs(data) if tls else ({}, None)
     origin_config = data / "origin.toml"
     origin_config.write_text(
         f'[origin]\npublic_base = "{edge}"\npush_edges = ["{edge}"]\n'
-        f'store = "{(data / "origin" / "objects").resolve()}"\n'
+        f'store = "{(data / "origin" / "objects").resolve()}"\n' + tomls.get("origin", "")
     )
+    for role in ("shield", "edge"):
+        (data / f"{role}.toml").write_text(tomls.get(role, ""))
     nodes = [
         ("origin", base_port + 2, ["--config", str(origin_config)]),
-        ("shield", base_port + 1, ["--upstream", origin]),
-        ("edge", base_port, ["--upstream", shield]),
+        ("shield", base_port + 1, ["--upstream", origin, "--config", str(data / "shield.toml")]),
+        ("edge", base_port, ["--upstream", shield, "--config", str(data / "edge.toml")]),
     ]
     procs: list[subprocess.Popen[bytes]] = []
     stopping = False
@@ -86,7 +116,7 @@ def run_stack(data: Path, base_port: int) -> int:
             procs.append(subprocess.Popen(cmd, env=env))
         deadline = time.monotonic() + READY_TIMEOUT
         for (_, port, _), proc in zip(nodes, procs, strict=True):
-            _wait_ready(f"http://127.0.0.1:{port}/readyz", proc, deadline)
+            _wait_ready(f"{scheme}://127.0.0.1:{port}/readyz", proc, deadline, client_tls)
         spec_voice = resolve("heart")
         sample = sign_url(
             Keyring.parse(env[KEYS_ENV]),
@@ -107,7 +137,8 @@ def run_stack(data: Path, base_port: int) -> int:
         print(
             f"nearvoice stack is up (data in {data}):\n"
             f"  edge    {edge}\n  shield  {shield}\n  origin  {origin}\n"
-            f"secrets: {data}/keys, {data}/admin-token, {data}/mint-token "
+            + (f"TLS: development CA {data}/tls/ca.pem (curl --cacert)\n" if tls else "")
+            + f"secrets: {data}/keys, {data}/admin-token, {data}/mint-token "
             f"(or {KEYS_ENV}, {ADMIN_TOKEN_ENV}, {MINT_TOKEN_ENV})\n"
             f"sample signed URL:\n  {sample}\n"
             f"mint one: {mint_example}\n"

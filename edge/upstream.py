@@ -34,6 +34,7 @@ import functools
 import hashlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -238,6 +239,8 @@ class Upstreams:
         self.keyring = keyring
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self.client_tls: ssl.SSLContext | None = None
+        """The TLS context for node-to-node requests ([upstream] ca, cert, key)."""
         self._first_byte = settings.first_byte_estimate
         self._breakers = {
             base: CircuitBreaker(settings.failure_threshold, settings.open_seconds)
@@ -273,7 +276,7 @@ class Upstreams:
         settings = self.settings
         if settings.require_tls:
             require_https(self.bases)
-        tls = client_context(settings.ca, settings.cert, settings.key)
+        tls = self.client_tls = client_context(settings.ca, settings.cert, settings.key)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=tls),
             auto_decompress=False,

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +30,8 @@ from edge.app import create_app
 from edge.config import NodeConfig
 from edge.http import devca
 from edge.http.fastpath import EdgeRunner, EdgeServer
-from edge.http.tls import TlsSettings, client_context, reload, server_context
+from edge.http.tls import TlsSettings, client_context, reload, require_https, server_context
+from edge.keyring import KEYS_ENV
 from edge.upstream import UpstreamSettings
 from tests.support import make_config, make_keyring, make_spec, payload, put_object, sign
 
@@ -187,7 +193,7 @@ def _wav(rate: int, samples: int) -> bytes:
 
 def _peer_serial(port: int, pki: Pki) -> int:
     with (
-        __import__("socket").create_connection(("127.0.0.1", port)) as raw,
+        socket.create_connection(("127.0.0.1", port)) as raw,
         trusting(pki).wrap_socket(raw, server_hostname="127.0.0.1") as tls,
     ):
         der = tls.getpeercert(binary_form=True)
@@ -259,8 +265,6 @@ async def test_an_edge_fetches_from_a_tls_upstream_with_mutual_tls(
 
 
 def test_require_tls_refuses_plain_upstreams() -> None:
-    from edge.http.tls import require_https
-
     require_https(("https://a:1", "HTTPS://b"))
     with pytest.raises(ValueError, match="http://c"):
         require_https(("https://a:1", "http://c"))
@@ -270,3 +274,58 @@ def test_half_a_tls_configuration_is_refused(pki: Pki) -> None:
     with pytest.raises(ValueError):
         server_context(TlsSettings(cert=str(pki.node.cert)))
     assert server_context(TlsSettings()) is None
+
+
+def _wait_serial(port: int, pki: Pki, differs_from: int | None, limit: float = 60.0) -> int:
+    """The certificate serial new connections get, polled until the node answers (and,
+    with `differs_from`, until every one of several connections shows another one)."""
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            serials = {_peer_serial(port, pki) for _ in range(6)}
+        except OSError:
+            serials = set()
+        if serials and (differs_from is None or differs_from not in serials):
+            assert len(serials) == 1, serials
+            return serials.pop()
+        if time.monotonic() > deadline:
+            pytest.fail(f"no certificate change on port {port} within {limit} s: {serials}")
+        time.sleep(0.1)
+
+
+def test_sighup_reloads_the_certificate_in_every_worker(tmp_path: Path, pki: Pki) -> None:
+    port = _free_port()
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        f'[tls]\ncert = "{pki.node.cert}"\nkey = "{pki.node.key}"\n[synth]\nenabled = false\n'
+    )
+    env = {**os.environ, KEYS_ENV: "test1:" + "s" * 40}
+    log = (tmp_path / "stderr.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", "edge", "--config", str(config), "--port", str(port),
+         "--workers", "2", "--data-dir", str(tmp_path / "data")],
+        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        before = _wait_serial(port, pki, None)
+        devca.issue(pki.ca, pki.directory, "node")
+        proc.send_signal(signal.SIGHUP)
+        after = _wait_serial(port, pki, before)
+        assert after == x509.load_pem_x509_certificate(pki.node.cert.read_bytes()).serial_number
+        assert proc.poll() is None  # reloaded, not restarted
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert "TLS certificate reloaded" in (tmp_path / "stderr.log").read_text()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

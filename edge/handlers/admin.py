@@ -68,7 +68,9 @@ async def _cascade(request: web.Request, keys: list[str]) -> dict[str, Any]:
     token = node.config.admin_token or ""
     results: dict[str, Any] = {}
     timeout = aiohttp.ClientTimeout(total=CASCADE_TIMEOUT)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    tls = node.upstreams.client_tls
+    connector = aiohttp.TCPConnector(ssl=tls if tls is not None else True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         for base, home_keys in homes.items():
             try:
                 async with session.post(
