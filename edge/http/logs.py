@@ -25,7 +25,7 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 MASK = "REDACTED"
-_QUERY_SECRET = re.compile(r"(?i)([?&;](?:s|sig|token|api_key)=)[^&\s\"';]*")
+_QUERY_SECRET = re.compile(r"(?i)((?<![\w.-])(?:s|sig|token|api_key)=)[^&\s\"';]*")
 _AUTH = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?\s*(?:\w+\s+)?)[^\s\"',}]+")
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',}]+")
 _NODE = re.compile(r"(?i)(x-nearvoice-node[\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+")
