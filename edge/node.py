@@ -20,6 +20,7 @@ from edge.cache.store import DiskStore, Outcome
 from edge.config import NodeConfig
 from edge.errors import BadRequest, RequestError
 from edge.formats import AudioFormat
+from edge.http import aiohttp_private
 from edge.http.deliver import DeliveryOptions
 from edge.keyring import Keyring
 from edge.limits import Limiter
@@ -84,8 +85,9 @@ class Node:
         self.delivery = DeliveryOptions(
             max_ranges=config.http.max_ranges,
             use_sendfile=config.http.sendfile,
-            # The access log (edge.http.logs) records direct answers too.
-            direct=True,
+            # The access log (edge.http.logs) records direct answers too; aiohttp's
+            # internals they rely on are checked once (edge.http.aiohttp_private).
+            direct=aiohttp_private.compatible(),
         )
         self._purge_checked = 0.0
         self._fills: dict[str, Fill] = {}

@@ -27,7 +27,8 @@ handler (`[http] fast_path`, off with access logging, whose records need a Reque
 `run` serves an app with it, as `web.run_app` would.
 
 This relies on `RequestHandler` internals of aiohttp 3.14 (its idle waiter, message
-queue, keep-alive deadline); tests/test_fastpath.py fails if they drift.
+queue, keep-alive deadline), all listed in edge.http.aiohttp_private, whose start-up
+self-check falls back to aiohttp's ordinary path when they drift.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from edge.handlers.keys import NODE
 from edge.handlers.speech import admission
+from edge.http import aiohttp_private
 from edge.http.deliver import direct_parts
 from edge.http.direct import direct_head
 from edge.http.logs import EdgeAccessLogger, write_access
@@ -94,8 +96,8 @@ _FRAMING_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"upgrade"
 
 
 def fast_path_enabled(node: Node) -> bool:
-    """The switch, and direct answers allowed: access logging needs aiohttp's Request."""
-    return node.config.http.fast_path and node.delivery.direct
+    """The switch, direct answers allowed, and aiohttp's internals as expected."""
+    return node.config.http.fast_path and node.delivery.direct and aiohttp_private.compatible()
 
 
 def _without_body(head: bytes) -> bool:
@@ -318,7 +320,7 @@ class EdgeRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         node = self.app.get(NODE)
-        if node is None:
+        if node is None or not aiohttp_private.compatible():
             return server
         return EdgeServer(node, server, fast_path_enabled(node))
 
