@@ -83,6 +83,11 @@ class LimitSettings:
     policy: dict[str, Rates] = field(default_factory=dict)
     """`[limits.policy.<hot|personal|draft>]`: rates for URLs of that policy instead."""
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any signed-URL limit is configured (a cheap check per request)."""
+        return bool(self.hit_rate or self.miss_rate or self.policy)
+
     def rates(self, policy: str | None = None) -> Rates:
         found = self.policy.get(policy) if policy is not None else None
         if found is not None:

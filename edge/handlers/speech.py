@@ -86,7 +86,10 @@ def admission(
     node: Node, client: str | None, kid: str, policy: Policy, via_node: bool
 ) -> UrlAdmission | None:
     """The request's admission, or None when no limit is configured for its policy."""
-    rates = node.config.limits.rates(policy.value)
+    limits = node.config.limits
+    if not limits.enabled:
+        return None
+    rates = limits.rates(policy.value)
     if not (rates.hit_rate or rates.miss_rate):
         return None
     keys: tuple[BucketKey, ...] = (("kid", kid),) if via_node else (("ip", client), ("kid", kid))

@@ -235,8 +235,10 @@ class FastHitHandler(EdgeHandler):
         grant = node.remembered(target, client, now)
         if grant is None or not grant.policy.stored or node.running_fill(grant) is not None:
             return False
-        kid = _KID.search(target)
-        admit = admission(node, client, kid[1] if kid else "", grant.policy, via_node=False)
+        admit = None
+        if node.config.limits.enabled:
+            kid = _KID.search(target)
+            admit = admission(node, client, kid[1] if kid else "", grant.policy, via_node=False)
         key = grant.spec.key
         entry = node.hot_entry(key, now)
         if entry is None or entry.body is None:
