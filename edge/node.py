@@ -108,6 +108,8 @@ class Node:
         self.limiter = Limiter(
             config.limits.max_buckets,
             on_refusal=lambda scope: self.metrics.rate_limited.labels(scope).inc(),
+            # One set of buckets for all of the node's workers (edge.limits.SharedBuckets).
+            shared=data / "limits.buckets" if config.workers > 1 else None,
         )
         """The node's one rate limiter, shared by its doors (edge.limits)."""
 
@@ -136,6 +138,8 @@ class Node:
         self.io.shutdown(wait=True)
         self.store.close()
         self.node_auth.nonces.close()
+        if self.limiter.shared is not None:
+            self.limiter.shared.close()
         if self.renderer is not None:
             self.renderer.close()
 
