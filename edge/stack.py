@@ -59,8 +59,9 @@ def _wait_ready(
 
 def _tls_configs(data: Path) -> tuple[dict[str, str], ssl.SSLContext]:
     """`up --tls`: a development CA and a certificate per node (edge.http.devca), and each
-    node's TOML: TLS on its listener, its upstream verified against the CA, mutual TLS
-    between tiers. Returns the TOML per role and a client context trusting the CA."""
+    node's TOML: TLS on its listener, its upstream verified against the CA (and this
+    node's certificate presented to it, ready for a tier that sets `[tls] client_ca`).
+    Returns the TOML per role and a client context trusting the CA."""
     from edge.http import devca
 
     pki = data / "tls"
@@ -70,7 +71,6 @@ def _tls_configs(data: Path) -> tuple[dict[str, str], ssl.SSLContext]:
         node = devca.issue(ca, pki, role)
         tomls[role] = (
             f'[tls]\ncert = "{node.cert.resolve()}"\nkey = "{node.key.resolve()}"\n'
-            + ("" if role == "edge" else f'client_ca = "{ca.cert.resolve()}"\n')
             + f'[upstream]\nca = "{ca.cert.resolve()}"\ncert = "{node.cert.resolve()}"\n'
             f'key = "{node.key.resolve()}"\nrequire_tls = {str(role != "origin").lower()}\n'
         )
@@ -130,8 +130,9 @@ def run_stack(data: Path, base_port: int, tls: bool = False) -> int:
             policy=Policy.HOT,
             ttl=86400,
         )
+        cacert = f"--cacert {data / 'tls' / 'ca.pem'} " if tls else ""
         mint_example = (
-            f"curl -s -H 'Authorization: Bearer {env[MINT_TOKEN_ENV]}' "
+            f"curl -s {cacert}-H 'Authorization: Bearer {env[MINT_TOKEN_ENV]}' "
             f'-d \'{{"text": "Hi there.", "voice": "joe"}}\' {origin}/v1/speech'
         )
         print(

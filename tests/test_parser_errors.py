@@ -222,3 +222,26 @@ async def _fuzz_one(path: Path, raw: bytes) -> None:
             assert "error" in json.loads(body)
             assert lookups == 0
         assert status_line.startswith(b"HTTP/1.1 ") or raw.split(b" ")[2:3] == [b"HTTP/1.0"]
+
+
+async def test_a_tier_that_signed_as_a_node_is_not_capped(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    from edge.nodeauth import NODE_HEADER, sign_node_request
+    from tests.support import make_spec, sign
+
+    keyring = make_keyring()
+    client = await start(aiohttp_client, tmp_path, max_connections_per_client=1)
+    assert client.port is not None
+    target = sign(keyring, make_spec("node peer"))
+    base = f"http://127.0.0.1:{client.port}"
+    value = sign_node_request(keyring, "GET", target, base)
+    head = f"GET {target} HTTP/1.1\r\nHost: x\r\n{NODE_HEADER}: {value}\r\n\r\n".encode()
+    status_line, _, _ = await exchange(client, head)
+    assert status_line.startswith(b"HTTP/1.1 503 ")  # no engine: no_renderer, but vouched
+    held = [await asyncio.open_connection("127.0.0.1", client.port) for _ in range(3)]
+    for reader, writer in held:
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(TIMEOUT):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        writer.close()

@@ -17,6 +17,7 @@ from edge.core import serve
 from edge.errors import BadRequest, RequestError
 from edge.handlers.keys import NODE
 from edge.http.deliver import Delivered, deliver
+from edge.http.protocol import mark_node_peer
 from edge.http.proxies import client_address
 from edge.http.stream import deliver_fill
 from edge.limits import Limiter, Rates, Scope
@@ -44,6 +45,8 @@ def _authorize(node: Node, request: web.Request, client: str | None) -> tuple[Gr
         scheme = "https" if request.secure else "http"
         local = local_names(scheme, transport.get_extra_info("sockname"))
         via_node = node.node_auth.verify(signature, request.method, request.raw_path, local=local)
+        if via_node:
+            mark_node_peer(request)
     grant = node.authorize(
         request.raw_path,
         info["key"],

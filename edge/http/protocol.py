@@ -13,7 +13,8 @@ What aiohttp leaves to a reverse proxy, a node on the internet does itself:
   finish it in time or get 408 (RFC 9110 section 15.5.9) and a closed connection; a
   slowloris connection sending a byte a second no longer lives forever.
 * A cap on open connections per client address (`[http] max_connections_per_client`,
-  per worker), with trusted proxies exempt (their connections carry many clients).
+  per worker), with trusted proxies exempt (their connections carry many clients), and
+  nodes of the tiers below once one of their requests carried a valid node signature.
 * The PROXY protocol (edge.http.proxy_protocol) from trusted proxies when configured:
   the header is taken off before HTTP parsing and names the client (`peername`).
 
@@ -26,7 +27,7 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -43,6 +44,7 @@ from edge.http.proxies import TrustedProxies
 log = logging.getLogger("nearvoice.http")
 REJECTION_LOG_RATE = 10.0  # WARNING lines a second for rejected requests, at most
 ALLOWED = "GET, HEAD, POST"
+MAX_NODE_PEERS = 1024  # addresses of node-signing tiers remembered for the connection cap
 
 
 @dataclass(slots=True)
@@ -56,6 +58,21 @@ class Guard:
     open_by_client: Counter[str] = field(default_factory=Counter)
     on_rejected: Any = None
     """Called with no arguments for each request refused before routing (metrics)."""
+    node_peers: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    """Addresses that sent a valid node signature (tiers below): exempt from the
+    per-client connection cap, as trusted proxies are. Bounded, oldest dropped first."""
+
+    def exempt(self, peer: str | None) -> bool:
+        return peer is not None and (peer in self.node_peers or self.trusted.trusts(peer))
+
+    def mark_node_peer(self, peer: str | None) -> None:
+        if peer is None:
+            return
+        self.node_peers[peer] = None
+        self.node_peers.move_to_end(peer)
+        if len(self.node_peers) > MAX_NODE_PEERS:
+            self.node_peers.popitem(last=False)
+
     _log_tokens: float = REJECTION_LOG_RATE
     _log_stamp: float = 0.0
     _suppressed: int = 0
@@ -167,7 +184,7 @@ class EdgeHandler(RequestHandler):
         trusted = guard.trusted.trusts(self._peer)
         if guard.proxy_protocol and trusted:
             self._proxy_buffer = b""
-        if self._peer is not None and not trusted:
+        if self._peer is not None and not guard.exempt(self._peer):
             guard.open_by_client[self._peer] += 1
             limit = guard.max_connections_per_client
             if limit and guard.open_by_client[self._peer] > limit:
@@ -271,3 +288,10 @@ class EdgeHandler(RequestHandler):
         if self._guard.on_rejected is not None:
             self._guard.on_rejected()
         return RawAnswer(error_bytes(answer, code, answer.phrase, extra))
+
+
+def mark_node_peer(request: web.BaseRequest) -> None:
+    """Records that `request`'s peer is a node of a tier below (a valid node signature)."""
+    protocol = request.protocol
+    if isinstance(protocol, EdgeHandler):
+        protocol._guard.mark_node_peer(protocol._peer)
