@@ -279,7 +279,7 @@ class EdgeHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if status == HTTPStatus.INTERNAL_SERVER_ERROR and not isinstance(exc, HttpProcessingError):
-            log.error("unhandled error: %s", type(exc).__name__ if exc else "unknown")
+            log.error("unhandled error on %s", request.path, exc_info=exc)
             failed = HTTPStatus.INTERNAL_SERVER_ERROR
             return RawAnswer(error_bytes(failed, "internal_error", "internal error", {}))
         answer, code, extra = classify(exc, self.max_line_size)
