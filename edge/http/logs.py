@@ -6,7 +6,8 @@ masks them in any string; `RedactingFilter`, installed on the root handlers by
 `install_redaction`, applies it to every record any logger writes (aiohttp's included),
 after formatting its arguments.
 
-The access log (`[http] access_log`) has one record per request, written by
+The access log (`[http] access_log`) has one record per request, naming the client as
+trusted proxies report it (edge.http.proxies), written by
 `EdgeAccessLogger` for aiohttp's path and by `write_access` from the fast path
 (edge.http.fastpath), so turning it on keeps the fast path: `[http] access_log_format`
 "text" gives a combined-log-like line, "json" one JSON object per line.
@@ -23,6 +24,8 @@ from typing import Any
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
+
+from edge.http.proxies import client_address
 
 MASK = "REDACTED"
 _QUERY_SECRET = re.compile(r"(?i)((?<![\w.-])(?:s|sig|token|api_key)=)[^&\s\"';]*")
@@ -121,7 +124,7 @@ class EdgeAccessLogger(AbstractAccessLogger):
             size = response.body_length
         version = f"{request.version.major}.{request.version.minor}"
         record = _record(
-            request.remote,
+            client_address(request),
             request.method,
             request.raw_path,
             version,
