@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks run as real peers:
-# nginx (Range reference; its stream module for the PROXY protocol), wrk (load generator), ffmpeg (client-side decoding), chromium
-# (playback in a real browser, driven by Playwright), prometheus and promtool (the deploy/
-# dashboards and alert rules).
+# nginx (Range reference; its stream module for the PROXY protocol), wrk (load generator),
+# ffmpeg (client-side decoding), chromium (playback in a real browser, driven by
+# Playwright), prometheus and promtool (the deploy/ dashboards and alert rules).
 set -euo pipefail
 need=()
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
