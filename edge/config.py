@@ -75,7 +75,7 @@ class HttpSettings:
     """Connections from trusted proxies start with a PROXY protocol v1/v2 header."""
     header_timeout: float = 10.0
     """Seconds a client may take to send a complete request head (slowloris); 0: off."""
-    max_connections_per_client: int = 256
+    max_connections_per_client: int = 1024
     """Open connections per client address (per worker); trusted proxies and node-signed
     tiers are exempt; 0: unlimited."""
     access_log_format: str = "text"
