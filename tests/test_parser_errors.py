@@ -119,6 +119,17 @@ async def test_a_head_that_never_ends_gets_408_and_a_closed_connection(
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "request_timeout"
 
 
+async def test_a_silent_connection_is_closed_without_an_answer(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    client = await start(aiohttp_client, tmp_path, header_timeout=0.5)
+    assert client.port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    async with asyncio.timeout(TIMEOUT):
+        assert await reader.read() == b""  # closed, no 408 to mistake for an answer
+    writer.close()
+
+
 async def test_a_slow_but_complete_head_within_the_timeout_is_answered(
     aiohttp_client: AiohttpClient, tmp_path: Path
 ) -> None:

@@ -238,8 +238,9 @@ class EdgeHandler(RequestHandler):
         if self._request_count != before:
             self._head_bytes = 0
             self._cancel_head_timer()
-        elif data and self._waiter is not None and not self._waiter.done():
-            # Between requests: these bytes start a head that is not complete yet.
+        elif data and (before == 0 or (self._waiter is not None and not self._waiter.done())):
+            # Before the first request or between requests: these bytes start a head that
+            # is not complete yet.
             self._head_bytes += len(data)
             if self._head_timer is None:
                 self._arm_head_timer()
@@ -265,6 +266,14 @@ class EdgeHandler(RequestHandler):
         waiting = self._waiter is not None and not self._waiter.done()
         if not waiting and self._request_count:
             return  # a request is being answered
+        if self._head_bytes == 0:
+            # A connection opened and left silent (a preconnect, or a slowloris that never
+            # starts): closed without a 408, which a client might take for the answer to
+            # the request it is about to send.
+            self.force_close()
+            if self.transport is not None:
+                self.transport.close()
+            return
         self._refuse(
             HTTPStatus.REQUEST_TIMEOUT, "request_timeout", "the request head did not arrive in time"
         )
