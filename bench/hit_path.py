@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     report["limiter_us_per_hit"] = limiter_cost()
     print(f"{'server':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
     for name, row in report.items():
-        if isinstance(row, dict):
+        if isinstance(row, dict) and "rps" in row:
             print(
                 f"{name:<26}{row['rps']:>10.0f}{row['p50_ms']:>10.2f}"
                 f"{row['p99_ms']:>10.2f}{row['non_2xx']:>9}"
