@@ -14,7 +14,8 @@ from pathlib import Path
 
 from edge.config import NodeConfig, Role, load
 from edge.formats import AudioFormat
-from edge.http.logs import install_redaction
+from edge.http.logs import access_logger_class, install_redaction
+from edge.http.proxies import TrustedProxies
 from edge.http.tls import server_context
 from edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
 from edge.metrics import MULTIPROC_ENV
@@ -92,7 +93,6 @@ def _serve(config: NodeConfig, reuse_port: bool) -> None:
     _configure_logging()
     from edge.app import create_app
     from edge.http.fastpath import run
-    from edge.http.logs import access_logger_class
 
     try:
         import uvloop
@@ -126,6 +126,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         config = _node_config(args, role)
         Keyring.from_env()
         server_context(config.tls)  # unreadable certificates are reported here
+        TrustedProxies(config.http.trusted_proxies)  # and malformed CIDRs
+        access_logger_class(config.http.access_log_format)
         for_config(config)  # voices and exported variants, reported here, not as tracebacks
     except (KeyringError, ValueError, OSError, ssl.SSLError) as exc:
         return _fail(str(exc))

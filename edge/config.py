@@ -65,7 +65,7 @@ class HttpSettings:
     max_line_size: int = 65536
     """Bytes allowed in the request line: sealed specs of long texts make long URLs."""
     access_log: bool = False
-    """Log every request (the hot path is faster without; logging turns the fast path off)."""
+    """Log every request (edge.http.logs; the fast path writes its records too)."""
     fast_path: bool = True
     """Answer simple in-memory hits beneath aiohttp's request machinery (edge.http.fastpath)."""
     trusted_proxies: tuple[str, ...] = ()

@@ -18,7 +18,8 @@ What aiohttp leaves to a reverse proxy, a node on the internet does itself:
 * The PROXY protocol (edge.http.proxy_protocol) from trusted proxies when configured:
   the header is taken off before HTTP parsing and names the client (`peername`).
 
-The aiohttp internals this relies on are those of edge.http.fastpath (see there).
+The aiohttp internals this relies on are listed, and checked at start-up, in
+edge.http.aiohttp_private.
 """
 
 from __future__ import annotations
