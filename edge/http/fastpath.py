@@ -160,12 +160,16 @@ class FastHitHandler(EdgeHandler):
 
     def _may_complete(self, partial: bytes) -> bool:
         """Whether a head without its end is worth holding back: it may still become a
-        request this path answers, with CRLF line ends only (a bare LF is aiohttp's to
-        judge, and must not leave the client waiting for an end that never comes)."""
+        request this path answers, with CRLF line ends only (a bare LF or CR is aiohttp's
+        to judge, and must not leave the client waiting for an end that never comes)."""
+        crlf = partial.count(b"\r\n")
+        # A CR at the very end may still get its LF; any other lone CR or LF never will.
+        lone_cr = partial.count(b"\r") - crlf - (1 if partial.endswith(b"\r") else 0)
         return (
             partial[: len(_SPEECH_GET)] == _SPEECH_GET[: len(partial)]
             and len(partial) < self.max_line_size + self.max_field_size
-            and partial.count(b"\n") == partial.count(b"\r\n")
+            and partial.count(b"\n") == crlf
+            and lone_cr == 0
         )
 
     def _idle(self) -> bool:
