@@ -274,3 +274,44 @@ async def test_ip_bound_urls_verify_for_the_real_client_behind_nginx(
     assert await get_from("127.0.0.3", client.port, url, "X-Forwarded-For: 127.0.0.2") == 403
     if not stream:
         assert await get_from("127.0.0.2", client.port, url) == 200
+
+
+async def test_the_fast_path_checks_ip_bindings_against_the_proxy_headers_client(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    from tests.support import fast_answers
+
+    client = await _edge(aiohttp_client, tmp_path, proxy_protocol=True)
+    spec = make_spec("fast path behind a proxy")
+    put_object(client.server.app, spec, BODY)
+    mine, other = sign(KEYRING, spec, ip="198.51.100.7/32"), sign(KEYRING, spec, ip="10.9.9.9/32")
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 80\r\n")
+    statuses = []
+    for target in (mine, mine, other):
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+        statuses.append(int(head.split()[1]))
+    writer.close()
+    assert statuses == [200, 200, 403]
+    assert fast_answers(client) == 1  # the second; the third's refusal is the ordinary path's
+
+
+async def test_a_trusted_peer_without_its_proxy_header_is_refused(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    client = await _edge(aiohttp_client, tmp_path, proxy_protocol=True)
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(10):
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert b'"bad_proxy_header"' in answer
