@@ -172,31 +172,12 @@ class FastHitHandler(EdgeHandler):
             and lone_cr == 0
         )
 
-    def _idle(self) -> bool:
-        """aiohttp's request loop waits for the next message and owes no answer."""
-        waiter = self._waiter
-        transport = self.transport
-        return (
-            waiter is not None
-            and not waiter.done()
-            and not self._messages
-            and not self._paused  # writing paused: let aiohttp's drain apply back-pressure
-            and not self._buffer_paused
-            and not self._reading_paused
-            and not self._close
-            and not self._force_close
-            and not self._upgraded
-            and self._payload_parser is None
-            and transport is not None
-            and not transport.is_closing()
-        )
-
     def _answer(self, head: bytes) -> bool:
         """Answers `head` if it is a simple hit (module docstring); False to hand it on."""
         started = time.perf_counter()
         lines = head.split(b"\r\n")
         request = _REQUEST_LINE.fullmatch(lines[0])
-        if request is None or len(lines[0]) > self.max_line_size or not self._idle():
+        if request is None or len(lines[0]) > self.max_line_size or not aiohttp_private.idle(self):
             return False
         range_header: str | None = None
         agent = ""
@@ -261,7 +242,7 @@ class FastHitHandler(EdgeHandler):
                 return False  # the ordinary path answers and counts the 429
             admit(Scope.HIT)
         transport = self.transport
-        assert transport is not None  # _idle() checked it
+        assert transport is not None  # idle() checked it
         node.count_hit(key)
         status, fixed, varying, payload = direct_parts(meta, grant.policy, entry.body, ranges)
         transport.writelines((direct_head(status, fixed, varying), payload))
@@ -270,20 +251,9 @@ class FastHitHandler(EdgeHandler):
         metrics.requests_by[Result.HIT].inc()
         metrics.bytes_by[Source.CACHE].inc(len(payload))
         metrics.ttfb_by[Result.HIT].observe(time.perf_counter() - started)
-        self._finished()
-        return True
-
-    def _finished(self) -> None:
-        """What aiohttp's request loop does after a keep-alive answer: count it and move
-        the idle connection's deadline (its timer reschedules itself to the new one)."""
-        self._request_count += 1
-        self._server.requests_count += 1
+        aiohttp_private.answered_keepalive(self, self._server)
         self._server.fast_answers += 1
-        loop = self._loop
-        close_time = loop.time() + self._keepalive_timeout
-        self._next_keepalive_close_time = close_time
-        if self._keepalive_handle is None:
-            self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
+        return True
 
 
 class EdgeServer(web.Server):
@@ -297,7 +267,7 @@ class EdgeServer(web.Server):
             plain.request_handler,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
-            **plain._kwargs,
+            **aiohttp_private.server_kwargs(plain),
         )
         self.node = node
         self.fast = fast
@@ -314,9 +284,11 @@ class EdgeServer(web.Server):
         """Requests answered by the fast path, for tests and debugging."""
 
     def __call__(self) -> RequestHandler:
+        loop = aiohttp_private.loop_of(self)
+        kwargs = aiohttp_private.server_kwargs(self)
         if self.fast:
-            return FastHitHandler(self, self.node, self.guard, loop=self._loop, **self._kwargs)
-        return EdgeHandler(self, self.guard, loop=self._loop, **self._kwargs)
+            return FastHitHandler(self, self.node, self.guard, loop=loop, **kwargs)
+        return EdgeHandler(self, self.guard, loop=loop, **kwargs)
 
 
 class EdgeRunner(web.AppRunner):

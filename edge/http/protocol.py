@@ -39,7 +39,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from edge.http import proxy_protocol
+from edge.http import aiohttp_private, proxy_protocol
 from edge.http.proxies import TrustedProxies
 
 log = logging.getLogger("nearvoice.http")
@@ -144,13 +144,11 @@ class RawAnswer(web.StreamResponse):
         self.force_close()
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if not self._eof_sent:
+        if not aiohttp_private.already_sent(self):
             transport = request.transport
             if transport is not None and not transport.is_closing():
                 transport.write(self._data)
-            self._eof_sent = True
-            self._keep_alive = False
-            self._payload_writer = request._payload_writer
+            aiohttp_private.mark_sent(self, request, keep_alive=False)
         return None
 
     async def write_eof(self, data: bytes = b"") -> None:
@@ -234,12 +232,12 @@ class EdgeHandler(RequestHandler):
             data = buffer[parsed.consumed :]
             if not data:
                 return
-        before = self._request_count
+        before = aiohttp_private.requests_seen(self)
         self.http_received(data)
-        if self._request_count != before:
+        if aiohttp_private.requests_seen(self) != before:
             self._head_bytes = 0
             self._cancel_head_timer()
-        elif data and (before == 0 or (self._waiter is not None and not self._waiter.done())):
+        elif data and (before == 0 or aiohttp_private.waiting_for_request(self)):
             # Before the first request or between requests: these bytes start a head that
             # is not complete yet.
             self._head_bytes += len(data)
@@ -253,7 +251,8 @@ class EdgeHandler(RequestHandler):
     def _arm_head_timer(self) -> None:
         timeout = self._guard.header_timeout
         if timeout > 0 and self._head_timer is None:
-            self._head_timer = self._loop.call_later(timeout, self._head_timed_out)
+            loop = aiohttp_private.loop_of(self)
+            self._head_timer = loop.call_later(timeout, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -262,10 +261,10 @@ class EdgeHandler(RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self._head_bytes == 0 and self._request_count:
+        seen = aiohttp_private.requests_seen(self)
+        if self._head_bytes == 0 and seen:
             return  # idle between requests: keep-alive's business, not ours
-        waiting = self._waiter is not None and not self._waiter.done()
-        if not waiting and self._request_count:
+        if not aiohttp_private.waiting_for_request(self) and seen:
             return  # a request is being answered
         if self._head_bytes == 0:
             # A connection opened and left silent (a preconnect, or a slowloris that never
