@@ -120,17 +120,21 @@ def _tls(work: Path) -> tuple[tuple[Path, Path, Path], Path, ssl.SSLContext]:
 
 def limiter_cost(calls: int = 200_000) -> dict[str, float]:
     """Microseconds per hit spent in signed URLs' admission (edge.handlers.speech), with
-    no limit configured and with hit and miss limits that never refuse: building the
-    admission for a request and taking its hit tokens (per address and per key id)."""
+    no limit configured and with hit and miss limits that never refuse, in one process and
+    with the buckets in the file a node's workers share: building the admission for a
+    request and taking its hit tokens (per address and per key id)."""
     work = Path(tempfile.mkdtemp(prefix="nv-bench-limits-"))
     try:
         keyring = Keyring.parse(generate_pair())
         result: dict[str, float] = {}
-        for name, limits in (
-            ("no limits", LimitSettings()),
-            ("limits", LimitSettings(hit_rate=1e9, hit_burst=1e9, miss_rate=1e9, miss_burst=1e9)),
+        limits = LimitSettings(hit_rate=1e9, hit_burst=1e9, miss_rate=1e9, miss_burst=1e9)
+        for name, settings, workers in (
+            ("no limits", LimitSettings(), 1),
+            ("limits", limits, 1),
+            ("limits, buckets shared by 2 workers", limits, 2),
         ):
-            node = Node(NodeConfig(data_dir=work / name, limits=limits), keyring, renderer=None)
+            config = NodeConfig(data_dir=work / str(workers), limits=settings, workers=workers)
+            node = Node(config, keyring, renderer=None)
             clients = [f"198.51.100.{i % 250}" for i in range(calls)]
             started = time.perf_counter()
             for client in clients:

@@ -26,6 +26,7 @@ would be admitted again). `nearvoice_rate_limited_total{scope}` counts refusals:
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import math
 import mmap
@@ -111,6 +112,14 @@ class RateLimited(TooManyRequests):
     """A request over its budget; the headers say when to come back."""
 
 
+@functools.lru_cache(maxsize=65536)
+def _record_of(key: Hashable, slots: int) -> tuple[bytes, int]:
+    """(16-byte hash of `key`, byte offset of its record): the same in every process,
+    unlike hash(); cached, since the same clients come back."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
+    return digest, int.from_bytes(digest[:8], "little") % slots * SharedBuckets.RECORD.size
+
+
 class SharedBuckets:
     """Buckets in one file that every worker of a node maps (DESIGN.md section 12: buckets
     are shared by a node's workers). A fixed table of `slots` records of 32 bytes (a
@@ -135,8 +144,7 @@ class SharedBuckets:
     def tokens(self, key: Hashable, rate: float, burst: float, now: float, spend: bool) -> float:
         """The bucket's tokens after refilling to `now`, before spending one (which
         happens when `spend` and there is one to spend)."""
-        digest = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
-        offset = int.from_bytes(digest[:8], "little") % self.slots * self.RECORD.size
+        digest, offset = _record_of(key, self.slots)
         fcntl.lockf(self._fd, fcntl.LOCK_EX, self.RECORD.size, offset)
         try:
             owner, tokens, stamp = self.RECORD.unpack_from(self._map, offset)
