@@ -117,6 +117,7 @@ def _serve(config: NodeConfig, reuse_port: bool) -> None:
         access_log=access_log,
         access_log_class=access_logger_class(config.http.access_log_format),
         tls=config.tls,
+        handshake_timeout=config.http.header_timeout or 60.0,
     )
 
 

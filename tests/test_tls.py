@@ -329,3 +329,35 @@ def _free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def test_a_tls_handshake_that_never_ends_is_cut_off(tmp_path: Path, pki: Pki) -> None:
+    port = _free_port()
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        f'[tls]\ncert = "{pki.node.cert}"\nkey = "{pki.node.key}"\n'
+        "[http]\nheader_timeout = 1.0\n[synth]\nenabled = false\n"
+    )
+    env = {**os.environ, KEYS_ENV: "test1:" + "s" * 40}
+    log = (tmp_path / "stderr.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge.cli", "edge", "--config", str(config), "--port", str(port),
+         "--data-dir", str(tmp_path / "data")],
+        env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        _wait_serial(port, pki, None)  # up, and completing handshakes
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(b"\x16\x03\x01\x00\xc8\x01")  # the start of a ClientHello, no more
+            raw.settimeout(15)  # the default handshake timeout is 60 s
+            started = time.monotonic()
+            assert raw.recv(1024) == b""  # closed by the node
+            assert time.monotonic() - started < 15
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

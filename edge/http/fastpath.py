@@ -312,11 +312,12 @@ def run(
     access_log: logging.Logger | None,
     access_log_class: type[AbstractAccessLogger] | None = None,
     tls: TlsSettings | None = None,
+    handshake_timeout: float = 60.0,
 ) -> None:
     """`web.run_app(app, ...)` with `EdgeRunner`: serves until SIGINT or SIGTERM, then
     shuts down gracefully (aiohttp's signal handlers raise GracefulExit). With `tls`
-    enabled the listener speaks HTTP/1.1 over TLS, and SIGHUP reloads its certificate
-    (edge.http.tls)."""
+    enabled the listener speaks HTTP/1.1 over TLS, a handshake must end within
+    `handshake_timeout` seconds, and SIGHUP reloads its certificate (edge.http.tls)."""
 
     async def serve() -> None:
         extra: dict[str, Any] = {}
@@ -337,12 +338,27 @@ def run(
             asyncio.get_running_loop().add_signal_handler(
                 signal.SIGHUP, lambda: tls_reload(context, settings)
             )
+        listener: asyncio.Server | None = None
         try:
-            await web.TCPSite(
-                runner, host, port, reuse_port=reuse_port or None, ssl_context=context
-            ).start()
+            if context is None:
+                await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+            else:
+                # aiohttp's TCPSite cannot bound the TLS handshake: a client that opens a
+                # connection and never finishes its ClientHello would hold it for asyncio's
+                # default minute, before any header timeout can start.
+                assert runner.server is not None
+                listener = await asyncio.get_running_loop().create_server(
+                    runner.server,
+                    host,
+                    port,
+                    ssl=context,
+                    reuse_port=reuse_port or None,
+                    ssl_handshake_timeout=handshake_timeout,
+                )
             await asyncio.Event().wait()
         finally:
+            if listener is not None:
+                listener.close()  # no new connections; the runner drains the open ones
             await runner.cleanup()
 
     loop = asyncio.new_event_loop()
