@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -27,10 +28,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_http(url: str, timeout: float = 60.0) -> None:
+def wait_http(url: str, timeout: float = 60.0, tls: ssl.SSLContext | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as response:
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url, timeout=2, context=tls) as response,
+        ):
             if response.status == 200:
                 return
         time.sleep(0.1)
@@ -45,8 +49,14 @@ def require(binary: str) -> str:
 
 
 @contextlib.contextmanager
-def nginx(root: Path, port: int, extra: str = "") -> Iterator[str]:
-    """A real nginx, one worker, serving `root` statically on loopback."""
+def nginx(
+    root: Path, port: int, extra: str = "", tls: tuple[Path, Path, Path] | None = None
+) -> Iterator[str]:
+    """A real nginx, one worker, serving `root` statically on loopback; over TLS with
+    `tls` = (certificate, key, CA that signed it)."""
+    listen = f"127.0.0.1:{port}"
+    if tls is not None:
+        listen += f" ssl;\n        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]}"
     binary = require("nginx")
     work = Path(tempfile.mkdtemp(prefix="nv-nginx-"))
     work.chmod(0o755)  # the unprivileged worker writes its proxy temp files in here
@@ -70,7 +80,7 @@ http {{
     scgi_temp_path {work}/scgi;
     {extra}
     server {{
-        listen 127.0.0.1:{port};
+        listen {listen};
         root {root};
         location /healthz {{ return 200 "ok"; }}
     }}
@@ -78,19 +88,32 @@ http {{
 """
     )
     proc = subprocess.Popen([binary, "-c", str(conf), "-p", str(work)], stderr=subprocess.PIPE)
+    scheme, context = _scheme(tls[2] if tls else None)
     try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=15)
-        yield f"http://127.0.0.1:{port}"
+        wait_http(f"{scheme}://127.0.0.1:{port}/healthz", timeout=15, tls=context)
+        yield f"{scheme}://127.0.0.1:{port}"
     finally:
         stop_processes([proc])
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _scheme(ca: Path | None) -> tuple[str, ssl.SSLContext | None]:
+    if ca is None:
+        return "http", None
+    return "https", ssl.create_default_context(cafile=str(ca))
+
+
 @contextlib.contextmanager
 def edge_process(
-    data_dir: Path, port: int, env: dict[str, str], workers: int = 1, config: Path | None = None
+    data_dir: Path,
+    port: int,
+    env: dict[str, str],
+    workers: int = 1,
+    config: Path | None = None,
+    ca: Path | None = None,
 ) -> Iterator[str]:
-    """A real `nearvoice edge` process, with the TOML `config` if given."""
+    """A real `nearvoice edge` process, with the TOML `config` if given (over TLS when it
+    says so: then `ca` verifies it)."""
     cmd = [
         sys.executable, "-m", "edge.cli", "edge",
         "--port", str(port), "--data-dir", str(data_dir), "--workers", str(workers),
@@ -100,9 +123,10 @@ def edge_process(
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (data_dir / "edge.log").open("wb")
     proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=log, cwd=REPO)
+    scheme, context = _scheme(ca)
     try:
-        wait_http(f"http://127.0.0.1:{port}/readyz", timeout=120)
-        yield f"http://127.0.0.1:{port}"
+        wait_http(f"{scheme}://127.0.0.1:{port}/readyz", timeout=120, tls=context)
+        yield f"{scheme}://127.0.0.1:{port}"
     finally:
         stop_processes([proc])
         log.close()

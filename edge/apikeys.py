@@ -59,7 +59,7 @@ class ApiKeys:
 
     def tenant_for(self, token: str) -> str | None:
         """The tenant whose secret `token` is, or None. Every secret is compared."""
-        given = token.encode("utf-8")
+        given = token.encode("utf-8", "surrogateescape")  # header bytes that are not UTF-8
         found = None
         for tenant, secret in self.entries:
             if hmac.compare_digest(given, secret) and found is None:

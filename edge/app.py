@@ -30,6 +30,7 @@ from edge.handlers import admin, health, openai, realtime, speech
 from edge.handlers.channel import channel_app
 from edge.handlers.keys import API_KEYS, NODE
 from edge.http.middleware import errors_as_json
+from edge.http.proxies import TRUSTED, TrustedProxies
 from edge.keyring import Keyring
 from edge.logredact import install as redact_access_log
 from edge.node import Node
@@ -106,6 +107,7 @@ def create_app(
         )
     app[NODE] = node
     app[API_KEYS] = ApiKeys.from_env() if api_keys is None else api_keys
+    app[TRUSTED] = TrustedProxies(config.http.trusted_proxies)
     app[openai.MEMO] = openai.PreparedMemo()
     app[realtime.HUB] = realtime.create_hub(node)
     redact_access_log()  # ?token= never reaches a log

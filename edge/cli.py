@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import time
 from multiprocessing.connection import wait
@@ -21,6 +22,9 @@ from prometheus_client.multiprocess import mark_process_dead
 from edge.config import NodeConfig, Role, load
 from edge.controls import check_duration, check_voice, natural_samples
 from edge.formats import AudioFormat
+from edge.http.logs import access_logger_class, install_redaction
+from edge.http.proxies import TrustedProxies
+from edge.http.tls import server_context
 from edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
 from edge.memory import apply_allocator_settings
 from edge.metrics import MULTIPROC_ENV
@@ -178,10 +182,15 @@ def _check_environment(config: NodeConfig) -> None:
 
 
 def _configure_logging() -> None:
+    """Once per process (workers are spawned, not forked): the format, and secrets
+    masked in every line (edge.http.logs)."""
+    if logging.getLogger().handlers:
+        return
     logging.basicConfig(
         level=os.environ.get("NEARVOICE_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s",
     )
+    install_redaction()
 
 
 def _serve(config: NodeConfig, reuse_port: bool, worker: int = 0) -> None:
@@ -208,7 +217,16 @@ def _serve(config: NodeConfig, reuse_port: bool, worker: int = 0) -> None:
         app = create_app(config, keyring)
     access_log = logging.getLogger("aiohttp.access") if config.http.access_log else None
     # aiohttp's run_app with the fast path's runner (edge.http.fastpath).
-    run(app, host=config.host, port=config.port, reuse_port=reuse_port, access_log=access_log)
+    run(
+        app,
+        host=config.host,
+        port=config.port,
+        reuse_port=reuse_port,
+        access_log=access_log,
+        access_log_class=access_logger_class(config.http.access_log_format),
+        tls=config.tls,
+        handshake_timeout=config.http.header_timeout or 60.0,
+    )
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -216,15 +234,19 @@ def cmd_node(args: argparse.Namespace) -> int:
     try:
         config = _node_config(args, role)
         Keyring.from_env()
+        server_context(config.tls)  # unreadable certificates are reported here
+        TrustedProxies(config.http.trusted_proxies)  # and malformed CIDRs
+        access_logger_class(config.http.access_log_format)
         for_config(config)  # voices and exported variants, reported here, not as tracebacks
         _check_environment(config)
-    except (KeyringError, ValueError, OSError) as exc:
+    except (KeyringError, ValueError, OSError, ssl.SSLError) as exc:
         return _fail(str(exc))
     _configure_logging()
     log = logging.getLogger("nearvoice")
     log.info(
-        "%s listening on http://%s:%d (data %s, %d worker(s))",
+        "%s listening on %s://%s:%d (data %s, %d worker(s))",
         role.value,
+        "https" if config.tls.enabled else "http",
         config.host,
         config.port,
         config.data_dir,
@@ -265,8 +287,14 @@ def _supervise(config: NodeConfig) -> int:
             if proc.pid is not None and proc.exitcode is None:
                 os.kill(proc.pid, signal.SIGINT)
 
+    def forward(signum: int, _frame: object) -> None:
+        for proc, _ in procs.values():
+            if proc.pid is not None and proc.exitcode is None:
+                os.kill(proc.pid, signum)
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, forward)  # certificate reload, in every worker
     for index in range(config.workers):
         if not stopping:
             start(index)
@@ -309,7 +337,7 @@ BENCHMARKS = {
 def cmd_up(args: argparse.Namespace) -> int:
     from edge.stack import run_stack
 
-    return run_stack(Path(args.data_dir), args.base_port)
+    return run_stack(Path(args.data_dir), args.base_port, tls=args.tls)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -377,6 +405,9 @@ def parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the local stack: edge, shield and origin")
     up.add_argument("--data-dir", default=".nearvoice/stack")
     up.add_argument("--base-port", type=int, default=8080, help="edge on N, shield N+1, origin N+2")
+    up.add_argument(
+        "--tls", action="store_true", help="TLS everywhere, with a development CA in the data dir"
+    )
     up.set_defaults(func=cmd_up)
 
     bench = sub.add_parser("bench", help="run a benchmark (see bench/)")

@@ -5,6 +5,7 @@ Secrets never live here; they come from the environment (`NEARVOICE_KEYS`,
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 import typing
@@ -25,8 +26,10 @@ from edge.checks import (
     positive,
     require,
 )
+from edge.http.tls import TlsSettings
 from edge.limits import LimitSettings, Rates
 from edge.memory import MemorySettings
+from edge.nodeauth import NodeAuthSettings
 from edge.policy import Policy, Retention
 from edge.prefetch import PrefetchSettings
 from edge.realtime.settings import RealtimeSettings
@@ -40,6 +43,7 @@ MAX_CLOCK_SKEW = 3600.0  # seconds: more grace than an hour is no longer a clock
 MIN_LINE_SIZE = 8190  # bytes: aiohttp's own default request-line limit
 SECTIONS = (
     "upstream", "store", "hot", "retention", "synth", "http", "prefetch", "memory", "realtime",
+    "tls", "nodeauth",
 )  # fmt: skip
 """The settings tables every role checks ([origin] and [[external]] are checked apart)."""
 
@@ -98,14 +102,39 @@ class HttpSettings:
     max_line_size: int = 65536
     """Bytes allowed in the request line: sealed specs of long texts make long URLs."""
     access_log: bool = False
-    """Log every request (the hot path is faster without; logging turns the fast path off)."""
+    """Log every request (edge.http.logs; the fast path writes its records too)."""
     fast_path: bool = True
     """Answer simple in-memory hits beneath aiohttp's request machinery (edge.http.fastpath)."""
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs of proxies and load balancers whose X-Forwarded-For (or PROXY header) names
+    the client (edge.http.proxies); from any other peer such headers are ignored."""
+    proxy_protocol: bool = False
+    """Connections from trusted proxies start with a PROXY protocol v1/v2 header."""
+    header_timeout: float = 10.0
+    """Seconds a client may take to send a complete request head (slowloris); 0: off."""
+    max_connections_per_client: int = 1024
+    """Open connections per client address (per worker); trusted proxies and node-signed
+    tiers are exempt; 0: unlimited."""
+    access_log_format: str = "text"
+    """"text" (aiohttp's line) or "json" (one object per request, the fast path's too)."""
 
     def validate(self) -> None:
         at_least(self, "max_ranges", 1)
         between(self, "clock_skew", 0, MAX_CLOCK_SKEW)
         at_least(self, "max_line_size", MIN_LINE_SIZE)
+        at_least(self, "header_timeout", 0)
+        at_least(self, "max_connections_per_client", 0)
+        one_of(self, "access_log_format", ("text", "json"))
+        for cidr in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"trusted_proxies: {cidr!r} is not a CIDR") from None
+        require(
+            not self.proxy_protocol or bool(self.trusted_proxies),
+            "proxy_protocol",
+            "needs trusted_proxies: only their connections start with a PROXY header",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +292,8 @@ class NodeConfig:
     api: ApiSettings = field(default_factory=ApiSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     realtime: RealtimeSettings = field(default_factory=RealtimeSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    nodeauth: NodeAuthSettings = field(default_factory=NodeAuthSettings)
     hotkeys_capacity: int = 1024
     """Counters kept for the hot-keys report (bounded memory, Space-Saving)."""
     recency_flush: float = 30.0

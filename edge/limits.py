@@ -25,12 +25,19 @@ would be admitted again). `nearvoice_rate_limited_total{scope}` counts refusals:
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import hashlib
 import math
+import mmap
+import os
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 from edge.errors import RequestError, TooManyRequests
 
@@ -83,6 +90,11 @@ class LimitSettings:
     policy: dict[str, Rates] = field(default_factory=dict)
     """`[limits.policy.<hot|personal|draft>]`: rates for URLs of that policy instead."""
 
+    @property
+    def enabled(self) -> bool:
+        """Whether any signed-URL limit is configured (a cheap check per request)."""
+        return bool(self.hit_rate or self.miss_rate or self.policy)
+
     def rates(self, policy: str | None = None) -> Rates:
         found = self.policy.get(policy) if policy is not None else None
         if found is not None:
@@ -100,22 +112,106 @@ class RateLimited(TooManyRequests):
     """A request over its budget; the headers say when to come back."""
 
 
+@functools.lru_cache(maxsize=65536)
+def _record_of(key: Hashable, slots: int) -> tuple[bytes, int]:
+    """(16-byte hash of `key`, byte offset of its record): the same in every process,
+    unlike hash(); cached, since the same clients come back."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
+    return digest, int.from_bytes(digest[:8], "little") % slots * SharedBuckets.RECORD.size
+
+
+class SharedBuckets:
+    """Buckets in one file that every worker of a node maps (DESIGN.md section 12: buckets
+    are shared by a node's workers). A fixed table of `slots` records of 32 bytes (a
+    16-byte hash of the bucket's key, its tokens, its stamp), each found by its key's
+    hash; a record whose hash differs belongs to another key and is taken over, full,
+    which bounds state exactly as the in-process LRU does. Each update holds a POSIX
+    byte-range lock on its one record (fcntl.lockf), so workers updating different
+    buckets never wait on each other. CLOCK_MONOTONIC is system-wide on Linux, so stamps
+    written by one process are meaningful to the others."""
+
+    RECORD = struct.Struct("<16sdd")
+
+    def __init__(self, path: Path, slots: int) -> None:
+        self.slots = slots
+        size = slots * self.RECORD.size
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        if os.fstat(self._fd).st_size != size:
+            os.ftruncate(self._fd, size)  # zeros: every record free
+        self._map = mmap.mmap(self._fd, size)
+
+    def tokens(self, key: Hashable, rate: float, burst: float, now: float, spend: float) -> float:
+        """The bucket's tokens after refilling to `now`, before spending `spend` of them
+        (which happens when there are that many; 0 spends nothing)."""
+        digest, offset = _record_of(key, self.slots)
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, self.RECORD.size, offset)
+        try:
+            owner, tokens, stamp = self.RECORD.unpack_from(self._map, offset)
+            if owner != digest:
+                tokens, stamp = burst, now
+            else:
+                tokens = min(burst, tokens + max(0.0, now - stamp) * rate)
+            left = tokens - spend if spend and tokens >= spend else tokens
+            self.RECORD.pack_into(self._map, offset, digest, left, now)
+            return float(tokens)
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, self.RECORD.size, offset)
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
+
+
 class Limiter:
     def __init__(
         self,
         max_buckets: int,
         on_refusal: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shared: Path | None = None,
     ) -> None:
+        """`shared`: a file whose buckets the node's workers share (`SharedBuckets`);
+        None keeps them in this process."""
         if max_buckets < 1:
             raise ValueError("max_buckets must be at least 1")
         self._max = max_buckets
         self._buckets: OrderedDict[Hashable, _Bucket] = OrderedDict()
         self._on_refusal = on_refusal
         self._clock = clock
+        self.shared = SharedBuckets(shared, max_buckets) if shared is not None else None
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+    def _tokens(
+        self, key: Hashable, scope: Scope, rate: float, burst: float, spend: float
+    ) -> float:
+        """Tokens in the bucket of (`key`, `scope`) refilled to now (a new bucket is full),
+        then `spend` of them taken if there are that many (0: a look only)."""
+        now = self._clock()
+        slot = (key, scope)
+        if self.shared is not None:
+            return self.shared.tokens(slot, rate, burst, now, spend)
+        bucket = self._buckets.get(slot)
+        if bucket is None:
+            bucket = self._buckets[slot] = _Bucket(burst, now)
+            if len(self._buckets) > self._max:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(slot)
+            bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
+            bucket.stamp = now
+        tokens = bucket.tokens
+        if spend and tokens >= spend:
+            bucket.tokens -= spend
+        return tokens
+
+    def allows(self, key: Hashable, scope: Scope, rates: Rates) -> bool:
+        """Whether `take` would admit a request now; takes nothing and counts nothing
+        (the fast path asks first and leaves refusals to the ordinary path)."""
+        rate, burst = rates.of(scope)
+        return rate == 0 or self._tokens(key, scope, rate, burst, spend=0.0) >= 1.0
 
     def take(
         self, key: Hashable, scope: Scope, rates: Rates, label: str, name: str, cost: float = 1.0
@@ -126,21 +222,10 @@ class Limiter:
         rate, burst = rates.of(scope)
         if rate == 0:
             return
-        now = self._clock()
-        slot = (key, scope)
-        bucket = self._buckets.get(slot)
-        if bucket is None:
-            bucket = self._buckets[slot] = _Bucket(burst, now)
-            if len(self._buckets) > self._max:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(slot)
-            bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rate)
-            bucket.stamp = now
-        if bucket.tokens >= cost:
-            bucket.tokens -= cost
+        tokens = self._tokens(key, scope, rate, burst, spend=cost)
+        if tokens >= cost:
             return
-        wait = max(1, math.ceil((cost - bucket.tokens) / rate))
+        wait = max(1, math.ceil((cost - tokens) / rate))
         if self._on_refusal is not None:
             self._on_refusal(label)
         policy_name = f"{name}-{scope.value}"

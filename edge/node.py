@@ -22,11 +22,12 @@ from edge.cache.store import DiskStore, Opened, Outcome
 from edge.config import NodeConfig
 from edge.errors import BadRequest, RequestError
 from edge.formats import AudioFormat
+from edge.http import aiohttp_private
 from edge.http.deliver import DeliveryOptions
 from edge.keyring import Keyring
 from edge.limits import Limiter
 from edge.metrics import Metrics
-from edge.nodeauth import verify_node_request
+from edge.nodeauth import NodeVerifier, NonceStore, own_audience
 from edge.prefetch import Prefetcher
 from edge.producer import Producer
 from edge.spec import KEY_RE
@@ -96,8 +97,9 @@ class Node:
         self.delivery = DeliveryOptions(
             max_ranges=config.http.max_ranges,
             use_sendfile=config.http.sendfile,
-            # aiohttp's access logger reads response internals the direct path skips.
-            direct=not config.http.access_log,
+            # The access log (edge.http.logs) records direct answers too; aiohttp's
+            # internals they rely on are checked once (edge.http.aiohttp_private).
+            direct=aiohttp_private.compatible(),
         )
         self._purge_checked = 0.0
         self._fills: dict[str, Fill] = {}
@@ -109,9 +111,19 @@ class Node:
             config, renderer, self.upstreams, self.store, self.hot, self.metrics, self.io
         )
         self.prefetcher = Prefetcher(self)
+        scheme = "https" if config.tls.enabled else "http"
+        self.node_auth = NodeVerifier(
+            keyring,
+            config.nodeauth.audience or own_audience(scheme, config.host, config.port),
+            NonceStore(data / "nodeauth-nonces.sqlite" if config.workers > 1 else None),
+            config.nodeauth.legacy_until,
+        )
+        """Checks X-Nearvoice-Node from the tiers below (edge.nodeauth)."""
         self.limiter = Limiter(
             config.limits.max_buckets,
             on_refusal=lambda scope: self.metrics.rate_limited.labels(scope).inc(),
+            # One set of buckets for all of the node's workers (edge.limits.SharedBuckets).
+            shared=data / "limits.buckets" if config.workers > 1 else None,
         )
         """The node's one rate limiter, shared by its doors (edge.limits)."""
         self.siblings = Siblings(config, keyring, self.metrics.registry, worker_index())
@@ -144,6 +156,9 @@ class Node:
         self.hit_io.shutdown(wait=True)
         self.io.shutdown(wait=True)
         self.store.close()
+        self.node_auth.nonces.close()
+        if self.limiter.shared is not None:
+            self.limiter.shared.close()
         if self.renderer is not None:
             self.renderer.close()
 
@@ -182,8 +197,7 @@ class Node:
             else:
                 self._grants.move_to_end(target)
             if trusted or (
-                node_signature is not None
-                and verify_node_request(self.keyring, node_signature, method, target)
+                node_signature is not None and self.node_auth.verify(node_signature, method, target)
             ):
                 client_ip = None
                 grant_to_check = replace(grant, network=None)

@@ -10,6 +10,7 @@ import contextlib
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import threading
@@ -108,19 +109,23 @@ def _secret(env: dict[str, str], name: str, path: Path, make: str) -> bool:
     return False
 
 
-def banner(data: Path, urls: tuple[str, str, str], sample: str, mint_from_env: bool) -> str:
+def banner(
+    data: Path, urls: tuple[str, str, str], sample: str, mint_from_env: bool, tls: bool = False
+) -> str:
     """What `nearvoice up` prints once every tier is ready. Never a secret: the mint
     example names where the token is, in the environment or in the data directory."""
     edge, shield, origin = urls
     token = f"${MINT_TOKEN_ENV}" if mint_from_env else f"$(cat {data}/mint-token)"
+    cacert = f"--cacert {data / 'tls' / 'ca.pem'} " if tls else ""
     mint_example = (
-        f'curl -s -H "Authorization: Bearer {token}" '
+        f'curl -s {cacert}-H "Authorization: Bearer {token}" '
         f'-d \'{{"text": "Hi there.", "voice": "joe"}}\' {origin}/v1/speech'
     )
     return (
         f"nearvoice stack is up (data in {data}):\n"
         f"  edge    {edge}\n  shield  {shield}\n  origin  {origin}\n"
-        f"secrets: {data}/keys, {data}/admin-token, {data}/mint-token "
+        + (f"TLS: development CA {data}/tls/ca.pem (curl --cacert)\n" if tls else "")
+        + f"secrets: {data}/keys, {data}/admin-token, {data}/mint-token "
         f"(or {KEYS_ENV}, {ADMIN_TOKEN_ENV}, {MINT_TOKEN_ENV})\n"
         f"sample signed URL:\n  {sample}\n"
         f"mint one: {mint_example}\n"
@@ -136,35 +141,62 @@ class TierDied(RuntimeError):
         self.tier = tier
 
 
-def _wait_ready(tier: Tier, deadline: float) -> None:
-    url = f"http://127.0.0.1:{tier.port}/readyz"
+def _wait_ready(tier: Tier, deadline: float, scheme: str, tls: ssl.SSLContext | None) -> None:
+    url = f"{scheme}://127.0.0.1:{tier.port}/readyz"
     while time.monotonic() < deadline:
         if tier.proc.poll() is not None:
             raise TierDied(tier)
-        # `url` is our own http://127.0.0.1 readiness URL, never user input.
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+        # `url` is our own 127.0.0.1 readiness URL, never user input.
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(url, timeout=2, context=tls) as resp,  # noqa: S310
+        ):
             if resp.status == 200:
                 return
         time.sleep(0.2)
     raise RuntimeError(f"the {tier.role} tier ({url}) was not ready within {READY_TIMEOUT:.0f} s")
 
 
-def run_stack(data: Path, base_port: int) -> int:
+def _tls_configs(data: Path) -> tuple[dict[str, str], ssl.SSLContext]:
+    """`up --tls`: a development CA and a certificate per node (edge.http.devca), and each
+    node's TOML: TLS on its listener, its upstream verified against the CA (and this
+    node's certificate presented to it, ready for a tier that sets `[tls] client_ca`).
+    Returns the TOML per role and a client context trusting the CA."""
+    from edge.http import devca
+
+    pki = data / "tls"
+    ca = devca.make_ca(pki)
+    tomls = {}
+    for role in ("edge", "shield", "origin"):
+        node = devca.issue(ca, pki, role)
+        tomls[role] = (
+            f'[tls]\ncert = "{node.cert.resolve()}"\nkey = "{node.key.resolve()}"\n'
+            + f'[upstream]\nca = "{ca.cert.resolve()}"\ncert = "{node.cert.resolve()}"\n'
+            f'key = "{node.key.resolve()}"\nrequire_tls = {str(role != "origin").lower()}\n'
+        )
+    return tomls, ssl.create_default_context(cafile=str(ca.cert))
+
+
+def run_stack(data: Path, base_port: int, tls: bool = False) -> int:
     data.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     _secret(env, KEYS_ENV, data / "keys", generate_pair())
     _secret(env, ADMIN_TOKEN_ENV, data / "admin-token", secrets.token_urlsafe(24))
     mint_from_env = _secret(env, MINT_TOKEN_ENV, data / "mint-token", secrets.token_urlsafe(24))
-    edge, shield, origin = (f"http://127.0.0.1:{base_port + i}" for i in range(3))
+    scheme = "https" if tls else "http"
+    edge, shield, origin = (f"{scheme}://127.0.0.1:{base_port + i}" for i in range(3))
+    tomls, client_tls = _tls_configs(data) if tls else ({}, None)
     origin_config = data / "origin.toml"
     origin_config.write_text(
         f'role = "origin"\n[origin]\npublic_base = "{edge}"\npush_edges = ["{edge}"]\n'
-        f'store = "{(data / "origin" / "objects").resolve()}"\n'
+        f'store = "{(data / "origin" / "objects").resolve()}"\n' + tomls.get("origin", "")
     )
+    for role in ("shield", "edge"):
+        (data / f"{role}.toml").write_text(tomls.get(role, ""))
     nodes = [
         ("origin", base_port + 2, ["--config", str(origin_config)]),
-        ("shield", base_port + 1, ["--upstream", origin]),
-        ("edge", base_port, ["--upstream", shield]),
+        ("shield", base_port + 1, ["--upstream", origin, "--config", str(data / "shield.toml")]),
+        ("edge", base_port, ["--upstream", shield, "--config", str(data / "edge.toml")]),
     ]
     tiers: list[Tier] = []
     stopping = False
@@ -187,7 +219,7 @@ def run_stack(data: Path, base_port: int) -> int:
             tiers.append(tier)
         deadline = time.monotonic() + READY_TIMEOUT
         for tier in tiers:
-            _wait_ready(tier, deadline)
+            _wait_ready(tier, deadline, scheme, client_tls)
         spec_voice = resolve("heart")
         sample = sign_url(
             Keyring.parse(env[KEYS_ENV]),
@@ -201,7 +233,7 @@ def run_stack(data: Path, base_port: int) -> int:
             policy=Policy.HOT,
             ttl=86400,
         )
-        print(banner(data, (edge, shield, origin), sample, mint_from_env), flush=True)
+        print(banner(data, (edge, shield, origin), sample, mint_from_env, tls), flush=True)
         died = watch(tiers, lambda: stopping)
         return 0 if died is None else 1
     except TierDied as exc:

@@ -38,6 +38,7 @@ import hashlib
 import logging
 import math
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from yarl import URL
 
 from edge.cache.fill import FillFailed
 from edge.checks import at_least, between, positive, require
+from edge.http.tls import client_context, require_https
 from edge.keyring import Keyring
 from edge.nodeauth import NODE_HEADER, sign_node_request
 
@@ -91,6 +93,14 @@ class UpstreamSettings:
     """Seconds one miss may spend getting a first byte from upstream, over its whole chain
     of attempts (connects, first bytes, backoffs and retries); a node in front of this one
     should allow more than this."""
+    ca: str = ""
+    """PEM file of CAs that upstream certificates must chain to; empty: the system's."""
+    cert: str = ""
+    """PEM file: this node's client certificate for mutual TLS with its upstreams."""
+    key: str = ""
+    """PEM file: the private key of `cert`."""
+    require_tls: bool = False
+    """Refuse to start with an upstream that is not https://."""
 
     def validate(self) -> None:
         for name in ("connect_timeout", "first_byte_timeout", "read_timeout", "open_seconds"):
@@ -264,6 +274,8 @@ class Upstreams:
         self.keyring = keyring
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self.client_tls: ssl.SSLContext | None = None
+        """The TLS context for node-to-node requests ([upstream] ca, cert, key)."""
         self._first_byte = settings.first_byte_estimate
         self._breakers = {
             base: CircuitBreaker(settings.failure_threshold, settings.open_seconds)
@@ -296,7 +308,12 @@ class Upstreams:
             report(base, breaker.state is not BreakerState.CLOSED)
 
     async def start(self) -> None:
+        settings = self.settings
+        if settings.require_tls:
+            require_https(self.bases)
+        tls = self.client_tls = client_context(settings.ca, settings.cert, settings.key)
         self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=tls),
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(
                 total=None,
@@ -384,22 +401,14 @@ class Upstreams:
         session = self._session
         if session is None or not self.bases:
             raise FillFailed("no_upstream", "no upstream is configured", retry_after=5)
-        headers = {
-            NODE_HEADER: sign_node_request(self.keyring, hdrs.METH_GET, target),
-            hdrs.ACCEPT_ENCODING: "identity",
-        }
-        base, response = await self._first_answer(session, key, target, headers)
+        base, response = await self._first_answer(session, key, target)
         try:
             yield Fetched(base, response, self._breakers[base])
         finally:
             response.release()
 
     async def _first_answer(
-        self,
-        session: aiohttp.ClientSession,
-        key: str,
-        target: str,
-        headers: dict[str, str],
+        self, session: aiohttp.ClientSession, key: str, target: str
     ) -> tuple[str, aiohttp.ClientResponse]:
         settings = self.settings
         loop = asyncio.get_running_loop()
@@ -426,6 +435,11 @@ class Upstreams:
                     continue
                 tried = True
                 started = loop.time()
+                headers = {
+                    # Bound to this upstream and used once (edge.nodeauth).
+                    NODE_HEADER: sign_node_request(self.keyring, hdrs.METH_GET, target, base),
+                    hdrs.ACCEPT_ENCODING: "identity",
+                }
                 patience = min(settings.first_byte_timeout, remaining)
                 outcome = await self._open(session, base, target, headers, patience)
                 if isinstance(outcome, str):
@@ -469,7 +483,7 @@ class Upstreams:
         base = base.rstrip("/")
         breaker = self._breakers.get(base)
         headers = {
-            NODE_HEADER: sign_node_request(self.keyring, hdrs.METH_HEAD, target),
+            NODE_HEADER: sign_node_request(self.keyring, hdrs.METH_HEAD, target, base),
             hdrs.ACCEPT_ENCODING: "identity",
         }
         # The upstream may still be committing; allow it a whole fetch's patience.

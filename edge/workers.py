@@ -313,7 +313,7 @@ class Siblings:
     async def _call(
         self, client: _SiblingClient, method: str, target: str, body: bytes | None
     ) -> Any:
-        headers = {NODE_HEADER: sign_node_request(self.keyring, method, target)}
+        headers = {NODE_HEADER: sign_node_request(self.keyring, method, target, client.base)}
         if body is not None:
             headers[hdrs.CONTENT_TYPE] = "application/json"
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 from urllib.parse import urljoin
 
 import aiohttp
@@ -14,6 +15,7 @@ from aiohttp import web
 from edge.app import create_app, default_engines
 from edge.config import ADMIN_TOKEN_ENV, NodeConfig
 from edge.handlers.keys import NODE
+from edge.http.tls import client_context
 from edge.keyring import Keyring
 from edge.producer import PersistentStore
 from edge.synth.engine import Engine
@@ -49,7 +51,8 @@ def create_origin_app(
         app[REFS] = registry
         voices_api.setup(app, registry)
     if config.origin.push_edges:
-        pusher = EdgePusher(config.origin.push_edges)
+        up = config.upstream
+        pusher = EdgePusher(config.origin.push_edges, client_context(up.ca, up.cert, up.key))
         node.producer.on_stored.append(pusher.schedule)
         app.on_cleanup.append(pusher.close)
     return app
@@ -89,8 +92,10 @@ class EdgePusher:
     """Tells edges to prefetch each `hot` object right after the origin rendered it, so
     the first listener at every edge already gets a hit."""
 
-    def __init__(self, edges: tuple[str, ...]) -> None:
+    def __init__(self, edges: tuple[str, ...], tls: ssl.SSLContext | None = None) -> None:
         self.edges = edges
+        self.tls = tls
+        """Verifies https:// edges ([upstream] ca, and its client certificate)."""
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -107,7 +112,10 @@ class EdgePusher:
             log.warning("not pushing prefetches: %s is not set", ADMIN_TOKEN_ENV)
             return
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=PUSH_TIMEOUT))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=PUSH_TIMEOUT),
+                connector=aiohttp.TCPConnector(ssl=self.tls if self.tls is not None else True),
+            )
         headers = {"Authorization": f"Bearer {token}"}
         for edge in self.edges:
             try:

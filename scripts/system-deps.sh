@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks run as real peers:
-# nginx (Range reference), wrk (load generator), ffmpeg (client-side decoding), opus-tools
-# (opusdec: libopusfile, a reference decoder for chained Ogg Opus), chromium
-# (playback in a real browser, driven by Playwright), prometheus and promtool (the deploy/
-# dashboards and alert rules).
+# nginx (Range reference; its stream module for the PROXY protocol), wrk (load generator),
+# ffmpeg (client-side decoding), opus-tools (opusdec: libopusfile, a reference decoder for
+# chained Ogg Opus), chromium (playback in a real browser, driven by Playwright),
+# prometheus and promtool (the deploy/ dashboards and alert rules).
 set -euo pipefail
 need=()
 command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
+# The stream module: tests/test_proxies.py runs nginx with `proxy_protocol on`.
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 command -v ffmpeg >/dev/null 2>&1 || need+=(ffmpeg)
 command -v opusdec >/dev/null 2>&1 || need+=(opus-tools)

@@ -26,7 +26,7 @@ from edge.cache.meta import ObjectMeta, etag_for
 from edge.config import NodeConfig, SynthSettings
 from edge.formats import AudioFormat
 from edge.handlers.keys import NODE
-from edge.http.fastpath import EdgeRunner, FastServer
+from edge.http.fastpath import EdgeRunner, EdgeServer
 from edge.keyring import Keyring
 from edge.node import Node
 from edge.policy import Policy, Retention
@@ -229,7 +229,7 @@ class EdgeTestServer(TestServer):
 def fast_answers(client: TestClient[Any, Any]) -> int:
     """Requests the client's server answered on the fast path (0 when it has none)."""
     server = client.server.handler
-    return server.fast_answers if isinstance(server, FastServer) else 0
+    return server.fast_answers if isinstance(server, EdgeServer) else 0
 
 
 async def render_through_node(

@@ -26,7 +26,7 @@ from edge.app import create_app
 from edge.cache.meta import etag_for
 from edge.config import HttpSettings
 from edge.handlers.keys import NODE
-from edge.http.fastpath import FastServer
+from edge.http.fastpath import EdgeServer
 from edge.keyring import Keyring
 from edge.policy import Policy
 from edge.spec import Spec
@@ -220,17 +220,21 @@ def without_boundary(answer: Answer) -> Answer:
 # -- the switch --------------------------------------------------------------------------------
 
 
-async def test_the_switch_off_leaves_aiohttps_server(pair: Pair) -> None:
-    assert not isinstance(pair.slow.client.server.handler, FastServer)
-    assert isinstance(pair.fast.client.server.handler, FastServer)
+async def test_the_switch_off_leaves_aiohttps_request_path(pair: Pair) -> None:
+    for edge, fast in ((pair.slow, False), (pair.fast, True)):
+        server = edge.client.server.handler
+        assert isinstance(server, EdgeServer)
+        assert server.fast is fast
 
 
-async def test_access_logging_turns_the_fast_path_off(
+async def test_access_logging_keeps_the_fast_path_on(
     aiohttp_client: AiohttpClient, tmp_path: Path, keyring: Keyring
 ) -> None:
     http = HttpSettings(fast_path=True, access_log=True)
     edge = await start_edge(aiohttp_client, tmp_path, keyring, make_spec(), http=http)
-    assert not isinstance(edge.client.server.handler, FastServer)
+    server = edge.client.server.handler
+    assert isinstance(server, EdgeServer)
+    assert server.fast
 
 
 # -- answers the fast path gives, identical to the ordinary path's -----------------------------

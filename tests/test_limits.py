@@ -150,3 +150,48 @@ def test_rate_is_in_the_canonical_spec_only_when_set() -> None:
         Spec.create(**fields, rate=100)  # type: ignore[arg-type]
     with pytest.raises(SpecError):
         Spec.from_json(plain.to_json().replace(b"}", b',"rate":"24000"}'))
+
+
+# -- buckets shared by a node's workers ----------------------------------------------------
+
+
+def _take_all(path: str, attempts: int) -> int:
+    """In another process: how many of `attempts` hits one shared bucket admits."""
+    limiter = Limiter(64, shared=Path(path))
+    rates = Rates(hit_rate=1e-6, hit_burst=20)
+    admitted = 0
+    for _ in range(attempts):
+        try:
+            limiter.take("203.0.113.5", Scope.HIT, rates, "hit", "ip")
+            admitted += 1
+        except RateLimited:
+            pass
+    return admitted
+
+
+def test_workers_share_one_bucket(tmp_path: Path) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    path = str(tmp_path / "limits.buckets")
+    with ProcessPoolExecutor(4) as pool:
+        admitted = sum(pool.map(_take_all, [path] * 4, [15] * 4))
+    assert admitted == 20  # the burst, once, across all four processes
+
+
+def test_shared_buckets_refill_and_keep_keys_apart(tmp_path: Path) -> None:
+    clock = Clock()
+    first = Limiter(64, clock=clock, shared=tmp_path / "b")
+    second = Limiter(64, clock=clock, shared=tmp_path / "b")
+    rates = Rates(miss_rate=1.0, miss_burst=2)
+    first.take("alice", Scope.MISS, rates, "miss", "ip")
+    second.take("alice", Scope.MISS, rates, "miss", "ip")
+    assert not first.allows("alice", Scope.MISS, rates)
+    with pytest.raises(RateLimited):
+        second.take("alice", Scope.MISS, rates, "miss", "ip")
+    second.take("bob", Scope.MISS, rates, "miss", "ip")
+    assert first.allows("alice", Scope.HIT, rates)  # another scope, unlimited
+    clock.now += 1.0
+    first.take("alice", Scope.MISS, rates, "miss", "ip")
+    assert first.shared is not None and second.shared is not None
+    first.shared.close()
+    second.shared.close()

@@ -87,7 +87,9 @@ async def _cascade(request: web.Request, keys: list[str]) -> dict[str, Any]:
     token = node.config.admin_token or ""
     results: dict[str, Any] = {}
     timeout = aiohttp.ClientTimeout(total=CASCADE_TIMEOUT)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    tls = node.upstreams.client_tls
+    connector = aiohttp.TCPConnector(ssl=tls if tls is not None else True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         for base, home_keys in homes.items():
             try:
                 async with session.post(
@@ -190,7 +192,7 @@ def _samples(metric: Any, name: str) -> list[tuple[dict[str, str], float]]:
 async def hotkeys(request: web.Request) -> web.Response:
     require_admin(request)
     raw = request.query.get("k", str(DEFAULT_TOP_K))
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_TOP_K:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_TOP_K:
         raise BadRequest("bad_k", f"k must be an integer in 1..{MAX_TOP_K}")
     node = request.app[NODE]
     k = int(raw)

@@ -33,7 +33,7 @@ from edge.http.middleware import errors_as_json
 from edge.http.stream import deliver_fill
 from edge.metrics import Source
 from edge.node import Node
-from edge.nodeauth import NODE_HEADER, verify_node_request
+from edge.nodeauth import NODE_HEADER, destination
 from edge.spec import KEY_RE
 from edge.workers import (
     HOTKEYS_PATH,
@@ -66,10 +66,12 @@ def channel_app(node_app: web.Application, speech_route: str) -> web.Application
 
 @web.middleware
 async def _node_signed(request: web.Request, handler: Any) -> web.StreamResponse:
-    keyring = request.app[NODE].keyring
+    node = request.app[NODE]
     signature = request.headers.get(NODE_HEADER)
-    if signature is None or not verify_node_request(
-        keyring, signature, request.method, request.raw_path
+    # Siblings sign for this worker's channel name (edge.workers._SiblingClient).
+    here = (destination(f"http://worker-{node.siblings.index}"),)
+    if signature is None or not node.node_auth.verify(
+        signature, request.method, request.raw_path, local=here
     ):
         raise Forbidden("bad_node_signature", "worker channel requests must be node-signed")
     response: web.StreamResponse = await handler(request)

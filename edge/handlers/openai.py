@@ -62,6 +62,7 @@ from edge.errors import BadRequest, PayloadTooLarge, RequestError, Unauthorized
 from edge.formats import AudioFormat
 from edge.handlers.keys import API_KEYS, NODE
 from edge.http.deliver import Delivered
+from edge.http.requests import MAX_JSON_DEPTH, json_depth
 from edge.http.sendfile import send_file_range
 from edge.limits import Scope
 from edge.metrics import Result
@@ -237,6 +238,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 def parse_json(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or 400."""
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise BadRequest("invalid_json", f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         data = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

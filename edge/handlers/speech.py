@@ -17,29 +17,86 @@ from edge.core import serve
 from edge.errors import BadRequest, RequestError
 from edge.handlers.keys import NODE
 from edge.http.deliver import Delivered, deliver
+from edge.http.protocol import mark_node_peer
+from edge.http.proxies import client_address
 from edge.http.stream import deliver_fill
+from edge.limits import Limiter, Rates, Scope
 from edge.metrics import Result
 from edge.node import Held, Node
-from edge.nodeauth import NODE_HEADER
+from edge.nodeauth import NODE_HEADER, local_names
+from edge.policy import Policy
 from edge.token import Grant
 
 
-def _authorize(node: Node, request: web.Request) -> Grant:
+def _authorize(node: Node, request: web.Request, client: str | None) -> tuple[Grant, bool]:
+    """The URL's grant, and whether a node of a tier below signed the request (then it
+    vouches for the client address, edge.nodeauth)."""
+
     def query() -> tuple[dict[str, str], bool]:
         parsed = request.rel_url.query
         flat = {name: parsed[name] for name in parsed}
         return flat, len(flat) != len(parsed)
 
     info = request.match_info
-    return node.authorize(
+    signature = request.headers.get(NODE_HEADER)
+    via_node = False
+    transport = request.transport
+    if signature is not None and transport is not None:
+        scheme = "https" if request.secure else "http"
+        local = local_names(scheme, transport.get_extra_info("sockname"))
+        via_node = node.node_auth.verify(signature, request.method, request.raw_path, local=local)
+        if via_node:
+            mark_node_peer(request)
+    grant = node.authorize(
         request.raw_path,
         info["key"],
         info["ext"],
         query,
-        request.remote,
-        request.headers.get(NODE_HEADER),
+        client,
+        trusted=via_node,
         method=request.method,
     )
+    return grant, via_node
+
+
+BucketKey = tuple[str, str | None]
+"""("ip", client address) or ("kid", key id)."""
+
+
+class UrlAdmission:
+    """Signed URLs' limiter (DESIGN.md section 12): a bucket per client address and one
+    per signing key id, hit and miss budgets apart; requests signed by a node of a tier
+    below are not limited per address (one edge carries many players). Called with a
+    scope, it takes a token from each bucket or raises RateLimited (edge.core.Admit)."""
+
+    __slots__ = ("keys", "limiter", "rates")
+
+    def __init__(self, limiter: Limiter, rates: Rates, keys: tuple[BucketKey, ...]) -> None:
+        self.limiter = limiter
+        self.rates = rates
+        self.keys = keys
+
+    def __call__(self, scope: Scope) -> None:
+        for key in self.keys:
+            self.limiter.take(key, scope, self.rates, scope.value, key[0])
+
+    def allows(self, scope: Scope) -> bool:
+        """Whether a request of `scope` would be admitted; takes and counts nothing."""
+        return all(self.limiter.allows(key, scope, self.rates) for key in self.keys)
+
+
+def admission(
+    node: Node, client: str | None, kid: str, policy: Policy, via_node: bool
+) -> UrlAdmission | None:
+    """The request's admission, or None when no limit is configured for its policy."""
+    limits = node.config.limits
+    if not limits.enabled:
+        return None
+    rates = limits.rates(policy.value)
+    if not (rates.hit_rate or rates.miss_rate):
+        return None
+    keys: tuple[BucketKey, ...] = (("kid", kid),) if via_node else (("ip", client), ("kid", kid))
+    return UrlAdmission(node.limiter, rates, keys)
 
 
 class RangeDoor:
@@ -70,13 +127,15 @@ class RangeDoor:
 async def speech(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     node = request.app[NODE]
+    client = client_address(request)
     try:
-        grant = _authorize(node, request)
+        grant, via_node = _authorize(node, request, client)
     except RequestError:
         node.metrics.requests_by[Result.REJECTED].inc()
         raise
+    admit = admission(node, client, request.rel_url.query.get("kid", ""), grant.policy, via_node)
     door = RangeDoor(request, node, grant)
-    served = await serve(node, grant, request.raw_path, door, started=started)
+    served = await serve(node, grant, request.raw_path, door, started=started, admit=admit)
     return served.delivered.response
 
 

@@ -19,6 +19,8 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 
+from edge.http import aiohttp_private
+
 _REASONS = {
     status: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus
 }
@@ -51,18 +53,18 @@ class DirectResponse(web.StreamResponse):
         super().__init__(status=status)
         self._head_parts = (status, fixed, varying)
         self._payload = payload
+        self.body_bytes = len(payload)
+        """Body bytes sent, for the access log (edge.http.logs)."""
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self._eof_sent:
+        if aiohttp_private.already_sent(self):
             return None
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("connection lost before the response")
         transport.writelines((direct_head(*self._head_parts), self._payload))
-        self._eof_sent = True
-        self._keep_alive = True
-        writer = request._payload_writer
-        self._payload_writer = writer
+        aiohttp_private.mark_sent(self, request, keep_alive=True)
+        writer = aiohttp_private.payload_writer(request)
         # Back-pressure, as aiohttp's own writer applies it: wait while the transport is
         # paused above its high-water mark, so a slow reader cannot make us buffer without
         # bound across pipelined requests.
@@ -104,7 +106,7 @@ class DirectStream(web.StreamResponse):
         else:
             parts.append(data)
         transport.writelines(parts)
-        await request._payload_writer.drain()
+        await aiohttp_private.payload_writer(request).drain()
 
     async def finish(self, request: web.BaseRequest) -> None:
         if self._chunked and request.transport is not None:
@@ -118,9 +120,7 @@ class DirectStream(web.StreamResponse):
         self._end(request, keep_alive=False)
 
     def _end(self, request: web.BaseRequest, keep_alive: bool) -> None:
-        self._eof_sent = True
-        self._keep_alive = keep_alive
-        self._payload_writer = request._payload_writer
+        aiohttp_private.mark_sent(self, request, keep_alive)
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         return None  # everything was written by send/finish/abort

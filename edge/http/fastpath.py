@@ -27,7 +27,8 @@ handler (`[http] fast_path`, off with access logging, whose records need a Reque
 `run` serves an app with it, as `web.run_app` would.
 
 This relies on `RequestHandler` internals of aiohttp 3.14 (its idle waiter, message
-queue, keep-alive deadline); tests/test_fastpath.py fails if they drift.
+queue, keep-alive deadline), all listed in edge.http.aiohttp_private, whose start-up
+self-check falls back to aiohttp's ordinary path when they drift.
 """
 
 from __future__ import annotations
@@ -36,16 +37,26 @@ import asyncio
 import contextlib
 import logging
 import re
+import signal
 import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 
 from edge.handlers.keys import NODE
+from edge.handlers.speech import admission
+from edge.http import aiohttp_private
 from edge.http.deliver import direct_parts
 from edge.http.direct import direct_head
+from edge.http.logs import EdgeAccessLogger, write_access
+from edge.http.protocol import EdgeHandler, Guard
+from edge.http.proxies import TrustedProxies
 from edge.http.ranges import ByteRange, RangeError, parse_range
+from edge.http.tls import TlsSettings, server_context
+from edge.http.tls import reload as tls_reload
+from edge.limits import Scope
 from edge.metrics import Result, Source
 from edge.node import Node
 
@@ -53,6 +64,7 @@ KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection is kept: web.run_app's de
 SHUTDOWN_TIMEOUT = 60.0  # seconds requests under way get at shutdown: web.run_app's default
 
 _SPEECH_GET = b"GET /v1/speech/"
+_KID = re.compile(r"[?&]kid=([^&]*)")
 # RFC 9112 section 3: request-line = method SP request-target SP HTTP-version. Only the
 # canonical speech path, with no percent-encoding, so the raw target is the path the
 # router would match; the query must be there, since no URL verifies without one.
@@ -84,8 +96,8 @@ _FRAMING_FIELDS = frozenset((b"content-length", b"transfer-encoding", b"upgrade"
 
 
 def fast_path_enabled(node: Node) -> bool:
-    """The switch, and direct answers allowed: access logging needs aiohttp's Request."""
-    return node.config.http.fast_path and node.delivery.direct
+    """The switch, direct answers allowed, and aiohttp's internals as expected."""
+    return node.config.http.fast_path and node.delivery.direct and aiohttp_private.compatible()
 
 
 def _without_body(head: bytes) -> bool:
@@ -102,13 +114,14 @@ def _without_body(head: bytes) -> bool:
     return True
 
 
-class FastHitHandler(RequestHandler):
-    __slots__ = ("_aligned", "_client_ip", "_node", "_pending", "_server")
+class FastHitHandler(EdgeHandler):
+    __slots__ = ("_aligned", "_last_answer", "_node", "_pending", "_server")
 
-    def __init__(self, server: FastServer, node: Node, **kwargs: Any) -> None:
-        super().__init__(server, **kwargs)
+    def __init__(self, server: EdgeServer, node: Node, guard: Guard, **kwargs: Any) -> None:
+        super().__init__(server, guard, **kwargs)
         self._server = server
         self._node = node
+        self._last_answer = (0, 0)
         self._pending = b""
         """The start of a request head that arrived without its end (RFC 9112 section
         2.1 lets a message arrive in any number of segments)."""
@@ -117,21 +130,11 @@ class FastHitHandler(RequestHandler):
         complete requests without bodies, so the next byte starts a request head. Once a
         body, a pipeline or anything unclear went to aiohttp, the connection stays
         aiohttp's for good."""
-        self._client_ip: str | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        # The client address as aiohttp's BaseRequest.remote reads it.
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, list | tuple):
-            self._client_ip = str(peer[0])
-        elif peer is not None:
-            self._client_ip = str(peer)
-
-    def data_received(self, data: bytes) -> None:
+    def http_received(self, data: bytes) -> None:
         if not self._aligned or not data:
             # b"" comes from aiohttp resuming its own parsing; nothing of ours is in it.
-            super().data_received(data)
+            RequestHandler.data_received(self, data)
             return
         buffer = self._pending + data if self._pending else data
         self._pending = b""
@@ -148,35 +151,25 @@ class FastHitHandler(RequestHandler):
             self._aligned = _without_body(head)
         else:
             self._aligned = False  # a body, or pipelined requests: aiohttp's to parse
-        super().data_received(buffer)
+        RequestHandler.data_received(self, buffer)
+
+    def _client(self) -> str | None:
+        """The client address as aiohttp's BaseRequest.remote reads it."""
+        peer = self.peername
+        return str(peer[0]) if isinstance(peer, list | tuple) else None
 
     def _may_complete(self, partial: bytes) -> bool:
         """Whether a head without its end is worth holding back: it may still become a
-        request this path answers, with CRLF line ends only (a bare LF is aiohttp's to
-        judge, and must not leave the client waiting for an end that never comes)."""
+        request this path answers, with CRLF line ends only (a bare LF or CR is aiohttp's
+        to judge, and must not leave the client waiting for an end that never comes)."""
+        crlf = partial.count(b"\r\n")
+        # A CR at the very end may still get its LF; any other lone CR or LF never will.
+        lone_cr = partial.count(b"\r") - crlf - (1 if partial.endswith(b"\r") else 0)
         return (
             partial[: len(_SPEECH_GET)] == _SPEECH_GET[: len(partial)]
             and len(partial) < self.max_line_size + self.max_field_size
-            and partial.count(b"\n") == partial.count(b"\r\n")
-        )
-
-    def _idle(self) -> bool:
-        """aiohttp's request loop waits for the next message and owes no answer."""
-        waiter = self._waiter
-        transport = self.transport
-        return (
-            waiter is not None
-            and not waiter.done()
-            and not self._messages
-            and not self._paused  # writing paused: let aiohttp's drain apply back-pressure
-            and not self._buffer_paused
-            and not self._reading_paused
-            and not self._close
-            and not self._force_close
-            and not self._upgraded
-            and self._payload_parser is None
-            and transport is not None
-            and not transport.is_closing()
+            and partial.count(b"\n") == crlf
+            and lone_cr == 0
         )
 
     def _answer(self, head: bytes) -> bool:
@@ -184,9 +177,10 @@ class FastHitHandler(RequestHandler):
         started = time.perf_counter()
         lines = head.split(b"\r\n")
         request = _REQUEST_LINE.fullmatch(lines[0])
-        if request is None or len(lines[0]) > self.max_line_size or not self._idle():
+        if request is None or len(lines[0]) > self.max_line_size or not aiohttp_private.idle(self):
             return False
         range_header: str | None = None
+        agent = ""
         seen: set[bytes] = set()
         for line in lines[1:]:
             field = _FIELD_LINE.fullmatch(line)
@@ -201,17 +195,35 @@ class FastHitHandler(RequestHandler):
                 range_header = value.decode("ascii")
             elif name == b"connection" and value.lower() != b"keep-alive":
                 return False
+            elif name == b"user-agent":
+                agent = value.decode("ascii")
         if b"host" not in seen:
             return False  # RFC 9112 section 3.2: a 400, aiohttp's to send
-        return self._send_hit(request[1].decode("ascii"), range_header, started)
+        if not self._send_hit(request[1].decode("ascii"), range_header, started):
+            return False
+        self._log_access(request[1].decode("ascii"), started, agent)
+        return True
+
+    def _log_access(self, target: str, started: float, agent: str) -> None:
+        """The access record aiohttp's path would write (edge.http.logs)."""
+        logger = self.access_logger
+        if isinstance(logger, EdgeAccessLogger) and logger.enabled:
+            status, size = self._last_answer
+            write_access(logger.logger, logger.fmt, self._client(), "GET", target, status, size,
+                         time.perf_counter() - started, agent)  # fmt: skip
 
     def _send_hit(self, target: str, range_header: str | None, started: float) -> bool:
         """`edge.handlers.speech.speech` for a hit in memory, or False before any effect."""
         node = self._node
         now = time.time()
-        grant = node.remembered(target, self._client_ip, now)
+        client = self._client()
+        grant = node.remembered(target, client, now)
         if grant is None or not grant.policy.stored or node.running_fill(grant) is not None:
             return False
+        admit = None
+        if node.config.limits.enabled:
+            kid = _KID.search(target)
+            admit = admission(node, client, kid[1] if kid else "", grant.policy, via_node=False)
         key = grant.spec.key
         entry = node.hot_entry(key, now)
         if entry is None or entry.body is None:
@@ -225,60 +237,70 @@ class FastHitHandler(RequestHandler):
                 return False  # 416, a JSON answer
             if len(ranges) > 1:
                 return False  # multipart/byteranges
+        if admit is not None:
+            if not admit.allows(Scope.HIT):
+                return False  # the ordinary path answers and counts the 429
+            admit(Scope.HIT)
         transport = self.transport
-        assert transport is not None  # _idle() checked it
+        assert transport is not None  # idle() checked it
         node.count_hit(key)
         status, fixed, varying, payload = direct_parts(meta, grant.policy, entry.body, ranges)
         transport.writelines((direct_head(status, fixed, varying), payload))
+        self._last_answer = (status.value, len(payload))
         metrics = node.metrics
         metrics.requests_by[Result.HIT].inc()
         metrics.bytes_by[Source.CACHE].inc(len(payload))
         metrics.ttfb_by[Result.HIT].observe(time.perf_counter() - started)
-        self._finished()
+        aiohttp_private.answered_keepalive(self, self._server)
+        self._server.fast_answers += 1
         return True
 
-    def _finished(self) -> None:
-        """What aiohttp's request loop does after a keep-alive answer: count it and move
-        the idle connection's deadline (its timer reschedules itself to the new one)."""
-        self._request_count += 1
-        self._server.requests_count += 1
-        self._server.fast_answers += 1
-        loop = self._loop
-        close_time = loop.time() + self._keepalive_timeout
-        self._next_keepalive_close_time = close_time
-        if self._keepalive_handle is None:
-            self._keepalive_handle = loop.call_at(close_time, self._process_keepalive)
 
+class EdgeServer(web.Server):
+    """aiohttp's connection factory, making `EdgeHandler`s (edge.http.protocol), or
+    `FastHitHandler`s when the node takes the fast path."""
 
-class FastServer(web.Server):
-    """aiohttp's connection factory, making `FastHitHandler`s."""
-
-    def __init__(self, node: Node, plain: web.Server) -> None:
+    def __init__(self, node: Node, plain: web.Server, fast: bool) -> None:
         # The plain server's settings as aiohttp assembled them (handler_args, access log,
         # keep-alive timeout): the same connections, one override apart.
         super().__init__(
             plain.request_handler,
             request_factory=plain.request_factory,
             handler_cancellation=plain.handler_cancellation,
-            **plain._kwargs,
+            **aiohttp_private.server_kwargs(plain),
         )
         self.node = node
+        self.fast = fast
+        http = node.config.http
+        metrics = node.metrics
+        self.guard = Guard(
+            trusted=TrustedProxies(http.trusted_proxies),
+            proxy_protocol=http.proxy_protocol,
+            header_timeout=http.header_timeout,
+            max_connections_per_client=http.max_connections_per_client,
+            on_rejected=lambda: metrics.requests_by[Result.REJECTED].inc(),
+        )
         self.fast_answers = 0
         """Requests answered by the fast path, for tests and debugging."""
 
     def __call__(self) -> RequestHandler:
-        return FastHitHandler(self, self.node, loop=self._loop, **self._kwargs)
+        loop = aiohttp_private.loop_of(self)
+        kwargs = aiohttp_private.server_kwargs(self)
+        if self.fast:
+            return FastHitHandler(self, self.node, self.guard, loop=loop, **kwargs)
+        return EdgeHandler(self, self.guard, loop=loop, **kwargs)
 
 
 class EdgeRunner(web.AppRunner):
-    """`web.AppRunner` whose server takes the fast path when the node allows it."""
+    """`web.AppRunner` whose server is the node's hardened one (`EdgeServer`), taking the
+    fast path when the node allows it."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         node = self.app.get(NODE)
-        if node is None or not fast_path_enabled(node):
+        if node is None or not aiohttp_private.compatible():
             return server
-        return FastServer(node, server)
+        return EdgeServer(node, server, fast_path_enabled(node))
 
 
 def run(
@@ -288,23 +310,55 @@ def run(
     port: int,
     reuse_port: bool,
     access_log: logging.Logger | None,
+    access_log_class: type[AbstractAccessLogger] | None = None,
+    tls: TlsSettings | None = None,
+    handshake_timeout: float = 60.0,
 ) -> None:
     """`web.run_app(app, ...)` with `EdgeRunner`: serves until SIGINT or SIGTERM, then
-    shuts down gracefully (aiohttp's signal handlers raise GracefulExit)."""
+    shuts down gracefully (aiohttp's signal handlers raise GracefulExit). With `tls`
+    enabled the listener speaks HTTP/1.1 over TLS, a handshake must end within
+    `handshake_timeout` seconds, and SIGHUP reloads its certificate (edge.http.tls)."""
 
     async def serve() -> None:
+        extra: dict[str, Any] = {}
+        if access_log_class is not None:
+            extra["access_log_class"] = access_log_class
         runner = EdgeRunner(
             app,
             handle_signals=True,
             access_log=access_log,
             keepalive_timeout=KEEPALIVE_TIMEOUT,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
+            **extra,
         )
         await runner.setup()
+        context = server_context(tls) if tls is not None else None
+        if context is not None and tls is not None:
+            settings = tls
+            asyncio.get_running_loop().add_signal_handler(
+                signal.SIGHUP, lambda: tls_reload(context, settings)
+            )
+        listener: asyncio.Server | None = None
         try:
-            await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+            if context is None:
+                await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+            else:
+                # aiohttp's TCPSite cannot bound the TLS handshake: a client that opens a
+                # connection and never finishes its ClientHello would hold it for asyncio's
+                # default minute, before any header timeout can start.
+                assert runner.server is not None
+                listener = await asyncio.get_running_loop().create_server(
+                    runner.server,
+                    host,
+                    port,
+                    ssl=context,
+                    reuse_port=reuse_port or None,
+                    ssl_handshake_timeout=handshake_timeout,
+                )
             await asyncio.Event().wait()
         finally:
+            if listener is not None:
+                listener.close()  # no new connections; the runner drains the open ones
             await runner.cleanup()
 
     loop = asyncio.new_event_loop()

@@ -37,7 +37,12 @@ def _sendfile_nonblocking(sock_fd: int, fd: int, offset: int, count: int) -> int
 def _raw_socket_fd(transport: asyncio.Transport | None) -> int | None:
     if transport is None or transport.is_closing():
         return None
-    if transport.get_extra_info("sslcontext") is not None:
+    # sendfile(2) would put plaintext on a TLS connection: never on one, whichever event
+    # loop's TLS transport this is (asyncio's and uvloop's name the extras alike).
+    if (
+        transport.get_extra_info("sslcontext") is not None
+        or transport.get_extra_info("ssl_object") is not None
+    ):
         return None
     sock: Any = transport.get_extra_info("socket")
     return None if sock is None else int(sock.fileno())
