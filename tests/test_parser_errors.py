@@ -66,6 +66,7 @@ CASES = {
     "bare_lf": (b"GET / HTTP/1.1\nHost: x\n\n", 400),
     "obs_fold": (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\r\n b\r\n\r\n", 400),
     "bare_cr_speech": (b"GET /v1/speech/" + b"a" * 64 + b".wav?s=x HTTP/1.1\r\r", 400),
+    "http_2_0": (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
 }
 
 
@@ -196,7 +197,7 @@ _FIELD = st.tuples(
 _EOL = st.sampled_from(["\r\n", "\n", "\r"])
 
 
-EXPECTED = {200, 400, 403, 404, 405, 410, 411, 413, 414, 431, 501}
+EXPECTED = {200, 400, 403, 404, 405, 410, 411, 413, 414, 431, 501, 505}
 """What a fuzzed head may get: a route's answer, or a refusal; never a 5xx of our own."""
 
 

@@ -9,6 +9,7 @@ from http import HTTPStatus
 from aiohttp import hdrs, web
 
 from edge.errors import RequestError
+from edge.http.protocol import RawAnswer, error_bytes
 
 log = logging.getLogger("nearvoice.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -22,8 +23,20 @@ def json_error(
     )
 
 
+SPOKEN = frozenset({(1, 0), (1, 1)})
+"""The HTTP versions this server speaks over its HTTP/1 framing."""
+
+
 @web.middleware
 async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if tuple(request.version) not in SPOKEN:
+        # aiohttp parses any `HTTP/d.d` and would echo it in the status line. RFC 9110
+        # section 15.6.6: 505 for a major version not supported, said in HTTP/1.1.
+        version = f"HTTP/{request.version.major}.{request.version.minor}"
+        status = HTTPStatus.HTTP_VERSION_NOT_SUPPORTED
+        message = f"{version} is not spoken here; use HTTP/1.1"
+        log.warning("rejected request from %s: 505 %s", request.remote, version)
+        return RawAnswer(error_bytes(status, "http_version_not_supported", message, {}))
     try:
         return await handler(request)
     except RequestError as exc:
