@@ -4,9 +4,12 @@ Inference runs in a thread pool sized to the cores; each thread owns its model i
 and uses `ort_threads` onnxruntime threads, so workers x ort_threads stays at the core
 count instead of every session spawning one thread per core.
 
-Exact lengths: before any audio, a render asks the engine's duration pass for the
+Exact lengths: before its first byte, a render asks the engine's duration pass for the
 utterance's sample count and announces the byte length that follows from it (WAV, PCM,
 MP3), so the node answers exact ranges from the first byte (DESIGN.md section 10). The
+pass runs in its own thread beside the render of the first chunk, so the first byte waits
+for the longer of the two rather than their sum: for a long text the pass covers every
+sentence, and run first it would stand between the player and the first phrase. The
 render then checks that the engine produced exactly that many samples. If the pass and the
 render ever disagree, the object is aborted (never padded or cut to fit), the mismatch is
 counted in `nearvoice_length_mismatches_total`, and that voice's lengths are treated as
@@ -27,9 +30,11 @@ can send a miss upstream when that is sooner than rendering here.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from edge.metrics import Metrics
@@ -88,6 +93,8 @@ class Renderer:
         self._load: dict[str, EngineLoad] = {e.name: EngineLoad() for e in engines}
         self._unsized: set[str] = set()
         """Voices whose duration pass disagreed with a render: lengths unknown from now on."""
+        self._passes = ThreadPoolExecutor(self.workers, thread_name_prefix="pass")
+        """Duration passes, one beside each render's first chunk (`_render_stream`)."""
 
     @property
     def voices(self) -> list[str]:
@@ -116,6 +123,15 @@ class Renderer:
             *(
                 loop.run_in_executor(self._pool, engine.warmup)
                 for engine in engines
+                for _ in range(self.workers)
+            )
+        )
+        # The pass threads load their own sessions of the duration graphs.
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(self._passes, engine.samples, "Warm up.", voice, 1.0)
+                for engine in engines
+                for voice in engine.voices
                 for _ in range(self.workers)
             )
         )
@@ -169,7 +185,7 @@ class Renderer:
         sized = spec.voice not in self._unsized
         try:
             audio_seconds = await loop.run_in_executor(
-                self._pool, _render_stream, engine, spec, emit, announce, sized
+                self._pool, _render_stream, engine, spec, emit, announce, sized, self._passes
             )
             if spec.duration is not None:
                 error = abs(audio_seconds - spec.duration) / spec.duration
@@ -189,6 +205,7 @@ class Renderer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._passes.shutdown(wait=False, cancel_futures=True)
 
 
 def _render_stream(
@@ -197,9 +214,10 @@ def _render_stream(
     emit: Callable[[bytes], None],
     announce: LengthSink,
     sized: bool,
+    passes: Executor | None = None,
 ) -> float:
-    """In an inference thread: the duration pass, then chunk by chunk, encode and hand
-    over at once."""
+    """In an inference thread: the duration pass (in `passes`, beside the first chunk's
+    render), then chunk by chunk, encode and hand over at once."""
     samples = 0
     produced = False
     try:
@@ -209,12 +227,19 @@ def _render_stream(
             chunks = engine.stream_spec(spec)
         else:
             speed = spec.speed
-            if spec.duration is None:
-                total = engine.samples(spec.text, spec.voice, speed) if sized else None
+            if spec.duration is None and sized and passes is not None:
+                counting = passes.submit(engine.samples, spec.text, spec.voice, speed)
+                chunks = engine.stream(spec.text, spec.voice, speed, spec.seed)
+                first = next(chunks, None)  # rendered while the pass counts
+                total = counting.result()
+                chunks = itertools.chain(() if first is None else (first,), chunks)
             else:
-                fitted = _fit(engine, spec)
-                speed, total = fitted.speed, fitted.samples if sized else None
-            chunks = engine.stream(spec.text, spec.voice, speed, spec.seed)
+                if spec.duration is None:
+                    total = engine.samples(spec.text, spec.voice, speed) if sized else None
+                else:
+                    fitted = _fit(engine, spec)
+                    speed, total = fitted.speed, fitted.samples if sized else None
+                chunks = engine.stream(spec.text, spec.voice, speed, spec.seed)
         encoder, length = _encoder(engine, spec, total)
         announce(length)
         for audio in chunks:
