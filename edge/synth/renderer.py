@@ -281,7 +281,7 @@ def _encoder(engine: Engine, spec: Spec, total: int | None) -> tuple[StreamEncod
     if rate == engine.sample_rate:
         length = None if total is None else encoded_length(spec.format, rate, total)
         return stream_encoder(spec.format, rate, total), length
-    resampled = None if total is None else Resampler.output_count(engine.sample_rate, rate, total)
+    resampled = None if total is None else Resampler(engine.sample_rate, rate).output_count(total)
     length = None if resampled is None else encoded_length(spec.format, rate, resampled)
     inner = stream_encoder(spec.format, rate, resampled)
     return ResamplingEncoder(inner, engine.sample_rate, rate), length

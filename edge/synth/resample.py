@@ -57,17 +57,13 @@ class Resampler:
         )
         return result
 
-    @staticmethod
-    def output_count(source_rate: int, target_rate: int, samples: int) -> int:
-        """How many samples `process` of `samples` in total, then `flush`, emit."""
-        probe = Resampler.__new__(Resampler)
-        common = gcd(source_rate, target_rate)
-        probe.up, probe.down = target_rate // common, source_rate // common
-        k = TAPS_PER_PHASE * max(1, -(-probe.down // probe.up))
-        delay = (probe.up * k - 1) / 2 / probe.up
-        consumed = samples + int(np.ceil(delay)) + 1
-        return -(-consumed * probe.up // probe.down)
+    def output_count(self, samples: int) -> int:
+        """How many samples a fresh resampler emits for `samples` in total, then `flush`."""
+        return -(-(samples + self._flush_samples()) * self.up // self.down)
+
+    def _flush_samples(self) -> int:
+        return int(np.ceil(self._delay)) + 1
 
     def flush(self) -> Audio:
         """Pushes the filter's delay line through, so the last input samples come out."""
-        return self.process(np.zeros(int(np.ceil(self._delay)) + 1, np.float32))
+        return self.process(np.zeros(self._flush_samples(), np.float32))
