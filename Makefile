@@ -31,8 +31,8 @@ run: $(VENV)/.installed
 	$(BIN)/nearvoice up --data-dir $(DATA)/stack --base-port $(PORT)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check edge origin export tests bench
-	$(BIN)/ruff format --check edge origin export tests bench
+	$(BIN)/ruff check nearvoice/*.py edge origin export tests bench
+	$(BIN)/ruff format --check nearvoice/*.py edge origin export tests bench
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
@@ -43,11 +43,11 @@ pytest: $(VENV)/.installed sysdeps
 test: lint typecheck pytest
 
 bench: $(VENV)/.installed sysdeps
-	$(BIN)/python -m bench.hit_path
-	$(BIN)/python -m bench.miss_latency
-	$(BIN)/python -m bench.offload
-	$(BIN)/python -m bench.workers
-	$(BIN)/python -m bench.realtime
+	$(BIN)/python -m nearvoice.bench.hit_path
+	$(BIN)/python -m nearvoice.bench.miss_latency
+	$(BIN)/python -m nearvoice.bench.offload
+	$(BIN)/python -m nearvoice.bench.workers
+	$(BIN)/python -m nearvoice.bench.realtime
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

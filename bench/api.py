@@ -38,15 +38,15 @@ from pathlib import Path
 import httpx2
 import openai
 
-from bench.common import REPO, edge_process, free_port
-from bench.miss_latency import percentile, texts
-from edge.formats import AudioFormat
-from edge.keyring import Keyring, generate_pair
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.stack import stop_processes
-from edge.token import sign_url
-from edge.voices import resolve
+from nearvoice.bench.common import REPO, edge_process, free_port
+from nearvoice.bench.miss_latency import percentile, texts
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.keyring import Keyring, generate_pair
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.stack import stop_processes
+from nearvoice.edge.token import sign_url
+from nearvoice.edge.voices import resolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 KOKORO_FASTAPI_GPU_FIRST_AUDIO_MS = 300  # documented by Kokoro-FastAPI; a reference only

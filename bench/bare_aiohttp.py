@@ -12,7 +12,7 @@ import sys
 import uvloop
 from aiohttp import web
 
-from edge.http.ranges import content_range, parse_range
+from nearvoice.edge.http.ranges import content_range, parse_range
 
 
 def main() -> None:

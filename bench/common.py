@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.stack import stop_processes
+from nearvoice.edge.stack import stop_processes
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -115,7 +115,7 @@ def edge_process(
     """A real `nearvoice edge` process, with the TOML `config` if given (over TLS when it
     says so: then `ca` verifies it)."""
     cmd = [
-        sys.executable, "-m", "edge.cli", "edge",
+        sys.executable, "-m", "nearvoice.edge.cli", "edge",
         "--port", str(port), "--data-dir", str(data_dir), "--workers", str(workers),
     ]  # fmt: skip
     if config is not None:

@@ -44,10 +44,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edge.synth.engine import Engine
-from edge.synth.hibari_engine import HibariEngine
-from edge.synth.piper_engine import PiperEngine
-from export.sentences import SENTENCES
+from nearvoice.edge.synth.engine import Engine
+from nearvoice.edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.synth.piper_engine import PiperEngine
+from nearvoice.export.sentences import SENTENCES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEXTS = {

@@ -35,20 +35,20 @@ from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from bench.common import WrkResult, edge_process, free_port, nginx, python_server, run_wrk
-from edge.cache.meta import ObjectMeta, etag_for
-from edge.cache.store import DiskStore, StoreSettings
-from edge.config import NodeConfig
-from edge.formats import AudioFormat
-from edge.handlers.speech import admission
-from edge.http import devca
-from edge.keyring import Keyring, generate_pair
-from edge.limits import LimitSettings, Scope
-from edge.node import Node
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.token import sign_url
-from edge.voices import resolve
+from nearvoice.bench.common import WrkResult, edge_process, free_port, nginx, python_server, run_wrk
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for
+from nearvoice.edge.cache.store import DiskStore, StoreSettings
+from nearvoice.edge.config import NodeConfig
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.handlers.speech import admission
+from nearvoice.edge.http import devca
+from nearvoice.edge.keyring import Keyring, generate_pair
+from nearvoice.edge.limits import LimitSettings, Scope
+from nearvoice.edge.node import Node
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.token import sign_url
+from nearvoice.edge.voices import resolve
 
 OBJECT_BYTES = 1024 * 1024
 SLICE = 64 * 1024

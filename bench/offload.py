@@ -88,15 +88,15 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from bench.common import REPO, free_port
-from edge.config import ADMIN_TOKEN_ENV
-from edge.formats import AudioFormat
-from edge.keyring import KEYS_ENV, Keyring, generate_pair
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.stack import stop_processes
-from edge.token import sign_url
-from edge.voices import resolve
+from nearvoice.bench.common import REPO, free_port
+from nearvoice.edge.config import ADMIN_TOKEN_ENV
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.keyring import KEYS_ENV, Keyring, generate_pair
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.stack import stop_processes
+from nearvoice.edge.token import sign_url
+from nearvoice.edge.voices import resolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOICE = "joe"  # rendered only at the origin, so misses cross every tier
@@ -167,7 +167,7 @@ def stack(work: Path, env: dict[str, str]) -> Iterator[dict[str, Node]]:
             log = (node.data_dir / "node.log").open("wb")
             logs.append(log)
             cmd = [
-                sys.executable, "-m", "edge.cli", node.role, "--port", str(node.port),
+                sys.executable, "-m", "nearvoice.edge.cli", node.role, "--port", str(node.port),
                 "--data-dir", str(node.data_dir), *node.extra,
             ]  # fmt: skip
             node.proc = subprocess.Popen(

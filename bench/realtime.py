@@ -40,14 +40,14 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import edge_process, free_port
-from bench.miss_latency import SENTENCES, percentile
-from edge.formats import AudioFormat
-from edge.keyring import Keyring, generate_pair
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.token import sign_url
-from edge.voices import resolve
+from nearvoice.bench.common import edge_process, free_port
+from nearvoice.bench.miss_latency import SENTENCES, percentile
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.keyring import Keyring, generate_pair
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.token import sign_url
+from nearvoice.edge.voices import resolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VIBEVOICE_REALTIME_T4_FIRST_CHUNK_MS = 300  # published by VibeVoice-Realtime; reference only

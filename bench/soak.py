@@ -71,16 +71,16 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import REPO, free_port
-from edge.config import ADMIN_TOKEN_ENV
-from edge.formats import AudioFormat
-from edge.keyring import KEYS_ENV, Keyring, generate_pair
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.stack import stop_processes
-from edge.token import sign_url
-from edge.upstream import UpstreamSettings
-from edge.voices import resolve
+from nearvoice.bench.common import REPO, free_port
+from nearvoice.edge.config import ADMIN_TOKEN_ENV
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.keyring import KEYS_ENV, Keyring, generate_pair
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.stack import stop_processes
+from nearvoice.edge.token import sign_url
+from nearvoice.edge.upstream import UpstreamSettings
+from nearvoice.edge.voices import resolve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 READY_TIMEOUT = 180.0  # seconds for the nodes to load and warm their engines
@@ -118,7 +118,7 @@ class Tier:
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable, "-m", "edge.cli", self.role, "--port", str(self.port),
+            sys.executable, "-m", "nearvoice.edge.cli", self.role, "--port", str(self.port),
             "--data-dir", str(self.data_dir), *self.extra,
         ]  # fmt: skip
         with (self.data_dir / "node.log").open("ab") as log:

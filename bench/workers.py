@@ -32,14 +32,14 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import edge_process, free_port
-from edge.formats import AudioFormat
-from edge.keyring import Keyring, generate_pair
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.token import sign_url
-from edge.voices import resolve
-from edge.workers import owner_of
+from nearvoice.bench.common import edge_process, free_port
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.keyring import Keyring, generate_pair
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.token import sign_url
+from nearvoice.edge.voices import resolve
+from nearvoice.edge.workers import owner_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADMIN = "bench-workers-admin"

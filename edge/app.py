@@ -24,27 +24,27 @@ from pathlib import Path
 
 from aiohttp import web
 
-from edge.apikeys import ApiKeys
-from edge.config import NodeConfig
-from edge.handlers import admin, health, openai, realtime, speech
-from edge.handlers.channel import channel_app
-from edge.handlers.keys import API_KEYS, NODE
-from edge.http.middleware import errors_as_json
-from edge.http.proxies import TRUSTED, TrustedProxies
-from edge.keyring import Keyring
-from edge.logredact import install as redact_access_log
-from edge.node import Node
-from edge.producer import UpstreamReason
-from edge.synth.engine import Engine
-from edge.synth.exported import describe
-from edge.synth.hibari_engine import HibariEngine, bundled_voices
-from edge.synth.piper_engine import BUNDLED as PIPER_VOICES
-from edge.synth.piper_engine import PiperEngine
-from edge.synth.providers import choose as choose_providers
-from edge.synth.providers import short_name
-from edge.synth.renderer import Renderer
-from edge.synth.vits_engine import VitsEngine
-from edge.voices import exported_variants
+from nearvoice.edge.apikeys import ApiKeys
+from nearvoice.edge.config import NodeConfig
+from nearvoice.edge.handlers import admin, health, openai, realtime, speech
+from nearvoice.edge.handlers.channel import channel_app
+from nearvoice.edge.handlers.keys import API_KEYS, NODE
+from nearvoice.edge.http.middleware import errors_as_json
+from nearvoice.edge.http.proxies import TRUSTED, TrustedProxies
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.logredact import install as redact_access_log
+from nearvoice.edge.node import Node
+from nearvoice.edge.producer import UpstreamReason
+from nearvoice.edge.synth.engine import Engine
+from nearvoice.edge.synth.exported import describe
+from nearvoice.edge.synth.hibari_engine import HibariEngine, bundled_voices
+from nearvoice.edge.synth.piper_engine import BUNDLED as PIPER_VOICES
+from nearvoice.edge.synth.piper_engine import PiperEngine
+from nearvoice.edge.synth.providers import choose as choose_providers
+from nearvoice.edge.synth.providers import short_name
+from nearvoice.edge.synth.renderer import Renderer
+from nearvoice.edge.synth.vits_engine import VitsEngine
+from nearvoice.edge.voices import exported_variants
 
 log = logging.getLogger("nearvoice.app")
 SPEECH_ROUTE = r"/v1/speech/{key:[0-9a-f]{64}}.{ext:[a-z0-9]{1,8}}"

@@ -19,20 +19,20 @@ from typing import Any
 
 from prometheus_client.multiprocess import mark_process_dead
 
-from edge.config import NodeConfig, Role, load
-from edge.controls import check_duration, check_voice, natural_samples
-from edge.formats import AudioFormat
-from edge.http.logs import access_logger_class, install_redaction
-from edge.http.proxies import TrustedProxies
-from edge.http.tls import server_context
-from edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
-from edge.memory import apply_allocator_settings
-from edge.metrics import MULTIPROC_ENV
-from edge.policy import Policy
-from edge.realtime.command import realtime_url
-from edge.spec import Emotion, Ref, Spec, SpecError
-from edge.token import check_sign_limits, parse_network, sign_url
-from edge.voices import UnknownVoice, for_config, resolve
+from nearvoice.edge.config import NodeConfig, Role, load
+from nearvoice.edge.controls import check_duration, check_voice, natural_samples
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.http.logs import access_logger_class, install_redaction
+from nearvoice.edge.http.proxies import TrustedProxies
+from nearvoice.edge.http.tls import server_context
+from nearvoice.edge.keyring import KEYS_ENV, Keyring, KeyringError, generate_pair
+from nearvoice.edge.memory import apply_allocator_settings
+from nearvoice.edge.metrics import MULTIPROC_ENV
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.realtime.command import realtime_url
+from nearvoice.edge.spec import Emotion, Ref, Spec, SpecError
+from nearvoice.edge.token import check_sign_limits, parse_network, sign_url
+from nearvoice.edge.voices import UnknownVoice, for_config, resolve
 
 DEFAULT_TTL = 3600
 MIN_WORKER_UPTIME = 5.0  # seconds: a worker that dies sooner died "during start-up"
@@ -132,7 +132,7 @@ def _check_natural(config: NodeConfig, spec: Spec) -> None:
     process): a duration outside 0.5-2.0x of it is refused before a URL exists."""
     import dataclasses
 
-    from edge.app import default_engines
+    from nearvoice.edge.app import default_engines
 
     synth = dataclasses.replace(config.synth, enabled=True, voices=(spec.voice,))
     try:
@@ -194,9 +194,9 @@ def _configure_logging() -> None:
 
 
 def _serve(config: NodeConfig, reuse_port: bool, worker: int = 0) -> None:
-    from edge.app import create_app
-    from edge.http.fastpath import run
-    from edge.workers import WORKER_ENV
+    from nearvoice.edge.app import create_app
+    from nearvoice.edge.http.fastpath import run
+    from nearvoice.edge.workers import WORKER_ENV
 
     _configure_logging()  # a spawned worker starts with none
     os.environ[WORKER_ENV] = str(worker)  # read by the node's Siblings (edge.workers)
@@ -210,7 +210,7 @@ def _serve(config: NodeConfig, reuse_port: bool, worker: int = 0) -> None:
     apply_allocator_settings(config.memory)  # before threads allocate
     keyring = Keyring.from_env()
     if config.role is Role.ORIGIN:
-        from origin.app import create_origin_app
+        from nearvoice.origin.app import create_origin_app
 
         app = create_origin_app(config, keyring)
     else:
@@ -323,19 +323,19 @@ def _supervise(config: NodeConfig) -> int:
 
 
 BENCHMARKS = {
-    "api": "bench.api",
-    "duration-fit": "bench.duration_fit",
-    "hit-path": "bench.hit_path",
-    "miss-latency": "bench.miss_latency",
-    "offload": "bench.offload",
-    "workers": "bench.workers",
-    "soak": "bench.soak",
-    "realtime": "bench.realtime",
+    "api": "nearvoice.bench.api",
+    "duration-fit": "nearvoice.bench.duration_fit",
+    "hit-path": "nearvoice.bench.hit_path",
+    "miss-latency": "nearvoice.bench.miss_latency",
+    "offload": "nearvoice.bench.offload",
+    "workers": "nearvoice.bench.workers",
+    "soak": "nearvoice.bench.soak",
+    "realtime": "nearvoice.bench.realtime",
 }
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from edge.stack import run_stack
+    from nearvoice.edge.stack import run_stack
 
     return run_stack(Path(args.data_dir), args.base_port, tls=args.tls)
 
@@ -354,7 +354,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def run_export(argv: list[str]) -> int:
     # Imported on use: the export step's own dependencies (onnx, torch) are an extra.
-    from export.cli import main as export_main
+    from nearvoice.export.cli import main as export_main
 
     code: int = export_main(argv)
     return code

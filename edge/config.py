@@ -14,9 +14,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from edge.cache.hot import HotSettings
-from edge.cache.store import StoreSettings
-from edge.checks import (
+from nearvoice.edge.cache.hot import HotSettings
+from nearvoice.edge.cache.store import StoreSettings
+from nearvoice.edge.checks import (
     ConfigError,
     at_least,
     between,
@@ -26,14 +26,14 @@ from edge.checks import (
     positive,
     require,
 )
-from edge.http.tls import TlsSettings
-from edge.limits import LimitSettings, Rates
-from edge.memory import MemorySettings
-from edge.nodeauth import NodeAuthSettings
-from edge.policy import Policy, Retention
-from edge.prefetch import PrefetchSettings
-from edge.realtime.settings import RealtimeSettings
-from edge.upstream import UpstreamSettings
+from nearvoice.edge.http.tls import TlsSettings
+from nearvoice.edge.limits import LimitSettings, Rates
+from nearvoice.edge.memory import MemorySettings
+from nearvoice.edge.nodeauth import NodeAuthSettings
+from nearvoice.edge.policy import Policy, Retention
+from nearvoice.edge.prefetch import PrefetchSettings
+from nearvoice.edge.realtime.settings import RealtimeSettings
+from nearvoice.edge.upstream import UpstreamSettings
 
 ADMIN_TOKEN_ENV = "NEARVOICE_ADMIN_TOKEN"  # noqa: S105 (the variable name, not a secret)
 MINT_TOKEN_ENV = "NEARVOICE_MINT_TOKEN"  # noqa: S105 (the variable name, not a secret)

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from edge.spec import Emotion, Spec, SpecError
-from edge.synth import fit
-from edge.synth.engine import Engine
-from edge.voices import Voice, refused_control
+from nearvoice.edge.spec import Emotion, Spec, SpecError
+from nearvoice.edge.synth import fit
+from nearvoice.edge.synth.engine import Engine
+from nearvoice.edge.voices import Voice, refused_control
 
 FIELDS = frozenset(("duration", "emotion", "ref", "lang"))
 

@@ -28,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from edge.cache.fill import Fill, FillFailed, FillState
-from edge.cache.hot import SharedFile
-from edge.errors import (
+from nearvoice.edge.cache.fill import Fill, FillFailed, FillState
+from nearvoice.edge.cache.hot import SharedFile
+from nearvoice.edge.errors import (
     BadGateway,
     BadRequest,
     GatewayTimeout,
@@ -38,11 +38,11 @@ from edge.errors import (
     RequestError,
     ServiceUnavailable,
 )
-from edge.http.deliver import Delivered
-from edge.limits import Scope
-from edge.metrics import Result, Source
-from edge.node import Held, Node
-from edge.token import Grant
+from nearvoice.edge.http.deliver import Delivered
+from nearvoice.edge.limits import Scope
+from nearvoice.edge.metrics import Result, Source
+from nearvoice.edge.node import Held, Node
+from nearvoice.edge.token import Grant
 
 
 class Door(Protocol):

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from edge.errors import RequestError, TooManyRequests
+from nearvoice.edge.errors import RequestError, TooManyRequests
 
 
 class Scope(StrEnum):

@@ -29,7 +29,7 @@ import ctypes.util
 import logging
 from dataclasses import dataclass
 
-from edge.checks import at_least
+from nearvoice.edge.checks import at_least
 
 log = logging.getLogger("nearvoice.memory")
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)

@@ -14,29 +14,29 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edge.cache.fill import Fill, FillFailed, FillState
-from edge.cache.hot import HotEntry, HotTier, PurgeStamp, SharedFile
-from edge.cache.hotkeys import SpaceSaving
-from edge.cache.meta import ObjectMeta
-from edge.cache.store import DiskStore, Opened, Outcome
-from edge.config import NodeConfig
-from edge.errors import BadRequest, RequestError
-from edge.formats import AudioFormat
-from edge.http import aiohttp_private
-from edge.http.deliver import DeliveryOptions
-from edge.keyring import Keyring
-from edge.limits import Limiter
-from edge.metrics import Metrics
-from edge.nodeauth import NodeVerifier, NonceStore, own_audience
-from edge.prefetch import Prefetcher
-from edge.producer import Producer
-from edge.spec import KEY_RE
-from edge.synth.priority import CURRENT, Priority, RenderTicket
-from edge.synth.renderer import Renderer
-from edge.token import Grant, check_query_shape, check_use, verify_signature
-from edge.upstream import Upstreams
-from edge.voices import for_config
-from edge.workers import Siblings, worker_index
+from nearvoice.edge.cache.fill import Fill, FillFailed, FillState
+from nearvoice.edge.cache.hot import HotEntry, HotTier, PurgeStamp, SharedFile
+from nearvoice.edge.cache.hotkeys import SpaceSaving
+from nearvoice.edge.cache.meta import ObjectMeta
+from nearvoice.edge.cache.store import DiskStore, Opened, Outcome
+from nearvoice.edge.config import NodeConfig
+from nearvoice.edge.errors import BadRequest, RequestError
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.http import aiohttp_private
+from nearvoice.edge.http.deliver import DeliveryOptions
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.limits import Limiter
+from nearvoice.edge.metrics import Metrics
+from nearvoice.edge.nodeauth import NodeVerifier, NonceStore, own_audience
+from nearvoice.edge.prefetch import Prefetcher
+from nearvoice.edge.producer import Producer
+from nearvoice.edge.spec import KEY_RE
+from nearvoice.edge.synth.priority import CURRENT, Priority, RenderTicket
+from nearvoice.edge.synth.renderer import Renderer
+from nearvoice.edge.token import Grant, check_query_shape, check_use, verify_signature
+from nearvoice.edge.upstream import Upstreams
+from nearvoice.edge.voices import for_config
+from nearvoice.edge.workers import Siblings, worker_index
 
 log = logging.getLogger("nearvoice.node")
 IO_THREADS = 4  # commits, deletes and bookkeeping: they fsync, so they may wait long

@@ -39,8 +39,8 @@ from hashlib import sha256
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from edge.checks import at_least, http_url
-from edge.keyring import Keyring
+from nearvoice.edge.checks import at_least, http_url
+from nearvoice.edge.keyring import Keyring
 
 NODE_HEADER = "X-Nearvoice-Node"
 _DOMAIN_V1 = b"nearvoice-node-v1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from edge.checks import at_least
+from nearvoice.edge.checks import at_least
 
 
 class Policy(StrEnum):

@@ -22,19 +22,19 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
-from edge import controls
-from edge.cache.fill import FillFailed
-from edge.checks import between
-from edge.errors import BadRequest, RequestError
-from edge.formats import AudioFormat
-from edge.policy import Policy
-from edge.spec import Spec, SpecError
-from edge.synth.priority import Priority
-from edge.token import Grant, sign_url
-from edge.voices import UnknownVoice, resolve
+from nearvoice.edge import controls
+from nearvoice.edge.cache.fill import FillFailed
+from nearvoice.edge.checks import between
+from nearvoice.edge.errors import BadRequest, RequestError
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec, SpecError
+from nearvoice.edge.synth.priority import Priority
+from nearvoice.edge.token import Grant, sign_url
+from nearvoice.edge.voices import UnknownVoice, resolve
 
 if TYPE_CHECKING:
-    from edge.node import Node
+    from nearvoice.edge.node import Node
 
 log = logging.getLogger("nearvoice.prefetch")
 KEEP_JOBS = 100  # finished jobs remembered for progress queries

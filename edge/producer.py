@@ -28,16 +28,16 @@ from typing import Protocol
 
 from aiohttp import hdrs
 
-from edge.cache.fill import Fill, FillFailed
-from edge.cache.hot import HotTier
-from edge.cache.meta import ObjectMeta, etag_for, revision_of
-from edge.cache.store import DiskStore
-from edge.config import NodeConfig
-from edge.metrics import Metrics
-from edge.synth.engine import Engine
-from edge.synth.renderer import Renderer, RenderError, RenderRefused
-from edge.token import Grant
-from edge.upstream import Fetched, Upstreams
+from nearvoice.edge.cache.fill import Fill, FillFailed
+from nearvoice.edge.cache.hot import HotTier
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for, revision_of
+from nearvoice.edge.cache.store import DiskStore
+from nearvoice.edge.config import NodeConfig
+from nearvoice.edge.metrics import Metrics
+from nearvoice.edge.synth.engine import Engine
+from nearvoice.edge.synth.renderer import Renderer, RenderError, RenderRefused
+from nearvoice.edge.token import Grant
+from nearvoice.edge.upstream import Fetched, Upstreams
 
 log = logging.getLogger("nearvoice.producer")
 RENDER_RETRY_AFTER = 2  # seconds a client should wait after a failed render

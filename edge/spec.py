@@ -19,8 +19,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
-from edge.formats import AudioFormat
-from edge.synth import hints
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.synth import hints
 
 SPEC_VERSION = 1
 MIN_SPEED = 0.5

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from edge.config import ADMIN_TOKEN_ENV, MINT_TOKEN_ENV
-from edge.formats import AudioFormat
-from edge.keyring import KEYS_ENV, Keyring, generate_pair
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.token import sign_url
-from edge.voices import resolve
+from nearvoice.edge.config import ADMIN_TOKEN_ENV, MINT_TOKEN_ENV
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.keyring import KEYS_ENV, Keyring, generate_pair
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.token import sign_url
+from nearvoice.edge.voices import resolve
 
 READY_TIMEOUT = 180.0  # seconds for every node to load and warm its engines
 STOP_TIMEOUT = 20.0  # seconds each node gets to finish what it is serving
@@ -162,7 +162,7 @@ def _tls_configs(data: Path) -> tuple[dict[str, str], ssl.SSLContext]:
     node's TOML: TLS on its listener, its upstream verified against the CA (and this
     node's certificate presented to it, ready for a tier that sets `[tls] client_ca`).
     Returns the TOML per role and a client context trusting the CA."""
-    from edge.http import devca
+    from nearvoice.edge.http import devca
 
     pki = data / "tls"
     ca = devca.make_ca(pki)
@@ -211,7 +211,7 @@ def run_stack(data: Path, base_port: int, tls: bool = False) -> int:
     try:
         for role, port, extra in nodes:
             cmd = [
-                sys.executable, "-m", "edge.cli", role, "--port", str(port),
+                sys.executable, "-m", "nearvoice.edge.cli", role, "--port", str(port),
                 "--data-dir", str(data / role), *extra,
             ]  # fmt: skip
             tier = Tier(role, port, subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE))

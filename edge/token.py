@@ -25,10 +25,10 @@ from urllib.parse import urlencode
 
 from cryptography.exceptions import InvalidTag
 
-from edge.errors import BadRequest, Forbidden, Gone, RequestError
-from edge.keyring import Keyring, SigningKey
-from edge.policy import Policy
-from edge.spec import Spec, SpecError
+from nearvoice.edge.errors import BadRequest, Forbidden, Gone, RequestError
+from nearvoice.edge.keyring import Keyring, SigningKey
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec, SpecError
 
 SPEECH_PREFIX = "/v1/speech/"
 SIGNED_FIELDS = ("s", "exp", "kid", "p", "ip")

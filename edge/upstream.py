@@ -49,11 +49,11 @@ import aiohttp
 from aiohttp import hdrs
 from yarl import URL
 
-from edge.cache.fill import FillFailed
-from edge.checks import at_least, between, positive, require
-from edge.http.tls import client_context, require_https
-from edge.keyring import Keyring
-from edge.nodeauth import NODE_HEADER, sign_node_request
+from nearvoice.edge.cache.fill import FillFailed
+from nearvoice.edge.checks import at_least, between, positive, require
+from nearvoice.edge.http.tls import client_context, require_https
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.nodeauth import NODE_HEADER, sign_node_request
 
 log = logging.getLogger("nearvoice.upstream")
 CHUNK = 64 * 1024  # bytes per read from an upstream body

@@ -12,16 +12,16 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from edge.synth import capability, hibari_engine, piper_engine
-from edge.synth.hibari_engine import ENGINE_NAME as HIBARI
-from edge.synth.hibari_engine import HibariEngine, hibari_model_id
-from edge.synth.piper_engine import ENGINE_NAME as PIPER
-from edge.synth.piper_engine import piper_model_id
+from nearvoice.edge.synth import capability, hibari_engine, piper_engine
+from nearvoice.edge.synth.hibari_engine import ENGINE_NAME as HIBARI
+from nearvoice.edge.synth.hibari_engine import HibariEngine, hibari_model_id
+from nearvoice.edge.synth.piper_engine import ENGINE_NAME as PIPER
+from nearvoice.edge.synth.piper_engine import piper_model_id
 
 if TYPE_CHECKING:
-    from edge.config import ExternalSettings, NodeConfig
-    from edge.spec import Spec
-    from edge.synth.exported import Chosen
+    from nearvoice.edge.config import ExternalSettings, NodeConfig
+    from nearvoice.edge.spec import Spec
+    from nearvoice.edge.synth.exported import Chosen
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class Voice:
 
 
 def _engine_controls(engine: str) -> tuple[str, ...]:
-    from edge.synth import vits_engine
+    from nearvoice.edge.synth import vits_engine
 
     known = {
         HIBARI: hibari_engine.CONTROLS,
@@ -67,7 +67,7 @@ def _piper_ipa(text: str, config: dict[str, object]) -> None:
 def _piper_config(voice: str) -> dict[str, object]:
     import json
 
-    from edge.synth.piper_engine import BUNDLED
+    from nearvoice.edge.synth.piper_engine import BUNDLED
 
     loaded: dict[str, object] = json.loads(BUNDLED[voice].config_path().read_text("utf-8"))
     return loaded
@@ -77,7 +77,7 @@ def _piper_rate(voice: str) -> int:
     """The rate a bundled piper voice's config declares, read without loading its model."""
     import json
 
-    from edge.synth.piper_engine import BUNDLED
+    from nearvoice.edge.synth.piper_engine import BUNDLED
 
     config = json.loads(BUNDLED[voice].config_path().read_text(encoding="utf-8"))
     return int(config["audio"]["sample_rate"])
@@ -135,8 +135,8 @@ def _choice(
     if the export is replaced between the two."""
     from pathlib import Path
 
-    from edge.synth import vits_engine
-    from edge.synth.exported import choose
+    from nearvoice.edge.synth import vits_engine
+    from nearvoice.edge.synth.exported import choose
 
     chosen = choose(voice, Path(directory), provider, family, base_id, pin)
     if family == vits_engine.FAMILY:
@@ -151,7 +151,7 @@ def exported_variants(config: NodeConfig) -> dict[str, Chosen]:
     first configured provider (or pinned in `[synth.variants]`), not for what this host
     has installed, so that signing and every node with this configuration agree.
     Raises ValueError (ExportDirError) for a voice or export directory it cannot use."""
-    from edge.synth import vits_engine
+    from nearvoice.edge.synth import vits_engine
 
     synth = config.synth
     chosen: dict[str, Chosen] = {}

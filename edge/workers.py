@@ -63,15 +63,15 @@ from aiohttp import hdrs
 from prometheus_client import CollectorRegistry, Counter
 from yarl import URL
 
-from edge.cache.fill import Fill, FillFailed
-from edge.cache.meta import ObjectMeta
-from edge.config import NodeConfig
-from edge.keyring import Keyring
-from edge.metrics import Source
-from edge.nodeauth import NODE_HEADER, sign_node_request
-from edge.producer import receive
-from edge.token import Grant
-from edge.upstream import Upstreams, UpstreamSettings, rendezvous_order
+from nearvoice.edge.cache.fill import Fill, FillFailed
+from nearvoice.edge.cache.meta import ObjectMeta
+from nearvoice.edge.config import NodeConfig
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.metrics import Source
+from nearvoice.edge.nodeauth import NODE_HEADER, sign_node_request
+from nearvoice.edge.producer import receive
+from nearvoice.edge.token import Grant
+from nearvoice.edge.upstream import Upstreams, UpstreamSettings, rendezvous_order
 
 log = logging.getLogger("nearvoice.workers")
 WORKER_ENV = "NEARVOICE_WORKER"

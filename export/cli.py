@@ -7,18 +7,18 @@ import json
 import sys
 from pathlib import Path
 
-from export import deps
-from export.errors import ExportError
-from export.measure import Thresholds
+from nearvoice.export import deps
+from nearvoice.export.errors import ExportError
+from nearvoice.export.measure import Thresholds
 
 
 def bundled(voice: str) -> tuple[Path, Path | None]:
     """The model (and piper config) of a voice installed with nearvoice."""
     if voice == "joe":
-        from edge.synth.piper_engine import BUNDLED
+        from nearvoice.edge.synth.piper_engine import BUNDLED
 
         return BUNDLED[voice].model_path(), BUNDLED[voice].config_path()
-    from edge.synth.hibari_engine import bundled_voices
+    from nearvoice.edge.synth.hibari_engine import bundled_voices
 
     if voice in bundled_voices():
         from hibari.voices import voice_path
@@ -29,7 +29,7 @@ def bundled(voice: str) -> tuple[Path, Path | None]:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     deps.require(deps.OPTIMIZE, "optimize")
-    from export.optimize import Options, optimize
+    from nearvoice.export.optimize import Options, optimize
 
     if args.voice:
         model, config = bundled(args.voice)
@@ -60,7 +60,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 def cmd_from_transformers(args: argparse.Namespace) -> int:
     deps.require(deps.FROM_TRANSFORMERS, "from-transformers")
-    from export.from_transformers import export
+    from nearvoice.export.from_transformers import export
 
     record = export(
         Path(args.checkpoint), Path(args.out), args.max_abs_diff, progress=not args.quiet

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from export.errors import MissingDependency
+from nearvoice.export.errors import MissingDependency
 
 OPTIMIZE = ("onnx", "matplotlib")
 FROM_TRANSFORMERS = ("torch", "transformers", "onnx", "onnxscript")

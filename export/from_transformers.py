@@ -19,15 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from edge.synth.vits_engine import VITS_SIDECAR
-from export.errors import (
+from nearvoice.edge.synth.vits_engine import VITS_SIDECAR
+from nearvoice.export.errors import (
     CorruptModel,
     ExportError,
     ModelNotFound,
     ParityFailure,
     UnsupportedArchitecture,
 )
-from export.staging import staged_dir
+from nearvoice.export.staging import staged_dir
 
 MODEL_FILE = "model.onnx"
 RECORD_FILE = "export.json"

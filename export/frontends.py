@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge.synth.engine import Audio
-from edge.synth.vits_engine import VITS_SIDECAR, vits_feeds
-from edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
-from export.errors import CorruptModel, ModelNotFound, UnsupportedArchitecture
+from nearvoice.edge.synth.engine import Audio
+from nearvoice.edge.synth.vits_engine import VITS_SIDECAR, vits_feeds
+from nearvoice.edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
+from nearvoice.export.errors import CorruptModel, ModelNotFound, UnsupportedArchitecture
 
 Feeds = dict[str, npt.NDArray[Any]]
 

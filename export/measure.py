@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge.synth.engine import Audio
-from edge.synth.providers import NAMES
-from edge.synth.providers import session as engine_session
-from export.frontends import Feeds, Frontend
+from nearvoice.edge.synth.engine import Audio
+from nearvoice.edge.synth.providers import NAMES
+from nearvoice.edge.synth.providers import session as engine_session
+from nearvoice.export.frontends import Feeds, Frontend
 
 N_FFT = 1024  # samples per STFT frame
 HOP = 256  # samples between frames

@@ -18,18 +18,18 @@ from typing import Any
 
 from tqdm import tqdm
 
-from edge.synth import exported
-from edge.synth.engine import Audio
-from edge.synth.exported import REFERENCE, file_sha256
-from edge.synth.providers import NAMES
-from export.errors import CorruptModel, ExportError, ParityFailure
-from export.frontends import Feeds, Frontend, detect
-from export.measure import Speed, Thresholds, parity, render, session
-from export.report import chart, markdown, write_manifest
-from export.sentences import SENTENCES
-from export.staging import staged_dir
-from export.tensorrt import check, simplify
-from export.variants import SIMPLIFIED, Recipe, SkipVariant, recipes
+from nearvoice.edge.synth import exported
+from nearvoice.edge.synth.engine import Audio
+from nearvoice.edge.synth.exported import REFERENCE, file_sha256
+from nearvoice.edge.synth.providers import NAMES
+from nearvoice.export.errors import CorruptModel, ExportError, ParityFailure
+from nearvoice.export.frontends import Feeds, Frontend, detect
+from nearvoice.export.measure import Speed, Thresholds, parity, render, session
+from nearvoice.export.report import chart, markdown, write_manifest
+from nearvoice.export.sentences import SENTENCES
+from nearvoice.export.staging import staged_dir
+from nearvoice.export.tensorrt import check, simplify
+from nearvoice.export.variants import SIMPLIFIED, Recipe, SkipVariant, recipes
 
 
 @dataclass

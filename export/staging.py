@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from export.errors import ExportError
+from nearvoice.export.errors import ExportError
 
 
 def replaceable(final: Path, marker: str) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from export.frontends import Feeds
+from nearvoice.export.frontends import Feeds
 
 TRT_OPSETS = range(9, 21)
 """ONNX opsets TensorRT 10's parser accepts (9 to 20 inclusive)."""

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge.synth.exported import REFERENCE
-from export.errors import ExportError
+from nearvoice.edge.synth.exported import REFERENCE
+from nearvoice.export.errors import ExportError
 
 FP16_KEEP_FP32 = (
     # onnxruntime's own list (ops without fp16 kernels or with integer semantics) ...

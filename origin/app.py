@@ -12,19 +12,19 @@ from urllib.parse import urljoin
 import aiohttp
 from aiohttp import web
 
-from edge.app import create_app, default_engines
-from edge.config import ADMIN_TOKEN_ENV, NodeConfig
-from edge.handlers.keys import NODE
-from edge.http.tls import client_context
-from edge.keyring import Keyring
-from edge.producer import PersistentStore
-from edge.synth.engine import Engine
-from edge.token import Grant
-from origin import voices_api
-from origin.external import PROTOCOLS, ClipSource, ExternalEngine, ExternalVoice
-from origin.mint import REFS, mint
-from origin.refvoices import RefVoices
-from origin.store import open_store
+from nearvoice.edge.app import create_app, default_engines
+from nearvoice.edge.config import ADMIN_TOKEN_ENV, NodeConfig
+from nearvoice.edge.handlers.keys import NODE
+from nearvoice.edge.http.tls import client_context
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.producer import PersistentStore
+from nearvoice.edge.synth.engine import Engine
+from nearvoice.edge.token import Grant
+from nearvoice.origin import voices_api
+from nearvoice.origin.external import PROTOCOLS, ClipSource, ExternalEngine, ExternalVoice
+from nearvoice.origin.mint import REFS, mint
+from nearvoice.origin.refvoices import RefVoices
+from nearvoice.origin.store import open_store
 
 log = logging.getLogger("nearvoice.origin")
 PUSH_TIMEOUT = 5.0  # seconds for one prefetch push to an edge

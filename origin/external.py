@@ -93,10 +93,10 @@ from typing import Protocol as Interface
 
 import numpy as np
 
-from edge.spec import CONTROLS, EMOTIONS, Spec
-from edge.synth import capability
-from edge.synth.engine import Audio
-from edge.synth.renderer import RenderRefused
+from nearvoice.edge.spec import CONTROLS, EMOTIONS, Spec
+from nearvoice.edge.synth import capability
+from nearvoice.edge.synth.engine import Audio
+from nearvoice.edge.synth.renderer import RenderRefused
 
 Protocol = Literal["openai", "piper", "indextts2"]
 PROTOCOLS: tuple[Protocol, ...] = ("openai", "piper", "indextts2")

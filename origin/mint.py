@@ -24,18 +24,18 @@ from typing import Any
 
 from aiohttp import web
 
-from edge import controls
-from edge.config import MINT_TOKEN_ENV
-from edge.controls import FIELDS
-from edge.errors import BadRequest
-from edge.formats import AudioFormat
-from edge.handlers.keys import NODE
-from edge.http.requests import read_json, require_bearer
-from edge.policy import Policy
-from edge.spec import Ref, Spec, SpecError
-from edge.token import parse_network, sign_url
-from edge.voices import UnknownVoice, resolve
-from origin.refvoices import RefVoices
+from nearvoice.edge import controls
+from nearvoice.edge.config import MINT_TOKEN_ENV
+from nearvoice.edge.controls import FIELDS
+from nearvoice.edge.errors import BadRequest
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.handlers.keys import NODE
+from nearvoice.edge.http.requests import read_json, require_bearer
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Ref, Spec, SpecError
+from nearvoice.edge.token import parse_network, sign_url
+from nearvoice.edge.voices import UnknownVoice, resolve
+from nearvoice.origin.refvoices import RefVoices
 
 _FIELDS = frozenset(("text", "voice", "format", "speed", "seed", "policy", "ttl", "ip")) | FIELDS
 REFS: web.AppKey[RefVoices] = web.AppKey("refs", RefVoices)

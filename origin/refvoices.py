@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from edge.cache.meta import ObjectMeta
-from edge.policy import Policy
-from edge.producer import PersistentStore
+from nearvoice.edge.cache.meta import ObjectMeta
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.producer import PersistentStore
 
 CANONICAL_RATE = 24000  # Hz of the stored clip
 MIN_SECONDS = 3.0
@@ -116,7 +116,7 @@ def canonical(data: bytes) -> tuple[bytes, float]:
     """The clip as a canonical WAV and its seconds; raises ClipError."""
     import soundfile
 
-    from edge.synth.resample import Resampler
+    from nearvoice.edge.synth.resample import Resampler
 
     if len(data) > MAX_BYTES:
         raise ClipError("clip_too_large", f"the clip is over {MAX_BYTES} bytes", 413)

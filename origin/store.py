@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from edge.cache.meta import ObjectMeta
+from nearvoice.edge.cache.meta import ObjectMeta
 
 log = logging.getLogger("nearvoice.origin.store")
 

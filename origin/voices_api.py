@@ -25,11 +25,11 @@ from urllib.parse import urljoin
 import aiohttp
 from aiohttp import hdrs, web
 
-from edge.config import ADMIN_TOKEN_ENV, MINT_TOKEN_ENV
-from edge.errors import BadRequest, NotFound, PayloadTooLarge, RequestError
-from edge.handlers.keys import NODE
-from edge.http.requests import require_bearer
-from origin.refvoices import MAX_BYTES, ClipError, RefVoices
+from nearvoice.edge.config import ADMIN_TOKEN_ENV, MINT_TOKEN_ENV
+from nearvoice.edge.errors import BadRequest, NotFound, PayloadTooLarge, RequestError
+from nearvoice.edge.handlers.keys import NODE
+from nearvoice.edge.http.requests import require_bearer
+from nearvoice.origin.refvoices import MAX_BYTES, ClipError, RefVoices
 
 log = logging.getLogger("nearvoice.origin.voices")
 REGISTRY: web.AppKey[RefVoices] = web.AppKey("ref_voices", RefVoices)

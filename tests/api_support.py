@@ -18,12 +18,12 @@ import openai
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from edge.apikeys import ApiKeys
-from edge.app import create_app
-from edge.config import ApiSettings, NodeConfig, TenantSettings
-from edge.node import Node
-from edge.policy import Policy
-from edge.synth.engine import Engine
+from nearvoice.edge.apikeys import ApiKeys
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import ApiSettings, NodeConfig, TenantSettings
+from nearvoice.edge.node import Node
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.synth.engine import Engine
 from tests.support import EdgeTestServer, make_keyring, node_of, scrape, wait_ready
 
 KEYRING = make_keyring()

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import pytest
 from playwright.async_api import Browser
 
-from bench import browser
+from nearvoice.bench import browser
 
 
 @asynccontextmanager

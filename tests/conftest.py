@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import HttpSettings
+from nearvoice.edge.config import HttpSettings
 
 NGINX_FALLBACK_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 NGINX_START_TIMEOUT = 10.0
@@ -222,7 +222,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.from_transformers import export
+    from nearvoice.export.from_transformers import export
 
     out = tmp_path_factory.mktemp("tiny-onnx") / "out"
     export(tiny_checkpoint, out, progress=False)
@@ -231,7 +231,7 @@ def tiny_export(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
 
 @pytest.fixture(scope="session")
 def tiny_optimized(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.optimize import Options, optimize
+    from nearvoice.export.optimize import Options, optimize
 
     out = tmp_path_factory.mktemp("tiny-variants") / "out"
     optimize(tiny_export / "model.onnx", out, opts=Options(repeats=1, progress=False))
@@ -241,9 +241,9 @@ def tiny_optimized(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="session")
 def joe_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped piper voice `joe` through `optimize`, on 3 of the fixed sentences."""
-    from edge.synth.piper_engine import BUNDLED
-    from export.optimize import Options, optimize
-    from export.sentences import SENTENCES
+    from nearvoice.edge.synth.piper_engine import BUNDLED
+    from nearvoice.export.optimize import Options, optimize
+    from nearvoice.export.sentences import SENTENCES
 
     out = tmp_path_factory.mktemp("joe-variants") / "joe"
     files = BUNDLED["joe"]

@@ -35,7 +35,7 @@ import numpy as np
 import soundfile
 from aiohttp import web
 
-from edge.synth.piper_engine import PiperEngine
+from nearvoice.edge.synth.piper_engine import PiperEngine
 
 SAMPLE_RATE = 22050
 CONTROLS = ("emo_vector", "emo_alpha", "emo_text", "use_emo_text", "duration_factor")

@@ -37,8 +37,8 @@ from typing import Any, Self
 import numpy as np
 from aiohttp import web
 
-from edge.synth.engine import Audio
-from edge.synth.piper_engine import PiperEngine
+from nearvoice.edge.synth.engine import Audio
+from nearvoice.edge.synth.piper_engine import PiperEngine
 
 VOICES = {"joe": "joe"}
 """The voices this server offers (OpenAI name -> piper voice)."""

@@ -13,10 +13,10 @@ from typing import Any
 
 import aiohttp
 
-from edge.config import ApiSettings, NodeConfig, SynthSettings, TenantSettings
-from edge.realtime.settings import RealtimeSettings
-from edge.synth.engine import Audio, Engine
-from edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.config import ApiSettings, NodeConfig, SynthSettings, TenantSettings
+from nearvoice.edge.realtime.settings import RealtimeSettings
+from nearvoice.edge.synth.engine import Audio, Engine
+from nearvoice.edge.synth.hibari_engine import HibariEngine
 from tests.api_support import ACME, LIMITED, ApiNode, api_node
 from tests.support import make_config
 from tests.test_inflight import HeldEngine

@@ -22,17 +22,17 @@ from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge.cache.meta import ObjectMeta, etag_for
-from edge.config import NodeConfig, SynthSettings
-from edge.formats import AudioFormat
-from edge.handlers.keys import NODE
-from edge.http.fastpath import EdgeRunner, EdgeServer
-from edge.keyring import Keyring
-from edge.node import Node
-from edge.policy import Policy, Retention
-from edge.spec import Spec
-from edge.synth.hibari_engine import hibari_model_id
-from edge.token import _b64e, _mac, sign_query, speech_path
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for
+from nearvoice.edge.config import NodeConfig, SynthSettings
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.handlers.keys import NODE
+from nearvoice.edge.http.fastpath import EdgeRunner, EdgeServer
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.node import Node
+from nearvoice.edge.policy import Policy, Retention
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.hibari_engine import hibari_model_id
+from nearvoice.edge.token import _b64e, _mac, sign_query, speech_path
 
 KID = "test1"
 SECRET = "test-secret-that-is-long-enough-0123456789"
@@ -241,8 +241,8 @@ async def render_through_node(
 
     import soundfile
 
-    from edge.app import create_app
-    from edge.voices import for_config
+    from nearvoice.edge.app import create_app
+    from nearvoice.edge.voices import for_config
 
     keyring = make_keyring()
     client = await aiohttp_client(create_app(config, keyring))

@@ -8,8 +8,8 @@ from importlib.metadata import version
 
 import numpy as np
 
-from edge.formats import AudioFormat
-from edge.synth.streaming import stream_encoder
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.synth.streaming import stream_encoder
 
 RATE = 24000
 

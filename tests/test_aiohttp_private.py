@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from aiohttp.web_protocol import RequestHandler
 
-from edge.http import aiohttp_private
+from nearvoice.edge.http import aiohttp_private
 
 
 def test_the_installed_aiohttp_has_every_internal_the_node_uses() -> None:

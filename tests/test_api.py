@@ -24,12 +24,12 @@ import openai
 import pytest
 import pytest_asyncio
 
-from edge.apikeys import ApiKeys
-from edge.config import SynthSettings
-from edge.formats import AudioFormat
-from edge.spec import Spec
-from edge.synth.hibari_engine import HibariEngine, hibari_model_id
-from edge.synth.piper_engine import piper_model_id
+from nearvoice.edge.apikeys import ApiKeys
+from nearvoice.edge.config import SynthSettings
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.hibari_engine import HibariEngine, hibari_model_id
+from nearvoice.edge.synth.piper_engine import piper_model_id
 from tests.api_support import (
     ACME,
     API_SETTINGS,

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import pytest_asyncio
 
-from edge.config import SynthSettings
-from edge.synth.hibari_engine import HibariEngine
-from edge.synth.piper_engine import PiperEngine
+from nearvoice.edge.config import SynthSettings
+from nearvoice.edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.synth.piper_engine import PiperEngine
 from tests.api_support import API_SETTINGS, ApiNode, api_node, speak, sse_audio, sse_events
 from tests.support import eventually, make_config, metric_from, scrape_until
 from tests.test_upstream import QUICK

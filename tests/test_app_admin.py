@@ -13,11 +13,11 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.cache.hot import HotSettings
-from edge.config import ADMIN_TOKEN_ENV
-from edge.keyring import Keyring
-from edge.spec import Spec
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.hot import HotSettings
+from nearvoice.edge.config import ADMIN_TOKEN_ENV
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.spec import Spec
 from tests.support import make_config, make_keyring, make_spec, node_of, payload, put_object, sign
 
 Client = TestClient[Any, Any]

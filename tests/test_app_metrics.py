@@ -13,11 +13,11 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.cache.meta import etag_for
-from edge.keyring import Keyring
-from edge.spec import Spec
-from edge.token import speech_path
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.meta import etag_for
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.token import speech_path
 from tests.support import (
     make_config,
     make_keyring,

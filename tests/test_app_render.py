@@ -17,10 +17,10 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.formats import AudioFormat
-from edge.keyring import Keyring
-from edge.policy import Policy
+from nearvoice.edge.app import create_app
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.policy import Policy
 from tests.support import (
     eventually,
     make_config,

@@ -17,9 +17,9 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page
 
-from bench.browser import PLAY, SEEK
-from edge.formats import AudioFormat
-from edge.spec import Spec
+from nearvoice.bench.browser import PLAY, SEEK
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.spec import Spec
 from tests.browser import chromium
 from tests.support import eventually, make_keyring, make_spec, sign
 from tests.test_inflight import Edge, shared_edge  # noqa: F401 (a fixture)

@@ -23,10 +23,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge.app import create_app
-from edge.node import Node
-from edge.spec import Spec
-from edge.upstream import CHECKSUM_HEADER, UpstreamSettings
+from nearvoice.edge.app import create_app
+from nearvoice.edge.node import Node
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.upstream import CHECKSUM_HEADER, UpstreamSettings
 from tests.support import (
     eventually,
     make_config,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.synth.chunking import MIN_CLAUSE_WORDS, Segmenter, split_chunks
+from nearvoice.edge.synth.chunking import MIN_CLAUSE_WORDS, Segmenter, split_chunks
 
 
 @pytest.mark.parametrize(

@@ -18,12 +18,12 @@ import aiohttp
 import pytest
 import soundfile
 
-from edge import cli
-from edge.errors import Forbidden
-from edge.keyring import KEYS_ENV, Keyring
-from edge.policy import Policy
-from edge.spec import normalize_text
-from edge.token import Grant, verify
+from nearvoice.edge import cli
+from nearvoice.edge.errors import Forbidden
+from nearvoice.edge.keyring import KEYS_ENV, Keyring
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import normalize_text
+from nearvoice.edge.token import Grant, verify
 from tests.support import KID, SECRET, wait_process_ready
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ def run_cli(*args: str, keys: str | None = KEYS) -> subprocess.CompletedProcess[
     if keys is not None:
         env[KEYS_ENV] = keys
     return subprocess.run(
-        [sys.executable, "-m", "edge.cli", *args],
+        [sys.executable, "-m", "nearvoice.edge.cli", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -224,7 +224,7 @@ async def _sign_with_cli(base: str, text: str) -> str:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "edge.cli",
+        "nearvoice.edge.cli",
         *sign_args(text=text),
         cwd=REPO,
         env=env,
@@ -246,7 +246,7 @@ async def test_edge_process_serves_a_signed_range_and_stops_on_sigterm(tmp_path:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "edge.cli",
+            "nearvoice.edge.cli",
             "edge",
             "--port",
             str(port),

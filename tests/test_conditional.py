@@ -6,7 +6,12 @@ from email.utils import formatdate
 
 import pytest
 
-from edge.http.conditional import Precondition, evaluate, http_date_to_epoch, if_range_allows
+from nearvoice.edge.http.conditional import (
+    Precondition,
+    evaluate,
+    http_date_to_epoch,
+    if_range_allows,
+)
 
 ETAG = '"' + "ab" * 32 + '"'
 WEAK = "W/" + ETAG

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from edge import cli
-from edge.checks import ConfigError
-from edge.config import NodeConfig, Role, load
-from edge.keyring import KEYS_ENV
+from nearvoice.edge import cli
+from nearvoice.edge.checks import ConfigError
+from nearvoice.edge.config import NodeConfig, Role, load
+from nearvoice.edge.keyring import KEYS_ENV
 from tests.support import KID, SECRET
 
 REPO = Path(__file__).resolve().parent.parent
@@ -196,7 +196,7 @@ def test_a_real_process_with_a_bad_config_exits_2_without_a_traceback(tmp_path: 
     config = _write(tmp_path, '[store]\nsize_limit = "big"\n')
     env = {**os.environ, KEYS_ENV: KEYS}
     done = subprocess.run(
-        [sys.executable, "-m", "edge.cli", "edge", "--config", str(config)],
+        [sys.executable, "-m", "nearvoice.edge.cli", "edge", "--config", str(config)],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -15,12 +15,12 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge.app import create_app
-from edge.config import SynthSettings
-from edge.formats import AudioFormat
-from edge.node import Node
-from edge.spec import Spec
-from edge.synth.piper_engine import piper_model_id
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import SynthSettings
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.node import Node
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.piper_engine import piper_model_id
 from tests.support import (
     make_config,
     make_keyring,

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from edge.cache.meta import ObjectMeta, etag_for
-from edge.cache.store import DiskStore, StoreSettings
-from edge.policy import Policy
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for
+from nearvoice.edge.cache.store import DiskStore, StoreSettings
+from nearvoice.edge.policy import Policy
 from tests.support import payload
 
 TMPFS_SIZE = 8 * 1024**2

@@ -13,14 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.synth import exported
-from edge.synth.chunking import split_chunks
-from edge.synth.durations import Durations, NoDurationPath, extract
-from edge.synth.engine import Engine
-from edge.synth.hibari_engine import HibariEngine
-from edge.synth.piper_engine import BUNDLED, PiperEngine
-from edge.synth.vits_engine import VitsEngine
-from export.sentences import SENTENCES
+from nearvoice.edge.synth import exported
+from nearvoice.edge.synth.chunking import split_chunks
+from nearvoice.edge.synth.durations import Durations, NoDurationPath, extract
+from nearvoice.edge.synth.engine import Engine
+from nearvoice.edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.synth.piper_engine import BUNDLED, PiperEngine
+from nearvoice.edge.synth.vits_engine import VitsEngine
+from nearvoice.export.sentences import SENTENCES
 from tests.export_support import graph_with_inputs
 
 pytestmark = pytest.mark.slow
@@ -177,7 +177,7 @@ def test_samples_refuses_an_unknown_voice(heart: HibariEngine) -> None:
 def test_heart_counts_an_exported_variant(tmp_path: Path) -> None:
     from hibari.voices import voice_path
 
-    from export.optimize import Options, optimize
+    from nearvoice.export.optimize import Options, optimize
 
     out = tmp_path / "heart"
     optimize(
@@ -310,8 +310,8 @@ def reading(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import VitsConfig, VitsModel
 
-    from export.from_transformers import export
-    from export.optimize import Options, optimize
+    from nearvoice.export.from_transformers import export
+    from nearvoice.export.optimize import Options, optimize
     from tests.export_support import TINY_VITS, save_tiny_vits
 
     root = tmp_path_factory.mktemp("reading")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from edge.formats import AudioFormat
-from edge.synth.encode import OGG_SERIAL, encode, to_pcm16
-from edge.synth.ogg import SerialPinner, ogg_crc, pin_serial
-from edge.synth.streaming import stream_encoder
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.synth.encode import OGG_SERIAL, encode, to_pcm16
+from nearvoice.edge.synth.ogg import SerialPinner, ogg_crc, pin_serial
+from nearvoice.edge.synth.streaming import stream_encoder
 from tests.test_streaming import sndfile_decode
 
 RATE = 24000

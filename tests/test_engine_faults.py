@@ -21,12 +21,12 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from edge.app import create_app
-from edge.keyring import Keyring
-from edge.spec import Spec
-from edge.synth.engine import Audio, Engine
-from edge.synth.hibari_engine import HibariEngine
-from edge.upstream import UpstreamSettings
+from nearvoice.edge.app import create_app
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.engine import Audio, Engine
+from nearvoice.edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.upstream import UpstreamSettings
 from tests.support import (
     eventually,
     make_config,

@@ -11,10 +11,15 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from edge.cli import main as nearvoice
-from export.errors import CorruptModel, ModelNotFound, ParityFailure, UnsupportedArchitecture
-from export.from_transformers import MODEL_FILE, RECORD_FILE, export
-from export.frontends import VITS_SIDECAR, VitsFrontend, detect
+from nearvoice.edge.cli import main as nearvoice
+from nearvoice.export.errors import (
+    CorruptModel,
+    ModelNotFound,
+    ParityFailure,
+    UnsupportedArchitecture,
+)
+from nearvoice.export.from_transformers import MODEL_FILE, RECORD_FILE, export
+from nearvoice.export.frontends import VITS_SIDECAR, VitsFrontend, detect
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from edge.synth.piper_engine import BUNDLED
-from export.errors import CorruptModel, ModelNotFound, UnsupportedArchitecture
-from export.frontends import HibariFrontend, PiperFrontend, detect
+from nearvoice.edge.synth.piper_engine import BUNDLED
+from nearvoice.export.errors import CorruptModel, ModelNotFound, UnsupportedArchitecture
+from nearvoice.export.frontends import HibariFrontend, PiperFrontend, detect
 from tests.export_support import graph_with_inputs
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.measure import Thresholds, mel_distance, parity, snr
+from nearvoice.export.measure import Thresholds, mel_distance, parity, snr
 
 RATE = 16000
 

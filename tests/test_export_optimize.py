@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from edge.synth import exported
-from edge.synth.piper_engine import BUNDLED
-from export.errors import CorruptModel, ExportError
-from export.measure import Thresholds
-from export.optimize import Options, optimize
-from export.sentences import SENTENCES
+from nearvoice.edge.synth import exported
+from nearvoice.edge.synth.piper_engine import BUNDLED
+from nearvoice.export.errors import CorruptModel, ExportError
+from nearvoice.export.measure import Thresholds
+from nearvoice.export.optimize import Options, optimize
+from nearvoice.export.sentences import SENTENCES
 
 pytestmark = pytest.mark.slow
 
@@ -194,7 +194,7 @@ def test_out_may_not_contain_the_model(tiny_export: Path) -> None:
 def test_cli_unknown_variant_is_an_error_with_a_code(
     tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from edge.cli import main as nearvoice
+    from nearvoice.edge.cli import main as nearvoice
 
     args = ["export", "optimize", str(tiny_export / "model.onnx"), "--out", str(tmp_path / "o")]
     assert nearvoice([*args, "--variants", "bf16"]) == 1
@@ -202,7 +202,7 @@ def test_cli_unknown_variant_is_an_error_with_a_code(
 
 
 def test_cli_help_is_the_export_steps(capsys: pytest.CaptureFixture[str]) -> None:
-    from edge.cli import main as nearvoice
+    from nearvoice.edge.cli import main as nearvoice
 
     with pytest.raises(SystemExit):
         nearvoice(["export", "--help"])

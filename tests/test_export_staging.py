@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from export.errors import ExportError
-from export.staging import staged_dir
+from nearvoice.export.errors import ExportError
+from nearvoice.export.staging import staged_dir
 
 MARKER = "manifest.json"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edge.synth.exported import ExportDirError, choose, load, select
+from nearvoice.edge.synth.exported import ExportDirError, choose, load, select
 
 
 def write_export(root: Path, variants: list[dict[str, Any]], family: str = "piper") -> Path:

@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app, default_engines
-from edge.cli import main as nearvoice
-from edge.config import SynthSettings
-from edge.synth import exported
-from edge.synth.hibari_engine import HibariEngine, hibari_model_id
-from edge.synth.piper_engine import PiperEngine, piper_model_id
-from edge.voices import for_config
-from export.measure import snr
+from nearvoice.edge.app import create_app, default_engines
+from nearvoice.edge.cli import main as nearvoice
+from nearvoice.edge.config import SynthSettings
+from nearvoice.edge.synth import exported
+from nearvoice.edge.synth.hibari_engine import HibariEngine, hibari_model_id
+from nearvoice.edge.synth.piper_engine import PiperEngine, piper_model_id
+from nearvoice.edge.voices import for_config
+from nearvoice.export.measure import snr
 from tests.support import (
     make_config,
     make_keyring,
@@ -82,8 +82,8 @@ def test_engine_reports_the_variant_model_id(joe_export: Path) -> None:
 def test_hibari_renders_an_exported_variant(tmp_path: Path) -> None:
     from hibari.voices import voice_path
 
-    from export.optimize import Options, optimize
-    from export.sentences import SENTENCES
+    from nearvoice.export.optimize import Options, optimize
+    from nearvoice.export.sentences import SENTENCES
 
     out = tmp_path / "heart"
     optimize(
@@ -149,7 +149,7 @@ def test_sign_with_the_config_names_the_variant(
     )
     assert code == 0
     url = capsys.readouterr().out.strip()
-    from edge.config import load
+    from nearvoice.edge.config import load
 
     spec = make_spec(TEXT, voice="joe", model=for_config(load(config))["joe"].model_id)
     assert f"/v1/speech/{spec.key}.wav?" in url

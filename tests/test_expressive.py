@@ -21,16 +21,16 @@ import soundfile
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.config import OriginSettings, SynthSettings
-from edge.formats import AudioFormat
-from edge.spec import Emotion, Ref, Spec, SpecError
-from edge.synth import fit, hints
-from edge.synth.hibari_engine import HibariEngine, hibari_model_id
-from edge.synth.piper_engine import PiperEngine, piper_model_id
-from edge.voices import catalog, refused_control
-from origin.app import create_origin_app
-from origin.mint import MINT_TOKEN_ENV
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import OriginSettings, SynthSettings
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.spec import Emotion, Ref, Spec, SpecError
+from nearvoice.edge.synth import fit, hints
+from nearvoice.edge.synth.hibari_engine import HibariEngine, hibari_model_id
+from nearvoice.edge.synth.piper_engine import PiperEngine, piper_model_id
+from nearvoice.edge.voices import catalog, refused_control
+from nearvoice.origin.app import create_origin_app
+from nearvoice.origin.mint import MINT_TOKEN_ENV
 from tests.support import make_config, make_keyring, metric, node_of, sign, wait_ready
 
 Client = TestClient[Any, Any]
@@ -202,7 +202,7 @@ def test_a_fit_lasts_its_target(engines: dict[str, Any], voice: str, ratio: floa
 
 
 def test_an_exported_piper_variant_fits_durations(joe_export: Path) -> None:
-    from edge.synth import exported
+    from nearvoice.edge.synth import exported
 
     export = exported.load(joe_export)
     variant = next(v for v in export.variants if v.name == "fp32-opt")
@@ -262,8 +262,8 @@ async def test_a_control_the_engine_does_not_honour_goes_upstream_as_capability(
     await wait_ready(client)
     assert await metric(client, "nearvoice_upstream_requests_total", reason="capability") == 0
     sad = spec("Hello there.", emotion=Emotion.create(label="sad"))
-    from edge.policy import Policy
-    from edge.token import Grant
+    from nearvoice.edge.policy import Policy
+    from nearvoice.edge.token import Grant
 
     producer = node_of(client.server.app).producer
     assert producer.choose(Grant(sad, Policy.HOT, 0)) == "capability"
@@ -280,7 +280,15 @@ async def test_a_control_the_engine_does_not_honour_goes_upstream_as_capability(
 
 def _sign(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "NEARVOICE_KEYS": "k1:" + "c2VjcmV0" * 5 + "MTI="}
-    command = [sys.executable, "-m", "edge.cli", "sign", "--base", "http://edge.test", *args]
+    command = [
+        sys.executable,
+        "-m",
+        "nearvoice.edge.cli",
+        "sign",
+        "--base",
+        "http://edge.test",
+        *args,
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
 
 

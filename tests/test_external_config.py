@@ -11,14 +11,14 @@ import pytest
 import soundfile
 from pytest_aiohttp import AiohttpClient
 
-from edge import cli
-from edge.app import create_app
-from edge.config import ExternalSettings, Role, load
-from edge.formats import AudioFormat
-from edge.keyring import KEYS_ENV
-from edge.spec import Spec
-from origin.app import create_origin_app
-from origin.mint import MINT_TOKEN_ENV
+from nearvoice.edge import cli
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import ExternalSettings, Role, load
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.keyring import KEYS_ENV
+from nearvoice.edge.spec import Spec
+from nearvoice.origin.app import create_origin_app
+from nearvoice.origin.mint import MINT_TOKEN_ENV
 from tests.support import KID, SECRET, make_keyring, metric, sign, wait_ready
 from tests.test_external_engine import PIPER_REMOTE, piper_server  # noqa: F401 (fixture)
 

@@ -25,13 +25,13 @@ import numpy.typing as npt
 import pytest
 import soundfile
 
-from edge.formats import AudioFormat
-from edge.metrics import Metrics
-from edge.spec import Spec
-from edge.synth.engine import Audio, Engine
-from edge.synth.piper_engine import PiperEngine, piper_model_id
-from edge.synth.renderer import Renderer, RenderError
-from origin.external import (
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.metrics import Metrics
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.engine import Audio, Engine
+from nearvoice.edge.synth.piper_engine import PiperEngine, piper_model_id
+from nearvoice.edge.synth.renderer import Renderer, RenderError
+from nearvoice.origin.external import (
     ExternalEngine,
     ExternalEngineError,
     ExternalVoice,

@@ -22,14 +22,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.cache.meta import etag_for
-from edge.config import HttpSettings
-from edge.handlers.keys import NODE
-from edge.http.fastpath import EdgeServer
-from edge.keyring import Keyring
-from edge.policy import Policy
-from edge.spec import Spec
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.meta import etag_for
+from nearvoice.edge.config import HttpSettings
+from nearvoice.edge.handlers.keys import NODE
+from nearvoice.edge.http.fastpath import EdgeServer
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
 from tests.support import (
     EdgeTestServer,
     fast_answers,

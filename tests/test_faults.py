@@ -29,12 +29,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.cache.hot import HotSettings
-from edge.cache.store import DiskStore, Outcome, StoreSettings
-from edge.config import HttpSettings
-from edge.keyring import Keyring
-from edge.upstream import CHECKSUM_HEADER
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.hot import HotSettings
+from nearvoice.edge.cache.store import DiskStore, Outcome, StoreSettings
+from nearvoice.edge.config import HttpSettings
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.upstream import CHECKSUM_HEADER
 from tests.support import (
     KID,
     SECRET,
@@ -100,7 +100,7 @@ def verify_all(store: DiskStore) -> dict[str, bytes]:
 _STAGE_THEN_DIE = """
 import os, sys
 from pathlib import Path
-from edge.cache.store import DiskStore, StoreSettings
+from nearvoice.edge.cache.store import DiskStore, StoreSettings
 
 store = DiskStore(Path(sys.argv[1]), StoreSettings())
 staged = store.stage(os.urandom(1 << 20))
@@ -130,9 +130,9 @@ def test_crash_between_stage_and_commit_leaves_a_miss(tmp_path: Path) -> None:
 _WRITE_FOREVER = """
 import hashlib, os, sys, time
 from pathlib import Path
-from edge.cache.meta import ObjectMeta, etag_for
-from edge.cache.store import DiskStore, StoreSettings
-from edge.policy import Policy
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for
+from nearvoice.edge.cache.store import DiskStore, StoreSettings
+from nearvoice.edge.policy import Policy
 
 store = DiskStore(Path(sys.argv[1]), StoreSettings())
 size = int(sys.argv[2])
@@ -270,7 +270,7 @@ limit = int(sys.argv[1])
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
 sys.argv = ["nearvoice", *sys.argv[2:]]
-runpy.run_module("edge.cli", run_name="__main__")
+runpy.run_module("nearvoice.edge.cli", run_name="__main__")
 """
 
 LONG_TEXT = (

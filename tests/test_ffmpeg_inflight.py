@@ -25,11 +25,11 @@ import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge.app import create_app
-from edge.formats import AudioFormat
-from edge.node import Node
-from edge.spec import Spec
-from edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.app import create_app
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.node import Node
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.hibari_engine import HibariEngine
 from tests.support import (
     eventually,
     make_config,

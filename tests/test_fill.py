@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from edge.cache.fill import Fill, FillFailed, FillState
-from edge.cache.meta import ObjectMeta, etag_for
-from edge.policy import Policy
+from nearvoice.edge.cache.fill import Fill, FillFailed, FillState
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for
+from nearvoice.edge.policy import Policy
 
 KEY = "ab" * 32
 CONTENT_TYPE = "audio/wav"

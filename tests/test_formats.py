@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge.formats import AudioFormat
+from nearvoice.edge.formats import AudioFormat
 
 
 @pytest.mark.parametrize("value", ["wav", "mp3", "opus", "flac", "pcm"])

@@ -13,11 +13,11 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.config import ADMIN_TOKEN_ENV
-from edge.errors import BadRequest
-from edge.http.requests import MAX_JSON_DEPTH, json_depth, loads_bounded
-from edge.nodeauth import NODE_HEADER
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import ADMIN_TOKEN_ENV
+from nearvoice.edge.errors import BadRequest
+from nearvoice.edge.http.requests import MAX_JSON_DEPTH, json_depth, loads_bounded
+from nearvoice.edge.nodeauth import NODE_HEADER
 from tests.support import EdgeTestServer, make_config, make_keyring, make_spec, sign
 
 Client = TestClient[Any, Any]

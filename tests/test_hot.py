@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edge.cache.hot import HotSettings, HotTier, PurgeStamp, SharedFile
-from edge.cache.meta import ObjectMeta, etag_for
-from edge.policy import Policy
+from nearvoice.edge.cache.hot import HotSettings, HotTier, PurgeStamp, SharedFile
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for
+from nearvoice.edge.policy import Policy
 
 NOW = 1_700_000_000.0
 OpenFd = Callable[..., int]

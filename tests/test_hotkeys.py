@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from edge.cache.hotkeys import HotKey, SpaceSaving
+from nearvoice.edge.cache.hotkeys import HotKey, SpaceSaving
 
 
 def test_capacity_below_one_is_rejected() -> None:

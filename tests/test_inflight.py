@@ -24,14 +24,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 
-from edge.app import create_app
-from edge.cache.fill import Fill
-from edge.cache.meta import etag_for
-from edge.node import Node
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.synth.engine import Audio, Engine
-from edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.fill import Fill
+from nearvoice.edge.cache.meta import etag_for
+from nearvoice.edge.node import Node
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.engine import Audio, Engine
+from nearvoice.edge.synth.hibari_engine import HibariEngine
 from tests.support import (
     eventually,
     make_config,

@@ -19,13 +19,13 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge.app import create_app
-from edge.cache.meta import etag_for
-from edge.formats import AudioFormat
-from edge.spec import Spec
-from edge.synth.engine import Audio, Engine
-from edge.synth.hibari_engine import HibariEngine
-from edge.upstream import CHECKSUM_HEADER
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.meta import etag_for
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.engine import Audio, Engine
+from nearvoice.edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.upstream import CHECKSUM_HEADER
 from tests.support import (
     eventually,
     make_config,

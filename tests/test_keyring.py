@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge.keyring import KEYS_ENV, Keyring, KeyringError, SigningKey, generate_pair
+from nearvoice.edge.keyring import KEYS_ENV, Keyring, KeyringError, SigningKey, generate_pair
 
 SECRET_A = "a" * 32
 SECRET_B = "b" * 32

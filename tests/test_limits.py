@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from edge.apikeys import ApiKeys, ApiKeysError
-from edge.config import load
-from edge.errors import TooManyRequests
-from edge.formats import AudioFormat
-from edge.limits import Limiter, RateLimited, Rates, Scope
-from edge.policy import Policy
-from edge.spec import Spec, SpecError
+from nearvoice.edge.apikeys import ApiKeys, ApiKeysError
+from nearvoice.edge.config import load
+from nearvoice.edge.errors import TooManyRequests
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.limits import Limiter, RateLimited, Rates, Scope
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec, SpecError
 
 
 class Clock:

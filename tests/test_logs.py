@@ -14,9 +14,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.config import HttpSettings
-from edge.http.logs import MASK, RedactingFilter, access_logger_class, redact
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import HttpSettings
+from nearvoice.edge.http.logs import MASK, RedactingFilter, access_logger_class, redact
 from tests.support import (
     EdgeTestServer,
     fast_answers,

@@ -10,10 +10,10 @@ from typing import Any
 
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.memory import MemorySettings, apply_allocator_settings
-from edge.synth.piper_engine import piper_model_id
-from edge.upstream import UpstreamSettings
+from nearvoice.edge.app import create_app
+from nearvoice.edge.memory import MemorySettings, apply_allocator_settings
+from nearvoice.edge.synth.piper_engine import piper_model_id
+from nearvoice.edge.upstream import UpstreamSettings
 from tests.support import eventually, make_config, make_keyring, make_spec, node_of, sign
 from tests.test_upstream_resilience import BODY, Mode, peers
 

@@ -16,15 +16,15 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from edge.config import OriginSettings, SynthSettings
-from edge.errors import Forbidden
-from edge.formats import AudioFormat
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.token import Grant, verify
-from edge.voices import resolve
-from origin.app import create_origin_app
-from origin.mint import MINT_TOKEN_ENV
+from nearvoice.edge.config import OriginSettings, SynthSettings
+from nearvoice.edge.errors import Forbidden
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.token import Grant, verify
+from nearvoice.edge.voices import resolve
+from nearvoice.origin.app import create_origin_app
+from nearvoice.origin.mint import MINT_TOKEN_ENV
 from tests.support import make_config, make_keyring
 
 Client = TestClient[Any, Any]

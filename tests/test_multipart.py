@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from edge.http.multipart import Multipart
+from nearvoice.edge.http.multipart import Multipart
 
 BODY = bytes(range(256)) * 4  # 1024 bytes
 RANGES = [(0, 10), (500, 600), (1000, 1024)]

@@ -42,17 +42,17 @@ from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.cache.hot import HotSettings
-from edge.cache.meta import ObjectMeta, etag_for
-from edge.config import HttpSettings, NodeConfig
-from edge.formats import AudioFormat
-from edge.handlers.keys import NODE
-from edge.keyring import Keyring
-from edge.node import Node
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.token import sign_query, speech_path
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.hot import HotSettings
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for
+from nearvoice.edge.config import HttpSettings, NodeConfig
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.handlers.keys import NODE
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.node import Node
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.token import sign_query, speech_path
 from tests.support import EdgeTestServer, fast_answers
 
 pytestmark = pytest.mark.nginx

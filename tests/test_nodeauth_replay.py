@@ -15,8 +15,8 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 from yarl import URL
 
-from edge.app import create_app
-from edge.nodeauth import (
+from nearvoice.edge.app import create_app
+from nearvoice.edge.nodeauth import (
     MAX_AGE,
     NODE_HEADER,
     NodeAuthSettings,

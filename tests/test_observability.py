@@ -35,11 +35,11 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from edge.app import create_app
-from edge.cache.fill import FillFailed
-from edge.metrics import TOKEN_REJECTION_REASONS, LimitScope, Metrics
-from edge.producer import UpstreamReason
-from edge.upstream import Upstreams, UpstreamSettings
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.fill import FillFailed
+from nearvoice.edge.metrics import TOKEN_REJECTION_REASONS, LimitScope, Metrics
+from nearvoice.edge.producer import UpstreamReason
+from nearvoice.edge.upstream import Upstreams, UpstreamSettings
 from tests.support import make_config, make_keyring, scrape, sign, wait_ready
 from tests.test_stack import (
     EDGE_CONFIG,

@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from edge.cache.meta import ObjectMeta, etag_for
-from edge.policy import Policy
-from origin.store import (
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for
+from nearvoice.edge.policy import Policy
+from nearvoice.origin.store import (
     META_SUFFIX,
     S3_META_FIELD,
     FilesystemStore,
@@ -479,8 +479,8 @@ def test_sweep_removes_what_crashes_leave(tmp_path: Path) -> None:
 _CRASH_CHILD = """
 import json, os, sys
 from pathlib import Path
-from edge.cache.meta import ObjectMeta
-import origin.store as store_module
+from nearvoice.edge.cache.meta import ObjectMeta
+import nearvoice.origin.store as store_module
 
 root, tag, body_hex, die_before = sys.argv[1:5]
 meta = ObjectMeta.from_tag(tag)
@@ -655,9 +655,9 @@ def test_read_only_store(
 _FSIZE_CHILD = """
 import hashlib, json, os, resource, signal, sys
 from pathlib import Path
-from edge.cache.meta import ObjectMeta, etag_for
-from edge.policy import Policy
-from origin.store import FilesystemStore, StoreError
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for
+from nearvoice.edge.policy import Policy
+from nearvoice.origin.store import FilesystemStore, StoreError
 
 root, limit = Path(sys.argv[1]), int(sys.argv[2])
 

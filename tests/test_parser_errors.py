@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.config import HttpSettings
-from edge.http.protocol import REJECTION_LOG_RATE
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import HttpSettings
+from nearvoice.edge.http.protocol import REJECTION_LOG_RATE
 from tests.support import EdgeTestServer, make_config, make_keyring, node_of
 
 Client = TestClient[Any, Any]
@@ -247,7 +247,7 @@ async def _fuzz_one(path: Path, raw: bytes) -> None:
 async def test_a_tier_that_signed_as_a_node_is_not_capped(
     aiohttp_client: AiohttpClient, tmp_path: Path
 ) -> None:
-    from edge.nodeauth import NODE_HEADER, sign_node_request
+    from nearvoice.edge.nodeauth import NODE_HEADER, sign_node_request
     from tests.support import make_spec, sign
 
     keyring = make_keyring()

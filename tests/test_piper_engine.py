@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import soundfile
 
-from edge.config import NodeConfig, SynthSettings
-from edge.formats import AudioFormat
-from edge.synth.encode import encode
-from edge.synth.engine import Audio, Engine
-from edge.synth.hibari_engine import HibariEngine
-from edge.synth.piper_engine import (
+from nearvoice.edge.config import NodeConfig, SynthSettings
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.synth.encode import encode
+from nearvoice.edge.synth.engine import Audio, Engine
+from nearvoice.edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.synth.piper_engine import (
     BUNDLED,
     PiperEngine,
     file_sha256,
@@ -93,7 +93,7 @@ def test_rejects_voices_it_does_not_have() -> None:
 
 
 def test_default_engines_pick_the_engine_of_each_voice() -> None:
-    from edge.app import default_engines  # here: edge.app imports the whole node
+    from nearvoice.edge.app import default_engines  # here: edge.app imports the whole node
 
     def engines(*voices: str) -> list[tuple[str, tuple[str, ...]]]:
         config = NodeConfig(synth=SynthSettings(voices=voices, ort_threads=2))

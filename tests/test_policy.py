@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge.policy import Policy, Retention
+from nearvoice.edge.policy import Policy, Retention
 
 
 @pytest.mark.parametrize(

@@ -17,15 +17,15 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from edge.app import create_app
-from edge.cache.meta import etag_for
-from edge.config import ADMIN_TOKEN_ENV
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.synth.engine import Audio, Engine
-from edge.synth.hibari_engine import HibariEngine
-from edge.synth.piper_engine import piper_model_id
-from edge.upstream import CHECKSUM_HEADER
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.meta import etag_for
+from nearvoice.edge.config import ADMIN_TOKEN_ENV
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.engine import Audio, Engine
+from nearvoice.edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.synth.piper_engine import piper_model_id
+from nearvoice.edge.upstream import CHECKSUM_HEADER
 from tests.support import (
     eventually,
     make_config,

@@ -25,16 +25,16 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.config import ADMIN_TOKEN_ENV, OriginSettings, Role, SynthSettings
-from edge.formats import AudioFormat
-from edge.node import Node
-from edge.prefetch import PrefetchSettings
-from edge.spec import Spec
-from edge.synth.hibari_engine import HibariEngine
-from edge.token import speech_path
-from origin.app import create_origin_app
-from origin.store import FilesystemStore
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import ADMIN_TOKEN_ENV, OriginSettings, Role, SynthSettings
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.node import Node
+from nearvoice.edge.prefetch import PrefetchSettings
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.token import speech_path
+from nearvoice.origin.app import create_origin_app
+from nearvoice.origin.store import FilesystemStore
 from tests.support import (
     eventually,
     make_config,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge.synth.piper_engine import BUNDLED
-from edge.synth.providers import choose, primary, session, short_name, with_profile
+from nearvoice.edge.synth.piper_engine import BUNDLED
+from nearvoice.edge.synth.providers import choose, primary, session, short_name, with_profile
 
 TRT = "TensorrtExecutionProvider"
 PROFILE = {"trt_profile_min_shapes": "input:1x1", "trt_profile_max_shapes": "input:1x1024"}

@@ -24,10 +24,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.config import HttpSettings
-from edge.http import proxy_protocol
-from edge.http.proxies import TrustedProxies
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import HttpSettings
+from nearvoice.edge.http import proxy_protocol
+from nearvoice.edge.http.proxies import TrustedProxies
 from tests.support import (
     EdgeTestServer,
     make_config,

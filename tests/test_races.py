@@ -19,16 +19,16 @@ import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from edge.app import create_app
-from edge.cache.hot import HotSettings
-from edge.cache.meta import ObjectMeta, etag_for
-from edge.cache.store import DiskStore, Opened, Outcome, StoreSettings
-from edge.config import ADMIN_TOKEN_ENV
-from edge.node import IO_THREADS
-from edge.policy import Policy, Retention
-from edge.spec import Spec
-from edge.synth.piper_engine import piper_model_id
-from edge.upstream import CHECKSUM_HEADER, UpstreamSettings
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.hot import HotSettings
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for
+from nearvoice.edge.cache.store import DiskStore, Opened, Outcome, StoreSettings
+from nearvoice.edge.config import ADMIN_TOKEN_ENV
+from nearvoice.edge.node import IO_THREADS
+from nearvoice.edge.policy import Policy, Retention
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.piper_engine import piper_model_id
+from nearvoice.edge.upstream import CHECKSUM_HEADER, UpstreamSettings
 from tests.support import (
     eventually,
     make_config,
@@ -412,7 +412,7 @@ async def test_the_url_memo_is_lru_and_survives_purges(
     aiohttp_client: AiohttpClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
-    monkeypatch.setattr("edge.node.GRANT_MEMO_SIZE", 3)
+    monkeypatch.setattr("nearvoice.edge.node.GRANT_MEMO_SIZE", 3)
     app = create_app(make_config(tmp_path), KEYRING, engines=[])
     client = await aiohttp_client(app)
     node = node_of(app)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edge.http.ranges import (
+from nearvoice.edge.http.ranges import (
     MalformedRange,
     RangeError,
     UnsatisfiableRange,

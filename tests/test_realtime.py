@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import websockets
 
-from edge.formats import AudioFormat
-from edge.handlers.realtime import HUB
-from edge.policy import Policy
-from edge.realtime import tokens
-from edge.spec import Spec
-from edge.synth.hibari_engine import HibariEngine, hibari_model_id
-from edge.token import sign_url
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.handlers.realtime import HUB
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.realtime import tokens
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.hibari_engine import HibariEngine, hibari_model_id
+from nearvoice.edge.token import sign_url
 from tests.api_support import ACME, DRAFTY, KEYRING, LIMITED, ApiNode, api_node
 from tests.realtime_support import (
     RecordingEngine,

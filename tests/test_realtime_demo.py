@@ -71,7 +71,15 @@ async def test_sign_realtime_prints_a_session_url_a_node_accepts(tmp_path: Path)
         done = await asyncio.to_thread(
             subprocess.run,
             [
-                *(sys.executable, "-m", "edge.cli", "sign", "--realtime", "--tenant", "acme"),
+                *(
+                    sys.executable,
+                    "-m",
+                    "nearvoice.edge.cli",
+                    "sign",
+                    "--realtime",
+                    "--tenant",
+                    "acme",
+                ),
                 *("--voice", "heart", "--ttl", "60", "--base", api.base),
             ],
             cwd=REPO,

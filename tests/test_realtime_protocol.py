@@ -14,13 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.errors import Forbidden, Gone
-from edge.formats import AudioFormat
-from edge.logredact import RedactSecrets, redact
-from edge.metrics import REALTIME_CLOSE_REASONS, Metrics
-from edge.realtime import protocol, tokens
-from edge.realtime.framing import OGG_SERIAL, Framer, link_serial
-from edge.realtime.protocol import (
+from nearvoice.edge.errors import Forbidden, Gone
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.logredact import RedactSecrets, redact
+from nearvoice.edge.metrics import REALTIME_CLOSE_REASONS, Metrics
+from nearvoice.edge.realtime import protocol, tokens
+from nearvoice.edge.realtime.framing import OGG_SERIAL, Framer, link_serial
+from nearvoice.edge.realtime.protocol import (
     CLIENT_CLOSED,
     CLOSE_REASONS,
     Cancel,
@@ -31,9 +31,9 @@ from edge.realtime.protocol import (
     TextDone,
     TextFlush,
 )
-from edge.realtime.session import Drop, Finish, Render, Send, Session, State, VoiceInfo
-from edge.realtime.turns import Turns
-from edge.synth.chunking import Segmenter
+from nearvoice.edge.realtime.session import Drop, Finish, Render, Send, Session, State, VoiceInfo
+from nearvoice.edge.realtime.turns import Turns
+from nearvoice.edge.synth.chunking import Segmenter
 from tests.support import eventually, make_keyring
 
 VOICES = {"heart": VoiceInfo("heart", 24000), "alloy": VoiceInfo("heart", 24000)}
@@ -304,7 +304,7 @@ def test_pcm_frames_hold_whole_samples() -> None:
 
 
 def _page(serial: int, granule: int, body: bytes, flags: int = 0) -> bytes:
-    from edge.synth.ogg import ogg_crc
+    from nearvoice.edge.synth.ogg import ogg_crc
 
     header = bytearray(b"OggS\x00" + bytes([flags]) + struct.pack("<qIII", granule, serial, 0, 0))
     header += bytes([1, len(body)])

@@ -23,18 +23,18 @@ import soundfile
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from edge.config import (
+from nearvoice.edge.config import (
     ExternalSettings,
     ExternalVoiceSettings,
     OriginSettings,
     SynthSettings,
 )
-from edge.producer import PersistentStore
-from edge.synth.piper_engine import PiperEngine
-from origin.app import create_origin_app
-from origin.mint import MINT_TOKEN_ENV
-from origin.refvoices import CANONICAL_RATE, RefVoices
-from origin.store import FilesystemStore
+from nearvoice.edge.producer import PersistentStore
+from nearvoice.edge.synth.piper_engine import PiperEngine
+from nearvoice.origin.app import create_origin_app
+from nearvoice.origin.mint import MINT_TOKEN_ENV
+from nearvoice.origin.refvoices import CANONICAL_RATE, RefVoices
+from nearvoice.origin.store import FilesystemStore
 from tests.indextts2_server import IndexTTS2Server
 from tests.openai_tts_server import OpenAITTSServer
 from tests.seaweed import SeaweedS3, seaweed_fixture
@@ -73,7 +73,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Persistent
     if request.param == "filesystem":
         yield FilesystemStore(tmp_path / "objects")
         return
-    from origin.store import S3Store
+    from nearvoice.origin.store import S3Store
     from tests.seaweed import ADMIN
 
     server: SeaweedS3 = request.getfixturevalue("seaweed")
@@ -368,7 +368,7 @@ async def test_deleting_a_voice_purges_its_renders_at_the_edges(
     deleting the voice at the origin purges it at the edge too."""
     from aiohttp.test_utils import TestServer
 
-    from edge.app import create_app
+    from nearvoice.edge.app import create_app
     from tests.seaweed import free_ports
     from tests.test_upstream import QUICK
 
@@ -436,7 +436,7 @@ async def test_deleting_a_voice_purges_its_renders_at_the_edges(
 
 
 def test_a_wire_takes_only_the_controls_it_can_carry() -> None:
-    from origin.external import ExternalEngine, ExternalVoice
+    from nearvoice.origin.external import ExternalEngine, ExternalVoice
 
     voices = [ExternalVoice("nova", "joe", "gpt-nova@test")]
     for protocol, control in (("openai", "duration"), ("openai", "ref"), ("piper", "emotion")):

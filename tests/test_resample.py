@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edge.formats import AudioFormat
-from edge.synth.encode import encode
-from edge.synth.resample import Resampler
-from edge.synth.streaming import stream_encoder
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.synth.encode import encode
+from nearvoice.edge.synth.resample import Resampler
+from nearvoice.edge.synth.streaming import stream_encoder
 
 SOURCE, TARGET = 22050, 24000
 

@@ -18,9 +18,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge.app import create_app
-from edge.cache.meta import RENDER_REVISION, etag_for, revision_of
-from edge.upstream import CHECKSUM_HEADER
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.meta import RENDER_REVISION, etag_for, revision_of
+from nearvoice.edge.upstream import CHECKSUM_HEADER
 from tests.support import make_config, make_keyring, make_spec, payload, sign, value_files
 
 KEYRING = make_keyring()

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from edge.formats import AudioFormat
-from edge.spec import Spec, SpecError, normalize_text
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.spec import Spec, SpecError, normalize_text
 
 MODEL = "hibari@" + "ab" * 32
 

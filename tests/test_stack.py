@@ -3,7 +3,7 @@
 1. `nearvoice up`: edge on N, shield on N+1, origin on N+2, with the secrets generated into
    the data directory; a URL minted at the origin plays at the edge; Ctrl-C (SIGINT) stops
    all of it.
-2. Faults, with origin, shield and edge started as separate `python -m edge.cli <role>`
+2. Faults, with origin, shield and edge started as separate `python -m nearvoice.edge.cli <role>`
    processes: a dead origin (SIGKILL) leaves cached objects and local renders working and
    turns other misses into quick JSON errors; with two shields, a key whose home shield is
    dead is served through the other one.
@@ -39,14 +39,14 @@ from typing import Any
 import pytest
 import soundfile
 
-from edge.config import ADMIN_TOKEN_ENV
-from edge.keyring import KEYS_ENV, Keyring
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.synth.piper_engine import piper_model_id
-from edge.upstream import CHECKSUM_HEADER, rendezvous_order
-from origin.mint import MINT_TOKEN_ENV
-from origin.store import FilesystemStore
+from nearvoice.edge.config import ADMIN_TOKEN_ENV
+from nearvoice.edge.keyring import KEYS_ENV, Keyring
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.piper_engine import piper_model_id
+from nearvoice.edge.upstream import CHECKSUM_HEADER, rendezvous_order
+from nearvoice.origin.mint import MINT_TOKEN_ENV
+from nearvoice.origin.store import FilesystemStore
 from tests.support import KID, SECRET, make_keyring, make_spec, metric_from, sign
 
 pytestmark = pytest.mark.slow
@@ -247,7 +247,7 @@ def start_node(
     name: str | None = None,
     preexec: Any = None,
 ) -> NodeProcess:
-    """Starts `python -m edge.cli <role>` on a free port with its data under `where`, and
+    """Starts `python -m nearvoice.edge.cli <role>` on a free port with its data under `where`, and
     waits until it listens (its engines may still be warming up). A node that lost its
     port to another process meanwhile is started again on another port."""
     name = name or role
@@ -262,7 +262,7 @@ def start_node(
     for attempt in range(START_TRIES):
         port = free_port()
         argv = [
-            sys.executable, "-m", "edge.cli", role,
+            sys.executable, "-m", "nearvoice.edge.cli", role,
             "--port", str(port), "--data-dir", str(where / name / "data"), *extra,
         ]  # fmt: skip
         log = where / name / f"node-{attempt}.log"
@@ -402,7 +402,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     }
     stdout, stderr = where / "stdout.log", where / "stderr.log"
     argv = [
-        sys.executable, "-m", "edge.cli", "up",
+        sys.executable, "-m", "nearvoice.edge.cli", "up",
         "--data-dir", str(data), "--base-port", str(base_port),
     ]  # fmt: skip
     with stdout.open("wb") as out, stderr.open("wb") as err:

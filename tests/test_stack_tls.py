@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import ADMIN_TOKEN_ENV, MINT_TOKEN_ENV
-from edge.keyring import KEYS_ENV
+from nearvoice.edge.config import ADMIN_TOKEN_ENV, MINT_TOKEN_ENV
+from nearvoice.edge.keyring import KEYS_ENV
 from tests.test_stack import (
     REPO,
     REQUEST_TIMEOUT,
@@ -58,7 +58,7 @@ def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, 
     stdout = where / "stdout.log"
     with stdout.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "edge.cli", "up", "--tls", "--data-dir", str(data),
+            [sys.executable, "-m", "nearvoice.edge.cli", "up", "--tls", "--data-dir", str(data),
              "--base-port", str(base_port)],
             cwd=REPO, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip

@@ -21,13 +21,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.cache.hot import HotSettings
-from edge.cache.meta import ObjectMeta
-from edge.policy import Policy, Retention
-from edge.spec import Spec
-from edge.synth.piper_engine import piper_model_id
-from edge.upstream import UpstreamSettings
+from nearvoice.edge.app import create_app
+from nearvoice.edge.cache.hot import HotSettings
+from nearvoice.edge.cache.meta import ObjectMeta
+from nearvoice.edge.policy import Policy, Retention
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.piper_engine import piper_model_id
+from nearvoice.edge.upstream import UpstreamSettings
 from tests.support import (
     make_config,
     make_keyring,

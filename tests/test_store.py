@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from edge.cache.meta import ObjectMeta, etag_for
-from edge.cache.store import (
+from nearvoice.edge.cache.meta import ObjectMeta, etag_for
+from nearvoice.edge.cache.store import (
     STAGING_DIR,
     DiskStore,
     Outcome,
     StoreSettings,
     VerificationError,
 )
-from edge.policy import Policy
+from nearvoice.edge.policy import Policy
 
 BIG_LIMIT = 1 << 30
 

@@ -21,9 +21,9 @@ import pytest_asyncio
 import soundfile
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge.app import create_app
-from edge.formats import AudioFormat
-from edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.app import create_app
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.synth.hibari_engine import HibariEngine
 from tests.support import make_config, make_keyring, make_spec, sign, wait_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile
 
-from edge.formats import AudioFormat
-from edge.synth.ogg import ogg_crc
-from edge.synth.streaming import (
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.synth.ogg import ogg_crc
+from nearvoice.edge.synth.streaming import (
     OGG_PAGE_LATENCY_MS,
     OGG_SERIAL,
     SndfileEncoder,

@@ -26,13 +26,19 @@ import pytest
 from aiohttp import web
 from cryptography import x509
 
-from edge.app import create_app
-from edge.config import NodeConfig
-from edge.http import devca
-from edge.http.fastpath import EdgeRunner, EdgeServer
-from edge.http.tls import TlsSettings, client_context, reload, require_https, server_context
-from edge.keyring import KEYS_ENV
-from edge.upstream import UpstreamSettings
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import NodeConfig
+from nearvoice.edge.http import devca
+from nearvoice.edge.http.fastpath import EdgeRunner, EdgeServer
+from nearvoice.edge.http.tls import (
+    TlsSettings,
+    client_context,
+    reload,
+    require_https,
+    server_context,
+)
+from nearvoice.edge.keyring import KEYS_ENV
+from nearvoice.edge.upstream import UpstreamSettings
 from tests.support import make_config, make_keyring, make_spec, payload, put_object, sign
 
 KEYRING = make_keyring()
@@ -302,7 +308,7 @@ def test_sighup_reloads_the_certificate_in_every_worker(tmp_path: Path, pki: Pki
     env = {**os.environ, KEYS_ENV: "test1:" + "s" * 40}
     log = (tmp_path / "stderr.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edge.cli", "edge", "--config", str(config), "--port", str(port),
+        [sys.executable, "-m", "nearvoice", "edge", "--config", str(config), "--port", str(port),
          "--workers", "2", "--data-dir", str(tmp_path / "data")],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
     )  # fmt: skip
@@ -341,7 +347,7 @@ def test_a_tls_handshake_that_never_ends_is_cut_off(tmp_path: Path, pki: Pki) ->
     env = {**os.environ, KEYS_ENV: "test1:" + "s" * 40}
     log = (tmp_path / "stderr.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "edge.cli", "edge", "--config", str(config), "--port", str(port),
+        [sys.executable, "-m", "nearvoice", "edge", "--config", str(config), "--port", str(port),
          "--data-dir", str(tmp_path / "data")],
         env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
     )  # fmt: skip

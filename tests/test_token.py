@@ -10,12 +10,12 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import pytest
 
-from edge.errors import BadRequest, Forbidden, Gone, RequestError
-from edge.formats import AudioFormat
-from edge.keyring import Keyring
-from edge.policy import Policy
-from edge.spec import Spec
-from edge.token import (
+from nearvoice.edge.errors import BadRequest, Forbidden, Gone, RequestError
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.token import (
     Grant,
     _b64d,
     _b64e,

@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.synth.piper_engine import piper_model_id
-from edge.upstream import UpstreamSettings
+from nearvoice.edge.app import create_app
+from nearvoice.edge.synth.piper_engine import piper_model_id
+from nearvoice.edge.upstream import UpstreamSettings
 from tests.support import make_config, make_keyring, make_spec, metric, node_of, sign
 from tests.test_upstream_resilience import BODY, Mode, peers
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edge.config import MINT_TOKEN_ENV
-from edge.stack import Tier, banner, watch
+from nearvoice.edge.config import MINT_TOKEN_ENV
+from nearvoice.edge.stack import Tier, banner, watch
 
 URLS = ("http://127.0.0.1:8080", "http://127.0.0.1:8081", "http://127.0.0.1:8082")
 SECRET = "mint-token-that-must-not-be-printed"

@@ -30,15 +30,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 from yarl import URL
 
-from edge.app import create_app
-from edge.config import SynthSettings
-from edge.node import Node
-from edge.nodeauth import MAX_AGE, NODE_HEADER, sign_node_request
-from edge.spec import Spec
-from edge.synth.engine import Engine
-from edge.synth.hibari_engine import HibariEngine
-from edge.synth.piper_engine import PiperEngine, piper_model_id
-from edge.upstream import UpstreamSettings, rendezvous_order
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import SynthSettings
+from nearvoice.edge.node import Node
+from nearvoice.edge.nodeauth import MAX_AGE, NODE_HEADER, sign_node_request
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.engine import Engine
+from nearvoice.edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.synth.piper_engine import PiperEngine, piper_model_id
+from nearvoice.edge.upstream import UpstreamSettings, rendezvous_order
 from tests.support import (
     eventually,
     make_config,

@@ -12,10 +12,10 @@ from typing import Any
 
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.policy import Retention
-from edge.synth.piper_engine import piper_model_id
-from edge.upstream import UpstreamSettings
+from nearvoice.edge.app import create_app
+from nearvoice.edge.policy import Retention
+from nearvoice.edge.synth.piper_engine import piper_model_id
+from nearvoice.edge.upstream import UpstreamSettings
 from tests.support import make_config, make_keyring, make_spec, payload, put_object, sign
 from tests.test_upstream_resilience import Mode, peers
 

@@ -23,9 +23,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from edge.cache.fill import FillFailed
-from edge.cache.meta import etag_for
-from edge.upstream import (
+from nearvoice.edge.cache.fill import FillFailed
+from nearvoice.edge.cache.meta import etag_for
+from nearvoice.edge.upstream import (
     CHECKSUM_HEADER,
     BreakerState,
     CircuitBreaker,

@@ -13,10 +13,10 @@ from typing import Any
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from edge.app import create_app
-from edge.config import HttpSettings
-from edge.limits import LimitSettings, Rates
-from edge.nodeauth import NODE_HEADER, sign_node_request
+from nearvoice.edge.app import create_app
+from nearvoice.edge.config import HttpSettings
+from nearvoice.edge.limits import LimitSettings, Rates
+from nearvoice.edge.nodeauth import NODE_HEADER, sign_node_request
 from tests.support import (
     EdgeTestServer,
     fast_answers,

@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 from pytest_aiohttp import AiohttpClient
 
-from edge.config import SynthSettings
-from edge.synth import exported
-from edge.synth.vits_engine import VitsEngine, vits_feeds
-from edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
-from edge.voices import for_config
+from nearvoice.edge.config import SynthSettings
+from nearvoice.edge.synth import exported
+from nearvoice.edge.synth.vits_engine import VitsEngine, vits_feeds
+from nearvoice.edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
+from nearvoice.edge.voices import for_config
 from tests.support import make_config, metric, render_through_node
 
 TEXT = "Hello there. This voice came from a transformers checkpoint!"
@@ -138,7 +138,7 @@ def test_an_exported_vits_voice_fits_durations_or_refuses_a_length_it_cannot_hit
     """The tiny random model's durations jump (every token its minimum frames until the
     scale doubles them), so 1.0x fits exactly and 1.4x has no speed within tolerance: the
     fit refuses rather than render a wrong length."""
-    from edge.synth import fit
+    from nearvoice.edge.synth import fit
 
     engine = engine_for(tiny_optimized)
     assert "duration" in engine.controls

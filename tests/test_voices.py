@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from edge.synth.hibari_engine import hibari_model_id
-from edge.synth.piper_engine import piper_model_id
-from edge.voices import UnknownVoice, Voice, catalog, resolve
+from nearvoice.edge.synth.hibari_engine import hibari_model_id
+from nearvoice.edge.synth.piper_engine import piper_model_id
+from nearvoice.edge.voices import UnknownVoice, Voice, catalog, resolve
 
 HEX64 = "[0-9a-f]{64}"
 

@@ -41,13 +41,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from edge.config import ADMIN_TOKEN_ENV
-from edge.handlers.admin import merge_hotkeys
-from edge.keyring import KEYS_ENV
-from edge.metrics import Result
-from edge.spec import Spec
-from edge.upstream import CHECKSUM_HEADER
-from edge.workers import channel_dir, owner_of
+from nearvoice.edge.config import ADMIN_TOKEN_ENV
+from nearvoice.edge.handlers.admin import merge_hotkeys
+from nearvoice.edge.keyring import KEYS_ENV
+from nearvoice.edge.metrics import Result
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.upstream import CHECKSUM_HEADER
+from nearvoice.edge.workers import channel_dir, owner_of
 from tests.support import KID, SECRET, make_keyring, make_spec, metric_from, sign
 from tests.test_stack import (
     REPO,
@@ -219,12 +219,12 @@ def wait_all_ready(node: Node, limit: float = START_TIMEOUT) -> None:
 
 @contextlib.contextmanager
 def workers_node(where: Path, config: str, upstream: str | None = None) -> Iterator[Node]:
-    """`python -m edge.cli edge` with `config` (which sets `workers`), all workers ready."""
+    """`python -m nearvoice edge` with `config` (which sets `workers`), all workers ready."""
     where.mkdir(parents=True, exist_ok=True)
     (where / "node.toml").write_text(config)
     port = free_port()
     argv = [
-        sys.executable, "-m", "edge.cli", "edge", "--port", str(port),
+        sys.executable, "-m", "nearvoice.edge.cli", "edge", "--port", str(port),
         "--data-dir", str(where / "data"), "--config", str(where / "node.toml"),
     ]  # fmt: skip
     if upstream is not None:

@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator
 from enum import Enum, auto
 
-from edge.cache.meta import ObjectMeta
+from nearvoice.edge.cache.meta import ObjectMeta
 
 
 class FillState(Enum):

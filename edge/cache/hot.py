@@ -16,8 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.cache.meta import ObjectMeta
-from edge.checks import at_least, require
+from nearvoice.edge.cache.meta import ObjectMeta
+from nearvoice.edge.checks import at_least, require
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from edge.policy import Policy
+from nearvoice.edge.policy import Policy
 
 
 @dataclass(frozen=True, slots=True)

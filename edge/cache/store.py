@@ -36,8 +36,8 @@ from typing import Any
 
 import diskcache
 
-from edge.cache.meta import ObjectMeta
-from edge.checks import at_least
+from nearvoice.edge.cache.meta import ObjectMeta
+from nearvoice.edge.checks import at_least
 
 log = logging.getLogger("nearvoice.store")
 STAGING_DIR = "staging"

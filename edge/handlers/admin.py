@@ -29,16 +29,16 @@ from aiohttp import hdrs, web
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from edge.cache.hotkeys import HotKey
-from edge.config import ADMIN_TOKEN_ENV
-from edge.errors import BadRequest, NotFound
-from edge.handlers.channel import process_stats
-from edge.handlers.keys import NODE
-from edge.http.requests import BEARER, read_json, require_bearer
-from edge.metrics import MULTIPROC_ENV
-from edge.spec import KEY_RE
-from edge.upstream import rendezvous_order
-from edge.workers import HOTKEYS_PATH, PREFETCH_PATH, STATS_PATH
+from nearvoice.edge.cache.hotkeys import HotKey
+from nearvoice.edge.config import ADMIN_TOKEN_ENV
+from nearvoice.edge.errors import BadRequest, NotFound
+from nearvoice.edge.handlers.channel import process_stats
+from nearvoice.edge.handlers.keys import NODE
+from nearvoice.edge.http.requests import BEARER, read_json, require_bearer
+from nearvoice.edge.metrics import MULTIPROC_ENV
+from nearvoice.edge.spec import KEY_RE
+from nearvoice.edge.upstream import rendezvous_order
+from nearvoice.edge.workers import HOTKEYS_PATH, PREFETCH_PATH, STATS_PATH
 
 MAX_PURGE_KEYS = 1000
 JOB_RE = re.compile(r"[0-9a-f]{16}")  # prefetch job ids (edge.prefetch)

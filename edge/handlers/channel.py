@@ -24,18 +24,18 @@ from typing import Any
 
 from aiohttp import web
 
-from edge.cache.fill import Fill, FillFailed
-from edge.core import fill_error
-from edge.errors import BadRequest, Forbidden, NotFound
-from edge.handlers.keys import NODE
-from edge.http.deliver import deliver
-from edge.http.middleware import errors_as_json
-from edge.http.stream import deliver_fill
-from edge.metrics import Source
-from edge.node import Node
-from edge.nodeauth import NODE_HEADER, destination
-from edge.spec import KEY_RE
-from edge.workers import (
+from nearvoice.edge.cache.fill import Fill, FillFailed
+from nearvoice.edge.core import fill_error
+from nearvoice.edge.errors import BadRequest, Forbidden, NotFound
+from nearvoice.edge.handlers.keys import NODE
+from nearvoice.edge.http.deliver import deliver
+from nearvoice.edge.http.middleware import errors_as_json
+from nearvoice.edge.http.stream import deliver_fill
+from nearvoice.edge.metrics import Source
+from nearvoice.edge.node import Node
+from nearvoice.edge.nodeauth import NODE_HEADER, destination
+from nearvoice.edge.spec import KEY_RE
+from nearvoice.edge.workers import (
     HOTKEYS_PATH,
     PREFETCH_PATH,
     PURGE_PATH,

@@ -6,7 +6,7 @@ from http import HTTPStatus
 
 from aiohttp import web
 
-from edge.handlers.keys import NODE
+from nearvoice.edge.handlers.keys import NODE
 
 
 async def healthz(request: web.Request) -> web.Response:

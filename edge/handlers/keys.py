@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from edge.apikeys import ApiKeys
-from edge.node import Node
+from nearvoice.edge.apikeys import ApiKeys
+from nearvoice.edge.node import Node
 
 NODE = web.AppKey("node", Node)
 API_KEYS = web.AppKey("api_keys", ApiKeys)

@@ -52,25 +52,25 @@ from urllib.parse import urlencode
 
 from aiohttp import hdrs, web
 
-from edge import controls
-from edge.apikeys import ApiKeys
-from edge.cache.fill import Fill, FillFailed
-from edge.cache.hot import SharedFile
-from edge.config import TenantSettings
-from edge.core import serve
-from edge.errors import BadRequest, PayloadTooLarge, RequestError, Unauthorized
-from edge.formats import AudioFormat
-from edge.handlers.keys import API_KEYS, NODE
-from edge.http.deliver import Delivered
-from edge.http.requests import MAX_JSON_DEPTH, json_depth
-from edge.http.sendfile import send_file_range
-from edge.limits import Scope
-from edge.metrics import Result
-from edge.node import Held, Node
-from edge.policy import Policy
-from edge.spec import MAX_SPEED, MIN_SPEED, Emotion, Spec, SpecError
-from edge.token import Grant, sign_query, speech_path
-from edge.voices import Voice, refused_control
+from nearvoice.edge import controls
+from nearvoice.edge.apikeys import ApiKeys
+from nearvoice.edge.cache.fill import Fill, FillFailed
+from nearvoice.edge.cache.hot import SharedFile
+from nearvoice.edge.config import TenantSettings
+from nearvoice.edge.core import serve
+from nearvoice.edge.errors import BadRequest, PayloadTooLarge, RequestError, Unauthorized
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.handlers.keys import API_KEYS, NODE
+from nearvoice.edge.http.deliver import Delivered
+from nearvoice.edge.http.requests import MAX_JSON_DEPTH, json_depth
+from nearvoice.edge.http.sendfile import send_file_range
+from nearvoice.edge.limits import Scope
+from nearvoice.edge.metrics import Result
+from nearvoice.edge.node import Held, Node
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import MAX_SPEED, MIN_SPEED, Emotion, Spec, SpecError
+from nearvoice.edge.token import Grant, sign_query, speech_path
+from nearvoice.edge.voices import Voice, refused_control
 
 log = logging.getLogger("nearvoice.api")
 

@@ -49,20 +49,20 @@ from urllib.parse import urlencode
 
 from aiohttp import WSMsgType, hdrs, web
 
-from edge.cache.fill import Fill, FillFailed
-from edge.cache.hot import SharedFile
-from edge.core import serve
-from edge.errors import BadRequest, RequestError, Unauthorized
-from edge.handlers.keys import API_KEYS, NODE
-from edge.handlers.openai import authenticate, parse_json, read_body
-from edge.http.deliver import Delivered
-from edge.limits import RateLimited, Rates, Scope
-from edge.metrics import Result
-from edge.node import Held, Node
-from edge.realtime import protocol, tokens
-from edge.realtime.framing import Framer
-from edge.realtime.protocol import CLIENT_CLOSED, CLOSE_REASONS, Close, ProtocolError
-from edge.realtime.session import (
+from nearvoice.edge.cache.fill import Fill, FillFailed
+from nearvoice.edge.cache.hot import SharedFile
+from nearvoice.edge.core import serve
+from nearvoice.edge.errors import BadRequest, RequestError, Unauthorized
+from nearvoice.edge.handlers.keys import API_KEYS, NODE
+from nearvoice.edge.handlers.openai import authenticate, parse_json, read_body
+from nearvoice.edge.http.deliver import Delivered
+from nearvoice.edge.limits import RateLimited, Rates, Scope
+from nearvoice.edge.metrics import Result
+from nearvoice.edge.node import Held, Node
+from nearvoice.edge.realtime import protocol, tokens
+from nearvoice.edge.realtime.framing import Framer
+from nearvoice.edge.realtime.protocol import CLIENT_CLOSED, CLOSE_REASONS, Close, ProtocolError
+from nearvoice.edge.realtime.session import (
     Drop,
     Finish,
     Render,
@@ -72,9 +72,9 @@ from edge.realtime.session import (
     VoiceInfo,
     sample_rate,
 )
-from edge.realtime.turns import Turn, Turns
-from edge.spec import Spec, SpecError
-from edge.token import Grant, sign_query, speech_path
+from nearvoice.edge.realtime.turns import Turn, Turns
+from nearvoice.edge.spec import Spec, SpecError
+from nearvoice.edge.token import Grant, sign_query, speech_path
 
 log = logging.getLogger("nearvoice.realtime")
 CLOSE_WAIT = 5.0  # seconds a closing session waits for the client's close frame

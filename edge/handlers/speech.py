@@ -11,21 +11,21 @@ import time
 
 from aiohttp import web
 
-from edge.cache.fill import Fill
-from edge.cache.hot import SharedFile
-from edge.core import serve
-from edge.errors import BadRequest, RequestError
-from edge.handlers.keys import NODE
-from edge.http.deliver import Delivered, deliver
-from edge.http.protocol import mark_node_peer
-from edge.http.proxies import client_address
-from edge.http.stream import deliver_fill
-from edge.limits import Limiter, Rates, Scope
-from edge.metrics import Result
-from edge.node import Held, Node
-from edge.nodeauth import NODE_HEADER, local_names
-from edge.policy import Policy
-from edge.token import Grant
+from nearvoice.edge.cache.fill import Fill
+from nearvoice.edge.cache.hot import SharedFile
+from nearvoice.edge.core import serve
+from nearvoice.edge.errors import BadRequest, RequestError
+from nearvoice.edge.handlers.keys import NODE
+from nearvoice.edge.http.deliver import Delivered, deliver
+from nearvoice.edge.http.protocol import mark_node_peer
+from nearvoice.edge.http.proxies import client_address
+from nearvoice.edge.http.stream import deliver_fill
+from nearvoice.edge.limits import Limiter, Rates, Scope
+from nearvoice.edge.metrics import Result
+from nearvoice.edge.node import Held, Node
+from nearvoice.edge.nodeauth import NODE_HEADER, local_names
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.token import Grant
 
 
 def _authorize(node: Node, request: web.Request, client: str | None) -> tuple[Grant, bool]:

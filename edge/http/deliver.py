@@ -13,16 +13,22 @@ from http import HTTPStatus
 
 from aiohttp import hdrs, web
 
-from edge.cache.hot import SharedFile
-from edge.cache.meta import ObjectMeta
-from edge.errors import PreconditionFailed, RangeNotSatisfiable
-from edge.http.conditional import Precondition, evaluate, if_range_allows
-from edge.http.direct import DirectResponse, can_answer_directly, serialize_headers
-from edge.http.multipart import Multipart
-from edge.http.ranges import ByteRange, RangeError, content_range, parse_range, unsatisfied_range
-from edge.http.sendfile import send_file_range
-from edge.policy import Policy
-from edge.upstream import CHECKSUM_HEADER
+from nearvoice.edge.cache.hot import SharedFile
+from nearvoice.edge.cache.meta import ObjectMeta
+from nearvoice.edge.errors import PreconditionFailed, RangeNotSatisfiable
+from nearvoice.edge.http.conditional import Precondition, evaluate, if_range_allows
+from nearvoice.edge.http.direct import DirectResponse, can_answer_directly, serialize_headers
+from nearvoice.edge.http.multipart import Multipart
+from nearvoice.edge.http.ranges import (
+    ByteRange,
+    RangeError,
+    content_range,
+    parse_range,
+    unsatisfied_range,
+)
+from nearvoice.edge.http.sendfile import send_file_range
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.upstream import CHECKSUM_HEADER
 
 RANGE_UNIT = "bytes"
 

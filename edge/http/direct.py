@@ -19,7 +19,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 
-from edge.http import aiohttp_private
+from nearvoice.edge.http import aiohttp_private
 
 _REASONS = {
     status: f"HTTP/1.1 {status.value} {status.phrase}\r\n".encode() for status in HTTPStatus

@@ -45,20 +45,20 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 
-from edge.handlers.keys import NODE
-from edge.handlers.speech import admission
-from edge.http import aiohttp_private
-from edge.http.deliver import direct_parts
-from edge.http.direct import direct_head
-from edge.http.logs import EdgeAccessLogger, write_access
-from edge.http.protocol import EdgeHandler, Guard
-from edge.http.proxies import TrustedProxies
-from edge.http.ranges import ByteRange, RangeError, parse_range
-from edge.http.tls import TlsSettings, server_context
-from edge.http.tls import reload as tls_reload
-from edge.limits import Scope
-from edge.metrics import Result, Source
-from edge.node import Node
+from nearvoice.edge.handlers.keys import NODE
+from nearvoice.edge.handlers.speech import admission
+from nearvoice.edge.http import aiohttp_private
+from nearvoice.edge.http.deliver import direct_parts
+from nearvoice.edge.http.direct import direct_head
+from nearvoice.edge.http.logs import EdgeAccessLogger, write_access
+from nearvoice.edge.http.protocol import EdgeHandler, Guard
+from nearvoice.edge.http.proxies import TrustedProxies
+from nearvoice.edge.http.ranges import ByteRange, RangeError, parse_range
+from nearvoice.edge.http.tls import TlsSettings, server_context
+from nearvoice.edge.http.tls import reload as tls_reload
+from nearvoice.edge.limits import Scope
+from nearvoice.edge.metrics import Result, Source
+from nearvoice.edge.node import Node
 
 KEEPALIVE_TIMEOUT = 75.0  # seconds an idle connection is kept: web.run_app's default
 SHUTDOWN_TIMEOUT = 60.0  # seconds requests under way get at shutdown: web.run_app's default

@@ -25,7 +25,7 @@ from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from edge.http.proxies import client_address
+from nearvoice.edge.http.proxies import client_address
 
 MASK = "REDACTED"
 _QUERY_SECRET = re.compile(r"(?i)((?<![\w.-])(?:s|sig|token|api_key)=)[^&\s\"';]*")

@@ -8,8 +8,8 @@ from http import HTTPStatus
 
 from aiohttp import hdrs, web
 
-from edge.errors import RequestError
-from edge.http.protocol import RawAnswer, error_bytes
+from nearvoice.edge.errors import RequestError
+from nearvoice.edge.http.protocol import RawAnswer, error_bytes
 
 log = logging.getLogger("nearvoice.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

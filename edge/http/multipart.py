@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from edge.http.ranges import ByteRange, content_range
+from nearvoice.edge.http.ranges import ByteRange, content_range
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,8 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from edge.http import aiohttp_private, proxy_protocol
-from edge.http.proxies import TrustedProxies
+from nearvoice.edge.http import aiohttp_private, proxy_protocol
+from nearvoice.edge.http.proxies import TrustedProxies
 
 log = logging.getLogger("nearvoice.http")
 REJECTION_LOG_RATE = 10.0  # WARNING lines a second for rejected requests, at most

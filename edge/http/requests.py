@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from edge.errors import BadRequest, Forbidden, Unauthorized
+from nearvoice.edge.errors import BadRequest, Forbidden, Unauthorized
 
 BEARER = "Bearer "
 MAX_JSON_DEPTH = 32

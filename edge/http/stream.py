@@ -46,9 +46,9 @@ from typing import Protocol
 
 from aiohttp import hdrs, web
 
-from edge.cache.fill import Fill, FillFailed
-from edge.cache.meta import ObjectMeta
-from edge.http.deliver import (
+from nearvoice.edge.cache.fill import Fill, FillFailed
+from nearvoice.edge.cache.meta import ObjectMeta
+from nearvoice.edge.http.deliver import (
     RANGE_UNIT,
     Delivered,
     DeliveryOptions,
@@ -57,10 +57,10 @@ from edge.http.deliver import (
     deliver,
     plan_ranges,
 )
-from edge.http.direct import DirectStream, can_answer_directly, serialize_headers
-from edge.http.multipart import Multipart
-from edge.http.ranges import ByteRange, RangeError, content_range, parse_range
-from edge.policy import Policy
+from nearvoice.edge.http.direct import DirectStream, can_answer_directly, serialize_headers
+from nearvoice.edge.http.multipart import Multipart
+from nearvoice.edge.http.ranges import ByteRange, RangeError, content_range, parse_range
+from nearvoice.edge.policy import Policy
 
 SEND_SLICE = 64 * 1024  # bytes per write: with drain, bounds what one slow listener buffers
 FIRST_SLICE = 4 * 1024  # the first write is small, so every waiting listener gets a byte soon

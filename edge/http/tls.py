@@ -24,7 +24,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 
-from edge.checks import require
+from nearvoice.edge.checks import require
 
 log = logging.getLogger("nearvoice.tls")
 

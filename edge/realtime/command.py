@@ -8,10 +8,10 @@ from __future__ import annotations
 import time
 from urllib.parse import urlencode, urlsplit
 
-from edge.apikeys import TENANT_RE
-from edge.keyring import Keyring
-from edge.realtime import tokens
-from edge.voices import Voice
+from nearvoice.edge.apikeys import TENANT_RE
+from nearvoice.edge.keyring import Keyring
+from nearvoice.edge.realtime import tokens
+from nearvoice.edge.voices import Voice
 
 REALTIME_PATH = "/v1/realtime/speech"
 

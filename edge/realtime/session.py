@@ -23,9 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
 
-from edge.formats import AudioFormat
-from edge.realtime import protocol
-from edge.realtime.protocol import (
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.realtime import protocol
+from nearvoice.edge.realtime.protocol import (
     Cancel,
     ClientEvent,
     Close,
@@ -35,8 +35,8 @@ from edge.realtime.protocol import (
     TextDone,
     TextFlush,
 )
-from edge.spec import MAX_SPEED, MIN_SPEED
-from edge.synth.chunking import Segmenter
+from nearvoice.edge.spec import MAX_SPEED, MIN_SPEED
+from nearvoice.edge.synth.chunking import Segmenter
 
 FORMATS: Mapping[str, AudioFormat] = {"pcm": AudioFormat.PCM, "opus": AudioFormat.OPUS}
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # RFC 6716 section 2 (as edge.synth.streaming)

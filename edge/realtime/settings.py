@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge.checks import at_least, between, positive, require
+from nearvoice.edge.checks import at_least, between, positive, require
 
 
 @dataclass(frozen=True, slots=True)

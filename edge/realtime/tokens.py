@@ -25,8 +25,8 @@ from hashlib import sha256
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from edge.errors import Forbidden, Gone
-from edge.keyring import Keyring, SigningKey
+from nearvoice.edge.errors import Forbidden, Gone
+from nearvoice.edge.keyring import Keyring, SigningKey
 
 _DOMAIN = b"nearvoice-realtime-v1"
 _INFO = b"nearvoice/v1/realtime"

@@ -23,8 +23,8 @@ from typing import Self
 import av
 import numpy as np
 
-from edge.formats import AudioFormat
-from edge.synth.engine import Audio
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.synth.engine import Audio
 
 AAC_BITRATE = 64_000
 """Bits per second: transparent enough for mono speech at 22.05 or 24 kHz."""

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from edge.spec import LANG, Spec
-from edge.synth import hints
+from nearvoice.edge.spec import LANG, Spec
+from nearvoice.edge.synth import hints
 
 IpaCheck = Callable[[str], None]
 """Raises hints.Unmappable for a text whose IPA hints the engine cannot say."""

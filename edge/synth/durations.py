@@ -41,7 +41,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from edge.synth.providers import session
+from nearvoice.edge.synth.providers import session
 
 log = logging.getLogger("nearvoice.durations")
 

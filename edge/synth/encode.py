@@ -3,9 +3,9 @@ complete object and a streamed one come out of the same code (edge.synth.streami
 
 from __future__ import annotations
 
-from edge.formats import AudioFormat
-from edge.synth.engine import Audio
-from edge.synth.streaming import OGG_SERIAL, stream_encoder, to_pcm16
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.synth.engine import Audio
+from nearvoice.edge.synth.streaming import OGG_SERIAL, stream_encoder, to_pcm16
 
 __all__ = ["OGG_SERIAL", "encode", "to_pcm16"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
-    from edge.spec import Spec
+    from nearvoice.edge.spec import Spec
 
 Audio = npt.NDArray[np.float32]
 

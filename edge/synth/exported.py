@@ -174,7 +174,7 @@ class Chosen:
 
     def providers(self, providers: list[Any]) -> list[Any]:
         """The engine's providers with this export's TensorRT profile."""
-        from edge.synth.providers import with_profile
+        from nearvoice.edge.synth.providers import with_profile
 
         return with_profile(providers, self.export.trt_profile)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edge.synth.engine import Engine
+from nearvoice.edge.synth.engine import Engine
 
 MIN_RATIO = 0.5
 MAX_RATIO = 2.0

@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge.synth import capability, hints
-from edge.synth.chunking import split_chunks
-from edge.synth.durations import Counted, DurationGraph, Durations, Feeds, Recent
-from edge.synth.engine import Audio
-from edge.synth.providers import session, short_name
+from nearvoice.edge.synth import capability, hints
+from nearvoice.edge.synth.chunking import split_chunks
+from nearvoice.edge.synth.durations import Counted, DurationGraph, Durations, Feeds, Recent
+from nearvoice.edge.synth.engine import Audio
+from nearvoice.edge.synth.providers import session, short_name
 
 if TYPE_CHECKING:
     from piper import PiperVoice, SynthesisConfig
 
-    from edge.spec import Spec
-    from edge.synth.exported import Chosen
+    from nearvoice.edge.spec import Spec
+    from nearvoice.edge.synth.exported import Chosen
 
 PIPER_CONFIG = "model.onnx.json"
 """A piper voice's config, beside its model and in its export directory."""

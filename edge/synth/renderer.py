@@ -37,13 +37,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from edge.metrics import Metrics
-from edge.spec import Spec
-from edge.synth import fit
-from edge.synth.engine import Audio, Engine, SpecEngine
-from edge.synth.priority import PriorityPool
-from edge.synth.resample import Resampler
-from edge.synth.streaming import ResamplingEncoder, StreamEncoder, encoded_length, stream_encoder
+from nearvoice.edge.metrics import Metrics
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth import fit
+from nearvoice.edge.synth.engine import Audio, Engine, SpecEngine
+from nearvoice.edge.synth.priority import PriorityPool
+from nearvoice.edge.synth.resample import Resampler
+from nearvoice.edge.synth.streaming import (
+    ResamplingEncoder,
+    StreamEncoder,
+    encoded_length,
+    stream_encoder,
+)
 
 EWMA_WEIGHT = 0.2  # weight of the newest render time in the running mean
 INITIAL_RENDER_SECONDS = 0.05  # assumed per render until one has been measured

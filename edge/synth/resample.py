@@ -14,7 +14,7 @@ from math import gcd
 import numpy as np
 import numpy.typing as npt
 
-from edge.synth.engine import Audio
+from nearvoice.edge.synth.engine import Audio
 
 TAPS_PER_PHASE = 24  # filter taps per output sample when interpolating; more is sharper
 KAISER_BETA = 8.0  # about 80 dB of stop-band attenuation

@@ -69,10 +69,10 @@ from typing import Any, Protocol, Self
 import numpy as np
 import soundfile
 
-from edge.formats import AudioFormat
-from edge.synth.engine import Audio
-from edge.synth.ogg import SerialPinner
-from edge.synth.resample import Resampler
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.synth.engine import Audio
+from nearvoice.edge.synth.ogg import SerialPinner
+from nearvoice.edge.synth.resample import Resampler
 
 OGG_SERIAL = 0x6E766F78  # b"nvox": fixed so renders are byte-identical (see edge.synth.ogg)
 OGG_PAGE_LATENCY_MS = 200.0
@@ -123,7 +123,7 @@ def stream_encoder(
             post=_Mp3InfoFrameCutter(),
         )
     if fmt is AudioFormat.AAC:
-        from edge.synth.aac import AacEncoder  # PyAV loads FFmpeg: only when asked for
+        from nearvoice.edge.synth.aac import AacEncoder  # PyAV loads FFmpeg: only when asked for
 
         return AacEncoder(sample_rate)
     if fmt is AudioFormat.OPUS:

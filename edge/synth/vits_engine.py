@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from edge.synth import capability
-from edge.synth.chunking import split_chunks
-from edge.synth.durations import DurationGraph, Durations, Recent
-from edge.synth.engine import Audio
-from edge.synth.exported import ExportDirError
-from edge.synth.providers import session, short_name
-from edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
+from nearvoice.edge.synth import capability
+from nearvoice.edge.synth.chunking import split_chunks
+from nearvoice.edge.synth.durations import DurationGraph, Durations, Recent
+from nearvoice.edge.synth.engine import Audio
+from nearvoice.edge.synth.exported import ExportDirError
+from nearvoice.edge.synth.providers import session, short_name
+from nearvoice.edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
 
 if TYPE_CHECKING:
-    from edge.spec import Spec
-    from edge.synth.exported import Chosen
+    from nearvoice.edge.spec import Spec
+    from nearvoice.edge.synth.exported import Chosen
 
 ENGINE_NAME = "vits"
 FAMILY = "vits"
