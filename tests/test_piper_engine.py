@@ -16,6 +16,7 @@ import soundfile
 
 from nearvoice.edge.config import NodeConfig, SynthSettings
 from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.synth import windows
 from nearvoice.edge.synth.encode import encode
 from nearvoice.edge.synth.engine import Audio, Engine
 from nearvoice.edge.synth.hibari_engine import HibariEngine
@@ -113,10 +114,11 @@ def test_default_engines_pick_the_engine_of_each_voice() -> None:
 
 
 @pytest.mark.slow
-def test_stream_yields_one_float32_array_per_sentence(engine: PiperEngine) -> None:
+def test_stream_yields_float32_arrays_the_first_sentence_in_windows(engine: PiperEngine) -> None:
     parts = render(engine)
-    assert len(parts) >= 2
-    for part in parts:
+    first = windows.Settings().first * 256  # samples per frame (piper's hop_length)
+    assert len(parts) >= 3 and len(parts[0]) == first  # the first window of the first piece
+    for part in parts[1:]:
         assert part.dtype == np.float32
         assert part.ndim == 1
         assert len(part) > RATE // 4

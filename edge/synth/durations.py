@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -41,7 +41,10 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from nearvoice.edge.synth import windows
+from nearvoice.edge.synth.onnxgraph import behind, build_model, reads_of
 from nearvoice.edge.synth.providers import session
+from nearvoice.edge.synth.windows import Windowed
 
 log = logging.getLogger("nearvoice.durations")
 
@@ -92,7 +95,7 @@ def extract(path: Path, split: bool = False) -> DurationGraph:
     for node in graph.node:
         if node.op_type != "Range" or len(node.input) < 2:
             continue
-        nodes, tensors = _behind(graph, producers, node.input[1])
+        nodes, tensors = behind(graph, producers, node.input[1])
         if nodes & rounding and (best is None or len(nodes) < len(best[1])):
             best = (node.input[1], nodes, tensors)
     if best is None:
@@ -101,7 +104,7 @@ def extract(path: Path, split: bool = False) -> DurationGraph:
     inputs = [i for i in graph.input if i.name in tensors]
     rest = _rest(model, nodes) if split else None
     handoff = rest[1] if rest else ()
-    cut = _model(
+    cut = build_model(
         model,
         [graph.node[i] for i in sorted(nodes)],  # the source's order is topological
         inputs,
@@ -127,28 +130,6 @@ def extract(path: Path, split: bool = False) -> DurationGraph:
     )
 
 
-def _model(
-    source: Any, nodes: list[Any], inputs: list[Any], outputs: list[Any], reads: set[str]
-) -> bytes:
-    """A model of `nodes` from `source`, with the initializers and value infos they read."""
-    from onnx import helper
-
-    graph = helper.make_graph(
-        nodes,
-        source.graph.name,
-        inputs,
-        outputs,
-        initializer=[t for t in source.graph.initializer if t.name in reads],
-    )
-    graph.value_info.extend(v for v in source.graph.value_info if v.name in reads)
-    model = helper.make_model(
-        graph, opset_imports=source.opset_import, ir_version=source.ir_version
-    )
-    model.functions.extend(source.functions)
-    serialized: bytes = model.SerializeToString()
-    return serialized
-
-
 def _rest(source: Any, part: set[int]) -> tuple[bytes, tuple[str, ...], frozenset[str]] | None:
     """The graph without the `part` nodes, its handoff, and the source inputs it reads;
     None when the type of a handed-off tensor cannot be inferred."""
@@ -158,7 +139,7 @@ def _rest(source: Any, part: set[int]) -> tuple[bytes, tuple[str, ...], frozense
     graph = source.graph
     rest = [i for i in range(len(graph.node)) if i not in part]
     made = {out for i in part for out in graph.node[i].output}
-    reads = {name for i in rest for name in _reads(graph.node[i])}
+    reads = {name for i in rest for name in reads_of(graph.node[i])}
     if any(o.name in made for o in graph.output):
         return None  # an output of the part would be an input and an output of the rest
     handoff = tuple(sorted(reads & made))
@@ -171,36 +152,8 @@ def _rest(source: Any, part: set[int]) -> tuple[bytes, tuple[str, ...], frozense
         return None
     inputs = [helper.make_tensor_value_info(name, types[name], None) for name in handoff]
     inputs += [i for i in graph.input if i.name in reads]
-    model = _model(source, [graph.node[i] for i in rest], inputs, list(graph.output), reads)
+    model = build_model(source, [graph.node[i] for i in rest], inputs, list(graph.output), reads)
     return model, handoff, frozenset(i.name for i in graph.input if i.name in reads)
-
-
-def _behind(graph: Any, producers: dict[str, int], tensor: str) -> tuple[set[int], set[str]]:
-    """Indices of the nodes that `tensor` is computed from, and every tensor they read."""
-    nodes: set[int] = set()
-    tensors: set[str] = set()
-    stack = [tensor]
-    while stack:
-        name = stack.pop()
-        if name in tensors:
-            continue
-        tensors.add(name)
-        index = producers.get(name)
-        if index is not None and index not in nodes:
-            nodes.add(index)
-            stack.extend(_reads(graph.node[index]))
-    return nodes, tensors
-
-
-def _reads(node: Any) -> list[str]:
-    """A node's inputs, with the outer names its subgraphs (If, Loop, Scan bodies) read."""
-    names = [i for i in node.input if i]
-    for attribute in node.attribute:
-        for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
-            inner = {i.name for i in body.input} | {t.name for t in body.initializer}
-            inner |= {out for n in body.node for out in n.output}
-            names.extend(i for n in body.node for i in _reads(n) if i not in inner)
-    return names
 
 
 Feeds = Mapping[str, npt.NDArray[Any]]
@@ -230,6 +183,7 @@ class Durations:
         providers: list[Any],
         samples_per_frame: Callable[[DurationGraph], int],
         split: bool = False,
+        window_settings: windows.Settings | None = None,
     ) -> None:
         self._path = model
         self._split = split
@@ -243,6 +197,10 @@ class Durations:
         """Why this pass gives no lengths (None while it works)."""
         self.unsplit: str | None = None if split else "not asked for"
         """Why renders run the whole graph rather than the rest after the pass."""
+        self._windows = window_settings
+        self._windowed: windows.Windowed | None = None
+        self.unwindowed: str | None = None if window_settings else "not asked for"
+        """Why first pieces run the rest of the graph whole rather than in windows."""
         self._local = threading.local()
 
     def graph(self) -> DurationGraph | None:
@@ -298,6 +256,45 @@ class Durations:
         inputs.update((k, v) for k, v in feeds.items() if k in graph.rest_inputs)
         outputs: list[npt.NDArray[Any]] = sess.run(None, inputs)
         return outputs
+
+    def windowed(self) -> Windowed | None:
+        """The rest of the graph with its time-local tail run in windows (edge.synth.
+        windows), cut when first asked for; None while renders do not split, when the
+        graph has no such tail, or after `no_windows`."""
+        if not self.splits() or self.unwindowed is not None:
+            return None
+        if self._windowed is None:
+            with self._lock:
+                if self._windowed is None and self.unwindowed is None:
+                    graph, settings = self._graph, self._windows
+                    assert graph is not None and graph.rest is not None and settings
+                    try:
+                        tail = windows.cut(graph.rest)
+                    except Exception as exc:  # onnx's own errors on odd graphs
+                        tail = None
+                        self.unwindowed = f"{type(exc).__name__}: {exc}"
+                    if tail is None:
+                        self.unwindowed = self.unwindowed or "no time-local tail"
+                    else:
+                        self._windowed = windows.Windowed(
+                            tail, self._scale, self._threads, self._providers, settings
+                        )
+        return self._windowed if self.unwindowed is None else None
+
+    def rest_windows(self, counted: Counted, feeds: Feeds) -> Iterator[npt.NDArray[np.float32]]:
+        """`rest`'s audio window by window (only while `windowed()` is not None): the
+        first piece comes after the first window, not the whole utterance."""
+        graph, windowed = self._graph, self._windowed
+        assert graph is not None and windowed is not None
+        inputs = dict(zip(graph.handoff, counted.handoff, strict=True))
+        inputs.update((k, v) for k, v in feeds.items() if k in graph.rest_inputs)
+        return windowed.run(inputs, counted.samples // self._scale)
+
+    def no_windows(self, reason: str) -> None:
+        """Renders run the rest of the graph whole from now on."""
+        if self.unwindowed is None:
+            log.error("%s: first pieces are not windowed: %s", self._path, reason)
+        self.unwindowed = reason
 
     def no_split(self, reason: str) -> None:
         """Renders run the whole graph from now on."""

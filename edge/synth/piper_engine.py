@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nearvoice.edge.synth import capability, hints
+from nearvoice.edge.synth import capability, hints, windows
 from nearvoice.edge.synth.chunking import split_chunks
 from nearvoice.edge.synth.durations import Counted, DurationGraph, Durations, Feeds, Recent
 from nearvoice.edge.synth.engine import Audio
@@ -168,7 +168,10 @@ class PiperEngine:
 
         providers = self._providers_for(voice)
         split = providers == ["CPUExecutionProvider"]
-        return Durations(self._model_path(voice), self._threads, providers, per_frame, split)
+        windowed = windows.Settings() if split else None
+        return Durations(
+            self._model_path(voice), self._threads, providers, per_frame, split, windowed
+        )
 
     def _providers_for(self, voice: str) -> list[Any]:
         chosen = self._exported.get(voice)
@@ -238,11 +241,20 @@ class PiperEngine:
         for voice in self.voices:
             durations = self._durations[voice]
             counted = self.samples(WARM_UP, voice, 1.0)
-            audio = list(self.stream(WARM_UP, voice, 1.0, 0))
             whole = list(self._whole(voice, WARM_UP))
             durations.check(counted, sum(len(a) for a in whole))
-            if durations.splits() and not _same(audio, whole):
+            if durations.splits() and not _same(list(self._stream(WARM_UP, voice, 1.0)), whole):
                 durations.no_split("the rest after the pass renders other samples")
+            windowed = durations.windowed()
+            if windowed is not None:
+                first = next(self._whole(voice, WINDOW_CHECK))
+                pieces: list[Audio] = []
+                for audio in self._stream(WINDOW_CHECK, voice, 1.0, windowed=True):
+                    if sum(map(len, pieces)) >= len(first):
+                        break
+                    pieces.append(audio)
+                if not windowed.close_to(np.concatenate(pieces), first):
+                    durations.no_windows("windowed first pieces differ from the whole graph's")
 
     def _whole(self, voice: str, text: str, speed: float = 1.0) -> Iterator[Audio]:
         """`text` rendered by the whole graph, piece by piece."""
@@ -286,6 +298,12 @@ class PiperEngine:
         return feeds
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
+        return self._stream(text, voice, speed, windowed=True)
+
+    def _stream(
+        self, text: str, voice: str, speed: float, windowed: bool = False
+    ) -> Iterator[Audio]:
+        """`stream`; `windowed` runs the first piece in windows where the model allows."""
         loaded = self._voice(voice)
         synthesis = self._synthesis(loaded, speed)
         durations = self._durations[voice]
@@ -295,7 +313,12 @@ class PiperEngine:
             feeds = self._feeds(loaded, ids, synthesis)
             run = counted[i] if i < len(counted) else None
             if durations.splits() and (run := run or durations.count(feeds)) is not None:
-                yield _audio(durations.rest(run, feeds))
+                if i == 0 and windowed and durations.windowed() is not None:
+                    # The first piece in windows: the first byte waits for its first
+                    # frames, not for the whole piece (edge.synth.windows).
+                    yield from (_audio([w]) for w in durations.rest_windows(run, feeds))
+                else:
+                    yield _audio(durations.rest(run, feeds))
             else:
                 yield _audio(self.session(voice).run(None, feeds))
 
@@ -321,6 +344,12 @@ class PiperEngine:
 
 
 WARM_UP = "Warm up."
+WINDOW_CHECK = (
+    "Windows are checked against the whole graph on one long sentence, of several seconds"
+    " of speech, with no pause in it."
+)
+"""Long enough for three windows (edge.synth.windows.plan), so every kind of window edge
+is compared with the whole graph's samples at warmup."""
 
 
 def _audio(outputs: list[Any]) -> Audio:
@@ -330,9 +359,9 @@ def _audio(outputs: list[Any]) -> Audio:
 
 
 def _same(one: list[Audio], other: list[Audio]) -> bool:
-    return len(one) == len(other) and all(
-        np.array_equal(a, b) for a, b in zip(one, other, strict=False)
-    )
+    """Whether two renders are the same samples, however they were cut into pieces."""
+    empty: list[Audio] = [np.zeros(0, dtype=np.float32)]
+    return np.array_equal(np.concatenate(one or empty), np.concatenate(other or empty))
 
 
 def _hinted(loaded: PiperVoice, parts: list[hints.Part]) -> list[str]:
