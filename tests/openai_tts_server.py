@@ -2,9 +2,12 @@
 
 It speaks the `POST /v1/audio/speech` wire format (JSON `model`, `input`, `voice`,
 `response_format`, `speed`; answer: raw s16le mono PCM, chunked) and renders real speech
-with the bundled piper `joe` voice (edge.synth.piper_engine.PiperEngine) at 22050 Hz,
-writing each sentence to the response as soon as it is rendered. It is a peer for the
-wire format, not a mock: what a client receives is a real render.
+with the bundled piper `joe` voice at 22050 Hz through piper's own API, as servers built
+on piper do: `PiperVoice.synthesize` on piper's own session (onnxruntime's default
+threads, one per core), sentence by sentence, with zero noise so renders are
+deterministic, each sentence written to the response as soon as it is rendered. It is a
+peer for the wire format and for benchmarks, not a mock: what a client receives is a real
+render of the same model the edge renders.
 
 For tests it also has:
   token         answer 401 unless `Authorization: Bearer <token>` is sent;
@@ -36,9 +39,10 @@ from typing import Any, Self
 
 import numpy as np
 from aiohttp import web
+from piper import PiperVoice, SynthesisConfig
 
 from nearvoice.edge.synth.engine import Audio
-from nearvoice.edge.synth.piper_engine import PiperEngine
+from nearvoice.edge.synth.piper_engine import BUNDLED
 
 VOICES = {"joe": "joe"}
 """The voices this server offers (OpenAI name -> piper voice)."""
@@ -75,14 +79,13 @@ class OpenAITTSServer:
         hold: bool = False,
         host: str = "127.0.0.1",
         port: int = 0,
-        engine: PiperEngine | None = None,
     ) -> None:
         self.token = token
         self.chunk_bytes = chunk_bytes
         self.hold = hold
         self._host = host
         self._port = port
-        self._engine = engine or PiperEngine(voices=("joe",), threads=1)
+        self._voice = PiperVoice.load(BUNDLED["joe"].model_path())
         self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="openai-tts")
         self._released = threading.Event()
         self._loop = asyncio.new_event_loop()
@@ -136,7 +139,7 @@ class OpenAITTSServer:
 
     def warmup(self) -> None:
         """Loads the piper session in the render thread."""
-        self._render_pool.submit(self._engine.warmup).result()
+        self._render_pool.submit(lambda: list(self.render("Warm up.", 1.0))).result()
 
     # The endpoint.
 
@@ -171,7 +174,7 @@ class OpenAITTSServer:
         response.enable_chunked_encoding()
         await response.prepare(request)
         loop = asyncio.get_running_loop()
-        sentences = self._engine.stream(text, voice, float(speed), 0)
+        sentences = self.render(text, float(speed))
         first = True
         while True:
             audio = await loop.run_in_executor(self._render_pool, _next, sentences)
@@ -185,6 +188,18 @@ class OpenAITTSServer:
         self.completed += 1  # before the last chunk: a client that saw the end sees this
         await response.write_eof()
         return response
+
+    def render(self, text: str, speed: float) -> Iterator[Audio]:
+        """`text`'s sentences, one array each, as piper renders them (no normalization)."""
+        synthesis = SynthesisConfig(
+            length_scale=self._voice.config.length_scale / speed,
+            noise_scale=0.0,
+            noise_w_scale=0.0,
+            normalize_audio=False,
+        )
+        for chunk in self._voice.synthesize(text, synthesis):
+            audio: Audio = np.clip(np.asarray(chunk.audio_float_array, np.float32), -1.0, 1.0)
+            yield audio
 
     async def _write(self, response: web.StreamResponse, data: bytes) -> None:
         """One HTTP chunk per write (aiohttp frames each write when chunked)."""
