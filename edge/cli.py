@@ -325,6 +325,7 @@ def _supervise(config: NodeConfig) -> int:
 BENCHMARKS = {
     "api": "nearvoice.bench.api",
     "duration-fit": "nearvoice.bench.duration_fit",
+    "duration-pass": "nearvoice.bench.duration_pass",
     "hit-path": "nearvoice.bench.hit_path",
     "miss-latency": "nearvoice.bench.miss_latency",
     "offload": "nearvoice.bench.offload",
@@ -332,6 +333,11 @@ BENCHMARKS = {
     "soak": "nearvoice.bench.soak",
     "realtime": "nearvoice.bench.realtime",
 }
+"""`nearvoice bench NAME` -> the module whose main(argv) runs it; each writes its results
+under ./bench-results (bench/common.py, write_results)."""
+BENCH_REPORT = ("report", "nearvoice.bench.report")
+"""`nearvoice bench report`: the latest results of every benchmark, as Markdown and charts;
+a subcommand of its own, never a benchmark's name."""
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -343,7 +349,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
-    module = importlib.import_module(BENCHMARKS[args.benchmark])
+    name, report = BENCH_REPORT
+    module = importlib.import_module(
+        report if args.benchmark == name else BENCHMARKS[args.benchmark]
+    )
     code: int = module.main(args.bench_args)
     return code
 
@@ -410,8 +419,11 @@ def parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=cmd_up)
 
-    bench = sub.add_parser("bench", help="run a benchmark (see bench/)")
-    bench.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    bench = sub.add_parser(
+        "bench", help="run a benchmark, or `report` the latest results (see docs/benchmarks.md)"
+    )
+    assert BENCH_REPORT[0] not in BENCHMARKS
+    bench.add_argument("benchmark", choices=[*sorted(BENCHMARKS), BENCH_REPORT[0]])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 
