@@ -357,6 +357,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from nearvoice.edge.config_show import effective, show
+
+    try:
+        config = effective(Role(args.role) if args.role else None, args.config)
+    except (ValueError, OSError) as exc:  # ConfigError is a ValueError
+        return _fail(str(exc))
+    sys.stdout.write(show(config))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     return run_export(args.export_args)
 
@@ -403,7 +414,9 @@ def parser() -> argparse.ArgumentParser:
 
     for role in Role:
         node = sub.add_parser(role.value, help=f"run a {role.value} node")
-        node.add_argument("--config", help="TOML file (see configs/)")
+        node.add_argument(
+            "--config", help="TOML file over the defaults (see `nearvoice config show`)"
+        )
         node.add_argument("--host")
         node.add_argument("--port", type=int)
         node.add_argument("--data-dir")
@@ -418,6 +431,19 @@ def parser() -> argparse.ArgumentParser:
         "--tls", action="store_true", help="TLS everywhere, with a development CA in the data dir"
     )
     up.set_defaults(func=cmd_up)
+
+    config = sub.add_parser("config", help="a node's configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser(
+        "show",
+        help="print the effective configuration as TOML (defaults, then --config; "
+        "the environment's part as comments, secrets masked)",
+    )
+    show.add_argument(
+        "--role", choices=[r.value for r in Role], help="default: the file's role, else edge"
+    )
+    show.add_argument("--config", type=Path, help="TOML file over the packaged defaults")
+    show.set_defaults(func=cmd_config_show)
 
     bench = sub.add_parser(
         "bench", help="run a benchmark, or `report` the latest results (see docs/benchmarks.md)"
