@@ -550,7 +550,7 @@ class SegmentDoor:
 
 async def demo(request: web.Request) -> web.StreamResponse:
     """The demo page (edge/static/demo.html), served from the installed package."""
-    page = resources.files("edge").joinpath("static/demo.html").read_bytes()
+    page = resources.files("nearvoice.edge").joinpath("static/demo.html").read_bytes()
     return web.Response(
         body=page,
         content_type="text/html",
