@@ -1,5 +1,5 @@
-"""What fitting a line to a target length costs, and how close it lands (DESIGN.md section
-2, `duration`; edge.synth.fit).
+"""What fitting a line to a target length costs, and how close it lands
+(docs/contracts.md#spec-and-key, `duration`; edge.synth.fit).
 
 For `heart` (hibari) and `joe` (piper), on one onnxruntime thread as nodes run them, each
 of `--sentences` fixed sentences (export/sentences.py, cycled) gets a target between 0.6x and 1.6x

@@ -1,5 +1,6 @@
-"""What the duration pass costs (DESIGN.md section 10): `Engine.samples` runs before the
-first audio byte of every miss, so it is measured against the render it precedes.
+"""What the duration pass costs (docs/contracts.md#exact-length-from-the-first-byte):
+`Engine.samples` runs before the first audio byte of every miss, so it is measured against
+the render it precedes.
 
 Per voice (`heart`, hibari; `joe`, piper) on one onnxruntime thread, as nodes run them,
 and per text (a short one-sentence text; a long one, the first 16 of the fixed sentences

@@ -5,8 +5,9 @@
    request without Range, for wav, pcm and mp3. With the duration pass the node knows the
    length up front, so both leave with the first chunk.
 2. Long first sentences: first byte when the first sentence has about 40 words against a
-   short first sentence. The first chunk ends at the first clause boundary (DESIGN.md
-   section 10), so the long sentence does not stand between the player and its first byte.
+   short first sentence. The first chunk ends at the first clause boundary
+   (docs/contracts.md#exact-length-from-the-first-byte), so the long sentence does not stand
+   between the player and its first byte.
 3. The same-model peer: `joe` (piper) rendered at the edge against `joe` behind nginx
    `proxy_cache` and piper's own HTTP server (`python -m piper.http_server`), the stack a
    user would otherwise build, for the same texts. The peer answers only after the whole

@@ -1,4 +1,4 @@
-"""`nearvoice` command line (DESIGN.md section 4, a contract)."""
+"""`nearvoice` command line (docs/contracts.md#command-line, a contract)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def _controls(args: argparse.Namespace) -> dict[str, Any]:
-    """`Spec.create` arguments of the expressive flags (DESIGN.md section 4)."""
+    """`Spec.create` arguments of the expressive flags (docs/contracts.md#command-line)."""
     out: dict[str, Any] = {}
     if args.duration is not None:
         out["duration"] = args.duration

@@ -173,7 +173,7 @@ class ExternalSettings:
     voices: tuple[ExternalVoiceSettings, ...] = ()
     controls: tuple[str, ...] = ()
     """Optional spec controls the server honours (duration, emotion, ref, lang, ipa,
-    pinyin; DESIGN.md section 2): only the operator knows what its model supports."""
+    pinyin; docs/contracts.md#spec-and-key): only the operator knows what its model supports."""
     clip_dir: str = ""
     """indextts2: a directory shared with the server, where reference clips are written."""
     remote_clip_dir: str = ""

@@ -46,7 +46,7 @@ RENDER_REVISION = 2
 """What the encoders and the chunking write, as a number: bumped whenever a change makes
 the same spec render to other bytes. 1: streams of unknown length, chunks at sentence
 ends. 2: exact sizes in WAV and FLAC headers from the duration pass, a first chunk that
-ends at its first clause boundary (DESIGN.md section 10)."""
+ends at its first clause boundary (docs/contracts.md#exact-length-from-the-first-byte)."""
 
 
 def etag_for(key: str, revision: int = RENDER_REVISION) -> str:

@@ -1,4 +1,4 @@
-"""Realtime speech (DESIGN.md section 9): a WebSocket door over the one request core.
+"""Realtime speech (docs/contracts.md#realtime-speech): a WebSocket door over the one request core.
 
     GET  /v1/realtime/speech     upgrades to a WebSocket (API key or ?token=)
     POST /v1/realtime/tokens     mints a browser session token with an API key
