@@ -42,8 +42,8 @@ Reported (bench-results/soak/<UTC>.json, and .png beside it when matplotlib is i
   difference should be 0; a transfer that broke off counts on both sides with the bytes
   that got through, and as a failure: expected during the outage, unexpected otherwise).
 
-    python -m bench.soak                 # 10 minutes
-    python -m bench.soak --minutes 1     # a quick check that everything runs
+    nearvoice bench soak                 # 10 minutes
+    nearvoice bench soak --minutes 1     # a quick check that everything runs
 """
 
 from __future__ import annotations
