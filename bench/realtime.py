@@ -224,7 +224,6 @@ async def level(
     firsts = [r.first_audio for r in results if r.first_audio is not None]
     behind = sum(1 for r in results if r.max_stall > STALL_TOLERANCE)
     return {
-        "sessions": sessions,
         "behind": behind,
         "max_stall_ms": round(max(r.max_stall for r in results) * 1000, 1),
         "first_audio_from_update_ms": summary(firsts),
@@ -256,12 +255,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 report["compare"] = await compare(http, base, api_key, keyring, args.compare)
                 single = await level(http, base, api_key, 1, session_texts(1, "solo"), seed=1)
                 report["one_session"] = single
-                steps = []
+                steps: dict[str, dict[str, Any]] = {}
                 held = 0
                 for n in (s for s in STEPS if s <= args.max_sessions):
                     found = await level(http, base, api_key, n, session_texts(n, f"c{n}"), seed=n)
-                    steps.append(found)
-                    print(json.dumps(found), flush=True)
+                    steps[str(n)] = found  # by concurrent sessions, the step tried
+                    print(json.dumps({"sessions": n, **found}), flush=True)
                     if found["behind"] or found["errors"]:
                         break
                     held = n
