@@ -19,7 +19,7 @@ of export/sentences.py), the median over `--repeats` rounds of:
   before), and `overhead` = (pass_ms + render_after_pass_ms) / render_ms - 1: what a miss
   pays in all for knowing its length. On the CPU neither engine runs the pass's part of
   the graph again after the pass (it runs the rest of the graph on what the pass handed
-  off), so overhead is about 0 and only the time to the first byte grows. Ratios are
+  off), so by design a miss pays no second pass, only a later first byte. Ratios are
   medians of each round's ratio; `pass_ratio_of_fastest` divides the fastest pass by the
   fastest render, the figure least moved by other work on the machine.
 
