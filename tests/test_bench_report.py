@@ -5,6 +5,7 @@ each benchmark, lists only measured figures, and draws charts when matplotlib is
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -125,3 +126,13 @@ def test_report_is_not_a_benchmark_name() -> None:
     assert "report" not in cli.BENCHMARKS
     with pytest.raises(SystemExit):
         cli.parser().parse_args(["bench", "no-such-bench"])
+
+
+@pytest.mark.parametrize("name", sorted(cli.BENCHMARKS))
+def test_every_benchmark_writes_through_the_helper(name: str) -> None:
+    # Read, not imported: a benchmark's own dependencies may be heavy.
+    spec = importlib.util.find_spec(cli.BENCHMARKS[name])
+    assert spec is not None and spec.origin is not None
+    source = Path(spec.origin).read_text()
+    assert "write_results(" in source, f"{name} does not write through bench.common"
+    assert "Path(__file__)" not in source, f"{name} writes beside its own file"
