@@ -42,12 +42,14 @@ pytest: $(VENV)/.installed sysdeps
 
 test: lint typecheck pytest
 
+# Results go to ./bench-results/<bench>/<UTC>.json; the report gathers the latest of each.
 bench: $(VENV)/.installed sysdeps
-	$(BIN)/python -m nearvoice.bench.hit_path
-	$(BIN)/python -m nearvoice.bench.miss_latency
-	$(BIN)/python -m nearvoice.bench.offload
-	$(BIN)/python -m nearvoice.bench.workers
-	$(BIN)/python -m nearvoice.bench.realtime
+	$(BIN)/nearvoice bench hit-path
+	$(BIN)/nearvoice bench miss-latency
+	$(BIN)/nearvoice bench offload
+	$(BIN)/nearvoice bench workers
+	$(BIN)/nearvoice bench realtime
+	$(BIN)/nearvoice bench report
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -2,7 +2,7 @@
 fixed 64 KiB Range slice of an in-memory object with no verification, no cache lookup and
 no metrics. Run by bench/hit_path.py as a reference row; it is not a server to deploy.
 
-    python -m bench.bare_aiohttp FILE PORT
+    python -m nearvoice.bench.bare_aiohttp FILE PORT
 """
 
 from __future__ import annotations

@@ -1,9 +1,20 @@
-"""Shared benchmark plumbing: free ports, real peer processes, wrk runs and their parsing."""
+"""Shared benchmark plumbing: free ports, real peer processes, wrk runs and their parsing,
+and where results go.
+
+Results are the user's, not the package's: `write_results` puts each run under the
+*working directory*, `bench-results/<bench>/<UTC>.json`, never beside this file (which in
+an installed wheel is site-packages). Each file names the machine that produced it
+(`device()`), since a figure means nothing without the hardware it was measured on;
+`nearvoice bench report` (bench/report.py) reads the latest of each.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import os
+import platform
 import re
 import shutil
 import socket
@@ -13,13 +24,150 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import nearvoice
 from nearvoice.edge.stack import stop_processes
 
-REPO = Path(__file__).resolve().parent.parent
+ROOT = Path(nearvoice.__file__).resolve().parent.parent
+"""The directory holding the `nearvoice` package: the checkout, or site-packages. Child
+processes get it on PYTHONPATH, so they import the same code as this one from any
+working directory."""
+RESULTS_DIR = Path("bench-results")
+"""Where results go, relative to the working directory."""
+STAMP = "%Y%m%dT%H%M%SZ"
+"""UTC time of a run, as its file name: sorts as it happened."""
+
+
+def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment for a child process, with ROOT first on PYTHONPATH."""
+    env = {**os.environ, **(extra or {})}
+    paths = [str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def results_path(bench: str, when: datetime.datetime, root: Path | None = None) -> Path:
+    """`<root>/<bench>/<UTC stamp>.json`; a chart of the same run goes beside it, with the
+    suffix `.png` (`path.with_suffix(".png")`)."""
+    if not bench or "/" in bench or bench.startswith("."):
+        raise ValueError(f"bad benchmark name {bench!r}")
+    stamp = when.astimezone(datetime.UTC).strftime(STAMP)
+    return (RESULTS_DIR if root is None else root) / bench / f"{stamp}.json"
+
+
+def write_results(
+    bench: str,
+    figures: Mapping[str, Any],
+    context: Mapping[str, Any] | None = None,
+    *,
+    root: Path | None = None,
+    when: datetime.datetime | None = None,
+) -> Path:
+    """Writes one run's results and returns the file's path.
+
+    `figures` are what the run measured, and nothing else; `context` is what it was told
+    or compared against (its parameters, targets, references), kept apart so no input is
+    ever read back as a measurement. The device is detected here."""
+    when = when or datetime.datetime.now(datetime.UTC)
+    path = results_path(bench, when, root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "bench": bench,
+        "utc": when.astimezone(datetime.UTC).strftime(STAMP),
+        "figures": figures,
+        "context": dict(context or {}),
+        "device": device(),
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)  # a report never reads half a file
+    return path
+
+
+def device() -> dict[str, Any]:
+    """The machine a run measured: host, CPU, memory, Python, platform, GPU and the
+    code's git commit (None where unknown)."""
+    return {
+        "hostname": socket.gethostname(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "memory_bytes": _memory_bytes(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "gpu": _gpu(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or None
+
+
+def _memory_bytes() -> int | None:
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def _gpu() -> str | None:
+    """The GPUs nvidia-smi lists, else those torch sees (torch is imported only if it is
+    installed), else None."""
+    smi = shutil.which("nvidia-smi")
+    if smi is not None:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [smi, "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout
+            names = [line.strip() for line in out.splitlines() if line.strip()]
+            if names:
+                return ", ".join(names)
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return None
+    with contextlib.suppress(Exception):  # a broken CUDA install is "no GPU", not a failure
+        import torch
+
+        if torch.cuda.is_available():
+            count = torch.cuda.device_count()
+            return ", ".join(torch.cuda.get_device_name(i) for i in range(count))
+    return None
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout this code runs from; None from an installed wheel (its
+    directory is not the top of a git work tree)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        top = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--show-toplevel", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.split()
+        if len(top) == 2 and Path(top[0]).resolve() == ROOT:
+            dirty = subprocess.run(
+                ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+            return top[1] + ("-dirty" if dirty else "")
+    return None
 
 
 def free_port() -> int:
@@ -122,7 +270,7 @@ def edge_process(
         cmd += ["--config", str(config)]
     data_dir.mkdir(parents=True, exist_ok=True)
     log = (data_dir / "edge.log").open("wb")
-    proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=log, cwd=REPO)
+    proc = subprocess.Popen(cmd, env=child_env(env), stdout=log, stderr=log)
     scheme, context = _scheme(ca)
     try:
         wait_http(f"{scheme}://127.0.0.1:{port}/readyz", timeout=120, tls=context)
@@ -137,7 +285,7 @@ def python_server(module: str, *args: str, port: int) -> Iterator[str]:
     """`python -m module args... port` as a separate process, until it answers /healthz."""
     proc = subprocess.Popen(
         [sys.executable, "-m", module, *args, str(port)],
-        cwd=REPO,
+        env=child_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -176,9 +324,11 @@ def _latency(text: str, pct: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-def run_wrk(url: str, *, seconds: int, connections: int, script: Path | None = None) -> WrkResult:
-    """wrk in its own process, one thread, with the latency distribution."""
-    cmd = [require("wrk"), "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+def run_wrk(
+    url: str, *, seconds: int, connections: int, threads: int = 1, script: Path | None = None
+) -> WrkResult:
+    """wrk in its own process, with the latency distribution."""
+    cmd = [require("wrk"), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if script is not None:
         cmd += ["-s", str(script)]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout

@@ -1,5 +1,5 @@
-"""What fitting a line to a target length costs, and how close it lands (DESIGN.md section
-2, `duration`; edge.synth.fit).
+"""What fitting a line to a target length costs, and how close it lands
+(docs/contracts.md#spec-and-key, `duration`; edge.synth.fit).
 
 For `heart` (hibari) and `joe` (piper), on one onnxruntime thread as nodes run them, each
 of `--sentences` fixed sentences (export/sentences.py, cycled) gets a target between 0.6x and 1.6x
@@ -17,9 +17,9 @@ rounds it). Per fit it records:
   plain miss at the natural length, `vs_natural` (a longer object takes longer to render
   whatever fits it). Measured interleaved, so load on a shared machine hits all alike.
 
-    python -m bench.duration_fit [--sentences 50]
+    nearvoice bench duration-fit [--sentences 50]
 
-Results go to bench/results/duration_fit.json.
+Results: bench-results/duration_fit/.
 """
 
 from __future__ import annotations
@@ -28,16 +28,15 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
+from nearvoice.bench.common import write_results
 from nearvoice.edge.synth import fit
 from nearvoice.edge.synth.engine import Engine
 from nearvoice.edge.synth.hibari_engine import HibariEngine
 from nearvoice.edge.synth.piper_engine import PiperEngine
 from nearvoice.export.sentences import SENTENCES
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LOW, HIGH = 0.6, 1.6
 """Targets span these multiples of the natural length."""
 
@@ -120,10 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sentences", type=int, default=50)
     args = parser.parse_args(argv)
     report = run(args.sentences)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "duration_fit.json").write_text(json.dumps(report, indent=2) + "\n")
     for voice, summary in report.items():
         print(voice, json.dumps({k: v for k, v in summary.items() if k != "rows"}))
+    context = {
+        "sentences": args.sentences,
+        "target_ratio_span": [LOW, HIGH],
+        "ort_threads": 1,
+        "target_median_overhead": 1.3,
+    }
+    print(f"results: {write_results('duration_fit', report, context)}")
     return 0
 
 

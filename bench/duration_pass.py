@@ -1,5 +1,6 @@
-"""What the duration pass costs (DESIGN.md section 10): `Engine.samples` runs before the
-first audio byte of every miss, so it is measured against the render it precedes.
+"""What the duration pass costs (docs/contracts.md#exact-length-from-the-first-byte):
+`Engine.samples` runs before the first audio byte of every miss, so it is measured against
+the render it precedes.
 
 Per voice (`heart`, hibari; `joe`, piper) on one onnxruntime thread, as nodes run them,
 and per text (a short one-sentence text; a long one, the first 16 of the fixed sentences
@@ -18,7 +19,7 @@ of export/sentences.py), the median over `--repeats` rounds of:
   before), and `overhead` = (pass_ms + render_after_pass_ms) / render_ms - 1: what a miss
   pays in all for knowing its length. On the CPU neither engine runs the pass's part of
   the graph again after the pass (it runs the rest of the graph on what the pass handed
-  off), so overhead is about 0 and only the time to the first byte grows. Ratios are
+  off), so by design a miss pays no second pass, only a later first byte. Ratios are
   medians of each round's ratio; `pass_ratio_of_fastest` divides the fastest pass by the
   fastest render, the figure least moved by other work on the machine.
 
@@ -27,29 +28,25 @@ the work is identical and only the front-end cache misses. Each round measures e
 quantity once, interleaved, so load on a shared machine hits all of them alike; counts are
 checked against the render's length every time.
 
-    python -m bench.duration_pass [--repeats 7]
+    nearvoice bench duration-pass [--repeats 7]
 
-Results go to bench/results/duration_pass.json.
+Results: bench-results/duration_pass/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from nearvoice.bench.common import write_results
 from nearvoice.edge.synth.engine import Engine
 from nearvoice.edge.synth.hibari_engine import HibariEngine
 from nearvoice.edge.synth.piper_engine import PiperEngine
 from nearvoice.export.sentences import SENTENCES
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TEXTS = {
     "short": SENTENCES[1],
     "long": " ".join(SENTENCES[:16]),
@@ -117,29 +114,12 @@ def measure(engine: Engine, voice: str, text: str, repeats: int, salt: int) -> d
     }
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.duration_pass", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nearvoice bench duration-pass", description=__doc__)
     parser.add_argument("--repeats", type=int, default=7, help="rounds per voice and text")
     args = parser.parse_args(argv)
     engines: dict[str, Engine] = {"heart": HibariEngine(), "joe": PiperEngine()}
-    report: dict[str, Any] = {
-        "commit": _commit(),
-        "cpus": os.cpu_count(),
-        "ort_threads": 1,
-        "repeats": args.repeats,
-        "texts": TEXTS,
-        "voices": {},
-    }
+    report: dict[str, Any] = {"voices": {}}
     for voice, engine in engines.items():
         engine.warmup()
         report["voices"][voice] = {
@@ -155,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
             keys += ("pass_ratio_of_fastest",)
             keys += ("first_chunk_ms", "pass_over_first_chunk", "overhead")
             print(f"{voice:6} {name:6} " + " ".join(f"{row[k]:12.3f}" for k in keys))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "duration_pass.json").write_text(json.dumps(report, indent=2) + "\n")
+    context = {"ort_threads": 1, "repeats": args.repeats, "texts": TEXTS}
+    print(f"results: {write_results('duration_pass', report, context)}")
     return 0
 
 

@@ -1,20 +1,26 @@
 """Cache-hit throughput: 64 KiB Range hits on a cached 1 MiB object, edge vs nginx.
 
 Both servers hold the same bytes, run one worker each, and are loaded in the same run by
-wrk in its own process (one thread, 16 connections), with the Range offset cycling over
-the object so no single answer can be memoized by the load generator. The figure that
-matters is the ratio of requests per second, edge / nginx: every round loads each server
-in turn, and the report gives the median of the per-round ratios, which a shared, noisy
-machine disturbs far less than any absolute number. A bare aiohttp server slicing the
-same bytes from memory, with no checks at all, shows what aiohttp's request machinery
-costs; the edge's fast path answers hits beneath it (edge/http/fastpath.py).
+wrk in its own process, with the Range offset cycling over the object so no single answer
+can be memoized by the load generator. The load generator must not be what limits a
+server: before the rounds, each server gets more wrk threads and connections (doubling
+both from `--connections` and one thread) until its throughput stops rising by more than
+5 %, and every round then loads it at the level where it peaked. The sweep is part of the
+results (`load_sweep`), with whether a plateau was reached before the largest level tried.
+
+The figure that matters is the ratio of requests per second, edge / nginx: every round
+loads each server in turn, and the report gives the median of the per-round ratios, which
+a shared, noisy machine disturbs far less than any absolute number. A bare aiohttp server
+slicing the same bytes from memory, with no checks at all, shows what aiohttp's request
+machinery costs; the edge's fast path answers hits beneath it (edge/http/fastpath.py).
 
 With `--tls` the edge and nginx both terminate TLS with the same certificate and key
 (from a development CA, edge.http.devca), HTTP/1.1 over TLS on keep-alive connections;
-the target there is 0.6x nginx. Every run also reports the limiter's cost per hit in
-microseconds, with no `[limits]` and with limits that never refuse.
+the target there is 0.6x nginx (0.5x in the clear). Every run also measures the limiter's
+cost per hit in microseconds, with no `[limits]` and with limits that never refuse.
+Results: bench-results/hit_path/ (hit_path_tls/ with `--tls`).
 
-    python -m bench.hit_path [--seconds 5] [--rounds 5] [--connections 16] [--workers 2] [--tls]
+    nearvoice bench hit-path [--seconds 5] [--rounds 5] [--connections 16] [--workers 2] [--tls]
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
+import os
 import random
 import shutil
 import ssl
@@ -30,12 +36,22 @@ import statistics
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
-from nearvoice.bench.common import WrkResult, edge_process, free_port, nginx, python_server, run_wrk
+from nearvoice.bench.common import (
+    WrkResult,
+    edge_process,
+    free_port,
+    nginx,
+    python_server,
+    run_wrk,
+    write_results,
+)
 from nearvoice.edge.cache.meta import ObjectMeta, etag_for
 from nearvoice.edge.cache.store import DiskStore, StoreSettings
 from nearvoice.edge.config import NodeConfig
@@ -52,7 +68,13 @@ from nearvoice.edge.voices import resolve
 
 OBJECT_BYTES = 1024 * 1024
 SLICE = 64 * 1024
-RESULTS = Path(__file__).resolve().parent / "results"
+RISE = 0.05
+"""A load level that adds less than this fraction of throughput is a plateau."""
+MAX_CONNECTIONS = 512
+"""The largest load level the sweep tries."""
+TARGETS = {False: 0.5, True: 0.6}
+"""Edge / nginx throughput the edge aims at, in the clear and over TLS (a goal, not a
+measurement)."""
 
 
 def wrk_script(path: Path, target: str) -> None:
@@ -148,6 +170,52 @@ def limiter_cost(calls: int = 200_000) -> dict[str, float]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Load:
+    threads: int
+    connections: int
+
+
+def saturating_load(
+    url: str, script: Path, args: argparse.Namespace
+) -> tuple[Load, dict[str, Any]]:
+    """Doubles wrk's threads (up to the CPU count) and connections from one thread and
+    `--connections` until the throughput rises by less than RISE; returns the level where
+    it peaked, and the sweep (`plateau`: false if it was still rising at MAX_CONNECTIONS,
+    when the figures may be the load generator's rather than the server's)."""
+    max_threads = max(1, os.cpu_count() or 1)
+    load = Load(1, args.connections)
+    best: tuple[float, Load] | None = None
+    steps: list[dict[str, float]] = []
+    plateau = False
+    while True:
+        rps = run_wrk(
+            url,
+            seconds=args.sweep_seconds,
+            connections=load.connections,
+            threads=load.threads,
+            script=script,
+        ).rps
+        steps.append({"threads": load.threads, "connections": load.connections, "rps": rps})
+        if best is not None and rps < best[0] * (1 + RISE):
+            plateau = True
+            if rps > best[0]:
+                best = (rps, load)
+            break
+        best = (rps, load)
+        if load.connections * 2 > MAX_CONNECTIONS:
+            break
+        load = Load(min(load.threads * 2, max_threads, load.connections * 2), load.connections * 2)
+    assert best is not None
+    chosen = best[1]
+    return chosen, {
+        "steps": [{**step, "rps": round(step["rps"], 1)} for step in steps],
+        "threads": chosen.threads,
+        "connections": chosen.connections,
+        "plateau": plateau,
+    }
+
+
 def measure(args: argparse.Namespace) -> dict[str, object]:
     """All servers stay up; each round runs wrk against each of them in turn, so a noisy
     neighbour slows every server alike, and the report takes the median over rounds."""
@@ -179,11 +247,13 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             if not args.tls:
                 bare_file = str(work / "www" / "object.wav")
                 base = stack.enter_context(
-                    python_server("bench.bare_aiohttp", bare_file, port=free_port())
+                    python_server("nearvoice.bench.bare_aiohttp", bare_file, port=free_port())
                 )
                 urls["bare aiohttp handler"] = f"{base}/object.wav"
 
             scripts: dict[str, Path] = {}
+            loads: dict[str, Load] = {}
+            sweep: dict[str, object] = {}
             for name, url in urls.items():
                 status, got = fetch_range(url, SLICE, 2 * SLICE - 1, client_tls)
                 assert status == 206 and got == body[SLICE : 2 * SLICE], name
@@ -193,6 +263,7 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                     scripts[name], f"{target.path}?{target.query}" if target.query else target.path
                 )
                 run_wrk(url, seconds=1, connections=args.connections, script=scripts[name])
+                loads[name], sweep[name] = saturating_load(url, scripts[name], args)
 
             rounds: dict[str, list[WrkResult]] = {name: [] for name in urls}
             for _ in tqdm(range(args.rounds), desc="rounds", unit="round"):
@@ -201,18 +272,12 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                         run_wrk(
                             url,
                             seconds=args.seconds,
-                            connections=args.connections,
+                            connections=loads[name].connections,
+                            threads=loads[name].threads,
                             script=scripts[name],
                         )
                     )
-        report: dict[str, object] = {
-            "tls": bool(args.tls),
-            "object_bytes": OBJECT_BYTES,
-            "range_bytes": SLICE,
-            "seconds_per_run": args.seconds,
-            "rounds": args.rounds,
-            "connections": args.connections,
-        }
+        report: dict[str, object] = {"load_sweep": sweep}
         for name, results in rounds.items():
             report[name] = {
                 "rps": round(statistics.median(r.rps for r in results), 1),
@@ -235,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearvoice bench hit-path", description=__doc__)
     parser.add_argument("--seconds", type=int, default=5, help="per server per round")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--connections", type=int, default=16, help="the load sweep's first level (1 thread)"
+    )
+    parser.add_argument("--sweep-seconds", type=int, default=2, help="per load level")
     parser.add_argument("--workers", type=int, default=2, help="also run the edge with N workers")
     parser.add_argument(
         "--tls", action="store_true", help="edge and nginx both terminating TLS (same cert)"
@@ -243,23 +311,38 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = measure(args)
     report["limiter_us_per_hit"] = limiter_cost()
-    print(f"{'server':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
+    sweep = report["load_sweep"]
+    assert isinstance(sweep, dict)
+    print(f"{'server':<26}{'wrk -t/-c':>11}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'non-2xx':>9}")
     for name, row in report.items():
         if isinstance(row, dict) and "rps" in row:
+            load = f"{sweep[name]['threads']}/{sweep[name]['connections']}"
+            load += "" if sweep[name]["plateau"] else "+"
             print(
-                f"{name:<26}{row['rps']:>10.0f}{row['p50_ms']:>10.2f}"
+                f"{name:<26}{load:>11}{row['rps']:>10.0f}{row['p50_ms']:>10.2f}"
                 f"{row['p99_ms']:>10.2f}{row['non_2xx']:>9}"
             )
+    if not all(s["plateau"] for s in sweep.values()):
+        print("+: still rising at the largest load tried; that figure may be wrk's limit")
     print(f"median of per-round ratios over {args.rounds} rounds:")
     for name, value in report.items():
         if name.startswith("ratio "):
-            goal = "0.6x" if args.tls else "0.5x"
-            target = f"  (target >= {goal})" if name == "ratio edge / nginx" else ""
-            print(f"  {name[6:]:<36}{value:>6.2f}x{target}")
+            target = TARGETS[bool(args.tls)]
+            goal = f"  (target >= {target}x)" if name == "ratio edge / nginx" else ""
+            print(f"  {name[6:]:<36}{value:>6.2f}x{goal}")
     print(f"limiter, microseconds per hit: {report['limiter_us_per_hit']}")
-    RESULTS.mkdir(exist_ok=True)
-    name = "hit_path_tls.json" if args.tls else "hit_path.json"
-    (RESULTS / name).write_text(json.dumps(report, indent=2) + "\n")
+    context = {
+        "tls": bool(args.tls),
+        "object_bytes": OBJECT_BYTES,
+        "range_bytes": SLICE,
+        "seconds_per_run": args.seconds,
+        "sweep_seconds_per_level": args.sweep_seconds,
+        "rounds": args.rounds,
+        "first_load_connections": args.connections,
+        "target_edge_over_nginx": TARGETS[bool(args.tls)],
+    }
+    path = write_results("hit_path_tls" if args.tls else "hit_path", report, context)
+    print(f"results: {path}")
     return 0
 
 

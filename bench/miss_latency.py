@@ -5,8 +5,9 @@
    request without Range, for wav, pcm and mp3. With the duration pass the node knows the
    length up front, so both leave with the first chunk.
 2. Long first sentences: first byte when the first sentence has about 40 words against a
-   short first sentence. The first chunk ends at the first clause boundary (DESIGN.md
-   section 10), so the long sentence does not stand between the player and its first byte.
+   short first sentence. The first chunk ends at the first clause boundary
+   (docs/contracts.md#exact-length-from-the-first-byte), so the long sentence does not stand
+   between the player and its first byte.
 3. The same-model peer: `joe` (piper) rendered at the edge against `joe` behind nginx
    `proxy_cache` and piper's own HTTP server (`python -m piper.http_server`), the stack a
    user would otherwise build, for the same texts. The peer answers only after the whole
@@ -21,7 +22,9 @@
 
 `bench/workers.py` measures collapsing across `--workers 2` processes.
 
-    python -m bench.miss_latency [--requests 30]
+Results: bench-results/miss_latency/.
+
+    nearvoice bench miss-latency [--requests 30]
 """
 
 from __future__ import annotations
@@ -45,7 +48,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from nearvoice.bench.browser import chromium, time_to_playing
-from nearvoice.bench.common import edge_process, free_port, nginx, wait_http
+from nearvoice.bench.common import (
+    edge_process,
+    free_port,
+    nginx,
+    wait_http,
+    write_results,
+)
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.keyring import Keyring, generate_pair
 from nearvoice.edge.policy import Policy
@@ -54,7 +63,6 @@ from nearvoice.edge.stack import stop_processes
 from nearvoice.edge.token import sign_url
 from nearvoice.edge.voices import resolve
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Your order has shipped and will arrive on Tuesday.",
@@ -326,7 +334,6 @@ async def edge_runs(work: Path, args: argparse.Namespace) -> dict[str, object]:
             after = await metrics(session, base)
             firsts = sorted(r[0] for r in results)
             report["collapse"] = {
-                "clients": 100,
                 "renders": scrape(after, "nearvoice_synth_total")
                 - scrape(before, "nearvoice_synth_total"),
                 "distinct_bodies": len({hashlib.sha256(r[1]).hexdigest() for r in results}),
@@ -354,7 +361,6 @@ async def edge_runs(work: Path, args: argparse.Namespace) -> dict[str, object]:
                 before, "nearvoice_synth_total"
             )
             report["throughput"] = {
-                "concurrency": 4,
                 "renders_counted": renders,
                 "audio_seconds": round(audio, 2),
                 "wall_seconds": round(wall, 2),
@@ -380,7 +386,6 @@ async def edge_runs(work: Path, args: argparse.Namespace) -> dict[str, object]:
             stop.set()
             await sampler
             report["memory_500_streams"] = {
-                "clients": 500,
                 "object_bytes": len(bodies[0][1]),
                 "distinct_bodies": len({hashlib.sha256(b[1]).hexdigest() for b in bodies}),
                 "rss_idle_mib": round(idle / 1024, 1),
@@ -493,8 +498,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))
     print(json.dumps(report, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "miss_latency.json").write_text(json.dumps(report, indent=2) + "\n")
+    context = {
+        "requests": args.requests,
+        "browser_rounds": args.browser_rounds,
+        "throughput_requests": args.throughput_requests,
+        "collapse_clients": 100,
+        "throughput_concurrency": 4,
+        "memory_clients": 500,
+    }
+    print(f"results: {write_results('miss_latency', report, context)}")
     return 0
 
 

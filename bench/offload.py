@@ -1,5 +1,5 @@
-"""Origin offload (issue text: "replays a Zipf(1.0) workload over 5,000 keys through 2 edges,
-1 shield and the origin").
+"""Origin offload: a Zipf(1.0) workload over `--keys` keys replayed through 2 edges, 1
+shield and the origin.
 
 Four real processes on loopback, each with its own data directory in a temporary
 directory that is removed at the end: the origin (`--config` with `[origin] public_base`
@@ -33,8 +33,8 @@ after a warm-up on keys outside the workload):
   carry no body, so byte ratios are exact, but they are counted as hit or collapsed, in a
   split /metrics does not tell; `get_request_hit_ratio` gives the bounds of the hit ratio
   of the GETs alone (tight when few requests collapse), and the table shows it as
-  "GET hit". The nodes run the working tree, so the JSON records the commit and any
-  uncommitted node code (`code`).
+  "GET hit". The results name the device and the commit measured, and any uncommitted
+  node code (`context.uncommitted`).
 * renders: the origin's `nearvoice_synth_total{engine="piper"}` against the number of
   distinct keys in the workload (the target is equal), and renders at the edges and
   the shield (the target is zero): `duplicates` is every render beyond one per key.
@@ -52,16 +52,14 @@ Byte hit ratios come out below request hit ratios because the rarer keys have la
 numbers in their text, so longer audio. The hit histogram's lowest bucket is 0.5 ms, so a
 hit p50 below that is an interpolation, not a measurement.
 
-Defaults: --keys 5000 --requests 15000 --clients 16 --seed 1 (2,783 distinct keys drawn).
-On a 2-core machine that took 7m06s, start-up included, with other work running beside
-it: the 2,783 piper renders at the origin dominate (about 7 a second while every node
-shares the two cores). The full figure, with nearly every key drawn, should take roughly
-15-20 minutes there (an estimate: renders scale with distinct keys, ~4,850):
+The run's length is dominated by the origin's renders, one per distinct key drawn (the
+results count them): more requests draw more of the keys, and each costs a render.
 
-    python -m bench.offload                      # the default run
-    python -m bench.offload --requests 100000    # 4,853 of the 5,000 keys drawn
+    nearvoice bench offload                      # --keys 5000 --requests 15000 --clients 16
+    nearvoice bench offload --requests 100000    # nearly every key drawn
 
-Results go to bench/results/offload.json (and offload.png when matplotlib is importable).
+Results: bench-results/offload/<UTC>.json, and a chart beside it (.png) when matplotlib is
+installed (the export extra has it).
 """
 
 from __future__ import annotations
@@ -69,8 +67,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -88,7 +84,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from nearvoice.bench.common import REPO, free_port
+from nearvoice.bench.common import ROOT, child_env, free_port, write_results
 from nearvoice.edge.config import ADMIN_TOKEN_ENV
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.keyring import KEYS_ENV, Keyring, generate_pair
@@ -98,7 +94,6 @@ from nearvoice.edge.stack import stop_processes
 from nearvoice.edge.token import sign_url
 from nearvoice.edge.voices import resolve
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VOICE = "joe"  # rendered only at the origin, so misses cross every tier
 READY_TIMEOUT = 180.0  # seconds for all four nodes to load and warm their engines
 STOP_TIMEOUT = 20.0
@@ -170,9 +165,7 @@ def stack(work: Path, env: dict[str, str]) -> Iterator[dict[str, Node]]:
                 sys.executable, "-m", "nearvoice.edge.cli", node.role, "--port", str(node.port),
                 "--data-dir", str(node.data_dir), *node.extra,
             ]  # fmt: skip
-            node.proc = subprocess.Popen(
-                cmd, env={**os.environ, **env}, stdout=log, stderr=log, cwd=REPO
-            )
+            node.proc = subprocess.Popen(cmd, env=child_env(env), stdout=log, stderr=log)
         deadline = time.monotonic() + READY_TIMEOUT
         for node in nodes:
             _wait_ready(node, deadline)
@@ -473,18 +466,8 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
         kinds[kind].append(ttfb)
 
     return {
-        "code": code_state(),
         "workload": {
-            "keys": args.keys,
-            "requests": args.requests,
             "distinct_keys_requested": unique,
-            "zipf_s": 1.0,
-            "seed": args.seed,
-            "clients": args.clients,
-            "voice": VOICE,
-            "format": "wav",
-            "text": "Item number {i}.",
-            "edges": 2,
             "requests_per_edge": [int((landing == e).sum()) for e in range(2)],
         },
         "wall_seconds": {
@@ -513,19 +496,18 @@ async def measure(args: argparse.Namespace, work: Path) -> dict[str, object]:
     }
 
 
-def code_state() -> dict[str, object]:
-    """The commit measured, and the node code changed on top of it (the nodes run the
-    working tree)."""
-
-    def git(*args: str) -> str:
-        result = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return result.stdout
-
-    changed = git("status", "--porcelain", "--", "edge", "origin").splitlines()
-    return {
-        "commit": git("rev-parse", "HEAD").strip(),
-        "uncommitted": [line[3:] for line in changed if line.strip()],
-    }
+def uncommitted() -> list[str]:
+    """Node code changed on top of the commit measured, in a checkout (the nodes run the
+    working tree); empty from an installed package."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "edge", "origin"],
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return []
+    return [line[3:] for line in result.stdout.splitlines() if line.strip()]
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -543,12 +525,13 @@ def _span(bounds: object) -> str:
     return f"{_pct(low).strip()}-{_pct(high).strip():>7}".rjust(15)
 
 
-def print_report(report: dict[str, object]) -> None:
+def print_report(report: dict[str, object], args: argparse.Namespace) -> None:
     w = report["workload"]
     assert isinstance(w, dict)
     print(
-        f"\nZipf(1.0) over {w['keys']} keys, {w['requests']} requests "
-        f"({w['distinct_keys_requested']} distinct keys), {w['clients']} clients, 2 edges\n"
+        f"\nworkload: Zipf(1.0) over --keys {args.keys}, --requests {args.requests}, "
+        f"--clients {args.clients}, 2 edges; measured: {w['distinct_keys_requested']} "
+        "distinct keys drawn\n"
     )
     header = f"{'tier':8} {'hit':>7} {'miss':>6} {'coll':>5} {'stale':>5} {'err':>4}"
     header += f" {'req hit':>8} {'GET hit':>15} {'byte hit':>8} {'received':>8} {'HEADs':>6}"
@@ -627,19 +610,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=15000, help="requests replayed")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
     parser.add_argument("--seed", type=int, default=1, help="seed of the Zipf draw")
-    parser.add_argument("--output", type=Path, default=RESULTS / "offload.json")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="nv-bench-offload-"))
     try:
         report = asyncio.run(measure(args, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print_report(report)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    if plot(report, args.output.with_suffix(".png")):
-        print(f"plot: {args.output.with_suffix('.png')}")
-    print(f"results: {args.output}")
+    print_report(report, args)
+    context = {
+        "keys": args.keys,
+        "requests": args.requests,
+        "clients": args.clients,
+        "seed": args.seed,
+        "zipf_s": 1.0,
+        "voice": VOICE,
+        "format": "wav",
+        "text": "Item number {i}.",
+        "edges": 2,
+        "uncommitted": uncommitted(),
+    }
+    path = write_results("offload", report, context)
+    if plot(report, path.with_suffix(".png")):
+        print(f"plot: {path.with_suffix('.png')}")
+    print(f"results: {path}")
     return 0
 
 

@@ -20,7 +20,9 @@ For reference only, not measured here: VibeVoice-Realtime publishes about 300 ms
 first audio chunk on a T4 GPU, one session per process. Timings on a shared, loaded
 machine are noisy; compare ratios, not absolute numbers.
 
-    python -m bench.realtime [--compare 12] [--max-sessions 60]
+Results: bench-results/realtime/.
+
+    nearvoice bench realtime [--compare 12] [--max-sessions 60]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 
 import aiohttp
 
-from nearvoice.bench.common import edge_process, free_port
+from nearvoice.bench.common import edge_process, free_port, write_results
 from nearvoice.bench.miss_latency import SENTENCES, percentile
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.keyring import Keyring, generate_pair
@@ -49,7 +51,6 @@ from nearvoice.edge.spec import Spec
 from nearvoice.edge.token import sign_url
 from nearvoice.edge.voices import resolve
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VIBEVOICE_REALTIME_T4_FIRST_CHUNK_MS = 300  # published by VibeVoice-Realtime; reference only
 PIECE = (3, 5)  # characters per simulated model token
 EVERY = 0.030  # seconds between pieces
@@ -194,11 +195,9 @@ async def compare(
             await response.read()
     p50_rt, p50_url = statistics.median(realtime), statistics.median(signed)
     return {
-        "phrases": count,
         "realtime_first_audio_ms": summary(realtime),
         "signed_url_cold_first_byte_ms": summary(signed),
         "ratio_p50": round(p50_rt / p50_url, 3),
-        "target_ratio_p50": 1.2,
     }
 
 
@@ -225,7 +224,6 @@ async def level(
     firsts = [r.first_audio for r in results if r.first_audio is not None]
     behind = sum(1 for r in results if r.max_stall > STALL_TOLERANCE)
     return {
-        "sessions": sessions,
         "behind": behind,
         "max_stall_ms": round(max(r.max_stall for r in results) * 1000, 1),
         "first_audio_from_update_ms": summary(firsts),
@@ -249,13 +247,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "[realtime]\n"
         "idle_timeout = 120.0\n"
     )
-    report: dict[str, Any] = {
-        "voice": "heart",
-        "format": "pcm",
-        "model_pieces": f"{PIECE[0]}-{PIECE[1]} characters every {EVERY * 1000:.0f} ms",
-        "stall_tolerance_ms": STALL_TOLERANCE * 1000,
-        "reference_vibevoice_realtime_t4_first_chunk_ms": VIBEVOICE_REALTIME_T4_FIRST_CHUNK_MS,
-    }
+    report: dict[str, Any] = {}
     try:
         with edge_process(work / "edge", free_port(), env, config=config) as base:
             timeout = aiohttp.ClientTimeout(total=None)
@@ -263,12 +255,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 report["compare"] = await compare(http, base, api_key, keyring, args.compare)
                 single = await level(http, base, api_key, 1, session_texts(1, "solo"), seed=1)
                 report["one_session"] = single
-                steps = []
+                steps: dict[str, dict[str, Any]] = {}
                 held = 0
                 for n in (s for s in STEPS if s <= args.max_sessions):
                     found = await level(http, base, api_key, n, session_texts(n, f"c{n}"), seed=n)
-                    steps.append(found)
-                    print(json.dumps(found), flush=True)
+                    steps[str(n)] = found  # by concurrent sessions, the step tried
+                    print(json.dumps({"sessions": n, **found}), flush=True)
                     if found["behind"] or found["errors"]:
                         break
                     held = n
@@ -286,8 +278,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))
     print(json.dumps(report, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "realtime.json").write_text(json.dumps(report, indent=2) + "\n")
+    context = {
+        "voice": "heart",
+        "format": "pcm",
+        "compare_phrases": args.compare,
+        "max_sessions": args.max_sessions,
+        "model_pieces": f"{PIECE[0]}-{PIECE[1]} characters every {EVERY * 1000:.0f} ms",
+        "stall_tolerance_ms": STALL_TOLERANCE * 1000,
+        "target_compare_ratio_p50": 1.2,
+        "reference_vibevoice_realtime_t4_first_chunk_ms": VIBEVOICE_REALTIME_T4_FIRST_CHUNK_MS,
+    }
+    print(f"results: {write_results('realtime', report, context)}")
     return 0
 
 

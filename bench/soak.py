@@ -23,7 +23,7 @@ shield is back plus the breaker's `open_seconds` and the miss `deadline` are exp
 every other failure (any other status, a refused connection at the edge, a body shorter
 than its headers promised) is unexpected. The target is 0 unexpected.
 
-Reported (bench/results/soak.json, soak.png):
+Reported (bench-results/soak/<UTC>.json, and .png beside it when matplotlib is installed):
 
 * errors: every non-2xx and client failure by operation, status and code, split into
   expected and unexpected;
@@ -42,8 +42,8 @@ Reported (bench/results/soak.json, soak.png):
   difference should be 0; a transfer that broke off counts on both sides with the bytes
   that got through, and as a failure: expected during the outage, unexpected otherwise).
 
-    python -m bench.soak                 # 10 minutes
-    python -m bench.soak --minutes 1     # a quick check that everything runs
+    nearvoice bench soak                 # 10 minutes
+    nearvoice bench soak --minutes 1     # a quick check that everything runs
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from nearvoice.bench.common import REPO, free_port
+from nearvoice.bench.common import child_env, free_port, write_results
 from nearvoice.edge.config import ADMIN_TOKEN_ENV
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.keyring import KEYS_ENV, Keyring, generate_pair
@@ -82,7 +82,6 @@ from nearvoice.edge.token import sign_url
 from nearvoice.edge.upstream import UpstreamSettings
 from nearvoice.edge.voices import resolve
 
-RESULTS = Path(__file__).resolve().parent / "results"
 READY_TIMEOUT = 180.0  # seconds for the nodes to load and warm their engines
 REQUEST_TIMEOUT = 60.0  # seconds for one request, body included
 OPERATIONS = {  # operation -> weight in the mix
@@ -122,7 +121,7 @@ class Tier:
             "--data-dir", str(self.data_dir), *self.extra,
         ]  # fmt: skip
         with (self.data_dir / "node.log").open("ab") as log:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log, cwd=REPO)
+            self.proc = subprocess.Popen(cmd, env=child_env(self.env), stdout=log, stderr=log)
         self.started_at = time.monotonic()
 
     def wait_ready(self, deadline: float) -> None:
@@ -450,11 +449,15 @@ def growth(samples: list[tuple[float, float]], since: float) -> float | None:
     return end / start - 1
 
 
-def plot(samples: dict[str, list[tuple[float, float]]], marks: list[float], path: Path) -> None:
-    import matplotlib
+def plot(samples: dict[str, list[tuple[float, float]]], marks: list[float], path: Path) -> bool:
+    """RSS over time per process, if matplotlib is importable (the export extra has it)."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for role, points in sorted(samples.items()):
@@ -469,13 +472,16 @@ def plot(samples: dict[str, list[tuple[float, float]]], marks: list[float], path
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 # -- main -----------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.soak", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="nearvoice bench soak", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--warmup", type=float, default=0.2, help="fraction of the run")
@@ -488,7 +494,6 @@ def main(argv: list[str] | None = None) -> int:
         "--hot-budget", type=int, default=HOT_BUDGET, help="[hot] memory_budget, bytes"
     )
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--output", type=Path, default=RESULTS / "soak.json")
     args = parser.parse_args(argv)
     seconds = args.minutes * 60
     outage_seconds = args.outage if args.outage is not None else max(3.0, 0.05 * seconds)
@@ -548,9 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     unexpected = sum(n for (_, _, _, expected), n in load.outcomes.items() if not expected)
     report: dict[str, Any] = {
-        "minutes": args.minutes,
-        "clients": args.clients,
-        "outage": {"killed_at_s": round(load.outage[0], 1), "seconds": outage_seconds},
+        "outage": {
+            "killed_at_s": round(load.outage[0], 1),
+            "back_at_s": round(shield_back, 1),
+        },
         "requests_ok": dict(load.ok),
         "failures": [
             {"operation": op, "status": status, "code": code, "expected": expected, "count": n}
@@ -558,7 +564,6 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "unexpected_errors": unexpected,
         "memory": memory,
-        "growth_target": GROWTH_TARGET,
         "first_byte_ms_client": {
             op: {
                 "count": len(v),
@@ -575,12 +580,21 @@ def main(argv: list[str] | None = None) -> int:
             "broken_transfers": load.broken,
         },
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    png = args.output.with_suffix(".png")
-    plot(sampler.samples, [warm, load.outage[0], shield_back], png)
+    context = {
+        "minutes": args.minutes,
+        "clients": args.clients,
+        "warmup_fraction": args.warmup,
+        "kill_at_fraction": args.kill_at,
+        "outage_seconds": outage_seconds,
+        "hot_budget_bytes": args.hot_budget,
+        "seed": args.seed,
+        "growth_target": GROWTH_TARGET,
+    }
+    path = write_results("soak", report, context)
+    png = path.with_suffix(".png")
+    drawn = plot(sampler.samples, [warm, load.outage[0], shield_back], png)
     print(json.dumps(report, indent=2))
-    print(f"results: {args.output} and {png}")
+    print(f"results: {path}" + (f" and {png}" if drawn else " (no chart: matplotlib absent)"))
     grew = [r for r, m in memory.items() if (m["growth_after_warmup"] or 0) > GROWTH_TARGET]
     print(
         f"unexpected errors: {unexpected}; growth over {GROWTH_TARGET:.0%}: {grew or 'none'}; "

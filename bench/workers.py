@@ -13,7 +13,9 @@ the reference, where every follower joins the render in its own process. Reporte
   p50 and p99, and the ratios of the other worker's p50 to the owner's and to the
   one-worker edge's: what the relay costs a listener.
 
-    python -m bench.workers [--rounds 8] [--clients 100] [--workers 2]
+Results: bench-results/workers/.
+
+    nearvoice bench workers [--rounds 8] [--clients 100] [--workers 2]
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from nearvoice.bench.common import edge_process, free_port
+from nearvoice.bench.common import edge_process, free_port, write_results
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.keyring import Keyring, generate_pair
 from nearvoice.edge.policy import Policy
@@ -41,7 +43,6 @@ from nearvoice.edge.token import sign_url
 from nearvoice.edge.voices import resolve
 from nearvoice.edge.workers import owner_of
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ADMIN = "bench-workers-admin"
 TEXT = (
     "Round {n} begins with a short sentence. "
@@ -197,10 +198,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     owning, other = summary(several.owning), summary(several.other)
     reference = summary(single.owning)
     return {
-        "workers": args.workers,
-        "clients": args.clients,
         "connections_per_worker": several.per_worker,
-        "rounds": args.rounds,
         "renders_per_key": several.renders,
         "exactly_one_render_every_round": all(r == 1 for r in several.renders),
         "distinct_bodies_per_key": several.distinct,
@@ -212,20 +210,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "first_byte": reference,
         },
         "other_over_one_worker_p50": _ratio(other, reference),
-        "cpu_count": os.cpu_count(),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.workers", description=__doc__)
+    parser = argparse.ArgumentParser(prog="nearvoice bench workers", description=__doc__)
     parser.add_argument("--rounds", type=int, default=8, help="keys, each requested cold")
     parser.add_argument("--clients", type=int, default=100, help="concurrent connections")
     parser.add_argument("--workers", type=int, default=2, help="the edge's --workers")
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))
     print(json.dumps(report, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "workers.json").write_text(json.dumps(report, indent=2) + "\n")
+    context = {"workers": args.workers, "clients": args.clients, "rounds": args.rounds}
+    print(f"results: {write_results('workers', report, context)}")
     return 0  # a report, not a test (docs/benchmarks.md)
 
 

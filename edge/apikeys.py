@@ -1,4 +1,5 @@
-"""API keys of the OpenAI-compatible API and realtime sessions (DESIGN.md section 8):
+"""API keys of the OpenAI-compatible API and realtime sessions
+(docs/contracts.md#the-openai-compatible-speech-api):
 `NEARVOICE_API_KEYS="tenant:secret,..."`. Each name is a tenant with its own policy and
 limits (`[api.tenants.<name>]`); a tenant may hold several keys, for rotation.
 

@@ -1,4 +1,4 @@
-"""`nearvoice` command line (DESIGN.md section 4, a contract)."""
+"""`nearvoice` command line (docs/contracts.md#command-line, a contract)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def _controls(args: argparse.Namespace) -> dict[str, Any]:
-    """`Spec.create` arguments of the expressive flags (DESIGN.md section 4)."""
+    """`Spec.create` arguments of the expressive flags (docs/contracts.md#command-line)."""
     out: dict[str, Any] = {}
     if args.duration is not None:
         out["duration"] = args.duration
@@ -325,6 +325,7 @@ def _supervise(config: NodeConfig) -> int:
 BENCHMARKS = {
     "api": "nearvoice.bench.api",
     "duration-fit": "nearvoice.bench.duration_fit",
+    "duration-pass": "nearvoice.bench.duration_pass",
     "hit-path": "nearvoice.bench.hit_path",
     "miss-latency": "nearvoice.bench.miss_latency",
     "offload": "nearvoice.bench.offload",
@@ -332,6 +333,11 @@ BENCHMARKS = {
     "soak": "nearvoice.bench.soak",
     "realtime": "nearvoice.bench.realtime",
 }
+"""`nearvoice bench NAME` -> the module whose main(argv) runs it; each writes its results
+under ./bench-results (bench/common.py, write_results)."""
+BENCH_REPORT = ("report", "nearvoice.bench.report")
+"""`nearvoice bench report`: the latest results of every benchmark, as Markdown and charts;
+a subcommand of its own, never a benchmark's name."""
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -343,9 +349,23 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
-    module = importlib.import_module(BENCHMARKS[args.benchmark])
+    name, report = BENCH_REPORT
+    module = importlib.import_module(
+        report if args.benchmark == name else BENCHMARKS[args.benchmark]
+    )
     code: int = module.main(args.bench_args)
     return code
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from nearvoice.edge.config_show import effective, show
+
+    try:
+        config = effective(Role(args.role) if args.role else None, args.config)
+    except (ValueError, OSError) as exc:  # ConfigError is a ValueError
+        return _fail(str(exc))
+    sys.stdout.write(show(config))
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -394,7 +414,9 @@ def parser() -> argparse.ArgumentParser:
 
     for role in Role:
         node = sub.add_parser(role.value, help=f"run a {role.value} node")
-        node.add_argument("--config", help="TOML file (see configs/)")
+        node.add_argument(
+            "--config", help="TOML file over the defaults (see `nearvoice config show`)"
+        )
         node.add_argument("--host")
         node.add_argument("--port", type=int)
         node.add_argument("--data-dir")
@@ -410,8 +432,24 @@ def parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=cmd_up)
 
-    bench = sub.add_parser("bench", help="run a benchmark (see bench/)")
-    bench.add_argument("benchmark", choices=sorted(BENCHMARKS))
+    config = sub.add_parser("config", help="a node's configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    show = config_sub.add_parser(
+        "show",
+        help="print the effective configuration as TOML (defaults, then --config; "
+        "the environment's part as comments, secrets masked)",
+    )
+    show.add_argument(
+        "--role", choices=[r.value for r in Role], help="default: the file's role, else edge"
+    )
+    show.add_argument("--config", type=Path, help="TOML file over the packaged defaults")
+    show.set_defaults(func=cmd_config_show)
+
+    bench = sub.add_parser(
+        "bench", help="run a benchmark, or `report` the latest results (see docs/benchmarks.md)"
+    )
+    assert BENCH_REPORT[0] not in BENCHMARKS
+    bench.add_argument("benchmark", choices=[*sorted(BENCHMARKS), BENCH_REPORT[0]])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=cmd_bench)
 

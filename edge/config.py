@@ -173,7 +173,7 @@ class ExternalSettings:
     voices: tuple[ExternalVoiceSettings, ...] = ()
     controls: tuple[str, ...] = ()
     """Optional spec controls the server honours (duration, emotion, ref, lang, ipa,
-    pinyin; DESIGN.md section 2): only the operator knows what its model supports."""
+    pinyin; docs/contracts.md#spec-and-key): only the operator knows what its model supports."""
     clip_dir: str = ""
     """indextts2: a directory shared with the server, where reference clips are written."""
     remote_clip_dir: str = ""
@@ -467,10 +467,18 @@ _TABLE_MAPS: dict[tuple[type[Any], str], type[Any]] = {
 """Settings that are tables of tables (name -> table), and the dataclass of each value."""
 
 
-def load(path: Path | None = None, role: Role | None = Role.EDGE) -> NodeConfig:
+def load(
+    path: Path | None = None,
+    role: Role | None = Role.EDGE,
+    defaults: dict[str, Any] | None = None,
+) -> NodeConfig:
     """The role's defaults, overlaid with the TOML file at `path` if given. A file of
     another role is refused; `role=None` takes the file's own role (edge if it names none),
-    for commands that read a node's settings without running it."""
+    for commands that read a node's settings without running it.
+
+    `defaults`, if given, is a TOML table standing in for the role's built-in defaults
+    (`nearvoice config show` passes the packaged configs/<role>.toml, which
+    tests/test_config.py holds equal to them); the file overlays it the same way."""
     data: dict[str, Any] = {}
     if path is not None:
         with path.open("rb") as f:
@@ -486,15 +494,7 @@ def load(path: Path | None = None, role: Role | None = Role.EDGE) -> NodeConfig:
                 f"{path} sets role = {named!r}, but this command runs the {role.value!r} role"
             )
     role = Role.EDGE if role is None else role
-    base: dict[str, Any] = {"role": role.value}
-    if role is Role.SHIELD:
-        base["synth"] = {"enabled": False}
-        base["data_dir"] = ".nearvoice/shield"
-        base["port"] = 8081
-    if role is Role.ORIGIN:
-        base["synth"] = {"voices": ["heart", "joe"], "providers": ["tensorrt", "cuda", "cpu"]}
-        base["data_dir"] = ".nearvoice/origin"
-        base["port"] = 8082
+    base = _role_defaults(role) if defaults is None else {**defaults, "role": role.value}
     if path is not None:
         for name, value in data.items():
             if isinstance(value, dict) and isinstance(base.get(name), dict):
@@ -506,3 +506,18 @@ def load(path: Path | None = None, role: Role | None = Role.EDGE) -> NodeConfig:
         return config.validate()
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+
+
+def _role_defaults(role: Role) -> dict[str, Any]:
+    """Where a role's defaults differ from the dataclasses' (the files in configs/ list
+    the result)."""
+    base: dict[str, Any] = {"role": role.value}
+    if role is Role.SHIELD:
+        base["synth"] = {"enabled": False}
+        base["data_dir"] = ".nearvoice/shield"
+        base["port"] = 8081
+    if role is Role.ORIGIN:
+        base["synth"] = {"voices": ["heart", "joe"], "providers": ["tensorrt", "cuda", "cpu"]}
+        base["data_dir"] = ".nearvoice/origin"
+        base["port"] = 8082
+    return base

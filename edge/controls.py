@@ -1,5 +1,5 @@
-"""The expressive controls of a request (DESIGN.md section 2), as the doors that build specs
-take them: `nearvoice sign`'s flags, the minting API's and the OpenAI-compatible API's
+"""The expressive controls of a request (docs/contracts.md#spec-and-key), as the doors that
+build specs take them: `nearvoice sign`'s flags, the minting API's and the OpenAI-compatible API's
 JSON fields. Each door validates the same way, so a spec that no engine in the stack
 honours is refused when it is made (`unsupported_control`), never accepted and failed at
 an edge later; and a duration outside 0.5-2.0x of the voice's natural length is refused

@@ -1,7 +1,7 @@
 """The one request core every door shares: from a grant (a spec under a policy) to a
 delivered object.
 
-Phases, in order (DESIGN.md section 1: doors over one core):
+Phases, in order (docs/architecture.md#the-parts: doors over one core):
 
 1. lookup: an object being produced is joined before the disk is looked at (followers of
    a render must not queue behind an executor hop); otherwise the hot tier, then disk.

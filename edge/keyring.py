@@ -1,4 +1,4 @@
-"""The signing keyring (DESIGN.md section 3): `NEARVOICE_KEYS="kid1:SECRET,kid2:SECRET"`.
+"""The signing keyring (docs/contracts.md#signed-urls): `NEARVOICE_KEYS="kid1:SECRET,kid2:SECRET"`.
 
 The first key signs; every key verifies, so a new key can be rolled out everywhere before
 it starts signing. Each secret is expanded with HKDF into two independent keys, one for

@@ -1,4 +1,4 @@
-"""The node's one rate limiter (DESIGN.md section 12), shared by every door.
+"""The node's one rate limiter (docs/contracts.md#rate-limits), shared by every door.
 
 Token buckets: a bucket holds up to `burst` tokens and gains `rate` tokens a second; a
 request takes one token or is refused. Each door keys its buckets by who asks: the API
@@ -121,7 +121,7 @@ def _record_of(key: Hashable, slots: int) -> tuple[bytes, int]:
 
 
 class SharedBuckets:
-    """Buckets in one file that every worker of a node maps (DESIGN.md section 12: buckets
+    """Buckets in one file that every worker of a node maps (docs/contracts.md#rate-limits: buckets
     are shared by a node's workers). A fixed table of `slots` records of 32 bytes (a
     16-byte hash of the bucket's key, its tokens, its stamp), each found by its key's
     hash; a record whose hash differs belongs to another key and is taken over, full,

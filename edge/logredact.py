@@ -1,9 +1,10 @@
 """Keeps credentials out of logged request lines.
 
-A browser's realtime session token travels in the query (`?token=`, DESIGN.md section 9),
-since a WebSocket cannot carry headers from a page; aiohttp's access log writes the
-request line (`%r`) as it came. A filter on the `aiohttp.access` logger rewrites every
-record's message with the value of `token` replaced, whatever format the log uses.
+A browser's realtime session token travels in the query (`?token=`,
+docs/contracts.md#realtime-speech), since a WebSocket cannot carry headers from a page;
+aiohttp's access log writes the request line (`%r`) as it came. A filter on the
+`aiohttp.access` logger rewrites every record's message with the value of `token` replaced,
+whatever format the log uses.
 """
 
 from __future__ import annotations

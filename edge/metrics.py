@@ -1,4 +1,4 @@
-"""Prometheus metrics with the contract names of DESIGN.md section 5."""
+"""Prometheus metrics with the contract names of docs/contracts.md#metrics."""
 
 from __future__ import annotations
 
@@ -259,7 +259,7 @@ class Metrics:
         engines: Iterable[str] = (),
         upstream_reasons: Iterable[str] = (),
     ) -> None:
-        """Creates the series this node can emit at zero (DESIGN.md section 5), so that
+        """Creates the series this node can emit at zero (docs/contracts.md#metrics), so that
         dashboards and alerts see them before their first event."""
         for engine in engines:
             self.synth.labels(engine)

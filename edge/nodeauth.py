@@ -1,4 +1,4 @@
-"""Node-to-node request signatures (DESIGN.md section 3: "Node-to-node requests are signed").
+"""Node-to-node request signatures (docs/contracts.md#signed-urls, `X-Nearvoice-Node`).
 
 An edge that forwards a player's signed URL upstream adds
 

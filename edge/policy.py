@@ -1,4 +1,4 @@
-"""Caching policies carried by signed URLs (DESIGN.md section 3)."""
+"""Caching policies carried by signed URLs (docs/contracts.md#signed-urls)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class Retention:
     """Seconds a `personal` object stays fresh."""
 
     def validate(self) -> None:
-        at_least(self, "hot", 86400)  # the contract: 24 h or more (DESIGN.md section 3)
+        at_least(self, "hot", 86400)  # the contract: 24 h or more (docs/contracts.md#signed-urls)
         at_least(self, "personal", 1)
 
     def ttl(self, policy: Policy) -> int:

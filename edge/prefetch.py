@@ -135,7 +135,8 @@ class Prefetcher:
             policy = Policy(str(item.get("policy", "hot")))
             if not policy.stored:
                 raise BadRequest("draft_prefetch", "drafts are never stored; nothing to warm")
-            extra = controls.from_json(item)  # duration, emotion, lang (DESIGN.md section 2)
+            # duration, emotion, lang (docs/contracts.md#spec-and-key)
+            extra = controls.from_json(item)
             if "ref_id" in extra:
                 raise SpecError("bad_ref", "a spec with a ref is minted by the origin")
             spec = Spec.create(

@@ -1,4 +1,4 @@
-"""Speech object identity (DESIGN.md section 2, a contract).
+"""Speech object identity (docs/contracts.md#spec-and-key, a contract).
 
 A speech object is defined by its canonical spec; its cache key is the SHA-256 of the
 canonical JSON. The model identity is part of the spec, so a new model never serves stale
@@ -42,7 +42,7 @@ EMOTION = "emotion"
 REF = "ref"
 LANG = "lang"
 CONTROLS = frozenset((DURATION, EMOTION, REF, LANG, hints.IPA, hints.PINYIN))
-"""Every optional control a spec may carry (DESIGN.md section 2); engines declare the
+"""Every optional control a spec may carry (docs/contracts.md#spec-and-key); engines declare the
 ones they honour."""
 
 
@@ -126,7 +126,7 @@ class Emotion:
 
 @dataclass(frozen=True, slots=True)
 class Ref:
-    """A registered reference voice (DESIGN.md section 11) and the SHA-256 of its
+    """A registered reference voice (docs/contracts.md#reference-voices) and the SHA-256 of its
     canonical clip, bound into the spec so a replaced clip never serves old audio."""
 
     id: str

@@ -1,5 +1,5 @@
 """`nearvoice up`: the local stack as three processes, edge on N, shield on N+1 and origin
-on N+2 (DESIGN.md section 4). Missing secrets are generated into the data directory for
+on N+2 (docs/contracts.md#command-line). Missing secrets are generated into the data directory for
 development, and never printed; Ctrl-C stops all three cleanly. When one tier dies the
 others are stopped, and the last line says which tier it was, how it ended (exit status or
 signal) and its last words on stderr."""

@@ -1,4 +1,4 @@
-"""Signed speech URLs (DESIGN.md section 3, a contract).
+"""Signed speech URLs (docs/contracts.md#signed-urls, a contract).
 
     GET /v1/speech/{key}.{ext}?s=...&exp=...&kid=...&p=...[&ip=...]&sig=...
 

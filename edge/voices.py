@@ -1,7 +1,8 @@
 """The voice catalog: which engine renders each voice and the model identity that goes
-into its specs (DESIGN.md sections 2 and 6). Signing and verifying both resolve voices
-here, without loading any model: hibari's ids come from its package metadata, piper's
-from a hash of the installed .onnx file, computed once per process."""
+into its specs (docs/contracts.md#spec-and-key and
+docs/contracts.md#voices-in-the-default-install). Signing and verifying both resolve voices
+here, without loading any model: hibari's ids come from its package metadata, piper's from a
+hash of the installed .onnx file, computed once per process."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ class Voice:
     sample_rate: int
     """Hz of the voice's own audio (what its objects carry unless a spec sets `rate`)."""
     controls: tuple[str, ...] = ()
-    """Optional spec controls (DESIGN.md section 2) the voice's engine honours."""
+    """Optional spec controls (docs/contracts.md#spec-and-key) the voice's engine honours."""
     languages: tuple[str, ...] = ()
     """BCP 47 tags the voice speaks (empty: whatever its engine is asked)."""
 

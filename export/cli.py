@@ -1,4 +1,4 @@
-"""`nearvoice export …`: the command line of the export step (DESIGN.md section 4)."""
+"""`nearvoice export …`: the command line of the export step (docs/contracts.md#command-line)."""
 
 from __future__ import annotations
 

@@ -2,11 +2,11 @@
 
 The graph takes `input_ids` and `attention_mask` ([1, tokens], dynamic) and
 `length_scale` ([1]: 2.0 speaks half as fast) and returns `waveform` [1, samples]. The
-noise scales are fixed at 0 when exporting: renders must be deterministic (DESIGN.md
-section 2), as piper's voices are with their noise scales at 0. The torch
-exporter (dynamo, opset 18) traces the model once with a symbolic token dimension;
-parity is then checked against the torch model with the noise off on fixed inputs of
-several lengths, and a graph that disagrees is never written.
+noise scales are fixed at 0 when exporting: renders must be deterministic
+(docs/contracts.md#spec-and-key), as piper's voices are with their noise scales at 0. The
+torch exporter (dynamo, opset 18) traces the model once with a symbolic token dimension;
+parity is then checked against the torch model with the noise off on fixed inputs of several
+lengths, and a graph that disagrees is never written.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""An engine that renders through another TTS server over HTTP (DESIGN.md section 6).
+"""An engine that renders through another TTS server over HTTP
+(docs/contracts.md#voices-in-the-default-install).
 
 An origin can put a heavy model it cannot run itself, say a zero-shot model on a GPU box,
 behind the same Engine interface as the bundled ONNX voices. Two wire formats:
@@ -53,7 +54,7 @@ before the server is asked.
 
 Identity: a spec names its model, and a remote model's bytes are out of reach, so each
 voice's `model_id` is configured by the operator (`<engine>-<voice>@<hash or version>`)
-and must change whenever the server's model does (DESIGN.md section 2).
+and must change whenever the server's model does (docs/contracts.md#spec-and-key).
 
 Determinism: the Engine contract says the same arguments give the same samples. `seed`
 is not sent (the OpenAI wire format has no such field, and not every server accepts

@@ -1,5 +1,5 @@
-"""Reference voices for zero-shot cloning (DESIGN.md section 11, a contract), kept in the
-origin's object store.
+"""Reference voices for zero-shot cloning (docs/contracts.md#reference-voices, a contract),
+kept in the origin's object store.
 
 A clip arrives as wav, flac, mp3 or ogg (decoded with libsndfile through soundfile, or
 with ffmpeg for what libsndfile does not read), is checked, and is stored once in one

@@ -1,4 +1,5 @@
-"""The origin's persistent object store: every render, kept for good (DESIGN.md section 1).
+"""The origin's persistent object store: every render, kept for good
+(docs/architecture.md#the-parts).
 
 Two backends sit behind one blocking interface, `ObjectStore`; callers run it in an
 executor. `open_store` picks one from a URL:

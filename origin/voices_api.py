@@ -1,5 +1,5 @@
-"""`/v1/voices`: the origin's reference voices API (DESIGN.md section 11), behind the mint
-token like the minting API.
+"""`/v1/voices`: the origin's reference voices API (docs/contracts.md#reference-voices),
+behind the mint token like the minting API.
 
 * `POST /v1/voices`: a clip as the raw body with an audio Content-Type (`audio/wav`,
   `audio/mpeg`, ...; `application/octet-stream` too), or as the part named `file` of a

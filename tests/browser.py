@@ -1,4 +1,4 @@
-"""A real headless Chromium for the tests (bench.browser: Debian's `chromium`, driven by
+"""A real headless Chromium for the tests (nearvoice.bench.browser: Debian's `chromium`, driven by
 Playwright with `executable_path`). A missing browser fails the tests that need it, with
 the command that installs it."""
 

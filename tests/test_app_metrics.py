@@ -1,4 +1,4 @@
-"""GET /metrics carries every contract name of DESIGN.md section 5, and the counters move
+"""GET /metrics carries every contract name of docs/contracts.md#metrics, and the counters move
 with the requests that the app answers."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ RESULTS = ("hit", "miss", "stale", "collapsed", "bypass", "rejected", "error")
 SOURCES = ("cache", "synth", "upstream")
 BODY_LENGTH = 20_000
 
-# (exposed name, Prometheus type) of every metric DESIGN.md section 5 names.
+# (exposed name, Prometheus type) of every metric docs/contracts.md#metrics names.
 CONTRACT = [
     ("nearvoice_requests_total", "counter"),
     ("nearvoice_response_bytes_total", "counter"),

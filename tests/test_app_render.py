@@ -113,7 +113,7 @@ async def test_rendered_body_is_a_valid_wav(node: Any, keyring: Keyring) -> None
     assert status == 200
     assert headers["Content-Type"] == "audio/wav"
     # A miss streams while it renders, and hibari's duration pass gave its exact length
-    # before the first byte (DESIGN.md section 10).
+    # before the first byte (docs/contracts.md#exact-length-from-the-first-byte).
     assert headers["Content-Length"] == str(len(body))
     assert "Transfer-Encoding" not in headers
     audio, rate = soundfile.read(io.BytesIO(body), dtype="float32")

@@ -517,7 +517,7 @@ async def test_personal_policy_cache_control(make_served: MakeServed) -> None:
 async def test_cache_control_follows_the_url_policy_not_the_stored_one(
     app_client: Any, keyring: Keyring, spec: Spec
 ) -> None:
-    """DESIGN.md section 3: the policy the URL carries sets the downstream Cache-Control.
+    """docs/contracts.md#signed-urls: the policy the URL carries sets the downstream Cache-Control.
     A `personal` URL must never be answered `public` because the same spec was stored
     earlier through a `hot` URL. (Not parametrized over the body paths: the headers do
     not depend on them.)"""

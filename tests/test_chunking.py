@@ -1,5 +1,6 @@
-"""edge/synth/chunking.py: where an object's chunks end (DESIGN.md section 10), for whole
-texts and for texts that arrive in pieces."""
+"""edge/synth/chunking.py: where an object's chunks end
+(docs/contracts.md#exact-length-from-the-first-byte), for whole texts and for texts that
+arrive in pieces."""
 
 # ruff: noqa: RUF001  (IPA letters and typographic dashes are what these texts test)
 

@@ -1,4 +1,4 @@
-"""The `nearvoice` command line (DESIGN.md section 4): keygen, sign, and a real edge
+"""The `nearvoice` command line (docs/contracts.md#command-line): keygen, sign, and a real edge
 process answering a signed Range request, then stopping cleanly on SIGTERM."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Renders are deterministic (DESIGN.md section 2): two nodes with separate data
+"""Renders are deterministic (docs/contracts.md#spec-and-key): two nodes with separate data
 directories render the same signed spec to byte-identical objects, for voice `heart`
 (hibari, 24 kHz, seeded noise) and voice `joe` (piper, 22.05 kHz, zero noise scales),
 in every delivery format."""

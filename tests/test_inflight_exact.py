@@ -1,4 +1,5 @@
-"""Objects of announced length, answered exactly while they render (DESIGN.md section 10).
+"""Objects of announced length, answered exactly while they render
+(docs/contracts.md#exact-length-from-the-first-byte).
 
 The real hibari engine computes each utterance's sample count with its duration pass before
 any audio, so the node knows the object's byte length before its first byte. Renders are

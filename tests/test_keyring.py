@@ -1,4 +1,4 @@
-"""edge/keyring.py: NEARVOICE_KEYS parsing and key generation (DESIGN.md section 3)."""
+"""edge/keyring.py: NEARVOICE_KEYS parsing and key generation (docs/contracts.md#signed-urls)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""edge/policy.py: caching policies (DESIGN.md section 3 table)."""
+"""edge/policy.py: caching policies (the policy table of docs/contracts.md#signed-urls)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Realtime sessions end to end (DESIGN.md section 9): a real node on loopback, real
+"""Realtime sessions end to end (docs/contracts.md#realtime-speech): a real node on loopback, real
 WebSocket clients (aiohttp's, and the `websockets` package), the real hibari engine."""
 
 from __future__ import annotations

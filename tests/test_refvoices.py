@@ -1,4 +1,4 @@
-"""Reference voices at the origin (DESIGN.md section 11) and the IndexTTS2 adapter
+"""Reference voices at the origin (docs/contracts.md#reference-voices) and the IndexTTS2 adapter
 (origin/external.py, protocol `indextts2`), against real servers on loopback: the origin
 app, its object store (a directory, and SeaweedFS for S3), and tests/indextts2_server.py,
 a server that speaks index-tts-vllm's wire format but cannot clone (it renders with

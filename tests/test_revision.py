@@ -1,4 +1,4 @@
-"""No ETag ever names two byte sequences (DESIGN.md section 10).
+"""No ETag ever names two byte sequences (docs/contracts.md#render-revisions).
 
 What the encoders and the chunking write carries a render revision, named in each object's
 ETag (edge.cache.meta). Bytes keep the revision they were rendered at from tier to tier: an

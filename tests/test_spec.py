@@ -1,4 +1,4 @@
-"""edge/spec.py: the speech object identity contract (DESIGN.md section 2)."""
+"""edge/spec.py: the speech object identity contract (docs/contracts.md#spec-and-key)."""
 
 from __future__ import annotations
 

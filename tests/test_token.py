@@ -1,4 +1,4 @@
-"""edge/token.py: signed speech URLs (DESIGN.md section 3)."""
+"""edge/token.py: signed speech URLs (docs/contracts.md#signed-urls)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rate limits for signed URLs (DESIGN.md section 12) on a real node over loopback:
+"""Rate limits for signed URLs (docs/contracts.md#rate-limits) on a real node over loopback:
 buckets per client address (after trusted proxies) and per key id, hit and miss budgets
 apart, 429 with Retry-After and the RateLimit fields, refusals counted by scope, the fast
 path spending the same hit budget, and a request over its miss budget never starting a

@@ -1,4 +1,5 @@
-"""edge/voices.py: the catalog of the default install (DESIGN.md section 6)."""
+"""edge/voices.py: the catalog of the default install
+(docs/contracts.md#voices-in-the-default-install)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ the node, not to any request, so a listener who hangs up stops nothing.
 Sizing: before its first byte a fill says how long the object will be, when its source
 knows (`set_length`): a local engine's duration pass, or an upstream's Content-Length.
 Readers wait for that decision (`until_sized`), so every answer about an object of known
-length is exact from the first byte (DESIGN.md section 10); the producer fails the fill
-rather than let it end at any other length.
+length is exact from the first byte (docs/contracts.md#exact-length-from-the-first-byte);
+the producer fails the fill rather than let it end at any other length.
 
 A fill that fails is marked failed and forgotten at once, so the next request starts afresh;
 nothing of it is stored. A completed fill lingers for a short grace period so that requests

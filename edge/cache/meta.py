@@ -46,9 +46,9 @@ RENDER_REVISION = 3
 """What the encoders and the chunking write, as a number: bumped whenever a change makes
 the same spec render to other bytes. 1: streams of unknown length, chunks at sentence
 ends. 2: exact sizes in WAV and FLAC headers from the duration pass, a first chunk that
-ends at its first clause boundary (DESIGN.md section 10). 3: a render's first piece
-vocoded in windows (edge.synth.windows), which moves samples at the window edges by
-about 1e-7."""
+ends at its first clause boundary (docs/contracts.md#exact-length-from-the-first-byte).
+3: a render's first piece vocoded in windows (edge.synth.windows), which moves samples at
+the window edges by about 1e-7."""
 
 
 def etag_for(key: str, revision: int = RENDER_REVISION) -> str:

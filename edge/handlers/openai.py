@@ -1,4 +1,5 @@
-"""The OpenAI-compatible speech API (DESIGN.md section 8): a door over the one core.
+"""The OpenAI-compatible speech API (docs/contracts.md#the-openai-compatible-speech-api): a
+door over the one core.
 
     POST /v1/audio/speech    audio for `input` in `voice` (raw body, or SSE events)
     GET  /v1/models          the model ids `model` may name
@@ -91,7 +92,7 @@ FIELDS = frozenset(
     ("model", "input", "voice", "instructions", "response_format", "speed", "stream_format")
 )
 SPEC_EXTENSIONS = frozenset(("duration", "emotion", "ref", "lang"))
-"""Spec controls (DESIGN.md section 2) this API will take under their spec names."""
+"""Spec controls (docs/contracts.md#spec-and-key) this API will take under their spec names."""
 MEMO_SIZE = 4096  # parsed, signed requests kept per node; each about 1 KiB with its URL
 SSE_SLICE = 16 * 1024  # raw bytes per `speech.audio.delta` when sending a complete object
 CACHE_HEADER = "X-Nearvoice-Cache"

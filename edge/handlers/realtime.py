@@ -1,4 +1,4 @@
-"""Realtime speech (DESIGN.md section 9): a WebSocket door over the one request core.
+"""Realtime speech (docs/contracts.md#realtime-speech): a WebSocket door over the one request core.
 
     GET  /v1/realtime/speech     upgrades to a WebSocket (API key or ?token=)
     POST /v1/realtime/tokens     mints a browser session token with an API key
@@ -550,7 +550,7 @@ class SegmentDoor:
 
 async def demo(request: web.Request) -> web.StreamResponse:
     """The demo page (edge/static/demo.html), served from the installed package."""
-    page = resources.files("edge").joinpath("static/demo.html").read_bytes()
+    page = resources.files("nearvoice.edge").joinpath("static/demo.html").read_bytes()
     return web.Response(
         body=page,
         content_type="text/html",

@@ -64,7 +64,7 @@ BucketKey = tuple[str, str | None]
 
 
 class UrlAdmission:
-    """Signed URLs' limiter (DESIGN.md section 12): a bucket per client address and one
+    """Signed URLs' limiter (docs/contracts.md#rate-limits): a bucket per client address and one
     per signing key id, hit and miss budgets apart; requests signed by a node of a tier
     below are not limited per address (one edge carries many players). Called with a
     scope, it takes a token from each bucket or raises RateLimited (edge.core.Admit)."""

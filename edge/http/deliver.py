@@ -56,7 +56,7 @@ def http_date(epoch: float) -> str:
 @lru_cache(maxsize=4096)
 def base_headers(meta: ObjectMeta, policy: Policy) -> dict[str, str]:
     """The headers every answer about `meta` carries. Downstream caching follows the
-    policy of the URL being answered (DESIGN.md section 3), not the one the object was
+    policy of the URL being answered (docs/contracts.md#signed-urls), not the one the object was
     stored under. Cached: objects are immutable, and formatting the date is a visible cost
     on the hit path. Callers must copy, not mutate.
 

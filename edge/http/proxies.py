@@ -1,7 +1,7 @@
 """Which address a request comes from, behind trusted proxies.
 
 A node behind a load balancer sees the balancer's address; URLs bound to a player's
-address (DESIGN.md section 3, `ip`) and per-address limits need the player's. Only from
+address (docs/contracts.md#signed-urls, `ip`) and per-address limits need the player's. Only from
 peers in `[http] trusted_proxies` is the client taken from `X-Forwarded-For` (the
 rightmost address that is not itself a trusted proxy: every proxy appends the address it
 received from, and only the hops we trust wrote honestly, MDN/RFC 7239 section 5.2

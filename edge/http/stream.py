@@ -7,9 +7,9 @@ request is answered exactly as for a stored object (edge.http.deliver: precondit
 HEAD, If-Range, single and multiple ranges, 416 past the end), with the bytes sent as they
 are produced, but one (below). A player opening with `Range: bytes=0-` gets
 `206 bytes 0-(L-1)/L` at once, and a range past what exists so far waits only for its own
-bytes (DESIGN.md section 10). A render that fails after the headers aborts the
-connection: the client sees fewer bytes than the Content-Length it was promised, never a
-padded or short object taken for whole.
+bytes (docs/contracts.md#exact-length-from-the-first-byte). A render that fails after the
+headers aborts the connection: the client sees fewer bytes than the Content-Length it was
+promised, never a padded or short object taken for whole.
 
 The one exception is MP3 opened with `bytes=0-`: a player that learns an MP3's size reads
 its last 128 bytes first (ffmpeg's ID3v1 probe; Chromium plays through ffmpeg), and those

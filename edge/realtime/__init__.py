@@ -1,4 +1,5 @@
-"""Realtime speech sessions (DESIGN.md section 9): text streamed in, audio streamed out.
+"""Realtime speech sessions (docs/contracts.md#realtime-speech): text streamed in, audio
+streamed out.
 
 The protocol lives apart from I/O, in h11's manner: `protocol` holds the messages as small
 frozen classes and parses client frames, `session` is a pure state machine fed client

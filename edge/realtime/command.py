@@ -1,5 +1,5 @@
 """`nearvoice sign --realtime --tenant NAME --voice V [--ttl S] [--base URL]`: prints one
-`ws(s)://…/v1/realtime/speech?token=…` URL for a browser session (DESIGN.md section 4).
+`ws(s)://…/v1/realtime/speech?token=…` URL for a browser session (docs/contracts.md#command-line).
 The token is signed with the keyring's signing key (NEARVOICE_KEYS), like a URL, so any
 node of the tier accepts it."""
 

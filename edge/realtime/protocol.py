@@ -1,4 +1,4 @@
-"""The messages of a realtime session (DESIGN.md section 9), as small frozen classes.
+"""The messages of a realtime session (docs/contracts.md#realtime-speech), as small frozen classes.
 
 Client messages are JSON text frames; `parse` turns one into an event or raises
 `ProtocolError` with the `error` code the session answers with. Server messages are built

@@ -13,8 +13,9 @@ Lifecycle:
 Text before the first `session.update` is an error (`no_session`): the session does not
 know its voice and format. Segments come from `edge.synth.chunking.Segmenter`, so they
 depend only on the concatenated text and the flushes, never on how the deltas were cut
-(DESIGN.md section 10); each carries the voice, format and speed in force when it was
-completed, and the time its last text arrived (for the first-audio histogram).
+(docs/contracts.md#exact-length-from-the-first-byte); each carries the voice, format and
+speed in force when it was completed, and the time its last text arrived (for the
+first-audio histogram).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`[realtime]`: realtime speech sessions (edge.handlers.realtime, DESIGN.md section 9)."""
+"""`[realtime]`: realtime speech sessions (edge.handlers.realtime,
+docs/contracts.md#realtime-speech)."""
 
 from __future__ import annotations
 

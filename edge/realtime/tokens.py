@@ -1,5 +1,5 @@
-"""Session tokens for browsers (DESIGN.md section 9): a browser cannot set headers on a
-WebSocket, so the application's backend mints a short-lived token with its API key
+"""Session tokens for browsers (docs/contracts.md#realtime-speech): a browser cannot set
+headers on a WebSocket, so the application's backend mints a short-lived token with its API key
 (`POST /v1/realtime/tokens`) and the page connects with `?token=`.
 
     token = kid "." base64url(payload) "." base64url(HMAC-SHA256(k, domain, kid, payload))

@@ -1,4 +1,4 @@
-"""Which spec controls an engine honours (DESIGN.md section 2).
+"""Which spec controls an engine honours (docs/contracts.md#spec-and-key).
 
 Every engine declares the optional controls it honours (`Engine.controls`). A node renders
 a spec locally only when its engine honours every control in it; otherwise the miss goes

@@ -1,5 +1,5 @@
 """Where an object's chunks end: the rule every engine and the realtime door share
-(DESIGN.md section 10, a contract).
+(docs/contracts.md#exact-length-from-the-first-byte, a contract).
 
 An engine renders text chunk by chunk and the first chunk's audio is what a player hears
 first, so the first chunk must be short: a long first sentence would put its whole render

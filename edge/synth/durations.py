@@ -1,5 +1,6 @@
-"""The duration pass (DESIGN.md section 10): an utterance's exact sample count, computed
-before any audio, so a node can announce an object's byte length with its first byte.
+"""The duration pass (docs/contracts.md#exact-length-from-the-first-byte): an utterance's
+exact sample count, computed before any audio, so a node can announce an object's byte
+length with its first byte.
 
 A TTS graph decides early how long its audio will be. Its duration predictor gives each
 token a whole number of frames (a Ceil or a Round), the frames are summed, and that count

@@ -4,7 +4,7 @@ writes, and the choice of variant.
 The choice depends only on the manifest and the configuration (the first configured
 execution provider, or a pinned variant), never on what the host happens to have
 installed, so every node and `sign --config` with the same configuration name the same
-model in their specs (DESIGN.md section 2). A variant's sha256 is part of that identity,
+model in their specs (docs/contracts.md#spec-and-key). A variant's sha256 is part of that identity,
 so audio from one variant is never served under another's key; a node copies the chosen
 file into its data directory under that hash and runs the copy, so replacing an export
 under a running node changes nothing it renders. Only json and hashlib are needed here:

@@ -1,4 +1,4 @@
-"""Fitting an utterance to a target length (the spec's `duration`, DESIGN.md section 2).
+"""Fitting an utterance to a target length (the spec's `duration`, docs/contracts.md#spec-and-key).
 
 The duration pass (edge.synth.durations) says exactly how many samples a render will
 have at a given speed, without rendering. So fitting never stretches a waveform: it

@@ -1,5 +1,5 @@
 # ruff: noqa: RUF001, RUF002  (IPA letters look like Latin ones; they are meant)
-"""Inline pronunciation hints (DESIGN.md section 2, a contract) and the maps from their
+"""Inline pronunciation hints (docs/contracts.md#spec-and-key, a contract) and the maps from their
 symbols to each local engine's phoneme set.
 
 A hint stays inside the spec's text, so it is part of the object's identity:

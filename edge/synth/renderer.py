@@ -6,14 +6,15 @@ count instead of every session spawning one thread per core.
 
 Exact lengths: before its first byte, a render asks the engine's duration pass for the
 utterance's sample count and announces the byte length that follows from it (WAV, PCM,
-MP3), so the node answers exact ranges from the first byte (DESIGN.md section 10). The
-pass runs in its own thread beside the render of the first chunk, so the first byte waits
-for the longer of the two rather than their sum: for a long text the pass covers every
-sentence, and run first it would stand between the player and the first phrase. The
-render then checks that the engine produced exactly that many samples. If the pass and the
-render ever disagree, the object is aborted (never padded or cut to fit), the mismatch is
-counted in `nearvoice_length_mismatches_total`, and that voice's lengths are treated as
-unknown from then on in this process, until the disagreement is fixed.
+MP3), so the node answers exact ranges from the first byte
+(docs/contracts.md#exact-length-from-the-first-byte). The pass runs in its own thread beside
+the render of the first chunk, so the first byte waits for the longer of the two rather than
+their sum: for a long text the pass covers every sentence, and run first it would stand
+between the player and the first phrase. The render then checks that the engine produced
+exactly that many samples. If the pass and the render ever disagree, the object is aborted
+(never padded or cut to fit), the mismatch is counted in
+`nearvoice_length_mismatches_total`, and that voice's lengths are treated as unknown from
+then on in this process, until the disagreement is fixed.
 
 Durations: a spec with a `duration` renders at the speed edge.synth.fit chooses from the
 duration pass (never a stretched waveform), and its exact length is still announced

@@ -2,7 +2,7 @@
 
 Every byte an encoder returns is final. The concatenation of everything `feed` and
 `finish` return is the object, so a client that streams an object while it is rendered
-receives a prefix of the final bytes (DESIGN.md section 2), and a complete render is just
+receives a prefix of the final bytes (docs/contracts.md#spec-and-key), and a complete render is just
 `feed(all) + finish()` through this same code (edge.synth.encode).
 
 A header that records the length is written once, before any audio, so it can only hold
@@ -10,8 +10,8 @@ the length when the engine's duration pass (`Engine.samples`) told it in advance
 encoder made with `total_samples` writes exact sizes, one made without writes the
 formats' "unknown length" values. `encoded_length` gives the byte length that follows
 from a sample count, where one does (WAV, PCM, MP3), so a node can announce an object's
-exact size before its first byte (DESIGN.md section 10). The renderer checks that the
-encoder wrote exactly that many bytes, and aborts the object if not.
+exact size before its first byte (docs/contracts.md#exact-length-from-the-first-byte). The
+renderer checks that the encoder wrote exactly that many bytes, and aborts the object if not.
 
 WAV   written here, not by libsndfile: a 44-byte RIFF/WAVE header for PCM s16le mono,
       then the samples. With a known count the RIFF and data chunk sizes are exact;

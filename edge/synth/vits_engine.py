@@ -4,7 +4,7 @@
 The voice is defined by its export: `[synth.exports] name = "dir"` with a directory whose
 family is "vits" adds the voice `name`, rendered from the variant the node selects. The
 graph's noise is fixed at 0 when exporting, so renders are deterministic and `seed` has
-nothing to seed (DESIGN.md section 2).
+nothing to seed (docs/contracts.md#spec-and-key).
 """
 
 from __future__ import annotations
