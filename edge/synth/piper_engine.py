@@ -21,9 +21,10 @@ import numpy as np
 
 from nearvoice.edge.synth import capability, hints, windows
 from nearvoice.edge.synth.chunking import split_chunks
-from nearvoice.edge.synth.durations import Counted, DurationGraph, Durations, Feeds, Recent
+from nearvoice.edge.synth.durations import Counted, DurationGraph, Durations, Feeds
 from nearvoice.edge.synth.engine import Audio
 from nearvoice.edge.synth.providers import session, short_name
+from nearvoice.edge.synth.runs import Runs, Table
 
 if TYPE_CHECKING:
     from piper import PiperVoice, SynthesisConfig
@@ -150,9 +151,8 @@ class PiperEngine:
         self._providers = providers or ["CPUExecutionProvider"]
         self._local = threading.local()
         self._durations = {v: self._duration_pass(v) for v in voices}
-        self._recent: Recent[tuple[str, str], list[list[int]]] = Recent()
-        self._counted: Recent[tuple[str, str, float], list[Counted]] = Recent(size=2)
-        """The pass's runs for the last texts, for the render that follows them."""
+        self._runs: Table[tuple[str, str, float], Runs[list[int], Counted | None]] = Table()
+        """The last texts' pieces and their passes' runs, shared by the pass and the render."""
         hops = {int(c.get("hop_length", 256)) for c in self._configs.values()}
         self.frame_samples = min(hops) if hops else 256
         """Samples per duration frame (the voices' hop length)."""
@@ -308,12 +308,12 @@ class PiperEngine:
         loaded = self._voice(voice)
         synthesis = self._synthesis(loaded, speed)
         durations = self._durations[voice]
-        pieces = self._recent.get((voice, text))
-        counted = self._counted.get((voice, text, speed)) or []
-        for i, ids in enumerate(self._pieces(loaded, text) if pieces is None else pieces):
+        runs = self._text_runs(voice, text, speed)
+        for i, ids in enumerate(runs):
             feeds = self._feeds(loaded, ids, synthesis)
-            run = counted[i] if i < len(counted) else None
-            if durations.splits() and (run := run or durations.count(feeds)) is not None:
+            if durations.splits() and (
+                run := runs.run(i, functools.partial(durations.count, feeds))
+            ):
                 if i == 0 and windowed and durations.windowed() is not None:
                     # The first piece in windows: the first byte waits for its first
                     # frames, not for the whole piece (edge.synth.windows).
@@ -329,19 +329,21 @@ class PiperEngine:
         durations = self._durations[voice]
         if durations.graph() is None:
             return None
-        key = (voice, text)
-        pieces = self._recent.get(key)
-        if pieces is None:
-            pieces = self._recent.put(key, list(self._pieces(loaded, text)))
-        runs: list[Counted] = []
-        for ids in pieces:
-            run = durations.count(self._feeds(loaded, ids, synthesis))
-            if run is None:
-                return None
-            runs.append(run)
-        if durations.splits():
-            self._counted.put((voice, text, speed), runs)
-        return sum(run.samples for run in runs)
+        runs = self._text_runs(voice, text, speed)
+        counted: list[Counted | None] = []
+        # From the last piece back: a render beside this pass counts from the first.
+        for i, ids in reversed(list(enumerate(runs.pieces()))):
+            feeds = self._feeds(loaded, ids, synthesis)
+            counted.append(runs.run(i, functools.partial(durations.count, feeds)))
+        if any(run is None for run in counted):
+            return None
+        return sum(run.samples for run in counted if run is not None)
+
+    def _text_runs(self, voice: str, text: str, speed: float) -> Runs[list[int], Counted | None]:
+        """The pieces of `text` and their passes' runs, shared by the pass and the render
+        (edge.synth.runs)."""
+        loaded = self._voice(voice)
+        return self._runs.get((voice, text, speed), lambda: Runs(self._pieces(loaded, text)))
 
 
 WARM_UP = "Warm up."
