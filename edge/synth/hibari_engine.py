@@ -13,9 +13,10 @@ import numpy as np
 
 from nearvoice.edge.synth import capability, hints
 from nearvoice.edge.synth.chunking import split_chunks
-from nearvoice.edge.synth.durations import Counted, DurationGraph, Durations, Feeds, Recent
+from nearvoice.edge.synth.durations import Counted, DurationGraph, Durations, Feeds
 from nearvoice.edge.synth.engine import Audio
 from nearvoice.edge.synth.providers import session, short_name
+from nearvoice.edge.synth.runs import Runs, Table
 
 if TYPE_CHECKING:
     from nearvoice.edge.spec import Spec
@@ -38,7 +39,6 @@ LANGUAGES = ("en-US",)
 MAX_PHONEMES = 400
 """As hibari's own: a piece longer than this is split at clause punctuation."""
 
-Pieces = list[list[int]]
 """A text's model inputs: the phoneme ids of each piece the model renders at once."""
 
 
@@ -103,9 +103,8 @@ class HibariEngine:
         self._providers = providers or ["CPUExecutionProvider"]
         self._local = threading.local()
         self._durations = {v: self._duration_pass(v) for v in voices}
-        self._recent: Recent[tuple[str, str], Pieces] = Recent()
-        self._counted: Recent[tuple[str, str, float], list[Counted | None]] = Recent(size=2)
-        """The pass's runs for the last texts, for the render that follows them."""
+        self._runs: Table[tuple[str, str, float], Runs[list[int], Counted | None]] = Table()
+        """The last texts' pieces and their passes' runs, shared by the pass and the render."""
 
     def _model_providers(self, voice: str) -> list[Any]:
         chosen = self._exported.get(voice)
@@ -181,13 +180,12 @@ class HibariEngine:
         model = self._model(voice)
         durations = self._durations[voice]
         rng = np.random.default_rng(seed)
-        pieces = self._recent.get((voice, text))
-        counted = self._counted.get((voice, text, speed)) or []
-        for i, ids in enumerate(self._pieces(voice, text) if pieces is None else pieces):
-            run = counted[i] if i < len(counted) else None
+        runs = self._text_runs(voice, text, speed)
+        for i, ids in enumerate(runs):
             if len(ids) >= MIN_IDS and durations.splits():
                 feeds = _feeds(ids, speed)
-                if (run := run or durations.count(feeds)) is not None:
+                run = runs.run(i, functools.partial(durations.count, feeds))
+                if run is not None:
                     # Hibari.from_ids, with the graph run as the pass and the rest
                     from hibari import dsp
 
@@ -202,22 +200,22 @@ class HibariEngine:
             raise ValueError(f"voice {voice!r} is not one of this engine's {self.voices}")
         if durations.graph() is None:
             return None
-        key = (voice, text)
-        pieces = self._recent.get(key)
-        if pieces is None:
-            pieces = self._recent.put(key, list(self._pieces(voice, text)))
-        runs: list[Counted | None] = []
-        for ids in pieces:
+        runs = self._text_runs(voice, text, speed)
+        total = 0
+        # From the last piece back: a render beside this pass counts from the first.
+        for i, ids in reversed(list(enumerate(runs.pieces()))):
             if len(ids) < MIN_IDS:
-                runs.append(None)  # renders nothing
-                continue
-            run = durations.count(_feeds(ids, speed))
+                continue  # renders nothing
+            run = runs.run(i, functools.partial(durations.count, _feeds(ids, speed)))
             if run is None:
                 return None
-            runs.append(run)
-        if durations.splits():
-            self._counted.put((voice, text, speed), runs)
-        return sum(run.samples for run in runs if run is not None)
+            total += run.samples
+        return total
+
+    def _text_runs(self, voice: str, text: str, speed: float) -> Runs[list[int], Counted | None]:
+        """The pieces of `text` and their passes' runs, shared by the pass and the render
+        (edge.synth.runs)."""
+        return self._runs.get((voice, text, speed), lambda: Runs(self._pieces(voice, text)))
 
 
 WARM_UP = "Warm up."
