@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from nearvoice.edge.formats import AudioFormat
@@ -128,7 +128,8 @@ def opusinfo(path: Path) -> str:
 @settings(max_examples=150, deadline=None)
 @given(
     rate=st.sampled_from(RATES),
-    samples=st.one_of(st.integers(0, 2000), st.integers(0, 3 * 48000)),
+    # Tiny counts (none, under a packet, around the first packet), several pages, many.
+    samples=st.one_of(st.integers(0, 1000), st.integers(1000, 20000), st.integers(20000, 150000)),
     cuts=st.lists(st.floats(0, 1), max_size=8),
     seed=st.integers(0, 2**32 - 1),
 )
@@ -137,6 +138,11 @@ def test_the_announced_length_is_the_length_for_any_count_and_any_feeds(
 ) -> None:
     audio = noise(samples, seed)
     parts = encode_in(audio, rate, [int(c * samples) for c in cuts])
+    pages = len(ogg_pages(b"".join(parts))) - 2
+    event(f"{rate} Hz")
+    event("0 samples" if not samples else "< 1 packet" if samples < rate // 50 else ">= 1 packet")
+    event("1 audio page" if pages == 1 else "2-10 audio pages" if pages <= 10 else "> 10 pages")
+    event(f"{len(cuts) + 1} feeds")
     data = b"".join(parts)
     assert len(data) == encoded_length(OPUS, rate, samples)
     # Whole pages only, every one final: what a listener has is a prefix of the object.
@@ -279,6 +285,23 @@ def test_opusinfo_validates_the_stream(rate: int, seconds: float, tmp_path: Path
     if seconds == 1.0:
         assert "Packet duration:   20.0ms (max),   20.0ms (avg),   20.0ms (min)" in report
         assert "Page duration:    200.0ms (max)" in report
+
+
+@pytest.mark.parametrize("rate", [24000, 22050])
+@pytest.mark.parametrize("seconds", [0.001, 1.7])
+def test_libopusfile_decodes_exactly_the_samples_at_48khz(
+    rate: int, seconds: float, tmp_path: Path
+) -> None:
+    samples = int(seconds * rate)
+    source, out = tmp_path / "object.opus", tmp_path / "decoded.wav"
+    source.write_bytes(b"".join(encode_in(speech(seconds, rate), rate, [])))
+    subprocess.run(
+        ["opusdec", "--quiet", "--rate", "48000", str(source), str(out)],
+        check=True,
+        capture_output=True,
+    )
+    code_rate, n = coded(rate, samples)
+    assert soundfile.info(str(out)).frames == n * 48000 // code_rate
 
 
 @pytest.mark.parametrize("rate", [24000, 22050])
