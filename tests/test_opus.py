@@ -19,6 +19,10 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.metrics import Metrics
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.engine import Engine
+from nearvoice.edge.synth.hibari_engine import HibariEngine
 from nearvoice.edge.synth.ogg import OGG_SERIAL, ogg_crc
 from nearvoice.edge.synth.opus import (
     OPUS_BITRATE,
@@ -30,6 +34,8 @@ from nearvoice.edge.synth.opus import (
     opus_length,
     packet_count,
 )
+from nearvoice.edge.synth.piper_engine import PiperEngine
+from nearvoice.edge.synth.renderer import Renderer
 from nearvoice.edge.synth.resample import Resampler
 from nearvoice.edge.synth.streaming import encoded_length, stream_encoder
 from tests.test_streaming import granule, ogg_pages, speech
@@ -311,3 +317,55 @@ def test_soundfile_reads_exactly_the_samples_at_the_coding_rate(rate: int) -> No
     code_rate, n = coded(rate, samples)
     audio, read_rate = soundfile.read(io.BytesIO(data), dtype="float32")
     assert (read_rate, len(audio)) == (code_rate, n)
+
+
+# -- the renderer: the length announced before the first byte, with the real engines ----------
+
+
+@pytest.fixture(scope="module")
+def engines() -> list[Engine]:
+    return [HibariEngine(threads=1), PiperEngine(voices=("joe",), threads=1)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("voice", "rate"),
+    [("heart", None), ("joe", None), ("heart", 16000), ("joe", 44100)],
+    ids=["heart-24k", "joe-22.05k", "heart-at-16k", "joe-at-44.1k"],
+)
+async def test_the_renderer_announces_the_length_it_writes(
+    engines: list[Engine], voice: str, rate: int | None, tmp_path: Path
+) -> None:
+    engine = next(e for e in engines if voice in e.voices)
+    renderer = Renderer(engines, workers=1, metrics=Metrics())
+    try:
+        spec = Spec.create(
+            text="The length comes first. Then every byte, as it is rendered, to the end.",
+            voice=voice,
+            format=OPUS,
+            model=engine.model_id(voice),
+            rate=rate,
+        )
+        lengths: list[int | None] = []
+        pieces: list[bytes] = []
+        announced_first: list[bool] = []
+
+        def sink(data: bytes) -> None:
+            announced_first.append(bool(lengths))
+            pieces.append(data)
+
+        seconds = await renderer.render(engine, spec, sink, lengths.append)
+    finally:
+        renderer.close()
+    data = b"".join(pieces)
+    assert all(announced_first) and lengths == [len(data)]
+    path = tmp_path / "object.opus"
+    path.write_bytes(data)
+    opusinfo(path)
+    # Decoded at 48 kHz: the rendered samples, through the resamplers the rate asks for.
+    samples = round(seconds * engine.sample_rate)
+    out_rate = rate or engine.sample_rate
+    if out_rate != engine.sample_rate:
+        samples = Resampler(engine.sample_rate, out_rate).output_count(samples)
+    code_rate, n = coded(out_rate, samples)
+    assert len(ffmpeg_decoded(path)) == n * 48000 // code_rate
