@@ -21,23 +21,26 @@ final, and the same audio gives the same bytes whatever pieces it is fed in.
 * Granule positions (RFC 7845 section 4) count 48 kHz samples including the pre-skip:
   a page's is the number of packets completed so far times 960; the last page's is
   `PRE_SKIP` plus the object's sample count at 48 kHz, which trims the end (RFC 7845
-  section 4.5), so a decoder that honours pre-skip and end trimming (ffmpeg, libopusfile,
-  Chromium) outputs exactly that many samples. The packets are as many as cover the
-  pre-skip and the samples, `ceil((PRE_SKIP + 48 kHz samples) / 960)`; the input is
-  padded with silence to fill them, and the trimmed tail is less than one packet.
+  section 4.5), so a decoder that honours pre-skip and end trimming (ffmpeg, libopusfile
+  and libsndfile; tests/test_opus.py checks each) outputs exactly the samples fed. The
+  packets are as many as cover the pre-skip and the samples, `ceil((PRE_SKIP + 48 kHz
+  samples) / 960)`; the input is padded with silence to fill them, and the trimmed tail
+  is less than one packet.
 * Streaming: a page leaves as soon as its packets are coded. A page completed while audio
   is still being fed is never the last one (there is always at least the packet covering
   the pre-skip still to come), so only the last page waits for `finish`; audio reaches
-  the listener in 200 ms pages, as libsndfile's 200 ms page latency did before.
+  the listener in 200 ms pages (what libsndfile's page latency was set to before).
 * What "exact" means: the object decodes to exactly the samples it was fed, at its coding
   rate, times 48 kHz over that rate, since Opus decoders output 48 kHz (ffmpeg reports
   every Ogg Opus stream at 48 kHz): `samples` at 24 kHz decode to 2 * `samples`, aligned
   with the input. A 22.05 kHz voice is first resampled to 24 kHz by edge.synth.resample,
   whose output count (`Resampler.output_count`) includes the filter's tail: N samples
-  at 22.05 kHz decode to 2 * ceil((N + 13) * 160 / 147) samples at 48 kHz, about 1 ms
-  more than N / 22050 s, the input delayed by half a millisecond (the filter's delay).
-* Determinism: the bytes depend on libopus's float encoder; the same build on the same
-  CPU family gives the same bytes (tests check), but the length never depends on them.
+  at 22.05 kHz decode to 2 * ceil((N + 13) * 160 / 147) samples at 48 kHz, 0.6 ms more
+  than N / 22050 s: the input, delayed by the filter's 0.54 ms, then the filter's tail.
+* Determinism: the same audio gives the same bytes from the same build (tests check).
+  libopus codes in floating point and picks its SIMD routines by CPU at run time, so
+  nodes on different CPU families may code different bits, as libsndfile's libopus
+  could before; the length never depends on them.
 """
 
 from __future__ import annotations
