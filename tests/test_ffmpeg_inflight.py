@@ -257,14 +257,15 @@ async def test_ffmpeg_seek_into_a_cold_key_plays_like_the_cached_object(
 # A player must start on the first chunks, not after the render: with the length announced,
 # ffmpeg that learns the size of an MP3 reads its last bytes (the ID3v1 probe) and of an
 # Ogg stream its last page (the duration), before it decodes anything; so those requests
-# are answered as for an unknown length (edge.http.stream's TAIL_PROBED). ffmpeg probes
-# about 32 KiB before it decodes (8 s of Opus), so the render is held after a few chunks.
+# are answered as for an unknown length (edge.http.stream's TAIL_PROBED); a WAV's exact
+# 206 is read from its start. ffmpeg probes about 32 KiB before it decodes (8 s of Opus),
+# so the render is held after a few chunks.
 LONG = " ".join(
     f"Announcement {n}: the train to the coast leaves from platform {n}." for n in range(9)
 )
 
 
-@pytest.mark.parametrize("fmt", [AudioFormat.MP3, AudioFormat.OPUS], ids=str)
+@pytest.mark.parametrize("fmt", [AudioFormat.WAV, AudioFormat.MP3, AudioFormat.OPUS], ids=str)
 async def test_ffmpeg_decodes_a_sized_cold_key_while_the_render_is_held(
     edge: Edge, fmt: AudioFormat
 ) -> None:
