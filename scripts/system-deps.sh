@@ -2,7 +2,7 @@
 # Installs the Debian packages the tests and benchmarks run as real peers:
 # nginx (Range reference; its stream module for the PROXY protocol), wrk (load generator),
 # ffmpeg (client-side decoding), opus-tools (opusdec: libopusfile, a reference decoder for
-# chained Ogg Opus), chromium (playback in a real browser, driven by Playwright),
+# chained Ogg Opus; opusinfo, a stream validator), chromium (playback in a real browser, driven by Playwright),
 # prometheus and promtool (the deploy/ dashboards and alert rules).
 set -euo pipefail
 need=()

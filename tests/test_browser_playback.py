@@ -119,3 +119,34 @@ async def test_chromium_plays_a_cold_mp3_while_it_renders(edge: Edge, page: Page
     await stored_seconds(edge, spec)
     landed = await page.evaluate(SEEK, 30.0)  # an exact 206 of the complete object
     assert landed["time"] == pytest.approx(30.0, abs=0.25)
+
+
+async def test_chromium_plays_a_cold_opus_while_it_renders(edge: Edge, page: Page) -> None:
+    """Ogg Opus of announced length: opened with `bytes=0-`, it streams without a size, since
+    a player that knows an Ogg stream's size reads its last page first (edge.http.stream).
+    Chromium's demuxer reads about 32 KiB before it plays, 8 s of Opus at 4.2 kB/s, so the
+    render is held after its third chunk. Once complete, the element seeks on exact 206s and
+    lands where a decoder of the stored object would."""
+    spec = make_spec(f"{MINUTE} Case opus.", fmt=AudioFormat.OPUS)
+    edge.engine.sized = True
+    edge.engine.hold(at=3)
+    try:
+        played = asyncio.create_task(page.evaluate(PLAY, url_of(edge, spec)))
+        await eventually(edge.engine.holding.is_set)
+        outcome: dict[str, Any] = await played
+        fill = edge.fill(spec)
+        assert fill is not None and fill.is_running() and fill.length is not None
+        assert outcome["ms"] > 0
+    finally:
+        edge.engine.release()
+    fill = edge.fill(spec)
+    assert fill is not None
+    await fill.until_done()
+    body = fill.body()
+    assert len(body) == fill.length
+    # The last page's granule, less the pre-skip, is the exact 48 kHz sample count.
+    last = body.rindex(b"OggS")
+    seconds = (int.from_bytes(body[last + 6 : last + 14], "little") - 312) / 48000
+    assert seconds > 40
+    landed = await page.evaluate(SEEK, seconds - 5.0)
+    assert landed["time"] == pytest.approx(seconds - 5.0, abs=0.25)

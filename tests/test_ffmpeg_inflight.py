@@ -252,3 +252,39 @@ async def test_ffmpeg_seek_into_a_cold_key_plays_like_the_cached_object(
     cold_seconds = len(cold) / 2 / SAMPLE_RATE
     cached_seconds = len(cached) / 2 / SAMPLE_RATE
     assert cold_seconds == pytest.approx(cached_seconds, abs=0.05)
+
+
+# A player must start on the first chunks, not after the render: with the length announced,
+# ffmpeg that learns the size of an MP3 reads its last bytes (the ID3v1 probe) and of an
+# Ogg stream its last page (the duration), before it decodes anything; so those requests
+# are answered as for an unknown length (edge.http.stream's TAIL_PROBED); a WAV's exact
+# 206 is read from its start. ffmpeg probes about 32 KiB before it decodes (8 s of Opus),
+# so the render is held after a few chunks.
+LONG = " ".join(
+    f"Announcement {n}: the train to the coast leaves from platform {n}." for n in range(9)
+)
+
+
+@pytest.mark.parametrize("fmt", [AudioFormat.WAV, AudioFormat.MP3, AudioFormat.OPUS], ids=str)
+async def test_ffmpeg_decodes_a_sized_cold_key_while_the_render_is_held(
+    edge: Edge, fmt: AudioFormat
+) -> None:
+    spec = make_spec(f"{LONG} Decode while held.", fmt=fmt)
+    edge.engine.hold(at=5)
+    command = ffmpeg_decode_command(fmt, edge.url(spec), seek=None)
+    proc = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        await eventually(edge.engine.holding.is_set, seconds=20)
+        async with asyncio.timeout(TOOL_TIMEOUT / 3):
+            first = await proc.stdout.read(4096)  # the first decoded samples
+        fill = edge.node._fills.get(spec.key)
+        assert first and fill is not None and fill.is_running() and fill.length is not None
+        assert edge.engine.holding.is_set()  # the rest of the object does not exist yet
+    finally:
+        edge.engine.release()
+        async with asyncio.timeout(TOOL_TIMEOUT):
+            await proc.communicate()
+    assert proc.returncode == 0

@@ -109,12 +109,14 @@ async def test_open_range_from_zero_is_an_exact_206_from_the_first_chunk(
     assert len(streamed) == length
 
 
-async def test_an_mp3_opened_from_zero_streams_as_a_200_and_its_other_ranges_are_exact(
-    edge: Edge,
+@pytest.mark.parametrize("fmt", [AudioFormat.MP3, AudioFormat.OPUS], ids=str)
+async def test_a_tail_probed_object_opened_from_zero_streams_as_a_200_with_exact_ranges(
+    edge: Edge, fmt: AudioFormat
 ) -> None:
     # A player that knows an MP3's size reads its last 128 bytes before it plays (ffmpeg's
-    # ID3v1 probe), and those exist only at the end: `bytes=0-` gets no size (edge.http.stream).
-    spec = fresh(AudioFormat.MP3)
+    # ID3v1 probe), and of an Ogg stream its last page (its duration); those exist only at
+    # the end: `bytes=0-` gets no size (edge.http.stream).
+    spec = fresh(fmt)
     async with edge.client.get(url_of(spec), headers={"Range": "bytes=0-"}) as resp:
         first = await resp.content.readany()
         fill = edge.fill(spec)
@@ -136,8 +138,9 @@ async def test_an_mp3_opened_from_zero_streams_as_a_200_and_its_other_ranges_are
     assert part == complete[100:200]
 
 
-async def test_head_in_flight_states_the_exact_length(edge: Edge) -> None:
-    spec = fresh()
+@pytest.mark.parametrize("fmt", [AudioFormat.WAV, AudioFormat.MP3, AudioFormat.OPUS], ids=str)
+async def test_head_in_flight_states_the_exact_length(edge: Edge, fmt: AudioFormat) -> None:
+    spec = fresh(fmt)
     length = await held(edge, spec)
     status, headers, body = await fetch(edge.client, url_of(spec), "HEAD")
     assert (status, body) == (200, b"")
@@ -146,8 +149,9 @@ async def test_head_in_flight_states_the_exact_length(edge: Edge) -> None:
     assert len(await whole(edge, spec)) == length
 
 
-async def test_a_range_inside_what_exists_is_answered_at_once(edge: Edge) -> None:
-    spec = fresh()
+@pytest.mark.parametrize("fmt", [AudioFormat.WAV, AudioFormat.OPUS], ids=str)
+async def test_a_range_inside_what_exists_is_answered_at_once(edge: Edge, fmt: AudioFormat) -> None:
+    spec = fresh(fmt)
     length = await held(edge, spec)
     status, headers, part = await fetch(edge.client, url_of(spec), headers={"Range": "bytes=0-99"})
     assert status == 206

@@ -64,4 +64,4 @@ def test_opus_accepts_rates_its_codec_does_not(rate: int) -> None:
 
 
 def test_opus_at_a_native_rate_is_not_resampled() -> None:
-    assert type(stream_encoder(AudioFormat.OPUS, 24000)).__name__ == "SndfileEncoder"
+    assert type(stream_encoder(AudioFormat.OPUS, 24000)).__name__ == "OpusEncoder"

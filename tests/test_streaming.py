@@ -14,8 +14,8 @@ import soundfile
 
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.synth.ogg import ogg_crc
+from nearvoice.edge.synth.opus import PACKETS_PER_PAGE, OpusEncoder
 from nearvoice.edge.synth.streaming import (
-    OGG_PAGE_LATENCY_MS,
     OGG_SERIAL,
     SndfileEncoder,
     StreamEncoder,
@@ -180,7 +180,7 @@ def test_finish_twice_raises(fmt: AudioFormat) -> None:
 @pytest.mark.parametrize("fmt", [AudioFormat.FLAC, AudioFormat.MP3, AudioFormat.OPUS])
 def test_closing_an_abandoned_encoder_releases_it(fmt: AudioFormat) -> None:
     encoder = stream_encoder(fmt, RATE)
-    assert isinstance(encoder, SndfileEncoder)
+    assert isinstance(encoder, SndfileEncoder | OpusEncoder)
     with encoder:
         encoder.feed(speech(0.5))
     with pytest.raises(RuntimeError):
@@ -446,22 +446,21 @@ def test_opus_stream_begins_and_ends_properly() -> None:
     assert all(not page[5] & 0x04 for page in pages[:-1])
 
 
-def test_opus_pages_span_at_most_the_page_latency() -> None:
-    # 48 kHz granules; a page closes once it holds the latency, give or take a packet.
-    # The last page is whatever the final flush leaves, encoder lookahead included.
+def test_opus_pages_span_a_fixed_number_of_packets() -> None:
+    # 48 kHz granules: every audio page but the last holds PACKETS_PER_PAGE 20 ms packets.
     pages = ogg_pages(b"".join(stream(AudioFormat.OPUS, sentences())))
-    granules = [granule(p) for p in pages[:-1] if granule(p) > 0]
+    granules = [granule(p) for p in pages[1:-1]]
     spans = np.diff(granules)
     assert len(spans) > 10
-    assert spans.max() <= OGG_PAGE_LATENCY_MS * 48 + 960
+    assert set(spans.tolist()) == {PACKETS_PER_PAGE * 960}
 
 
 def test_opus_first_sentence_brings_its_audio_pages() -> None:
     encoder = stream_encoder(AudioFormat.OPUS, RATE)
     pages = ogg_pages(encoder.feed(speech(1.5)))
     encoder.finish()
-    # Everything but the last page latency's worth (and one packet) is out already.
-    assert max(granule(p) for p in pages) >= (1500 - OGG_PAGE_LATENCY_MS - 20) * 48
+    # Everything but the last, incomplete page (and the pre-skip's packet) is out already.
+    assert max(granule(p) for p in pages) >= (1500 - PACKETS_PER_PAGE * 20 - 20) * 48
 
 
 # -- the sink ------------------------------------------------------------------------------

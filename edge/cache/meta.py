@@ -48,7 +48,8 @@ the same spec render to other bytes. 1: streams of unknown length, chunks at sen
 ends. 2: exact sizes in WAV and FLAC headers from the duration pass, a first chunk that
 ends at its first clause boundary (docs/contracts.md#exact-length-from-the-first-byte).
 3: a render's first piece vocoded in windows (edge.synth.windows), which moves samples at
-the window edges by about 1e-7."""
+the window edges by about 1e-7; Ogg Opus in constant-bitrate packets and fixed pages
+(edge.synth.opus)."""
 
 
 def etag_for(key: str, revision: int = RENDER_REVISION) -> str:

@@ -11,13 +11,14 @@ bytes (docs/contracts.md#exact-length-from-the-first-byte). A render that fails 
 headers aborts the connection: the client sees fewer bytes than the Content-Length it was
 promised, never a padded or short object taken for whole.
 
-The one exception is MP3 opened with `bytes=0-`: a player that learns an MP3's size reads
-its last 128 bytes first (ffmpeg's ID3v1 probe; Chromium plays through ffmpeg), and those
-exist only once the render ends, so the player would wait for the whole render. That
+The one exception is MP3 and Ogg Opus opened with `bytes=0-`: a player that learns an
+MP3's size reads its last 128 bytes first (ffmpeg's ID3v1 probe; Chromium plays through
+ffmpeg), and of an Ogg stream its last page (ffmpeg's duration probe); those exist only
+once the render ends, so the player would wait for the whole render. That
 request is answered as for an unknown length (a 200 streamed at once, below); the seeks
 that follow get exact 206s.
 
-Unknown length (an external engine, FLAC, Opus), where RFC 9110 section 14.4 would need `*`:
+Unknown length (an external engine, FLAC), where RFC 9110 section 14.4 would need `*`:
 
 * GET without Range, unconditional: 200, the body streamed as it is produced.
 * `Range: bytes=0-`, unconditional, as browsers and ffmpeg open media: also that 200. A
@@ -102,10 +103,11 @@ def _plan(request: web.BaseRequest, max_ranges: int) -> tuple[int, int | None] |
     return start, end
 
 
-TAIL_PROBED = frozenset({"audio/mpeg"})
-"""Types whose players read the end of an object of known size before they play: ffmpeg
-(and so Chromium) looks for an ID3v1 tag in an MP3's last 128 bytes as soon as it knows
-the size, and those bytes exist only when the render ends."""
+TAIL_PROBED = frozenset({"audio/mpeg", "audio/ogg;codecs=opus"})
+"""Types whose players read the end of an object of known size before they play, and
+those bytes exist only when the render ends: ffmpeg (and so Chromium) looks for an ID3v1
+tag in an MP3's last 128 bytes, and reads an Ogg stream's last page for its duration (the
+last granule position), as soon as it knows the size."""
 
 
 def _tail_first(request: web.BaseRequest, fill: Fill) -> bool:

@@ -2,15 +2,21 @@
 section 6), which would make two renders of one spec differ; we pin the serial and
 recompute each page's CRC, so ogg-opus objects are byte-identical on every node.
 
-`SerialPinner` does this incrementally for streaming encoders: bytes go in in whatever
-pieces the muxer wrote them, and only complete, pinned pages come out, so nothing it
-returns ever needs rewriting. `pin_serial` is the one-shot form of the same code.
+`SerialPinner` does this incrementally for streams from other muxers (the realtime
+links, edge.realtime.framing): bytes go in in whatever pieces the muxer wrote them, and
+only complete, pinned pages come out, so nothing it returns ever needs rewriting.
+`pin_serial` is the one-shot form of the same code.
+
+`ogg_page` writes pages from packets, for the Ogg Opus muxer (edge.synth.opus), which
+gives every object `OGG_SERIAL`.
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+
+OGG_SERIAL = 0x6E766F78  # b"nvox": fixed so renders are byte-identical on every node
 
 _CAPTURE = b"OggS"
 _HEADER = 27
@@ -90,3 +96,42 @@ def pin_serial(data: bytes, serial: int) -> bytes:
     """A complete Ogg stream with every page's serial set to `serial`."""
     pinner = SerialPinner(serial)
     return pinner.push(data) + pinner.finish()
+
+
+# -- writing pages -------------------------------------------------------------------------
+
+BEGINNING_OF_STREAM = 0x02
+END_OF_STREAM = 0x04
+PAGE_HEADER_BYTES = _HEADER
+MAX_SEGMENT = 255
+
+
+def lacing(size: int) -> bytes:
+    """The lacing values of one packet of `size` bytes (RFC 3533 section 5): 255 for each
+    whole 255 bytes, then the remainder, which is 0 when the size is a multiple of 255."""
+    return bytes([MAX_SEGMENT] * (size // MAX_SEGMENT) + [size % MAX_SEGMENT])
+
+
+def page_length(packet_sizes: list[int] | tuple[int, ...]) -> int:
+    """Bytes in a page that holds packets of these sizes, each complete on it."""
+    return PAGE_HEADER_BYTES + sum(size // MAX_SEGMENT + 1 + size for size in packet_sizes)
+
+
+def ogg_page(
+    packets: list[bytes], *, serial: int, sequence: int, granule: int, flags: int = 0
+) -> bytes:
+    """One page holding `packets`, each complete on it (RFC 3533 section 6): no packet
+    continues from the previous page or onto the next, so the page stands on its own."""
+    segments = b"".join(lacing(len(packet)) for packet in packets)
+    if len(segments) > MAX_SEGMENT:
+        raise ValueError(f"{len(segments)} lacing values do not fit one page")
+    page = bytearray(
+        _CAPTURE
+        + struct.pack("<BBqIII", 0, flags, granule, serial, sequence, 0)
+        + bytes([len(segments)])
+        + segments
+    )
+    for packet in packets:
+        page += packet
+    struct.pack_into("<I", page, _CRC_AT, ogg_crc(page))
+    return bytes(page)

@@ -9,7 +9,7 @@ A header that records the length is written once, before any audio, so it can on
 the length when the engine's duration pass (`Engine.samples`) told it in advance: an
 encoder made with `total_samples` writes exact sizes, one made without writes the
 formats' "unknown length" values. `encoded_length` gives the byte length that follows
-from a sample count, where one does (WAV, PCM, MP3), so a node can announce an object's
+from a sample count, where one does (WAV, PCM, MP3, Opus), so a node can announce an object's
 exact size before its first byte (docs/contracts.md#exact-length-from-the-first-byte). The
 renderer checks that the encoder wrote exactly that many bytes, and aborts the object if not.
 
@@ -41,19 +41,15 @@ MP3   libsndfile/LAME, constant bitrate. LAME reserves the first frame for a Xin
       48 kbps frame is too small for the tag, so LAME reserves none and nothing is cut.
       Constant bitrate also makes the byte length a function of the sample count
       (`mp3_length`).
-OPUS  libsndfile/libopus in Ogg. Its byte length is not known in advance: libopus codes
-      variable bitrate, each 20 ms packet to a size of its own. Nothing is rewritten,
-      but libsndfile picks a random stream serial, so pages pass through
-      edge.synth.ogg.SerialPinner (fixed serial, recomputed CRC, complete pages only).
-      libsndfile holds audio until an Ogg page spans its page latency, 1 s by default;
-      it is set to 200 ms here so a sentence's audio reaches the player with that
-      sentence (about 2% more bytes). Opus takes 8, 12, 16, 24 and 48 kHz only;
-      libsndfile refuses other rates (it does not resample).
+OPUS  Ogg Opus through PyAV (FFmpeg's libopus wrapper) in constant-size packets, paged
+      by our own muxer a fixed number of packets at a time: edge.synth.opus. Its byte
+      length follows from the sample count (`opus_length`). Opus codes 8, 12, 16, 24 and
+      48 kHz only; other rates are resampled to the next one up (edge.synth.resample).
 AAC   ADTS through PyAV (FFmpeg's aac encoder and adts muxer): edge.synth.aac.
 
-libsndfile writes into `_Sink`, an append-only file it believes it can seek in: bytes
-not yet handed out may still be patched, writes entirely inside what was handed out are
-dropped, and anything else (a write straddling the mark, a read of handed-out bytes) is
+libsndfile (FLAC, MP3) writes into `_Sink`, an append-only file it believes it can seek
+in: bytes not yet handed out may still be patched, writes entirely inside what was handed
+out are dropped, and anything else (a write straddling the mark, a read of handed-out bytes) is
 an error the encoder raises.
 
 Encoders are not thread-safe; each is used by one thread at a time. `finish` closes the
@@ -71,15 +67,12 @@ import soundfile
 
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.synth.engine import Audio
-from nearvoice.edge.synth.ogg import SerialPinner
+from nearvoice.edge.synth.ogg import OGG_SERIAL as OGG_SERIAL
 from nearvoice.edge.synth.resample import Resampler
 
-OGG_SERIAL = 0x6E766F78  # b"nvox": fixed so renders are byte-identical (see edge.synth.ogg)
-OGG_PAGE_LATENCY_MS = 200.0
 MP3_KBPS_LSF = 48  # MPEG-2/2.5 (sample rates below 32 kHz)
 MP3_KBPS_MPEG1 = 64  # MPEG-1 (32 kHz and up)
 
-_SFC_SET_OGG_PAGE_LATENCY_MS = 0x1302  # sndfile.h; soundfile does not wrap this command
 _UNKNOWN_SIZE = 0xFFFFFFFF
 
 
@@ -127,33 +120,40 @@ def stream_encoder(
 
         return AacEncoder(sample_rate)
     if fmt is AudioFormat.OPUS:
-        # Opus codes only these rates (RFC 6716 section 2); other voices are resampled to
-        # the next one up, so piper's 22.05 kHz becomes 24 kHz.
-        rate = next((r for r in OPUS_RATES if r >= sample_rate), OPUS_RATES[-1])
-        opus = SndfileEncoder(
-            fmt,
-            rate,
-            "OGG",
-            "OPUS",
-            setup=_set_ogg_page_latency,
-            post=_OggPinning(SerialPinner(OGG_SERIAL)),
+        from nearvoice.edge.synth.opus import OpusEncoder, opus_rate  # PyAV: only when asked for
+
+        # Opus codes only some rates; other voices are resampled to the next one up, so
+        # piper's 22.05 kHz becomes 24 kHz.
+        rate = opus_rate(sample_rate)
+        if rate == sample_rate:
+            return OpusEncoder(rate, total_samples=total_samples)
+        coded = (
+            None
+            if total_samples is None
+            else Resampler(sample_rate, rate).output_count(total_samples)
         )
-        return opus if rate == sample_rate else ResamplingEncoder(opus, sample_rate, rate)
+        opus = OpusEncoder(rate, input_rate=sample_rate, total_samples=coded)
+        return ResamplingEncoder(opus, sample_rate, rate)
     raise ValueError(f"no encoder for {fmt!r}")
-
-
-OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
 
 
 def encoded_length(fmt: AudioFormat, sample_rate: int, total_samples: int) -> int | None:
     """The exact byte length of a `fmt` object of `total_samples` samples, where the format
-    makes it a function of the count (WAV, PCM, constant-bitrate MP3); None otherwise."""
+    makes it a function of the count (WAV, PCM, constant-bitrate MP3, constant-bitrate Ogg
+    Opus); None otherwise."""
     if fmt is AudioFormat.PCM:
         return 2 * total_samples
     if fmt is AudioFormat.WAV:
         return WAV_HEADER_BYTES + 2 * total_samples
     if fmt is AudioFormat.MP3:
         return mp3_length(sample_rate, total_samples)
+    if fmt is AudioFormat.OPUS:
+        from nearvoice.edge.synth.opus import opus_length, opus_rate
+
+        rate = opus_rate(sample_rate)
+        if rate != sample_rate:
+            total_samples = Resampler(sample_rate, rate).output_count(total_samples)
+        return opus_length(rate, total_samples)
     return None
 
 
@@ -386,17 +386,6 @@ class _FlacTotalSamples:
         return bytes(head)
 
 
-class _OggPinning:
-    def __init__(self, pinner: SerialPinner) -> None:
-        self._pinner = pinner
-
-    def push(self, data: bytes) -> bytes:
-        return self._pinner.push(data)
-
-    def finish(self) -> bytes:
-        return self._pinner.finish()
-
-
 # MPEG audio Layer III: kbps by bitrate index, Hz by sample-rate index, per version.
 _L3_KBPS = {
     1: (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
@@ -452,18 +441,9 @@ class _Mp3InfoFrameCutter:
         return head
 
 
-def _set_ogg_page_latency(sf: Any) -> None:
-    latency = soundfile._ffi.new("double*", OGG_PAGE_LATENCY_MS)
-    # libsndfile 1.2 returns 0 (SF_FALSE) for this command even when it applies it, so
-    # the return value says nothing; tests check the page spacing instead.
-    soundfile._snd.sf_command(
-        sf._file, _SFC_SET_OGG_PAGE_LATENCY_MS, latency, soundfile._ffi.sizeof("double")
-    )
-
-
 class SndfileEncoder:
     """One libsndfile encoder writing into a `_Sink`, its output optionally rewritten
-    by `post` (Ogg serial pinning, MP3 Info-frame cutting)."""
+    by `post` (FLAC STREAMINFO total, MP3 Info-frame cutting)."""
 
     def __init__(
         self,
