@@ -19,9 +19,11 @@ from __future__ import annotations
 import struct
 
 from nearvoice.edge.formats import AudioFormat
-from nearvoice.edge.synth.ogg import SerialPinner
+from nearvoice.edge.synth.ogg import (
+    OGG_SERIAL,  # what every stored object carries
+    SerialPinner,
+)
 
-OGG_SERIAL = 0x6E766F78  # what every stored object carries (edge.synth.streaming)
 OPUS_CLOCK = 48000  # Hz: Ogg Opus granule positions count 48 kHz samples (RFC 7845 s4)
 
 

@@ -38,9 +38,9 @@ from nearvoice.edge.realtime.protocol import (
 )
 from nearvoice.edge.spec import MAX_SPEED, MIN_SPEED
 from nearvoice.edge.synth.chunking import Segmenter
+from nearvoice.edge.synth.opus import opus_rate
 
 FORMATS: Mapping[str, AudioFormat] = {"pcm": AudioFormat.PCM, "opus": AudioFormat.OPUS}
-OPUS_RATES = (8000, 12000, 16000, 24000, 48000)  # RFC 6716 section 2 (as edge.synth.streaming)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +95,7 @@ def sample_rate(voice: VoiceInfo, fmt: AudioFormat) -> int:
     """The rate the session's audio is at: the voice's for pcm, the Opus coding rate for
     opus (the next one up, as the encoder resamples)."""
     if fmt is AudioFormat.OPUS:
-        return next((r for r in OPUS_RATES if r >= voice.sample_rate), OPUS_RATES[-1])
+        return opus_rate(voice.sample_rate)
     return voice.sample_rate
 
 
