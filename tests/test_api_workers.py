@@ -8,11 +8,17 @@ after its speech request. With requests split evenly over both workers, a tenant
 miss burst of 3 gets exactly 3 renders in all (buckets kept per worker would give up to 3
 each), every other request is a 429 in OpenAI's error shape with Retry-After and the
 RateLimit fields, and the hit budget is spent for the node the same way.
+
+Realtime sessions likewise: a tenant's `realtime_sessions` counts the sessions of every
+worker (edge.seats), and each session keeps a characters budget of its own even where two
+workers number their sessions alike.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx2
 import openai
 import pytest
@@ -44,6 +51,7 @@ T = TypeVar("T")
 TENANT_KEY = "limited-secret-0123456789abcdef"
 HIT_BURST = 3
 MISS_BURST = 3
+SESSIONS = 2
 PER_WORKER = 5
 """Requests each worker gets in each round: more than a whole burst, so buckets kept per
 worker would admit more than the burst in all."""
@@ -58,6 +66,11 @@ hit_rate = 0.0001
 hit_burst = {HIT_BURST}
 miss_rate = 0.0001
 miss_burst = {MISS_BURST}
+realtime_sessions = {SESSIONS}
+realtime_chars_per_second = 1
+
+[realtime]
+max_message_bytes = 1024
 """
 
 
@@ -239,3 +252,114 @@ def test_a_tenants_budgets_hold_for_the_node_not_per_worker(node: Node) -> None:
     assert delta(before, after, "nearvoice_synth_total", engine="hibari") == 0
     refused = len(hits) - HIT_BURST
     assert delta(before, after, "nearvoice_rate_limited_total", scope="api") == refused
+
+
+# -- realtime sessions ----------------------------------------------------------------------
+
+
+def traced(connections: list[str]) -> aiohttp.TraceConfig:
+    """Records in `connections` each connection opened ("opened") and reused ("reused")."""
+    trace = aiohttp.TraceConfig()
+
+    async def opened(*_: object) -> None:
+        connections.append("opened")
+
+    async def reused(*_: object) -> None:
+        connections.append("reused")
+
+    trace.on_connection_create_end.append(opened)
+    trace.on_connection_reuseconn.append(reused)
+    return trace
+
+
+class Session:
+    """A realtime session over a connection that first asked which worker accepted it."""
+
+    def __init__(self, http: aiohttp.ClientSession, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.http = http
+        self.ws = ws
+
+    @classmethod
+    async def open(cls, node: Node, worker: int) -> Session:
+        """A session on `worker`: connections are opened until that worker accepts one."""
+        base = f"http://127.0.0.1:{node.port}"
+        while True:
+            connections: list[str] = []
+            http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1), trace_configs=[traced(connections)]
+            )
+            async with http.get(
+                f"{base}/admin/stats", headers={"Authorization": f"Bearer {ADMIN}"}
+            ) as response:
+                stats = await response.json()
+            if int(stats["worker"]) != worker:
+                await http.close()
+                continue
+            headers = {"Authorization": f"Bearer {TENANT_KEY}"}
+            ws = await http.ws_connect(f"{base}/v1/realtime/speech", headers=headers)
+            assert connections == ["opened", "reused"]  # the connection that was asked
+            return cls(http, ws)
+
+    async def send(self, kind: str, **fields: Any) -> None:
+        await self.ws.send_str(json.dumps({"type": kind, **fields}))
+
+    async def next_event(self) -> dict[str, Any] | int:
+        """The next event, or the close code if the server closes the session instead."""
+        message = await self.ws.receive(timeout=TIMEOUT)
+        if message.type is aiohttp.WSMsgType.TEXT:
+            event: dict[str, Any] = json.loads(message.data)
+            return event
+        assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), message
+        assert self.ws.close_code is not None
+        return self.ws.close_code
+
+    async def update(self) -> dict[str, Any] | int:
+        await self.send("session.update", voice="heart", format="pcm")
+        return await self.next_event()
+
+    async def close(self) -> None:
+        await self.ws.close()
+        await self.http.close()
+
+
+async def open_sessions(node: Node) -> int:
+    return int(metric_from(await asyncio.to_thread(node.metrics), "nearvoice_realtime_sessions"))
+
+
+async def test_a_tenants_realtime_sessions_are_counted_for_the_node(node: Node) -> None:
+    # One session on each worker: together the tenant's limit. Each is its worker's first
+    # session; its characters budget is still its own (900 of the 1,024-character burst
+    # each would not fit in one budget shared by both).
+    held = {w: await Session.open(node, w) for w in range(WORKERS)}
+    assert SESSIONS == WORKERS
+    try:
+        for session in held.values():
+            assert (await session.update())["type"] == "session.updated"  # type: ignore[index]
+        for session in held.values():
+            await session.send("text.delta", text="word " * 180)  # no sentence: nothing renders
+            # A bad message answered with an error event, not the session closed with 4001:
+            # the text before it was within the session's budget.
+            await session.send("no.such.type")
+            answer = await session.next_event()
+            assert isinstance(answer, dict), f"closed with {answer}"
+            assert (answer["type"], answer["error"]) == ("error", "unknown_type")
+
+        # A third session is refused on either worker.
+        for worker in range(WORKERS):
+            extra = await Session.open(node, worker)
+            try:
+                assert await extra.update() == 4003
+            finally:
+                await extra.close()
+
+        # A seat given back on worker 0 can be taken on worker 1.
+        await held.pop(0).close()
+        deadline = time.monotonic() + TIMEOUT
+        while await open_sessions(node) != SESSIONS - 1:  # the worker has let it go
+            assert time.monotonic() < deadline, "the closed session is still counted"
+            await asyncio.sleep(0.02)
+        held[0] = await Session.open(node, 1)
+        assert (await held[0].update())["type"] == "session.updated"  # type: ignore[index]
+    finally:
+        for session in held.values():
+            await session.close()
