@@ -109,7 +109,7 @@ def create_app(
     app[API_KEYS] = ApiKeys.from_env() if api_keys is None else api_keys
     app[TRUSTED] = TrustedProxies(config.http.trusted_proxies)
     app[openai.MEMO] = openai.PreparedMemo()
-    app[realtime.HUB] = realtime.create_hub(node)
+    app[realtime.HUB] = realtime.create_hub(node, app[API_KEYS].tenants)
     redact_access_log()  # ?token= never reaches a log
     openai.check_aliases(node)
     node.metrics.expect(
@@ -158,6 +158,7 @@ async def _node_lifetime(app: web.Application) -> AsyncIterator[None]:
     if channel is not None:
         await channel.cleanup()
     await node.stop()
+    app[realtime.HUB].close()
     await node.flush_recency()
     node.close()
 

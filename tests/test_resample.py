@@ -46,6 +46,16 @@ def test_chunking_does_not_change_the_samples() -> None:
     np.testing.assert_array_equal(whole, pieces)
 
 
+def test_resamplers_of_one_rate_pair_share_one_read_only_filter() -> None:
+    first, second = Resampler(SOURCE, TARGET), Resampler(SOURCE, TARGET)
+    assert first._phases is second._phases
+    assert not first._phases.flags.writeable
+    assert Resampler(48000, TARGET)._phases is not first._phases
+    # Sharing the design changes no sample: two resamplers fed alike give the same output.
+    x = tone(0.5)
+    np.testing.assert_array_equal(run(first, [x]), run(second, [x[:777], x[777:]]))
+
+
 def test_content_above_the_lower_nyquist_is_removed_when_downsampling() -> None:
     rate = 48000
     t = np.arange(rate) / rate

@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,8 +218,11 @@ def wait_all_ready(node: Node, limit: float = START_TIMEOUT) -> None:
 
 
 @contextlib.contextmanager
-def workers_node(where: Path, config: str, upstream: str | None = None) -> Iterator[Node]:
-    """`python -m nearvoice edge` with `config` (which sets `workers`), all workers ready."""
+def workers_node(
+    where: Path, config: str, upstream: str | None = None, env: Mapping[str, str] | None = None
+) -> Iterator[Node]:
+    """`python -m nearvoice edge` with `config` (which sets `workers`), all workers ready;
+    `env` adds to its environment."""
     where.mkdir(parents=True, exist_ok=True)
     (where / "node.toml").write_text(config)
     port = free_port()
@@ -232,7 +235,12 @@ def workers_node(where: Path, config: str, upstream: str | None = None) -> Itera
     log = where / "node.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, cwd=REPO, env=node_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=out
+            argv,
+            cwd=REPO,
+            env={**node_env(), **(env or {})},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
         )
     process = NodeProcess("edge", port, proc, log)
     try:

@@ -41,10 +41,11 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
+from pathlib import Path
 from urllib.parse import urlencode
 
 from aiohttp import WSMsgType, hdrs, web
@@ -73,6 +74,7 @@ from nearvoice.edge.realtime.session import (
     sample_rate,
 )
 from nearvoice.edge.realtime.turns import Turn, Turns
+from nearvoice.edge.seats import Seats, SharedSeats
 from nearvoice.edge.spec import Spec, SpecError
 from nearvoice.edge.token import Grant, sign_query, speech_path
 
@@ -94,32 +96,40 @@ class UpgradeRequired(RequestError):
 
 @dataclass
 class Hub:
-    """What a node's sessions share: open sessions per tenant and the render turns."""
+    """What a node's sessions share: open sessions per tenant (for the node, whichever
+    worker holds them) and the render turns."""
 
     turns: Turns
-    open: dict[str, int] = field(default_factory=dict)
+    seats: Seats = field(default_factory=Seats)
     ids: itertools.count[int] = field(default_factory=itertools.count)
+    process: str = field(default_factory=lambda: os.urandom(8).hex())
+    """Names this process's sessions in the node's shared rate-limit buckets, where the
+    session ids of another worker (or of this worker's previous life) count too."""
 
     def enter(self, tenant: str, limit: int) -> bool:
-        if self.open.get(tenant, 0) >= limit:
-            return False
-        self.open[tenant] = self.open.get(tenant, 0) + 1
-        return True
+        return self.seats.enter(tenant, limit)
 
     def leave(self, tenant: str) -> None:
-        self.open[tenant] -= 1
-        if not self.open[tenant]:
-            del self.open[tenant]
+        self.seats.leave(tenant)
+
+    def close(self) -> None:
+        self.seats.close()
 
 
 HUB = web.AppKey("realtime_hub", Hub)
 
 
-def create_hub(node: Node) -> Hub:
+def create_hub(node: Node, tenants: Sequence[str]) -> Hub:
+    """The hub of a node with these API tenants; with several workers, their sessions are
+    counted in `<data>/realtime.seats` (edge.seats)."""
     slots = node.config.realtime.render_slots
     if not slots:
         slots = node.renderer.workers if node.renderer is not None else os.cpu_count() or 1
-    return Hub(Turns(slots))
+    seats = Seats()
+    if node.config.workers > 1:
+        path = Path(node.config.data_dir) / "realtime.seats"
+        seats = SharedSeats(path, tenants, node.config.workers, node.siblings.index)
+    return Hub(Turns(slots), seats)
 
 
 def voices_of(node: Node) -> dict[str, VoiceInfo]:
@@ -321,7 +331,7 @@ class Connection:
         burst = max(cps, float(self.settings.max_message_bytes))
         try:
             self.node.limiter.take(
-                ("realtime", self.caller.tenant, self.id),
+                ("realtime", self.caller.tenant, self.hub.process, self.id),
                 Scope.MISS,
                 Rates(miss_rate=cps, miss_burst=burst),
                 "realtime",
