@@ -335,7 +335,10 @@ class ExternalEngine:
             return None
         data = self.clips.clip(spec.ref.id) if self.clips is not None else None
         if data is None or hashlib.sha256(data).hexdigest() != spec.ref.sha256:
-            raise RenderRefused("unknown_ref", f"reference voice {spec.ref.id} is not registered")
+            raise RenderRefused(
+                "unknown_ref",
+                f"reference voice {spec.ref.id} was deleted (or is not the clip this line names)",
+            )
         assert self.clips is not None
         self.clips.record(spec.ref.sha256, spec.key)
         if self.clip_dir is None:
