@@ -103,6 +103,8 @@ class Cloning:
     wire: IndexTTS2Server
     store: Path
     clip: bytes
+    clips: Path
+    """The directory the origin shares with the server."""
     played: dict[str, bytes] = field(default_factory=dict)
     """Key -> the bytes the edge played."""
 
@@ -155,7 +157,7 @@ def cloning(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloning]:
             )
             nodes.append(edge)
             wait_ready(origin, shield, edge)
-            yield Cloning(edge, shield, origin, wire, store, clip)
+            yield Cloning(edge, shield, origin, wire, store, clip, where / "clips")
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +242,7 @@ class TestCloning:
         assert deleted.status == 200, deleted.body
         assert played["key"] in deleted.json()["purged"]
         assert deleted.json()["edges"] == {cloning.edge.base: 200}
+        assert not (cloning.clips / f"{voice['sha256']}.wav").exists()  # no copy left
         before = metrics(cloning.edge.base)
         # More refusals than the breakers' failure threshold (3): none of them opens.
         for url in (played["url"], unplayed["url"]) * 2:
