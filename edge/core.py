@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Protocol
 
 from nearvoice.edge.cache.fill import Fill, FillFailed, FillState
@@ -157,8 +158,12 @@ async def _from_fill(
                 stale.close()
                 stale = None
         if stale is None:
-            metrics.requests_by[Result.ERROR].inc()
-            raise fill_error(exc) from exc
+            error = fill_error(exc)
+            # `error` counts 5xx answers only (what the error-ratio alert pages on); a
+            # spec refused as a whole (400) or gone upstream (a relayed 404/410) is a 4xx.
+            failed = error.status >= HTTPStatus.INTERNAL_SERVER_ERROR
+            metrics.requests_by[Result.ERROR if failed else Result.REJECTED].inc()
+            raise error from exc
         age = max(0, int(time.time() - stale.meta.stored_at))
         try:
             with stale as file:

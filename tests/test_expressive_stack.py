@@ -254,7 +254,9 @@ class TestCloning:
             answer = http(node.base + path_of(unplayed["url"]))
             assert (answer.status, answer.json()["error"]) == (410, "unknown_ref"), node.role
         after = metrics(cloning.edge.base)
-        assert delta(before, after, "nearvoice_requests_total", result="error") == 4
+        # 4xx answers: rejected, not errors (which count 5xx, and page).
+        assert delta(before, after, "nearvoice_requests_total", result="rejected") == 4
+        assert delta(before, after, "nearvoice_requests_total", result="error") == 0
         assert delta(before, after, "nearvoice_requests_total", result="stale") == 0
         for text in (after, metrics(cloning.shield.base)):
             assert not [

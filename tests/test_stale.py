@@ -288,4 +288,5 @@ async def test_an_upstreams_410_is_relayed_and_never_masked_by_a_stale_copy(
         assert resp.headers["Content-Type"].startswith("application/json")
         assert (await resp.json())["error"] == "unknown_ref"
     assert await metric(client, "nearvoice_requests_total", result="stale") == 0
-    assert await metric(client, "nearvoice_requests_total", result="error") == 1
+    assert await metric(client, "nearvoice_requests_total", result="error") == 0  # 5xx only
+    assert await metric(client, "nearvoice_requests_total", result="rejected") == 1
