@@ -18,7 +18,9 @@ Phases, in order (docs/architecture.md#the-parts: doors over one core):
 
 A fill that fails before the door sent a byte is answered with an expired copy still on
 disk (stale-if-error, RFC 5861 section 4) when there is one, otherwise with the JSON error
-that `fill_error` maps it to.
+that `fill_error` maps it to. An upstream's definitive 404 or 410 about the object
+(edge.upstream.RELAYED) is not an error in RFC 5861's sense (only 500, 502, 503 and 504
+are): it is relayed with its status and code, and never masked by a stale copy.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Protocol
 
 from nearvoice.edge.cache.fill import Fill, FillFailed, FillState
@@ -35,6 +38,7 @@ from nearvoice.edge.errors import (
     BadRequest,
     GatewayTimeout,
     Gone,
+    NotFound,
     RequestError,
     ServiceUnavailable,
 )
@@ -142,7 +146,11 @@ async def _from_fill(
         delivered = await door.send_fill(fill, result)
     except FillFailed as exc:
         looked_up = stale is None
-        if stale is None and grant.policy.stored:
+        if exc.status is not None:
+            # The object is gone upstream: say so, serve nothing (a stale copy passed in
+            # is closed by the caller).
+            stale = None
+        elif stale is None and grant.policy.stored:
             # Requests that joined a running fill skipped the disk: look now, so they get
             # the stale copy too, not just the request that started the fill.
             stale = await node.lookup(grant.spec.key, hit=False)
@@ -150,8 +158,12 @@ async def _from_fill(
                 stale.close()
                 stale = None
         if stale is None:
-            metrics.requests_by[Result.ERROR].inc()
-            raise fill_error(exc) from exc
+            error = fill_error(exc)
+            # `error` counts 5xx answers only (what the error-ratio alert pages on); a
+            # spec refused as a whole (400) or gone upstream (a relayed 404/410) is a 4xx.
+            failed = error.status >= HTTPStatus.INTERNAL_SERVER_ERROR
+            metrics.requests_by[Result.ERROR if failed else Result.REJECTED].inc()
+            raise error from exc
         age = max(0, int(time.time() - stale.meta.stored_at))
         try:
             with stale as file:
@@ -174,10 +186,17 @@ async def _from_fill(
 
 
 def fill_error(exc: FillFailed) -> RequestError:
-    """The JSON answer for a fill that failed before this request sent a byte."""
+    """The JSON answer for a fill that failed before this request sent a byte: an
+    upstream's relayed answer with its own status, others by their code."""
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
-    cls = _FILL_ERRORS.get(exc.code, ServiceUnavailable)
+    if exc.status is not None:
+        cls = _RELAYED_ERRORS.get(exc.status, BadGateway)
+    else:
+        cls = _FILL_ERRORS.get(exc.code, ServiceUnavailable)
     return cls(exc.code, str(exc), headers=headers)
+
+
+_RELAYED_ERRORS: dict[int, type[RequestError]] = {404: NotFound, 410: Gone}
 
 
 _FILL_ERRORS: dict[str, type[RequestError]] = {

@@ -6,7 +6,10 @@ fetches, counting the reason in `nearvoice_upstream_requests_total{reason}`:
 
 * `no_engine`: the voice (or this exact model) is not rendered on this node;
 * `capability`: the local engine does not honour every control in the spec (a duration,
-  an emotion, a reference voice, a hint symbol it cannot say; edge.synth.capability);
+  an emotion, a reference voice, a hint symbol it cannot say; edge.synth.capability), or
+  the voice is not rendered here and the spec asks for a control that no engine of this
+  node honours, so no voice here could have rendered it either: a cloned line (`ref`)
+  at an edge or a shield, which never hold a clip (DESIGN.md section 11);
 * `overload`: the engine's render queue is full;
 * `queue`: the estimated queue wait exceeds the upstream's estimated first byte;
 * `engine_error`: the local render failed before producing a byte.
@@ -34,6 +37,7 @@ from nearvoice.edge.cache.meta import ObjectMeta, etag_for, revision_of
 from nearvoice.edge.cache.store import DiskStore
 from nearvoice.edge.config import NodeConfig
 from nearvoice.edge.metrics import Metrics
+from nearvoice.edge.spec import Spec
 from nearvoice.edge.synth.engine import Engine
 from nearvoice.edge.synth.renderer import Renderer, RenderError, RenderRefused
 from nearvoice.edge.token import Grant
@@ -92,6 +96,8 @@ class Producer:
         """The local engine to render with, or why to go upstream instead."""
         engine = self.renderer.engine_for(grant.spec) if self.renderer else None
         if engine is None or self.renderer is None:
+            if self._unhonoured(grant.spec) is not None:
+                return UpstreamReason.CAPABILITY
             return UpstreamReason.NO_ENGINE
         if engine.refuses(grant.spec) is not None:
             return UpstreamReason.CAPABILITY
@@ -102,6 +108,14 @@ class Producer:
         if self.renderer.estimated_wait(engine) > self.upstreams.estimated_first_byte:
             return UpstreamReason.QUEUE
         return engine
+
+    def _unhonoured(self, spec: Spec) -> str | None:
+        """A control of `spec` that no engine of this node honours, by name (a node that
+        renders nothing honours none); None when some engine here honours them all."""
+        used = spec.controls()
+        if not used or (self.renderer is not None and self.renderer.honours(used)):
+            return None
+        return min(used)
 
     async def produce(self, fill: Fill, grant: Grant, target: str) -> None:
         """Fills `fill` and commits the result. Never raises: failures mark the fill."""
@@ -184,7 +198,7 @@ class Producer:
     async def _fetch(self, fill: Fill, grant: Grant, target: str, reason: UpstreamReason) -> None:
         if not self.upstreams.available and reason is UpstreamReason.CAPABILITY:
             engine = self.renderer.engine_for(grant.spec) if self.renderer else None
-            control = engine.refuses(grant.spec) if engine else None
+            control = engine.refuses(grant.spec) if engine else self._unhonoured(grant.spec)
             raise FillFailed("unsupported_control", f"no engine here honours {control!r}")
         if not self.upstreams.available:
             voices = ", ".join(self.renderer.voices) if self.renderer else "none"

@@ -21,6 +21,11 @@ Resilience, all before the first byte:
   first byte, whatever the number of upstreams and retries. A 4xx is never retried (the upstream
   refused the request itself; another one would too), and nothing is retried once a body
   byte has been handed to the caller.
+* A 4xx is an answer, not a failure: the upstream is up, so its breaker counts a success.
+  A 404 or 410 with a node's JSON error (`RELAYED`; say, 410 `unknown_ref` for a spec
+  whose reference voice was deleted) is definitive about the object itself, and is
+  relayed to the player with its status and code; any other 4xx (401 and 403 about this
+  node's own credentials, say) is this tier's problem, reported as 502 `upstream_refused`.
 
 End-to-end integrity: a node answering with a complete object sends its digest in
 `X-Nearvoice-Sha256` (`CHECKSUM_HEADER`); `Fetched.sha256` exposes it. A
@@ -35,9 +40,11 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import json
 import logging
 import math
 import random
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -58,6 +65,11 @@ from nearvoice.edge.nodeauth import NODE_HEADER, sign_node_request
 log = logging.getLogger("nearvoice.upstream")
 CHUNK = 64 * 1024  # bytes per read from an upstream body
 EWMA_WEIGHT = 0.2  # weight of the newest first-byte sample
+RELAYED = frozenset((HTTPStatus.NOT_FOUND, HTTPStatus.GONE))
+"""Upstream statuses relayed as they came: definitive answers about the object, which no
+other upstream or later retry would answer otherwise (RFC 9110 sections 15.5.5, 15.5.11)."""
+ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+"""What a relayed JSON error code must look like to be passed on."""
 RETRY_AFTER = 5  # seconds a client should wait after every upstream failed
 CHECKSUM_HEADER = "X-Nearvoice-Sha256"
 """The lowercase hex SHA-256 of the complete object. A node sends it with every answer
@@ -121,6 +133,24 @@ class UpstreamSettings:
             "must hold connect_timeout <= first_byte_timeout <= deadline, not "
             f"{self.connect_timeout} <= {self.first_byte_timeout} <= {self.deadline}",
         )
+
+
+def relayed_error(status: int, body: bytes) -> FillFailed | None:
+    """The FillFailed that relays an upstream's `status` and JSON error `body`, when it is a
+    definitive answer about the object (`RELAYED`, with a node's `{"error": CODE,
+    "message": ...}`); None for anything else."""
+    if status not in RELAYED:
+        return None
+    try:
+        error = json.loads(body)
+    except ValueError:
+        return None
+    code = error.get("error") if isinstance(error, dict) else None
+    if not isinstance(code, str) or not ERROR_CODE.fullmatch(code):
+        return None
+    message = error.get("message")
+    said = message[:300] if isinstance(message, str) and message else code.replace("_", " ")
+    return FillFailed(code, said, status=status)
 
 
 def rendezvous_order(key: str, bases: tuple[str, ...]) -> list[str]:
@@ -385,6 +415,9 @@ class Upstreams:
             response.release()
         if response.status < HTTPStatus.INTERNAL_SERVER_ERROR:
             breaker.success()  # up and answering
+            relayed = relayed_error(response.status, body)
+            if relayed is not None:
+                raise relayed
             raise FillFailed(
                 "upstream_refused", f"upstream answered {response.status}: {body[:200]!r}"
             )

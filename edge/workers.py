@@ -221,9 +221,10 @@ class Siblings:
 
     # -- relaying -------------------------------------------------------------------------
     async def relay(self, fill: Fill, grant: Grant, target: str) -> bool:
-        """Fills `fill` from the key's owner. True when the fill ended here (complete or
-        failed); False when this worker must produce it itself: it owns the key, or the
-        owner failed before sending a byte (dead, restarting, or its render failed)."""
+        """Fills `fill` from the key's owner. True when the fill ended here (complete, or
+        failed: a broken relay, or the owner's relayed 404/410); False when this worker
+        must produce it itself: it owns the key, or the owner failed before sending a byte
+        (dead, restarting, or its render failed)."""
         client = self._clients.get(self.owner(grant.spec.key))
         if client is None:
             return False
@@ -240,6 +241,11 @@ class Siblings:
                     fill.size,
                     exc,
                 )
+                fill.fail(exc)
+                return True
+            if exc.status is not None:
+                # The owner relayed an upstream's definitive 404/410: asking again here
+                # would get the same answer.
                 fill.fail(exc)
                 return True
             log.warning(

@@ -50,7 +50,7 @@ emotion text (or label) as `instructions`, where the server takes it; it has no 
 an emotion vector, which is refused (`unsupported_control`). Each wire accepts only the
 controls it can carry (`WIRE_CONTROLS`). A spec whose `ref` is no longer registered (or
 whose clip's hash is not the one the spec binds) is refused with `unknown_ref` (410)
-before the server is asked.
+before the server is asked, and a deleted voice's clip is removed from `clip_dir`.
 
 Identity: a spec names its model, and a remote model's bytes are out of reach, so each
 voice's `model_id` is configured by the operator (`<engine>-<voice>@<hash or version>`)
@@ -86,7 +86,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -133,6 +133,10 @@ class ClipSource(Interface):
 
     def record(self, sha: str, key: str) -> None:
         """Notes that object `key` is rendered from clip `sha` (purged with it)."""
+        ...
+
+    def on_delete(self, forget: Callable[[str], None]) -> None:
+        """Has `forget` called with a clip's hash once that clip is deleted."""
         ...
 
 
@@ -271,6 +275,15 @@ class ExternalEngine:
         self.clip_dir = Path(clip_dir) if clip_dir else None
         self.remote_clip_dir = remote_clip_dir or clip_dir
         self.seconds_per_char = seconds_per_char
+        if clips is not None and self.clip_dir is not None:
+            clips.on_delete(self.forget_clip)
+
+    def forget_clip(self, sha256: str) -> None:
+        """Removes a deleted voice's clip from the directory shared with the server: a
+        deleted voice leaves no copy behind (blocking; a render already reading it keeps
+        its open file)."""
+        if self.clip_dir is not None:
+            (self.clip_dir / f"{sha256}.wav").unlink(missing_ok=True)
 
     def _voice(self, voice: str) -> ExternalVoice:
         found = self._voices.get(voice)
@@ -336,7 +349,10 @@ class ExternalEngine:
             return None
         data = self.clips.clip(spec.ref.id) if self.clips is not None else None
         if data is None or hashlib.sha256(data).hexdigest() != spec.ref.sha256:
-            raise RenderRefused("unknown_ref", f"reference voice {spec.ref.id} is not registered")
+            raise RenderRefused(
+                "unknown_ref",
+                f"reference voice {spec.ref.id} was deleted (or is not the clip this line names)",
+            )
         assert self.clips is not None
         self.clips.record(spec.ref.sha256, spec.key)
         if self.clip_dir is None:

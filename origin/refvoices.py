@@ -16,7 +16,9 @@ The clip is an object of the store like the renders (filesystem or S3), under it
 Next to it, an index object lists the keys of the objects rendered from it, so that
 deleting the voice can purge them from every tier; the index lives under the SHA-256 of
 `renders:<clip hash>`, a key no spec can have. A clip never leaves the origin tier: edges
-and shields only ever see its id and hash in specs.
+and shields only ever see its id and hash in specs. Engines that keep copies of clips
+(the IndexTTS2 adapter's shared directory) are told of each deletion (`on_delete`), so a
+deleted voice leaves no copy behind.
 
 Blocking: every method here does I/O or decoding; callers run them in an executor.
 """
@@ -26,12 +28,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import re
 import shutil
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +45,7 @@ from nearvoice.edge.cache.meta import ObjectMeta
 from nearvoice.edge.policy import Policy
 from nearvoice.edge.producer import PersistentStore
 
+log = logging.getLogger("nearvoice.origin.refvoices")
 CANONICAL_RATE = 24000  # Hz of the stored clip
 MIN_SECONDS = 3.0
 MAX_SECONDS = 30.0
@@ -152,6 +157,12 @@ class RefVoices:
         self.store = store
         self._lock = threading.Lock()
         """Serializes index updates (read, add, write) in this process."""
+        self._forgetters: list[Callable[[str], None]] = []
+
+    def on_delete(self, forget: Callable[[str], None]) -> None:
+        """Has `forget` called with a clip's hash once the clip is deleted (an engine that
+        keeps copies of clips, to drop its own)."""
+        self._forgetters.append(forget)
 
     def add(self, data: bytes) -> RefVoice:
         body, seconds = canonical(data)
@@ -191,6 +202,11 @@ class RefVoices:
         with self._lock:
             keys = self._rendered(sha)
             self.store.delete(_index_key(sha))
+        for forget in self._forgetters:
+            try:
+                forget(sha)
+            except OSError as exc:  # logged: the voice is deleted all the same
+                log.warning("could not remove a copy of clip %s: %s", sha, exc)
         return keys
 
     def record(self, sha: str, key: str) -> None:

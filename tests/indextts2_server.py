@@ -17,15 +17,22 @@ reports instead, so tests can assert what reached it:
 
 It runs on its own event loop in a background thread, on a free loopback port; rendering
 runs in one dedicated thread (one piper session).
+
+As a process, it stands in for an IndexTTS2 server in the README's walk through
+expressive speech (`python -m tests.indextts2_server --port 9880 --speaker FILE`):
+`--speaker` writes a few seconds of speech to FILE, the server's own speaker clip for a
+voice rendered without a reference voice (IndexTTS2 always needs one), unless it exists.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import io
 import json
 import re
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,12 +59,12 @@ class IndexTTS2Server:
         self.url = ""
         self.log: list[dict[str, Any]] = []
 
-    def start(self) -> str:
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         app = web.Application()
         app.router.add_post("/tts_url", self._tts_url)
         runner = self._runner = web.AppRunner(app, shutdown_timeout=5.0)
         self._loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, host, port)
         self._loop.run_until_complete(site.start())
         host, port = runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
@@ -115,3 +122,46 @@ class IndexTTS2Server:
 
     def _render(self, text: str, speed: float) -> np.ndarray[Any, np.dtype[np.float32]]:
         return np.concatenate(list(self._engine.stream(text, "joe", speed, 0)))
+
+
+SPEAKER_TEXT = (
+    "This is the stand-in server's own speaker. It reads a few sentences, so that a voice "
+    "has a clip to be rendered from."
+)
+
+
+def write_speaker(engine: PiperEngine, path: Path) -> None:
+    """A few seconds of real speech (piper joe) at `path`, as a 16-bit WAV."""
+    audio = np.concatenate(list(engine.stream(SPEAKER_TEXT, "joe", 1.0, 0)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.indextts2_server",
+        description="index-tts-vllm's wire format, rendered with piper: it cannot clone.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9880)
+    parser.add_argument("--speaker", type=Path, help="write a speaker clip here if missing")
+    args = parser.parse_args(argv)
+    # Blocked before any other thread starts (onnxruntime's, the server's: they inherit
+    # the mask), so this thread alone takes them, in sigwait.
+    stopping = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stopping)
+    engine = PiperEngine(voices=("joe",), threads=1)
+    if args.speaker is not None and not args.speaker.exists():
+        write_speaker(engine, args.speaker)
+    server = IndexTTS2Server(engine)
+    url = server.start(args.host, args.port)
+    print(f"IndexTTS2 stand-in (piper; it cannot clone) on {url}", flush=True)
+    try:
+        signal.sigwait(stopping)
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

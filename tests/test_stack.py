@@ -231,11 +231,11 @@ class NodeProcess:
         stop_process(self.proc)
 
 
-def node_env() -> dict[str, str]:
+def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {**os.environ, KEYS_ENV: f"{KID}:{SECRET}"}
     for name in (ADMIN_TOKEN_ENV, MINT_TOKEN_ENV):
         env.pop(name, None)
-    return env
+    return {**env, **(extra or {})}
 
 
 def start_node(
@@ -246,10 +246,13 @@ def start_node(
     config: str | None = None,
     name: str | None = None,
     preexec: Any = None,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> NodeProcess:
     """Starts `python -m nearvoice.edge.cli <role>` on a free port with its data under `where`, and
     waits until it listens (its engines may still be warming up). A node that lost its
-    port to another process meanwhile is started again on another port."""
+    port to another process meanwhile is started again on another port, unless `port`
+    fixed it (other nodes' settings name it). `env` adds to the node's environment."""
     name = name or role
     (where / name).mkdir(parents=True, exist_ok=True)
     extra: list[str] = []
@@ -259,8 +262,9 @@ def start_node(
         path = where / name / "node.toml"
         path.write_text(config)
         extra += ["--config", str(path)]
-    for attempt in range(START_TRIES):
-        port = free_port()
+    fixed = port
+    for attempt in range(START_TRIES if fixed is None else 1):
+        port = fixed or free_port()
         argv = [
             sys.executable, "-m", "nearvoice.edge.cli", role,
             "--port", str(port), "--data-dir", str(where / name / "data"), *extra,
@@ -270,7 +274,7 @@ def start_node(
             proc = subprocess.Popen(
                 argv,
                 cwd=REPO,
-                env=node_env(),
+                env=node_env(env),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -281,7 +285,7 @@ def start_node(
             return node
         if "address already in use" not in node.output().lower():
             pytest.fail(f"{role} exited with {proc.returncode} during start-up:\n{node.output()}")
-    pytest.fail(f"{role} found no free port in {START_TRIES} tries")
+    pytest.fail(f"{role} found no free port in {START_TRIES if fixed is None else 1} tries")
 
 
 def wait_listening(node: NodeProcess, limit: float = START_TIMEOUT) -> bool:

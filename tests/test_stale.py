@@ -261,3 +261,32 @@ async def test_failed_miss_leaves_the_expired_copy_in_place(edge: Any) -> None:
             assert await resp.read() == body
     assert node_of(app).store.contains(spec.key)
     assert await metric(client, "nearvoice_requests_total", result="stale") == 2
+
+
+async def test_an_upstreams_410_is_relayed_and_never_masked_by_a_stale_copy(
+    aiohttp_client: AiohttpClient, tmp_path: Path
+) -> None:
+    """A 410 is the upstream's answer, not an error (RFC 5861 section 4: only 500, 502,
+    503 and 504 are): the player gets it, with its code, and no expired copy."""
+
+    async def gone(_request: web.Request) -> web.Response:
+        body = {"error": "unknown_ref", "message": "reference voice ref_x was deleted"}
+        return web.json_response(body, status=410)
+
+    upstream_app = web.Application()
+    upstream_app.router.add_route("*", "/{tail:.*}", gone)
+    upstream = await aiohttp_client(upstream_app)
+    base = str(upstream.make_url("")).rstrip("/")
+    app = create_app(
+        make_config(tmp_path, upstreams=(base,), upstream=SETTINGS), KEYRING, engines=[]
+    )
+    client = await aiohttp_client(app)
+    spec = joe()
+    put_expired(app, spec, payload(5000))
+    async with client.get(sign(KEYRING, spec)) as resp:
+        assert resp.status == 410
+        assert resp.headers["Content-Type"].startswith("application/json")
+        assert (await resp.json())["error"] == "unknown_ref"
+    assert await metric(client, "nearvoice_requests_total", result="stale") == 0
+    assert await metric(client, "nearvoice_requests_total", result="error") == 0  # 5xx only
+    assert await metric(client, "nearvoice_requests_total", result="rejected") == 1

@@ -54,6 +54,10 @@ class Mode(StrEnum):
     `go` before the rest. HEAD: as OK (the object is complete by the time one asks)."""
     UNAVAILABLE = "503"
     REFUSED = "403"
+    GONE = "410"
+    """410 with a node's JSON error (a spec whose reference voice was deleted)."""
+    NOT_FOUND_PAGE = "404"
+    """404 with a plain-text page, not a node's JSON error (a misrouted proxy, say)."""
     CLOSE = "close"
     """Drops the connection without answering."""
     HANG = "hang"
@@ -172,6 +176,11 @@ class Peer:
             return web.Response(status=503, text="busy")
         if mode is Mode.REFUSED:
             return web.json_response({"error": "bad_signature"}, status=403)
+        if mode is Mode.GONE:
+            body = {"error": "unknown_ref", "message": "reference voice ref_x was deleted"}
+            return web.json_response(body, status=410)
+        if mode is Mode.NOT_FOUND_PAGE:
+            return web.Response(status=404, text="404: Not Found")
         if mode is Mode.CLOSE:
             return await self._drop(request)
         if mode is Mode.HANG:
@@ -466,6 +475,32 @@ async def test_4xx_is_not_retried_nor_failed_over() -> None:
             assert "403" in str(failed.value)
             assert (a.gets, b.gets) == (1, 0)
             assert up.breaker_state(a.base) == "closed"  # it is up: it answered
+
+
+async def test_a_definitive_410_is_relayed_and_trips_no_breaker() -> None:
+    async with peers(Mode.GONE, Mode.OK) as (a, b):
+        key = key_with_order(a.base, b.base)
+        async with client(a.base, b.base, failure_threshold=1, retries=2) as up:
+            for _ in range(3):
+                with pytest.raises(FillFailed) as failed:
+                    await fetch(up, key)
+                assert (failed.value.status, failed.value.code) == (410, "unknown_ref")
+                assert "deleted" in str(failed.value)
+            # Neither retried, failed over, nor counted against the upstream.
+            assert (a.gets, b.gets) == (3, 0)
+            assert up.breaker_state(a.base) == "closed"
+            assert up.breaker(a.base).consecutive_failures == 0
+
+
+async def test_a_404_without_a_nodes_json_error_is_not_relayed() -> None:
+    async with (
+        peers(Mode.NOT_FOUND_PAGE) as (a,),
+        client(a.base, failure_threshold=1, retries=2) as up,
+    ):
+        with pytest.raises(FillFailed) as failed:
+            await fetch(up, "k")
+        assert (failed.value.code, failed.value.status) == ("upstream_refused", None)
+        assert up.breaker_state(a.base) == "closed"
 
 
 @pytest.mark.parametrize("fault", [Mode.BREAK, Mode.SHORT])

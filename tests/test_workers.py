@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import http.client
+import http.server
 import json
 import os
 import signal
@@ -416,6 +417,66 @@ def test_a_key_from_upstream_is_fetched_by_one_worker_only(
     # The relaying worker's players got upstream bytes, and say so.
     sent = delta(before, after, "nearvoice_response_bytes_total", source="upstream")
     assert sent == sum(len(a.body) for a in answers)
+
+
+@contextlib.contextmanager
+def gone_upstream() -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP server on loopback that answers every GET 410 with a node's JSON error
+    (a cloned line whose voice was deleted); yields its base URL and the paths asked."""
+    asked: list[str] = []
+
+    class Gone(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            body = json.dumps({"error": "unknown_ref", "message": "the voice was deleted"})
+            self.send_response(410)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gone)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_upstreams_410_relayed_by_the_owner_is_final_in_the_other_worker(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The owner relays the upstream's 410; the worker that asked it passes it on instead
+    of fetching the key again itself."""
+    config = f"workers = {WORKERS}\n\n[synth]\nenabled = false\n"
+    with (
+        gone_upstream() as (base, asked),
+        workers_node(tmp_path_factory.mktemp("gone"), config, base) as fetching,
+    ):
+        spec = fresh()
+        other = 1 - owner_of(spec.key, WORKERS)
+        pinned = fetching.pinned()
+        conn = pinned[other]
+        before = fetching.metrics()
+        answer = conn.get(sign(KEYRING, spec))
+        conn.settle()
+        after = fetching.metrics()
+        for each in pinned.values():
+            each.close()
+    assert answer.status == 410
+    assert json.loads(answer.body)["error"] == "unknown_ref"
+    assert len(asked) == 1  # by the owner; the other worker did not ask again
+    for outcome in ("relayed", "fallback"):
+        moved = metric_from(after, "nearvoice_worker_relays_total", worker=str(other),
+                            outcome=outcome) - metric_from(
+            before, "nearvoice_worker_relays_total", worker=str(other), outcome=outcome
+        )  # fmt: skip
+        assert moved == 0, outcome
 
 
 def test_a_player_hanging_up_in_the_relaying_worker_stops_nothing(node: Node) -> None:

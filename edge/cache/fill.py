@@ -36,12 +36,19 @@ class FillState(Enum):
 
 
 class FillFailed(Exception):
-    """The producer gave up; `code` is the JSON error code to report when no byte was sent."""
+    """The producer gave up; `code` is the JSON error code to report when no byte was sent.
 
-    def __init__(self, code: str, message: str, retry_after: int | None = None) -> None:
+    `status` is set only for an upstream's definitive answer about the object itself (404
+    or 410, edge.upstream.RELAYED): the object does not exist anywhere, so the answer is
+    relayed as it came, neither turned into a 502 nor masked by a stale copy."""
+
+    def __init__(
+        self, code: str, message: str, retry_after: int | None = None, *, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.retry_after = retry_after
+        self.status = status
 
 
 class Fill:

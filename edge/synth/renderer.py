@@ -106,6 +106,10 @@ class Renderer:
     def voices(self) -> list[str]:
         return sorted(self._by_voice)
 
+    def honours(self, controls: frozenset[str]) -> bool:
+        """Whether some engine here honours every one of `controls` (by name)."""
+        return any(controls <= engine.controls for engine in self._by_voice.values())
+
     def engine_for(self, spec: Spec) -> Engine | None:
         """The local engine that renders exactly this spec's model, if any."""
         engine = self._by_voice.get(spec.voice)
