@@ -9,7 +9,7 @@ fetches, counting the reason in `nearvoice_upstream_requests_total{reason}`:
   an emotion, a reference voice, a hint symbol it cannot say; edge.synth.capability), or
   the voice is not rendered here and the spec asks for a control that no engine of this
   node honours, so no voice here could have rendered it either: a cloned line (`ref`)
-  at an edge or a shield, which never hold a clip (DESIGN.md section 11);
+  at an edge or a shield, which never hold a clip (docs/contracts.md#reference-voices);
 * `overload`: the engine's render queue is full;
 * `queue`: the estimated queue wait exceeds the upstream's estimated first byte;
 * `engine_error`: the local render failed before producing a byte.

@@ -1,5 +1,5 @@
 # ruff: noqa: RUF001  (IPA letters look like Latin ones; they are meant)
-"""Expressive controls (DESIGN.md section 2): the spec fields `duration`, `emotion`, `ref`,
+"""Expressive controls (docs/contracts.md#spec-and-key): the spec fields `duration`, `emotion`, `ref`,
 `lang` and inline pronunciation hints; which engine honours which control, and misses it
 does not honour going upstream as `capability`; durations fitted by the duration pass at
 the local engines (real hibari and piper models), announced before the first byte and

@@ -109,7 +109,7 @@ def test_the_readme_walk_through_expressive_speech_works_as_written(tmp_path: Pa
     assert len(durations) == 2, out
     cloned, dubbed = durations
     assert cloned > 0
-    # 4. the dubbing line lasts 2.40 s within 2 % (heart's fit, DESIGN.md section 2)
+    # 4. the dubbing line lasts 2.40 s within 2 % (heart's fit, docs/contracts.md#spec-and-key)
     assert abs(dubbed - 2.4) <= 0.02 * 2.4, dubbed
     # 5. the deletion purged the edge, and the line answers 410 unknown_ref through it
     deleted = json.loads(next(line for line in out.splitlines() if '"deleted": true' in line))
