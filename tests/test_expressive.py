@@ -1,10 +1,9 @@
 # ruff: noqa: RUF001  (IPA letters look like Latin ones; they are meant)
-"""Expressive controls (docs/contracts.md#spec-and-key): the spec fields `duration`, `emotion`, `ref`,
-`lang` and inline pronunciation hints; which engine honours which control, and misses it
-does not honour going upstream as `capability`; durations fitted by the duration pass at
-the local engines (real hibari and piper models), announced before the first byte and
-byte-identical across renders; and the refusals at `nearvoice sign` and the minting API.
-"""
+"""Expressive controls (docs/contracts.md#spec-and-key): the spec fields `duration`, `emotion`,
+`ref`, `lang` and inline pronunciation hints; which engine honours which control, and misses it
+does not honour going upstream as `capability`; durations fitted by the duration pass at the
+local engines (real hibari and piper models), announced before the first byte and byte-identical
+across renders; and the refusals at `nearvoice sign` and the minting API."""
 
 from __future__ import annotations
 

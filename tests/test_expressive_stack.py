@@ -1,7 +1,7 @@
-"""Cloned lines through the three tiers, as real processes on loopback (DESIGN.md sections
-2 and 11): an origin whose `[[external]]` IndexTTS2 engine is tests/indextts2_server.py
-(index-tts-vllm's wire format rendered with piper: it cannot clone, and tells what
-reached it), a shield and an edge that both know the voice but hold no clip.
+"""Cloned lines through the three tiers, as real processes on loopback (docs/contracts.md, "Spec
+and key" and "Reference voices"): an origin whose `[[external]]` IndexTTS2 engine is
+tests/indextts2_server.py (index-tts-vllm's wire format rendered with piper: it cannot clone,
+and tells what reached it), a shield and an edge that both know the voice but hold no clip.
 
 1. A line minted at the origin with a reference voice, an emotion and a duration plays
    at the edge: neither the edge (whose hibari engine honours durations but neither
