@@ -84,6 +84,13 @@ def test_a_changed_original_stops_the_swap(monkeypatch: pytest.MonkeyPatch) -> N
     assert getattr(modeling_vits, TARGET) is drifted
 
 
+def test_a_release_without_the_spline_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(modeling_vits, TARGET)
+    with traceable_splines():
+        assert not hasattr(modeling_vits, TARGET)
+    assert not hasattr(modeling_vits, TARGET)
+
+
 def export_inverted_flow(flow: Any, path: Path) -> None:
     """One of the default duration predictor's spline flows, inverted as inference runs
     it, through the project's exporter (dynamo, opset 18)."""
