@@ -4,9 +4,11 @@ The graph takes `input_ids` and `attention_mask` ([1, tokens], dynamic) and
 `length_scale` ([1]: 2.0 speaks half as fast) and returns `waveform` [1, samples]. The
 noise scales are fixed at 0 when exporting: renders must be deterministic
 (docs/contracts.md#spec-and-key), as piper's voices are with their noise scales at 0. The
-torch exporter (dynamo, opset 18) traces the model once with a symbolic token dimension;
-parity is then checked against the torch model with the noise off on fixed inputs of several
-lengths, and a graph that disagrees is never written.
+torch exporter (dynamo, opset 18) traces the model once with a symbolic token dimension,
+with the duration predictor's spline swapped for a trace-friendly equivalent
+(export/vits_tracing.py: the original asserts on data, which has no ONNX form); parity is
+then checked against the unmodified torch model with the noise off on fixed inputs of
+several lengths, and a graph that disagrees is never written.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from nearvoice.export.errors import (
     UnsupportedArchitecture,
 )
 from nearvoice.export.staging import staged_dir
+from nearvoice.export.vits_tracing import traceable_splines
 
 MODEL_FILE = "model.onnx"
 RECORD_FILE = "export.json"
@@ -131,7 +134,8 @@ def _torch_export(wrapped: Any, example: tuple[Any, ...], target: Path) -> None:
     import torch
 
     tokens = torch.export.Dim("tokens", min=1, max=MAX_TOKENS)
-    with warnings.catch_warnings():
+    # The swap's self-check raises its own UnsupportedArchitecture, outside the `try`.
+    with warnings.catch_warnings(), traceable_splines():
         for category, message in EXPORTER_NOISE:
             warnings.filterwarnings("ignore", message=message, category=category)
         try:

@@ -239,6 +239,35 @@ def tiny_optimized(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.fixture(scope="session")
+def mms_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.export_support import save_mms_sized_vits
+
+    return save_mms_sized_vits(tmp_path_factory.mktemp("mms-vits"))
+
+
+@pytest.fixture(scope="session")
+def mms_export(mms_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MMS-sized checkpoint through from-transformers (about 40 s on two cores)."""
+    from nearvoice.export.from_transformers import export
+
+    out = tmp_path_factory.mktemp("mms-onnx") / "out"
+    export(mms_checkpoint, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mms_voice(mms_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MMS-sized export as a voice: `optimize` with the reference variant only."""
+    from nearvoice.export.optimize import Options, optimize
+    from nearvoice.export.sentences import SENTENCES
+
+    out = tmp_path_factory.mktemp("mms-voice") / "mms"
+    opts = Options(variants=["fp32"], sentences=SENTENCES[:1], repeats=1, progress=False)
+    optimize(mms_export / "model.onnx", out, opts=opts)
+    return out
+
+
+@pytest.fixture(scope="session")
 def joe_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped piper voice `joe` through `optimize`, on 3 of the fixed sentences."""
     from nearvoice.edge.synth.piper_engine import BUNDLED

@@ -62,3 +62,40 @@ def graph_with_inputs(path: Path, names: list[str]) -> Path:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     onnx.save(model, str(path))
     return path
+
+
+MMS_PINNED = {"k": 0, "'": 1, "h": 10, "i": 11, " ": 19}
+"""Where facebook/mms-tts-eng's vocabulary puts these: its blank, the id 0 that
+`add_blank` puts between characters, is also its pad token, the letter "k"."""
+
+
+def mms_vocab() -> dict[str, int]:
+    """A 38-character vocabulary (transformers' default `vocab_size`) laid out as MMS's
+    are: characters in no particular order, the pad token a letter at id 0."""
+    import random
+
+    rest = [c for c in "abcdefghijklmnopqrstuvwxyz -'_0123456|" if c not in MMS_PINNED]
+    random.Random(0).shuffle(rest)
+    free = iter(rest)
+    by_id = {i: c for c, i in MMS_PINNED.items()}
+    return {by_id.get(i) or next(free): i for i in range(len(rest) + len(MMS_PINNED))}
+
+
+def save_mms_sized_vits(path: Path, seed: int = 0) -> Path:
+    """transformers' default `VitsConfig` (the architecture of every facebook/mms-tts-*
+    checkpoint: 36 M parameters, a stochastic duration predictor with four spline flows)
+    with random weights, and the tokenizer files such checkpoints ship, written by
+    `VitsTokenizer.save_pretrained` from an MMS-like character vocabulary."""
+    import torch
+    from transformers import VitsConfig, VitsModel, VitsTokenizer
+
+    torch.manual_seed(seed)
+    VitsModel(VitsConfig()).eval().save_pretrained(str(path))
+    vocab = path / "source-vocab.json"
+    vocab.write_text(json.dumps(mms_vocab()), encoding="utf-8")
+    tokenizer = VitsTokenizer(
+        str(vocab), pad_token="k", language="eng", normalize=True, phonemize=False
+    )
+    tokenizer.save_pretrained(str(path))
+    vocab.unlink()
+    return path

@@ -395,3 +395,18 @@ def test_tiny_refuses_what_its_render_refuses(tiny: VitsEngine) -> None:
         tiny.samples("Hello.", "nova", 1.0)
     with pytest.raises(ValueError, match="positive"):
         tiny.samples("Hello.", "tiny", 0.0)
+
+
+# vits at MMS size (transformers' default VitsConfig, random weights; tests/conftest.py)
+
+
+def test_an_mms_sized_voice_counts_what_it_renders(mms_voice: Path) -> None:
+    graph = extract(mms_voice / "fp32.onnx")
+    assert graph.upsampling == 256  # the default upsample_rates [8, 8, 2, 2]
+    assert b"ConvTranspose" not in graph.model
+    assert graph.nodes < graph.source_nodes
+    engine = tiny_engine(mms_voice, "fp32")
+    engine.warmup()
+    for speed in (0.8, 1.37):
+        for text in (*SENTENCES[::5], ""):
+            assert engine.samples(text, "tiny", speed) == rendered(engine, text, "tiny", speed)
