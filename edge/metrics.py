@@ -147,6 +147,13 @@ class Metrics:
             registry=r,
             multiprocess_mode="mostrecent",
         )
+        self.hot_bytes = Gauge(
+            "nearvoice_hot_bytes",
+            "Bytes of object bodies held in memory by the hot tier (at most [hot] memory_budget"
+            " per process).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.cache_objects = Gauge(
             "nearvoice_cache_objects",
             "Objects held by the disk cache.",

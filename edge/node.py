@@ -452,7 +452,9 @@ class Node:
             await asyncio.get_running_loop().run_in_executor(self.io, self.store.refresh, keys)
 
     async def refresh_gauges(self) -> tuple[int, int]:
-        """Reads the disk store's size and object count into the gauges; returns both."""
+        """Reads the disk store's size and object count, and this process's hot tier's
+        memory, into the gauges; returns the store's two."""
+        self.metrics.hot_bytes.set(self.hot.memory)
         loop = asyncio.get_running_loop()
         volume, count = await loop.run_in_executor(self.io, _volume_and_count, self.store)
         self.metrics.cache_bytes.set(volume)

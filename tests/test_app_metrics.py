@@ -24,6 +24,7 @@ from tests.support import (
     make_spec,
     metric,
     metric_from,
+    node_of,
     payload,
     put_object,
     scrape,
@@ -51,6 +52,7 @@ CONTRACT = [
     ("nearvoice_upstream_requests_total", "counter"),
     ("nearvoice_cache_bytes", "gauge"),
     ("nearvoice_cache_objects", "gauge"),
+    ("nearvoice_hot_bytes", "gauge"),
     ("nearvoice_evictions_total", "counter"),
     ("nearvoice_token_rejections_total", "counter"),
 ]
@@ -246,3 +248,17 @@ async def test_a_miss_counts_synth_bytes_and_render_metrics(
     assert audio_seconds == pytest.approx((len(body) - 44) / 48000, abs=1e-3)
     assert metric_from(text, "nearvoice_render_queue_depth") == 0
     assert metric_from(text, "nearvoice_cache_objects") == 1
+
+
+async def test_the_hot_tier_gauge_is_the_memory_it_holds(
+    node: Any, keyring: Keyring, stored: tuple[Spec, bytes]
+) -> None:
+    app, client = node
+    assert metric_from(await scrape(client), "nearvoice_hot_bytes") == 0
+    spec, body = stored
+    for _ in range(3):  # hits bring the object into memory
+        async with client.get(sign(keyring, spec)) as resp:
+            assert await resp.read() == body
+    held = node_of(app).hot.memory
+    assert held >= len(body)
+    assert metric_from(await scrape(client), "nearvoice_hot_bytes") == held
