@@ -10,8 +10,8 @@ from concurrent.futures import Future
 import pytest
 
 from nearvoice.edge.synth.batching import (
-    BatchFailed,
     Batcher,
+    BatchFailed,
     BatchSettings,
     Dispatch,
     Job,

@@ -22,13 +22,13 @@ from nearvoice.edge.config import NodeConfig, Role, SynthSettings, load
 from nearvoice.edge.metrics import Metrics
 from nearvoice.edge.spec import AudioFormat, Spec
 from nearvoice.edge.synth.batching import Dispatch
-from nearvoice.edge.synth.renderer import RenderError, Renderer
+from nearvoice.edge.synth.renderer import Renderer, RenderError
 from nearvoice.edge.synth.torch_engine import Piece, TorchEngine
 from nearvoice.edge.synth.torch_layout import Layout, TorchSettings, frame_ladder, model_id
 from nearvoice.edge.synth.torch_layout import read_checkpoint as read
 from nearvoice.edge.voices import for_config
 from nearvoice.edge.workers import Siblings
-from tests.support import make_keyring, metric, scrape_until, sign
+from tests.support import make_keyring, metric, scrape_until, sign, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +182,7 @@ async def test_an_utterance_that_fails_fails_alone(
     engine: TorchEngine, batches: list[Dispatch]
 ) -> None:
     renderer = Renderer([engine], workers=1, metrics=Metrics(), max_queue=16)
-    good, bad = random_texts(2, 3)
+    _, bad = random_texts(2, 3)
     specs = [spec_of(engine, t) for t in random_texts(2, 4)] + [spec_of(engine, bad)]
     try:
         alone = [await render(renderer, engine, s) for s in specs[:2]]
@@ -288,9 +288,7 @@ async def test_an_origin_serves_a_torch_voice_in_batches(
     )
     keyring = make_keyring()
     client = await aiohttp_client(create_origin_app(config, keyring))
-    async with asyncio.timeout(60):
-        while (await client.get("/readyz")).status != 200:
-            await asyncio.sleep(0.05)
+    await wait_ready(client)
     assert await metric(client, "nearvoice_batch_size_count", engine="torch") == 2  # warm-up
     model = for_config(config)[VOICE].model_id
     texts = random_texts(4, 5)
