@@ -107,6 +107,8 @@ async def test_a_spec_renders_the_same_bytes_whatever_shares_its_batch(
     engine: TorchEngine, batches: list[Dispatch]
 ) -> None:
     renderer = Renderer([engine], workers=1, metrics=Metrics(), max_queue=16)
+    # Admission reads the batcher: idle, a render would start when its window ends.
+    assert renderer.estimated_wait(engine) == pytest.approx(WINDOW_MS / 1000)
     try:
         spec = spec_of(engine, SPEC_TEXT)
         others = [

@@ -1,0 +1,315 @@
+"""Dynamic batching at the origin (edge.synth.batching, edge.synth.torch_engine).
+
+A random-weight transformers `VitsModel` of MMS-TTS size (VitsConfig's defaults, about
+36 M parameters; `--quick`: a small one) is saved with its tokenizer files, and a real
+`nearvoice origin` process serves it as a `[[torch]]` voice, once with batching off
+(max batch 1) and once with it on, in the same run and on the same device. At each
+concurrency (1, 8, 32, 128 distinct misses at once, each a ~160-token utterance) it
+reports:
+
+* audio seconds rendered per wall second, and its ratio on/off;
+* first-byte time p50 and p99;
+* mean batch size (`nearvoice_batch_size`, duration passes included).
+
+For reference it also times transformers' own `VitsModel.forward` on the same texts, one
+after another in this process: what rendering without the origin costs on this device.
+The device is reported (torch.cuda.get_device_name on a GPU).
+
+    python -m nearvoice.bench.origin_batching [--quick] [--levels 1,8,32,128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from nearvoice.bench.common import REPO, free_port, wait_http
+from nearvoice.edge.config import Role, load
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.keyring import Keyring, generate_pair
+from nearvoice.edge.policy import Policy
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.stack import stop_processes
+from nearvoice.edge.token import sign_url
+from nearvoice.edge.voices import for_config
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VOICE = "mms"
+LEVELS = (1, 8, 32, 128)
+VOCAB = {c: i for i, c in enumerate("_ abcdefghijklmnopqrstuvwxyz.,!?'-")}
+SMALL = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "ffn_dim": 256,
+    "flow_size": 64,
+    "upsample_initial_channel": 64,
+    "prior_encoder_num_flows": 2,
+    "duration_predictor_filter_channels": 64,
+}
+"""`--quick`: about a million parameters, so two CPU cores finish in minutes."""
+WORDS = [
+    "the",
+    "a",
+    "voice",
+    "line",
+    "plays",
+    "near",
+    "every",
+    "listener",
+    "while",
+    "the",
+    "origin",
+    "renders",
+    "heavy",
+    "models",
+    "quickly",
+    "and",
+    "each",
+    "edge",
+    "keeps",
+    "what",
+    "it",
+    "delivered",
+    "so",
+    "one",
+    "render",
+    "serves",
+    "thousands",
+]
+
+
+def save_checkpoint(path: Path, quick: bool) -> int:
+    """A random VitsModel and its VitsTokenizer files; returns its parameter count."""
+    import torch
+    from transformers import VitsConfig, VitsModel
+
+    torch.manual_seed(0)
+    config = VitsConfig(**(SMALL if quick else {}), vocab_size=len(VOCAB))
+    model = VitsModel(config).eval()
+    model.save_pretrained(str(path))
+    (path / "vocab.json").write_text(json.dumps(VOCAB), encoding="utf-8")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"add_blank": True, "normalize": True, "phonemize": False}), encoding="utf-8"
+    )
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def texts(count: int, seed: int) -> list[str]:
+    """Distinct lines of about 80 characters: about 160 tokens with blanks."""
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        words = [f"line {seed} {n}"]
+        while sum(len(w) + 1 for w in words) < 80:
+            words.append(rng.choice(WORDS))
+        out.append(" ".join(words)[:80])
+    return out
+
+
+def write_config(path: Path, checkpoint: Path, batching: bool, window_ms: float) -> Path:
+    batch = 32 if batching else 1
+    cpu_batch = 8 if batching else 1
+    path.write_text(
+        f"""role = "origin"
+[synth]
+voices = []
+max_queue = 512
+[[torch]]
+voice = "{VOICE}"
+checkpoint = "{checkpoint}"
+cuda_max_batch = {batch}
+cuda_window_ms = {window_ms}
+cpu_max_batch = {cpu_batch}
+cpu_window_ms = {window_ms if batching else 0.0}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()}"
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def batch_totals(text: str) -> tuple[float, float]:
+    total = count = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "nearvoice_batch_size":
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    total += sample.value
+                elif sample.name.endswith("_count"):
+                    count += sample.value
+    return total, count
+
+
+async def one(session: aiohttp.ClientSession, url: str) -> tuple[float, float, int]:
+    """(first byte seconds, total seconds, body bytes) of one GET."""
+    started = time.perf_counter()
+    async with session.get(url) as resp:
+        resp.raise_for_status()
+        first = None
+        size = 0
+        async for chunk in resp.content.iter_any():
+            if first is None:
+                first = time.perf_counter() - started
+            size += len(chunk)
+    return first or 0.0, time.perf_counter() - started, size
+
+
+async def level(
+    session: aiohttp.ClientSession,
+    base: str,
+    keyring: Keyring,
+    model: str,
+    rate: int,
+    lines: list[str],
+) -> dict[str, float]:
+    urls = [
+        sign_url(
+            keyring,
+            base,
+            Spec.create(text=t, voice=VOICE, format=AudioFormat.WAV, model=model),
+            policy=Policy.HOT,
+            ttl=3600,
+        )
+        for t in lines
+    ]
+    async with session.get(f"{base}/metrics") as resp:
+        before = batch_totals(await resp.text())
+    started = time.perf_counter()
+    answers = await asyncio.gather(*(one(session, u) for u in urls))
+    wall = time.perf_counter() - started
+    async with session.get(f"{base}/metrics") as resp:
+        after = batch_totals(await resp.text())
+    audio = sum((size - 44) / 2 / rate for _, _, size in answers)
+    firsts = sorted(first for first, _, _ in answers)
+    batches = after[1] - before[1]
+    return {
+        "audio_seconds_per_second": round(audio / wall, 2),
+        "first_byte_p50_ms": round(1000 * statistics.median(firsts), 1),
+        "first_byte_p99_ms": round(1000 * firsts[min(len(firsts) - 1, int(0.99 * len(firsts)))], 1),
+        "mean_batch_size": round((after[0] - before[0]) / batches, 2) if batches else 0.0,
+        "wall_seconds": round(wall, 2),
+    }
+
+
+async def measure(
+    config: Path, work: Path, keyring: Keyring, pair: str, levels: list[int], seed: int
+) -> dict[str, Any]:
+    voice = for_config(load(config, Role.ORIGIN))[VOICE]
+    port = free_port()
+    log = (work / f"{config.stem}.log").open("wb")
+    cmd = [
+        sys.executable, "-m", "nearvoice.edge.cli", "origin", "--config", str(config),
+        "--port", str(port), "--data-dir", str(work / config.stem),
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "NEARVOICE_KEYS": pair}, stdout=log, stderr=log, cwd=REPO
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await asyncio.to_thread(wait_http, f"{base}/readyz", 600.0)
+        timeout = aiohttp.ClientTimeout(total=1800)
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            rows = {}
+            for n, count in enumerate(levels):
+                lines = texts(count, seed * 100 + n)
+                rows[str(count)] = await level(
+                    session, base, keyring, voice.model_id, voice.sample_rate, lines
+                )
+                print(config.stem, count, rows[str(count)], file=sys.stderr)
+        return {"model_id": voice.model_id, "levels": rows}
+    finally:
+        stop_processes([proc])
+        log.close()
+
+
+def direct(checkpoint: Path, lines: list[str]) -> float:
+    """Audio seconds per second of transformers' own forward, one line after another (on
+    the CPU with one torch thread, as each unbatched render at the origin runs)."""
+    import torch
+    from transformers import VitsModel, VitsTokenizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)
+    model: Any = VitsModel.from_pretrained(str(checkpoint)).to(device)
+    model.eval()
+    model.noise_scale = model.noise_scale_duration = 0.0
+    tokenizer = VitsTokenizer.from_pretrained(str(checkpoint))
+    audio = 0.0
+    with torch.inference_mode():
+        model(**tokenizer(lines[0], return_tensors="pt").to(device))  # warm up
+        started = time.perf_counter()
+        for line in lines:
+            out = model(**tokenizer(line, return_tensors="pt").to(device)).waveform
+            audio += out.shape[-1] / model.config.sampling_rate
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return round(audio / (time.perf_counter() - started), 2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.origin_batching", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a small model (CPU: minutes)")
+    parser.add_argument("--levels", default=",".join(map(str, LEVELS)), help="concurrencies")
+    parser.add_argument("--window-ms", type=float, default=5.0, help="batching window")
+    args = parser.parse_args(argv)
+    levels = [int(v) for v in args.levels.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="nv-batching-"))
+    checkpoint = work / "checkpoint"
+    params = save_checkpoint(checkpoint, args.quick)
+    pair = generate_pair()
+    keyring = Keyring.parse(pair)
+    report: dict[str, Any] = {
+        "device": device_name(),
+        "parameters": params,
+        "quick": args.quick,
+        "window_ms": args.window_ms,
+        "direct_forward_audio_seconds_per_second": direct(checkpoint, texts(8, 1)),
+    }
+    for name, batching in (("off", False), ("on", True)):
+        config = write_config(work / f"batching-{name}.toml", checkpoint, batching, args.window_ms)
+        report[f"batching_{name}"] = asyncio.run(
+            measure(config, work, keyring, pair, levels, seed=1 if batching else 2)
+        )
+    off_one = report["batching_off"]["levels"][str(levels[0])]["audio_seconds_per_second"]
+    report["default_off_over_direct_at_lowest_level"] = round(
+        off_one / report["direct_forward_audio_seconds_per_second"], 2
+    )
+    report["throughput_on_over_off"] = {
+        str(n): round(
+            report["batching_on"]["levels"][str(n)]["audio_seconds_per_second"]
+            / report["batching_off"]["levels"][str(n)]["audio_seconds_per_second"],
+            2,
+        )
+        for n in levels
+    }
+    print(json.dumps(report, indent=2))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "origin_batching.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0  # a report, not a test (docs/benchmarks.md)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
