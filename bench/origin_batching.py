@@ -4,8 +4,8 @@ A random-weight transformers `VitsModel` of MMS-TTS size (VitsConfig's defaults,
 36 M parameters; `--quick`: a small one) is saved with its tokenizer files, and a real
 `nearvoice origin` process serves it as a `[[torch]]` voice, once with batching off
 (max batch 1) and once with it on, in the same run and on the same device. At each
-concurrency (1, 8, 32, 128 distinct misses at once, each a ~160-token utterance) it
-reports:
+concurrency (1, 8, 32, 128 distinct misses in flight at once, each a ~160-token
+utterance; at least 8 misses per level) it reports:
 
 * audio seconds rendered per wall second, and its ratio on/off;
 * first-byte time p50 and p99;
@@ -50,6 +50,8 @@ from nearvoice.edge.voices import for_config
 RESULTS = Path(__file__).resolve().parent / "results"
 VOICE = "mms"
 LEVELS = (1, 8, 32, 128)
+MIN_REQUESTS = 8
+"""Misses per level at least: concurrency 1 is eight renders one after another."""
 VOCAB = {c: i for i, c in enumerate("_ abcdefghijklmnopqrstuvwxyz.,!?'-")}
 SMALL = {
     "hidden_size": 64,
@@ -182,7 +184,9 @@ async def level(
     model: str,
     rate: int,
     lines: list[str],
+    concurrency: int,
 ) -> dict[str, float]:
+    """`lines` as distinct misses, `concurrency` of them in flight at once."""
     urls = [
         sign_url(
             keyring,
@@ -195,8 +199,14 @@ async def level(
     ]
     async with session.get(f"{base}/metrics") as resp:
         before = batch_totals(await resp.text())
+    gate = asyncio.Semaphore(concurrency)
+
+    async def limited(url: str) -> tuple[float, float, int]:
+        async with gate:
+            return await one(session, url)
+
     started = time.perf_counter()
-    answers = await asyncio.gather(*(one(session, u) for u in urls))
+    answers = await asyncio.gather(*(limited(u) for u in urls))
     wall = time.perf_counter() - started
     async with session.get(f"{base}/metrics") as resp:
         after = batch_totals(await resp.text())
@@ -233,9 +243,9 @@ async def measure(
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             rows = {}
             for n, count in enumerate(levels):
-                lines = texts(count, seed * 100 + n)
+                lines = texts(max(count, MIN_REQUESTS), seed * 100 + n)
                 rows[str(count)] = await level(
-                    session, base, keyring, voice.model_id, voice.sample_rate, lines
+                    session, base, keyring, voice.model_id, voice.sample_rate, lines, count
                 )
                 print(config.stem, count, rows[str(count)], file=sys.stderr)
         return {"model_id": voice.model_id, "levels": rows}

@@ -40,7 +40,12 @@ DEVICES = [
     "cpu",
     pytest.param(
         "cuda",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU"),
+        marks=[
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU"),
+            # Deterministic mode warns about CUDA kernels without a deterministic variant
+            # (the sums it flags add whole numbers or one term: exact in any order).
+            pytest.mark.filterwarnings("ignore::UserWarning"),
+        ],
     ),
 ]
 
@@ -323,3 +328,21 @@ def test_the_batcher_thread_is_the_only_one_running_the_model(engine: TorchEngin
     assert engine.batcher is not None
     names = [t.name for t in threading.enumerate() if t.name == f"batch-{VOICE}"]
     assert len(names) >= 1
+
+
+def test_an_edge_never_imports_torch(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from nearvoice.edge.app import create_app\n"
+        "from nearvoice.edge.config import load\n"
+        "from nearvoice.edge.voices import for_config\n"
+        "from nearvoice.origin.app import torch_engines\n"
+        "config = load(None)\n"
+        "for_config(config); torch_engines(config)\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
