@@ -11,8 +11,10 @@ utterance; at least 8 misses per level) it reports:
 * first-byte time p50 and p99;
 * mean batch size (`nearvoice_batch_size`, duration passes included).
 
-For reference it also times transformers' own `VitsModel.forward` on the same texts, one
-after another in this process: what rendering without the origin costs on this device.
+In this process it also times, rounds interleaved, transformers' own `VitsModel.forward`
+against the torch engine with the device's default settings, one line after another: what
+the engine costs over the bare model (on the CPU, where batching is off by default, the
+target is within 5 %).
 The device is reported (torch.cuda.get_device_name on a GPU).
 
     python -m nearvoice.bench.origin_batching [--quick] [--levels 1,8,32,128]
@@ -254,29 +256,51 @@ async def measure(
         log.close()
 
 
-def direct(checkpoint: Path, lines: list[str]) -> float:
-    """Audio seconds per second of transformers' own forward, one line after another (on
-    the CPU with one torch thread, as each unbatched render at the origin runs)."""
+def in_process(checkpoint: Path, lines: list[str], rounds: int) -> dict[str, float]:
+    """Audio seconds per second, in this process, one line after another: transformers'
+    own `VitsModel.forward` (what rendering costs without the engine) against the torch
+    engine with this device's default settings (on the CPU: no batching, one torch
+    thread, as each render thread of an origin runs), rounds interleaved; medians."""
     import torch
     from transformers import VitsModel, VitsTokenizer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(1)
+    from nearvoice.edge.synth.torch_engine import TorchEngine
+    from nearvoice.edge.synth.torch_layout import TorchSettings
+
+    engine = TorchEngine(TorchSettings(voice=VOICE, checkpoint=str(checkpoint)))
+    device = engine.device
     model: Any = VitsModel.from_pretrained(str(checkpoint)).to(device)
     model.eval()
     model.noise_scale = model.noise_scale_duration = 0.0
     tokenizer = VitsTokenizer.from_pretrained(str(checkpoint))
-    audio = 0.0
-    with torch.inference_mode():
-        model(**tokenizer(lines[0], return_tensors="pt").to(device))  # warm up
-        started = time.perf_counter()
-        for line in lines:
-            out = model(**tokenizer(line, return_tensors="pt").to(device)).waveform
-            audio += out.shape[-1] / model.config.sampling_rate
+    rate = model.config.sampling_rate
+
+    def forward() -> float:
+        audio = 0
+        with torch.inference_mode():
+            for line in lines:
+                audio += model(**tokenizer(line, return_tensors="pt").to(device)).waveform.shape[-1]
         if device == "cuda":
             torch.cuda.synchronize()
-        return round(audio / (time.perf_counter() - started), 2)
+        return audio / rate
+
+    def engine_default() -> float:
+        return sum(len(a) for line in lines for a in engine.stream(line, VOICE, 1.0, 0)) / rate
+
+    timings: dict[str, list[float]] = {"forward": [], "engine": []}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, run in (("forward", forward), ("engine", engine_default)):
+            started = time.perf_counter()
+            audio = run()
+            timings[name].append(audio / (time.perf_counter() - started))
+    engine.close()
+    forward_speed = statistics.median(timings["forward"][1:])
+    engine_speed = statistics.median(timings["engine"][1:])
+    return {
+        "forward_audio_seconds_per_second": round(forward_speed, 2),
+        "engine_default_audio_seconds_per_second": round(engine_speed, 2),
+        "engine_default_over_forward": round(engine_speed / forward_speed, 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,17 +320,13 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": params,
         "quick": args.quick,
         "window_ms": args.window_ms,
-        "direct_forward_audio_seconds_per_second": direct(checkpoint, texts(8, 1)),
+        "in_process": in_process(checkpoint, texts(8, 1), rounds=5),
     }
     for name, batching in (("off", False), ("on", True)):
         config = write_config(work / f"batching-{name}.toml", checkpoint, batching, args.window_ms)
         report[f"batching_{name}"] = asyncio.run(
             measure(config, work, keyring, pair, levels, seed=1 if batching else 2)
         )
-    off_one = report["batching_off"]["levels"][str(levels[0])]["audio_seconds_per_second"]
-    report["default_off_over_direct_at_lowest_level"] = round(
-        off_one / report["direct_forward_audio_seconds_per_second"], 2
-    )
     report["throughput_on_over_off"] = {
         str(n): round(
             report["batching_on"]["levels"][str(n)]["audio_seconds_per_second"]

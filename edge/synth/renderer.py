@@ -109,11 +109,12 @@ class Renderer:
         """Voices whose duration pass disagreed with a render: lengths unknown from now on."""
         self._passes = ThreadPoolExecutor(self.workers, thread_name_prefix="pass")
         """Duration passes, one beside each render's first chunk (`_render_stream`)."""
-        self._batchers: dict[str, Batcher[Any, Any]] = {}
-        for engine in engines:
+        self._batchers: dict[int, Batcher[Any, Any]] = {}
+        """id(engine) -> its batcher (engines of one kind share a name, not a batcher)."""
+        for engine in {id(e): e for e in engines}.values():
             batcher = batcher_of(engine)
             if batcher is not None:
-                self._batchers[engine.name] = batcher
+                self._batchers[id(engine)] = batcher
                 batcher.listeners.append(self._observer(engine.name))
         self._batched_pool: PriorityPool | None = None
         self._batched_passes: ThreadPoolExecutor | None = None
@@ -133,7 +134,7 @@ class Renderer:
 
     def _pools(self, engine: Engine) -> tuple[Executor, Executor]:
         """The render pool and the duration-pass pool of `engine`'s renders."""
-        if engine.name in self._batchers:
+        if id(engine) in self._batchers:
             assert self._batched_pool is not None and self._batched_passes is not None
             return self._batched_pool, self._batched_passes
         return self._pool, self._passes
@@ -155,7 +156,7 @@ class Renderer:
     def estimated_wait(self, engine: Engine) -> float:
         """Seconds until a render submitted now would start: for a batching engine, until
         its first piece's batch would run."""
-        batcher = self._batchers.get(engine.name)
+        batcher = self._batchers.get(id(engine))
         if batcher is not None:
             return batcher.estimated_wait()
         load = self._load[engine.name]
@@ -170,7 +171,7 @@ class Renderer:
             *(
                 loop.run_in_executor(self._pools(engine)[0], engine.warmup)
                 for engine in engines
-                for _ in range(1 if engine.name in self._batchers else self.workers)
+                for _ in range(1 if id(engine) in self._batchers else self.workers)
             )
         )
         # The pass threads load their own sessions of the duration graphs.
@@ -178,7 +179,7 @@ class Renderer:
             *(
                 loop.run_in_executor(self._passes, engine.samples, "Warm up.", voice, 1.0)
                 for engine in engines
-                if engine.name not in self._batchers
+                if id(engine) not in self._batchers
                 for voice in engine.voices
                 for _ in range(self.workers)
             )
