@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": params,
         "quick": args.quick,
         "window_ms": args.window_ms,
-        "in_process": in_process(checkpoint, texts(8, 1), rounds=5),
+        "in_process": in_process(checkpoint, texts(4, 1), rounds=15),
     }
     for name, batching in (("off", False), ("on", True)):
         config = write_config(work / f"batching-{name}.toml", checkpoint, batching, args.window_ms)

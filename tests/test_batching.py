@@ -17,6 +17,7 @@ from nearvoice.edge.synth.batching import (
     Job,
     plan,
 )
+from nearvoice.edge.synth.priority import Priority, RenderTicket
 
 SETTINGS = BatchSettings(max_batch=4, window=0.005)
 
@@ -52,6 +53,20 @@ def test_jobs_that_queued_behind_a_running_batch_run_as_soon_as_it_ends() -> Non
     queue = [job("a", 1.0, 0), job("a", 1.5, 1)]
     decision = plan(queue, 3.0, SETTINGS)
     assert len(decision.batch) == 2 and decision.reason == "window"
+
+
+def test_a_players_job_runs_before_an_older_prefetch() -> None:
+    prefetch = RenderTicket(Priority.PREFETCH)
+    queue = [
+        Job("a", 0, 1.0, ticket=prefetch),
+        Job("b", 1, 1.1),
+        Job("a", 2, 1.2),
+        Job("b", 3, 1.3, ticket=prefetch),
+    ]
+    first = plan(queue, 5.0, SETTINGS)
+    assert [j.payload for j in first.batch] == [1, 3]  # the player's key, player first
+    prefetch.hurry()  # a player joined the prefetch's fill: it is as urgent now
+    assert [j.payload for j in plan(queue, 5.0, SETTINGS).batch] == [0, 2]
 
 
 def test_an_empty_queue_waits_for_the_next_job() -> None:

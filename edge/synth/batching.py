@@ -10,8 +10,9 @@ The core is pure: `plan` looks at the queue and the clock and says which jobs ru
 until when to wait, so the rules are tested without threads or sleeps:
 
 * jobs that share a batch have the same `key` (the engine's fixed shape, e.g. the text
-  length bucket): the oldest queued job decides which key runs next, first come first
-  served;
+  length bucket): the most urgent queued job (a player's before a prefetch's, as in
+  edge.synth.priority; then the oldest) decides which key runs next, and its batch-mates
+  are taken in the same order;
 * a batch runs as soon as it is full, or once its oldest job has waited `window`
   seconds, so a lone request never waits longer than the window for company (it may wait
   for the batch running before it: that is queueing, not the window);
@@ -36,6 +37,8 @@ from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from nearvoice.edge.synth.priority import CURRENT, Priority, RenderTicket
 
 log = logging.getLogger("nearvoice.batching")
 
@@ -69,6 +72,12 @@ class Job(Generic[P, R]):
     """Clock reading when the job was queued (`Batcher.clock`)."""
     future: Future[R] = field(default_factory=Future)
     seq: int = 0
+    ticket: RenderTicket | None = None
+    """The render's ticket (edge.synth.priority); None is a player's."""
+
+    def rank(self) -> tuple[int, int]:
+        priority = Priority.PLAYER if self.ticket is None else self.ticket.priority
+        return int(priority), self.seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,14 +92,15 @@ class Decision(Generic[P, R]):
 
 def plan(queue: Sequence[Job[P, R]], now: float, settings: BatchSettings) -> Decision[P, R]:
     """Which queued jobs run now (pure: no clock, no threads). `queue` is in arrival
-    order."""
+    order; ranks (priority, then arrival) may change while jobs wait."""
     if not queue:
         return Decision()
-    oldest = queue[0]
-    same = tuple(itertools.islice((j for j in queue if j.key == oldest.key), settings.max_batch))
+    ordered = sorted(queue, key=Job.rank)
+    head = ordered[0]
+    same = tuple(itertools.islice((j for j in ordered if j.key == head.key), settings.max_batch))
     if len(same) >= settings.max_batch:
         return Decision(same, reason="full")
-    deadline = oldest.enqueued + settings.window
+    deadline = head.enqueued + settings.window
     if now >= deadline:
         return Decision(same, reason="window")
     return Decision(wake=deadline)
@@ -152,7 +162,8 @@ class Batcher(Generic[P, R]):
 
     # -- callers --------------------------------------------------------------------------
     def submit(self, key: Hashable, payload: P) -> Future[R]:
-        job: Job[P, R] = Job(key, payload, self.clock())
+        """Queues a job with the ticket of the render submitting it (`CURRENT`)."""
+        job: Job[P, R] = Job(key, payload, self.clock(), ticket=CURRENT.get())
         with self._ready:
             if self._closed:
                 raise RuntimeError("the batcher is closed")

@@ -43,14 +43,14 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from nearvoice.edge.metrics import Metrics
 from nearvoice.edge.spec import Spec
 from nearvoice.edge.synth import fit
 from nearvoice.edge.synth.batching import Batcher, Dispatch, batcher_of
 from nearvoice.edge.synth.engine import Audio, Engine, SpecEngine
-from nearvoice.edge.synth.priority import PriorityPool
+from nearvoice.edge.synth.priority import CURRENT, PriorityPool, RenderTicket
 from nearvoice.edge.synth.resample import Resampler
 from nearvoice.edge.synth.streaming import (
     ResamplingEncoder,
@@ -59,6 +59,7 @@ from nearvoice.edge.synth.streaming import (
     stream_encoder,
 )
 
+T = TypeVar("T")
 EWMA_WEIGHT = 0.2  # weight of the newest render time in the running mean
 INITIAL_RENDER_SECONDS = 0.05  # assumed per render until one has been measured
 
@@ -235,8 +236,19 @@ class Renderer:
         sized = spec.voice not in self._unsized
         pool, passes = self._pools(engine)
         try:
+            # The fill's ticket goes with the render into its thread, where a batcher
+            # reads it (edge.synth.batching): a prefetch's pieces wait behind a player's.
             audio_seconds = await loop.run_in_executor(
-                pool, _render_stream, engine, spec, emit, announce, sized, passes
+                pool,
+                _ticketed,
+                CURRENT.get(),
+                _render_stream,
+                engine,
+                spec,
+                emit,
+                announce,
+                sized,
+                passes,
             )
             if spec.duration is not None:
                 error = abs(audio_seconds - spec.duration) / spec.duration
@@ -264,6 +276,15 @@ class Renderer:
             self._batched_passes.shutdown(wait=False, cancel_futures=True)
 
 
+def _ticketed(ticket: RenderTicket | None, call: Callable[..., T], *args: Any) -> T:
+    """Runs `call` in this thread with `ticket` as the current render's ticket."""
+    token = CURRENT.set(ticket)
+    try:
+        return call(*args)
+    finally:
+        CURRENT.reset(token)
+
+
 def _render_stream(
     engine: Engine,
     spec: Spec,
@@ -284,7 +305,9 @@ def _render_stream(
         else:
             speed = spec.speed
             if spec.duration is None and sized and passes is not None:
-                counting = passes.submit(engine.samples, spec.text, spec.voice, speed)
+                counting = passes.submit(
+                    _ticketed, CURRENT.get(), engine.samples, spec.text, spec.voice, speed
+                )
                 chunks = engine.stream(spec.text, spec.voice, speed, spec.seed)
                 first = next(chunks, None)  # rendered while the pass counts
                 total = counting.result()
