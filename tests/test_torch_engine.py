@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -321,13 +320,6 @@ async def test_an_origin_serves_a_torch_voice_in_batches(
     count = await metric(client, "nearvoice_batch_size_count", engine="torch")
     assert batched == 2 + 8 and count <= 2 + 2 + 2  # some of the four may miss a window
     assert await metric(client, "nearvoice_synth_seconds_count") == 4  # per utterance
-
-
-def test_the_batcher_thread_is_the_only_one_running_the_model(engine: TorchEngine) -> None:
-    # Without this, a second batch could run beside the first on one GPU stream.
-    assert engine.batcher is not None
-    names = [t.name for t in threading.enumerate() if t.name == f"batch-{VOICE}"]
-    assert len(names) >= 1
 
 
 def test_an_edge_never_imports_torch(tmp_path: Path) -> None:

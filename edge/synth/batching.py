@@ -83,7 +83,7 @@ class Job(Generic[P, R]):
 @dataclass(frozen=True, slots=True)
 class Decision(Generic[P, R]):
     batch: tuple[Job[P, R], ...] = ()
-    """The jobs to run now, oldest first (empty: nothing to run yet)."""
+    """The jobs to run now, most urgent first (empty: nothing to run yet)."""
     wake: float | None = None
     """When nothing runs: the clock reading at which to plan again (None: on the next job)."""
     reason: str = ""
