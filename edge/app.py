@@ -35,6 +35,7 @@ from nearvoice.edge.keyring import Keyring
 from nearvoice.edge.logredact import install as redact_access_log
 from nearvoice.edge.node import Node
 from nearvoice.edge.producer import UpstreamReason
+from nearvoice.edge.synth.batching import batcher_of
 from nearvoice.edge.synth.engine import Engine
 from nearvoice.edge.synth.exported import describe
 from nearvoice.edge.synth.hibari_engine import HibariEngine, bundled_voices
@@ -114,6 +115,7 @@ def create_app(
     openai.check_aliases(node)
     node.metrics.expect(
         engines=[engine.name for engine in chosen],
+        batching=[engine.name for engine in chosen if batcher_of(engine) is not None],
         upstream_reasons=[reason.value for reason in UpstreamReason],
     )
     node.upstreams.watch_circuits(node.metrics.circuit)

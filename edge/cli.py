@@ -329,6 +329,7 @@ BENCHMARKS = {
     "hit-path": "nearvoice.bench.hit_path",
     "miss-latency": "nearvoice.bench.miss_latency",
     "offload": "nearvoice.bench.offload",
+    "origin-batching": "nearvoice.bench.origin_batching",
     "workers": "nearvoice.bench.workers",
     "soak": "nearvoice.bench.soak",
     "realtime": "nearvoice.bench.realtime",

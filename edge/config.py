@@ -33,6 +33,7 @@ from nearvoice.edge.nodeauth import NodeAuthSettings
 from nearvoice.edge.policy import Policy, Retention
 from nearvoice.edge.prefetch import PrefetchSettings
 from nearvoice.edge.realtime.settings import RealtimeSettings
+from nearvoice.edge.synth.torch_layout import TorchSettings, check_unique
 from nearvoice.edge.upstream import UpstreamSettings
 
 ADMIN_TOKEN_ENV = "NEARVOICE_ADMIN_TOKEN"  # noqa: S105 (the variable name, not a secret)
@@ -289,6 +290,8 @@ class NodeConfig:
     origin: OriginSettings = field(default_factory=OriginSettings)
     external: tuple[ExternalSettings, ...] = ()
     """External TTS servers (`[[external]]` tables)."""
+    torch: tuple[TorchSettings, ...] = ()
+    """transformers VITS checkpoints rendered with torch at the origin (`[[torch]]`)."""
     api: ApiSettings = field(default_factory=ApiSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     realtime: RealtimeSettings = field(default_factory=RealtimeSettings)
@@ -319,6 +322,9 @@ class NodeConfig:
             in_section("origin", self.origin)
         for i, server in enumerate(self.external):
             in_section(f"external[{i}]", server)
+        for i, voice in enumerate(self.torch):
+            in_section(f"torch[{i}]", voice)
+        check_unique(self.torch)
         return self
 
     @property
@@ -457,6 +463,7 @@ def _shown(value: Any) -> str:
 _TABLE_ARRAYS: dict[tuple[type[Any], str], type[Any]] = {
     (NodeConfig, "external"): ExternalSettings,
     (ExternalSettings, "voices"): ExternalVoiceSettings,
+    (NodeConfig, "torch"): TorchSettings,
 }
 """Settings that are arrays of tables, and the dataclass of each element."""
 

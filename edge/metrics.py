@@ -104,6 +104,8 @@ FIRST_AUDIO_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 
 # Time to first byte spans a memory hit (~100 us) to a long render (seconds).
 TTFB_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 SYNTH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Utterances per batch, from a lone render to the largest batch a GPU takes."""
 
 
 class Metrics:
@@ -127,6 +129,13 @@ class Metrics:
         self.synth = Counter("nearvoice_synth", "Renders started.", ["engine"], registry=r)
         self.synth_seconds = Histogram(
             "nearvoice_synth_seconds", "Seconds per render.", buckets=SYNTH_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "nearvoice_batch_size",
+            "Utterances per batch run by engines that batch, by engine.",
+            ["engine"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.synth_audio = Counter(
             "nearvoice_synth_audio_seconds", "Seconds of audio rendered.", registry=r
@@ -265,11 +274,14 @@ class Metrics:
         *,
         engines: Iterable[str] = (),
         upstream_reasons: Iterable[str] = (),
+        batching: Iterable[str] = (),
     ) -> None:
         """Creates the series this node can emit at zero (docs/contracts.md#metrics), so that
         dashboards and alerts see them before their first event."""
         for engine in engines:
             self.synth.labels(engine)
+        for engine in batching:
+            self.batch_size.labels(engine)
         for reason in upstream_reasons:
             self.upstream.labels(reason)
 

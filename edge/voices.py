@@ -39,12 +39,13 @@ class Voice:
 
 
 def _engine_controls(engine: str) -> tuple[str, ...]:
-    from nearvoice.edge.synth import vits_engine
+    from nearvoice.edge.synth import torch_layout, vits_engine
 
     known = {
         HIBARI: hibari_engine.CONTROLS,
         PIPER: piper_engine.CONTROLS,
         vits_engine.ENGINE_NAME: vits_engine.CONTROLS,
+        torch_layout.ENGINE_NAME: torch_layout.CONTROLS,
     }
     return tuple(sorted(known.get(engine, ())))
 
@@ -175,12 +176,36 @@ def exported_variants(config: NodeConfig) -> dict[str, Chosen]:
     return chosen
 
 
+def torch_voices(config: NodeConfig) -> dict[str, Voice]:
+    """The voices of `[[torch]]` tables, with identities that name the device, the batch
+    layout and the checkpoint's hash (edge.synth.torch_layout). Reads each checkpoint's
+    config and hashes its files; imports torch only to resolve `device = "auto"`."""
+    from nearvoice.edge.synth import torch_layout
+
+    voices: dict[str, Voice] = {}
+    for settings in config.torch:
+        checkpoint = torch_layout.read_checkpoint(settings.checkpoint)
+        layout = torch_layout.Layout.of(settings, torch_layout.resolve_device(settings.device))
+        voices[settings.voice] = Voice(
+            settings.voice,
+            torch_layout.ENGINE_NAME,
+            torch_layout.model_id(settings.voice, checkpoint, layout),
+            checkpoint.sample_rate,
+            _engine_controls(torch_layout.ENGINE_NAME),
+        )
+    return voices
+
+
 def for_config(config: NodeConfig) -> Mapping[str, Voice]:
     """Every voice a node with this configuration accepts, with the model identity its
     specs carry: the catalog's, exported variants in place of the packaged models, voices
-    of `vits` exports, and the voices of external servers. `sign --config` resolves voices
-    the same way."""
+    of `vits` exports, the voices of external servers and of `[[torch]]` checkpoints.
+    `sign --config` resolves voices the same way."""
     voices = dict(with_external(config.external))
+    for name, defined in torch_voices(config).items():
+        if name in voices:
+            raise ValueError(f"voice {name!r} is defined twice ([[torch]])")
+        voices[name] = defined
     for voice, chosen in exported_variants(config).items():
         known = voices.get(voice)
         engine = known.engine if known else chosen.export.family

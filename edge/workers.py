@@ -9,7 +9,9 @@ processes:
 * Each key has one owning worker: the first worker index in the key's rendezvous order
   (`owner_of`, the hashing edge.upstream orders upstreams with). Only the owner renders
   the key or fetches it from upstream, and only the owner commits it to the shared disk
-  store.
+  store. A voice that batches (edge.synth.batching) is owned whole: every key of it
+  belongs to the voice's owner (`owner_of_voice`), whose batcher then sees all of the
+  node's renders of that voice, so batches are never split across processes.
 * Every worker listens on a private channel: a unix socket in a directory that only the
   node's user can use (`channel_dir`), answered by an app of its own
   (edge.handlers.channel), never on the public port; every request on it is node-signed
@@ -70,6 +72,8 @@ from nearvoice.edge.keyring import Keyring
 from nearvoice.edge.metrics import Source
 from nearvoice.edge.nodeauth import NODE_HEADER, sign_node_request
 from nearvoice.edge.producer import receive
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.torch_layout import batched_voices
 from nearvoice.edge.token import Grant
 from nearvoice.edge.upstream import Upstreams, UpstreamSettings, rendezvous_order
 
@@ -101,6 +105,11 @@ class Outcome(StrEnum):
 def owner_of(key: str, count: int) -> int:
     """The index of the worker that produces `key` on a node of `count` workers."""
     return int(rendezvous_order(key, tuple(str(i) for i in range(count)))[0])
+
+
+def owner_of_voice(voice: str, count: int) -> int:
+    """The index of the worker that renders every key of a batching `voice`."""
+    return owner_of(f"voice:{voice}", count)
 
 
 def worker_index() -> int:
@@ -198,6 +207,8 @@ class Siblings:
             registry=registry if self.enabled else None,  # a lone worker never relays
         )
         self.outcomes = {outcome: relays.labels(str(index), outcome.value) for outcome in Outcome}
+        self.batched: frozenset[str] = batched_voices(config.torch) if self.enabled else frozenset()
+        """Voices whose keys all belong to one worker (`owner_of_voice`)."""
 
     @property
     def enabled(self) -> bool:
@@ -210,6 +221,12 @@ class Siblings:
 
     def owner(self, key: str) -> int:
         return owner_of(key, self.count)
+
+    def owner_of_spec(self, spec: Spec) -> int:
+        """The worker that produces `spec`: its voice's owner when the voice batches."""
+        if spec.voice in self.batched:
+            return owner_of_voice(spec.voice, self.count)
+        return self.owner(spec.key)
 
     async def start(self) -> None:
         for client in self._clients.values():
@@ -225,7 +242,7 @@ class Siblings:
         failed: a broken relay, or the owner's relayed 404/410); False when this worker
         must produce it itself: it owns the key, or the owner failed before sending a byte
         (dead, restarting, or its render failed)."""
-        client = self._clients.get(self.owner(grant.spec.key))
+        client = self._clients.get(self.owner_of_spec(grant.spec))
         if client is None:
             return False
         try:

@@ -43,6 +43,7 @@ def create_origin_app(
     registry = RefVoices(persistent) if persistent is not None else None
     if engines is None:
         engines = default_engines(config) + external_engines(config, registry)
+        engines += torch_engines(config)
     app = create_app(config, keyring, engines=engines)
     node = app[NODE]
     node.producer.persistent = persistent
@@ -86,6 +87,17 @@ def external_engines(config: NodeConfig, clips: ClipSource | None = None) -> lis
             )
         )
     return engines
+
+
+def torch_engines(config: NodeConfig) -> list[Engine]:
+    """An engine per `[[torch]]` checkpoint (edge.synth.torch_engine). torch and
+    transformers are imported only here, and only when such a table exists: they are the
+    origin's `torch` extra, never the edge's."""
+    if not config.torch or not config.synth.enabled:
+        return []
+    from nearvoice.edge.synth.torch_engine import TorchEngine
+
+    return [TorchEngine(settings) for settings in config.torch]
 
 
 class EdgePusher:

@@ -26,7 +26,7 @@ CONFIGS = sorted((REPO / "configs").glob("*.toml"))
 KEYS = f"{KID}:{SECRET}"
 ROLE_ONLY = {"origin": {Role.ORIGIN}}
 """Sections that only a role's own file lists (the others ignore them)."""
-OPTIONAL_TABLES = {"external", "api.tenants", "limits.policy"}
+OPTIONAL_TABLES = {"external", "torch", "api.tenants", "limits.policy"}
 """Arrays and maps of tables, empty by default: the files show them as commented examples."""
 
 

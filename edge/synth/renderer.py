@@ -26,6 +26,13 @@ external servers) fits durations itself; the achieved length is measured and obs
 Admission: each engine has a bounded queue. `estimated_wait` predicts when a new render
 would start from the renders ahead of it and a running mean of render times, so the node
 can send a miss upstream when that is sooner than rendering here.
+
+Batching engines (edge.synth.batching, the origin's torch engine): their renders run on a
+pool of their own, with a thread for every render the queue admits, since those threads
+mostly wait for their batch; the batcher runs the model. Their wait is the batcher's
+estimate (the window when it is idle, else the batches ahead), each batch's size is
+observed in `nearvoice_batch_size{engine}`, and `nearvoice_synth_seconds` stays per
+utterance: from the render's start to its last byte, batch wait included.
 """
 
 from __future__ import annotations
@@ -37,12 +44,14 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from nearvoice.edge.metrics import Metrics
 from nearvoice.edge.spec import Spec
 from nearvoice.edge.synth import fit
+from nearvoice.edge.synth.batching import Batcher, Dispatch, batcher_of
 from nearvoice.edge.synth.engine import Audio, Engine, SpecEngine
-from nearvoice.edge.synth.priority import PriorityPool
+from nearvoice.edge.synth.priority import CURRENT, PriorityPool, RenderTicket
 from nearvoice.edge.synth.resample import Resampler
 from nearvoice.edge.synth.streaming import (
     ResamplingEncoder,
@@ -51,6 +60,7 @@ from nearvoice.edge.synth.streaming import (
     stream_encoder,
 )
 
+T = TypeVar("T")
 EWMA_WEIGHT = 0.2  # weight of the newest render time in the running mean
 INITIAL_RENDER_SECONDS = 0.05  # assumed per render until one has been measured
 
@@ -101,6 +111,35 @@ class Renderer:
         """Voices whose duration pass disagreed with a render: lengths unknown from now on."""
         self._passes = ThreadPoolExecutor(self.workers, thread_name_prefix="pass")
         """Duration passes, one beside each render's first chunk (`_render_stream`)."""
+        self._batchers: dict[int, Batcher[Any, Any]] = {}
+        """id(engine) -> its batcher (engines of one kind share a name, not a batcher)."""
+        for engine in {id(e): e for e in engines}.values():
+            batcher = batcher_of(engine)
+            if batcher is not None:
+                self._batchers[id(engine)] = batcher
+                batcher.listeners.append(self._observer(engine.name))
+        self._batched_pool: PriorityPool | None = None
+        self._batched_passes: ThreadPoolExecutor | None = None
+        if self._batchers:
+            # One thread per admitted render: they wait on their batches, the batcher's
+            # thread does the work.
+            self._batched_pool = PriorityPool(max_queue, thread_name_prefix="batched")
+            self._batched_passes = ThreadPoolExecutor(max_queue, thread_name_prefix="bpass")
+
+    def _observer(self, engine: str) -> Callable[[Dispatch], None]:
+        histogram = self._metrics.batch_size.labels(engine)
+
+        def observe(dispatch: Dispatch) -> None:
+            histogram.observe(dispatch.size)
+
+        return observe
+
+    def _pools(self, engine: Engine) -> tuple[Executor, Executor]:
+        """The render pool and the duration-pass pool of `engine`'s renders."""
+        if id(engine) in self._batchers:
+            assert self._batched_pool is not None and self._batched_passes is not None
+            return self._batched_pool, self._batched_passes
+        return self._pool, self._passes
 
     @property
     def voices(self) -> list[str]:
@@ -121,7 +160,11 @@ class Renderer:
         return self._load[engine.name].pending >= self._max_queue
 
     def estimated_wait(self, engine: Engine) -> float:
-        """Seconds until a render submitted now would start."""
+        """Seconds until a render submitted now would start: for a batching engine, until
+        its first piece's batch would run."""
+        batcher = self._batchers.get(id(engine))
+        if batcher is not None:
+            return batcher.estimated_wait()
         load = self._load[engine.name]
         return load.pending / self.workers * load.mean_seconds
 
@@ -129,11 +172,12 @@ class Renderer:
         """Warms every engine in every pool thread: each thread loads its own models."""
         loop = asyncio.get_running_loop()
         engines = {id(e): e for e in self._by_voice.values()}.values()
+        # A batching engine's model is one, run by its batcher: warming it once is enough.
         await asyncio.gather(
             *(
-                loop.run_in_executor(self._pool, engine.warmup)
+                loop.run_in_executor(self._pools(engine)[0], engine.warmup)
                 for engine in engines
-                for _ in range(self.workers)
+                for _ in range(1 if id(engine) in self._batchers else self.workers)
             )
         )
         # The pass threads load their own sessions of the duration graphs.
@@ -141,6 +185,7 @@ class Renderer:
             *(
                 loop.run_in_executor(self._passes, engine.samples, "Warm up.", voice, 1.0)
                 for engine in engines
+                if id(engine) not in self._batchers
                 for voice in engine.voices
                 for _ in range(self.workers)
             )
@@ -150,7 +195,8 @@ class Renderer:
         """The duration pass at speed 1: the voice's natural length for `spec`'s text (in
         an inference thread); None when the engine cannot say."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, engine.samples, spec.text, spec.voice, 1.0)
+        pool = self._pools(engine)[0]
+        return await loop.run_in_executor(pool, engine.samples, spec.text, spec.voice, 1.0)
 
     async def providers(self) -> dict[str, str]:
         """Engine name -> the execution provider its sessions run on (read in an inference
@@ -193,9 +239,21 @@ class Renderer:
                 loop.call_soon_threadsafe(on_length, length)
 
         sized = spec.voice not in self._unsized
+        pool, passes = self._pools(engine)
         try:
+            # The fill's ticket goes with the render into its thread, where a batcher
+            # reads it (edge.synth.batching): a prefetch's pieces wait behind a player's.
             audio_seconds = await loop.run_in_executor(
-                self._pool, _render_stream, engine, spec, emit, announce, sized, self._passes
+                pool,
+                _ticketed,
+                CURRENT.get(),
+                _render_stream,
+                engine,
+                spec,
+                emit,
+                announce,
+                sized,
+                passes,
             )
             if spec.duration is not None:
                 error = abs(audio_seconds - spec.duration) / spec.duration
@@ -214,8 +272,22 @@ class Renderer:
         return audio_seconds
 
     def close(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._passes.shutdown(wait=False, cancel_futures=True)
+        if self._batched_pool is not None and self._batched_passes is not None:
+            self._batched_pool.shutdown(wait=False, cancel_futures=True)
+            self._batched_passes.shutdown(wait=False, cancel_futures=True)
+
+
+def _ticketed(ticket: RenderTicket | None, call: Callable[..., T], *args: Any) -> T:
+    """Runs `call` in this thread with `ticket` as the current render's ticket."""
+    token = CURRENT.set(ticket)
+    try:
+        return call(*args)
+    finally:
+        CURRENT.reset(token)
 
 
 def _render_stream(
@@ -238,7 +310,9 @@ def _render_stream(
         else:
             speed = spec.speed
             if spec.duration is None and sized and passes is not None:
-                counting = passes.submit(engine.samples, spec.text, spec.voice, speed)
+                counting = passes.submit(
+                    _ticketed, CURRENT.get(), engine.samples, spec.text, spec.voice, speed
+                )
                 chunks = engine.stream(spec.text, spec.voice, speed, spec.seed)
                 first = next(chunks, None)  # rendered while the pass counts
                 total = counting.result()
