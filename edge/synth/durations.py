@@ -291,6 +291,21 @@ class Durations:
         inputs.update((k, v) for k, v in feeds.items() if k in graph.rest_inputs)
         return windowed.run(inputs, counted.samples // self._scale)
 
+    def prepare(self) -> None:
+        """Loads this thread's sessions now (the pass's, the rest's, the windowed tail's),
+        not at the thread's first render: each is an onnxruntime arena of its own, and a
+        node's memory should be what warmup left, not grow when a thread first gets work."""
+        graph = self.graph()
+        if graph is None or self.broken is not None:
+            return
+        if getattr(self._local, "session", None) is None:
+            self._local.session = session(graph.model, self._threads, self._providers)
+        if self.splits() and graph.rest is not None and getattr(self._local, "rest", None) is None:
+            self._local.rest = session(graph.rest, self._threads, self._providers)
+        windowed = self.windowed()
+        if windowed is not None:
+            windowed.prepare()
+
     def no_windows(self, reason: str) -> None:
         """Renders run the rest of the graph whole from now on."""
         if self.unwindowed is None:

@@ -152,6 +152,7 @@ class HibariEngine:
     def warmup(self) -> None:
         for voice in self.voices:
             durations = self._durations[voice]
+            durations.prepare()
             counted = self.samples(WARM_UP, voice, 1.0)
             audio = list(self.stream(WARM_UP, voice, 1.0, 0))
             model, rng = self._model(voice), np.random.default_rng(0)

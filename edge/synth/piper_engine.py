@@ -241,6 +241,7 @@ class PiperEngine:
     def warmup(self) -> None:
         for voice in self.voices:
             durations = self._durations[voice]
+            durations.prepare()
             counted = self.samples(WARM_UP, voice, 1.0)
             whole = list(self._whole(voice, WARM_UP))
             durations.check(counted, sum(len(a) for a in whole))

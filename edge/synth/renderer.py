@@ -38,8 +38,10 @@ utterance: from the render's start to its last byte, batch wait included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -169,27 +171,22 @@ class Renderer:
         return load.pending / self.workers * load.mean_seconds
 
     async def warmup(self) -> None:
-        """Warms every engine in every pool thread: each thread loads its own models."""
+        """Warms every engine in every pool thread: each thread loads its own models and
+        sessions now, so a node's memory after warmup is what it runs with (a thread that
+        first got work under load would otherwise grow it then)."""
         loop = asyncio.get_running_loop()
         engines = {id(e): e for e in self._by_voice.values()}.values()
-        # A batching engine's model is one, run by its batcher: warming it once is enough.
-        await asyncio.gather(
-            *(
-                loop.run_in_executor(self._pools(engine)[0], engine.warmup)
-                for engine in engines
-                for _ in range(1 if id(engine) in self._batchers else self.workers)
-            )
-        )
-        # The pass threads load their own sessions of the duration graphs.
-        await asyncio.gather(
-            *(
-                loop.run_in_executor(self._passes, engine.samples, "Warm up.", voice, 1.0)
-                for engine in engines
-                if id(engine) not in self._batchers
-                for voice in engine.voices
-                for _ in range(self.workers)
-            )
-        )
+        for engine in engines:
+            # A batching engine's model is one, run by its batcher: warming it once is enough.
+            threads = 1 if id(engine) in self._batchers else self.workers
+            await _on_every_thread(loop, self._pools(engine)[0], threads, _warm(engine))
+        # The pass threads load their own sessions of the duration graphs; each counts a
+        # text of its own, as the pieces of one text are counted once (edge.synth.runs).
+        for engine in engines:
+            if id(engine) in self._batchers:
+                continue
+            for voice in engine.voices:
+                await _on_every_thread(loop, self._passes, self.workers, _count(engine, voice))
 
     async def natural_samples(self, engine: Engine, spec: Spec) -> int | None:
         """The duration pass at speed 1: the voice's natural length for `spec`'s text (in
@@ -288,6 +285,34 @@ def _ticketed(ticket: RenderTicket | None, call: Callable[..., T], *args: Any) -
         return call(*args)
     finally:
         CURRENT.reset(token)
+
+
+async def _on_every_thread(
+    loop: asyncio.AbstractEventLoop, pool: Executor, threads: int, work: Callable[[int], object]
+) -> None:
+    """Runs `work(n)` once on each of `threads` threads of `pool`: a barrier holds each
+    task until all have started, so no thread runs two of them."""
+    barrier = threading.Barrier(threads)
+
+    def run(n: int) -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            barrier.wait(WARMUP_BARRIER_SECONDS)
+        work(n)
+
+    await asyncio.gather(*(loop.run_in_executor(pool, run, n) for n in range(threads)))
+
+
+def _warm(engine: Engine) -> Callable[[int], object]:
+    return lambda _: engine.warmup()
+
+
+def _count(engine: Engine, voice: str) -> Callable[[int], object]:
+    return lambda n: engine.samples(f"Warm up, thread {n}.", voice, 1.0)
+
+
+WARMUP_BARRIER_SECONDS = 120.0
+"""How long warmup waits for every pool thread to start its task (a pool with fewer
+threads than asked breaks the barrier, and the tasks run anyway)."""
 
 
 def _render_stream(

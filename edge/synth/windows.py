@@ -200,6 +200,10 @@ class Windowed:
         self.settings = settings
         self._local = threading.local()
 
+    def prepare(self) -> None:
+        """Loads this thread's sessions of the head and the tail."""
+        self._sessions()
+
     def _sessions(self) -> tuple[Any, Any]:
         pair: tuple[Any, Any] | None = getattr(self._local, "pair", None)
         if pair is None:
