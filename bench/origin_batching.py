@@ -39,7 +39,7 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from nearvoice.bench.common import REPO, free_port, wait_http
+from nearvoice.bench.common import child_env, free_port, wait_http, write_results
 from nearvoice.edge.config import Role, load
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.keyring import Keyring, generate_pair
@@ -49,7 +49,6 @@ from nearvoice.edge.stack import stop_processes
 from nearvoice.edge.token import sign_url
 from nearvoice.edge.voices import for_config
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VOICE = "mms"
 LEVELS = (1, 8, 32, 128)
 MIN_REQUESTS = 8
@@ -234,9 +233,7 @@ async def measure(
         sys.executable, "-m", "nearvoice.edge.cli", "origin", "--config", str(config),
         "--port", str(port), "--data-dir", str(work / config.stem),
     ]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd, env={**os.environ, "NEARVOICE_KEYS": pair}, stdout=log, stderr=log, cwd=REPO
-    )
+    proc = subprocess.Popen(cmd, env=child_env({"NEARVOICE_KEYS": pair}), stdout=log, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
         await asyncio.to_thread(wait_http, f"{base}/readyz", 600.0)
@@ -315,13 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     params = save_checkpoint(checkpoint, args.quick)
     pair = generate_pair()
     keyring = Keyring.parse(pair)
-    report: dict[str, Any] = {
-        "device": device_name(),
+    context: dict[str, Any] = {
+        "torch_device": device_name(),
         "parameters": params,
         "quick": args.quick,
         "window_ms": args.window_ms,
-        "in_process": in_process(checkpoint, texts(4, 1), rounds=15),
+        "levels": levels,
     }
+    report: dict[str, Any] = {"in_process": in_process(checkpoint, texts(4, 1), rounds=15)}
     for name, batching in (("off", False), ("on", True)):
         config = write_config(work / f"batching-{name}.toml", checkpoint, batching, args.window_ms)
         report[f"batching_{name}"] = asyncio.run(
@@ -335,9 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         for n in levels
     }
-    print(json.dumps(report, indent=2))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "origin_batching.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"context": context, "figures": report}, indent=2))
+    print(f"results: {write_results('origin_batching', report, context)}")
     return 0  # a report, not a test (docs/benchmarks.md)
 
 

@@ -199,8 +199,8 @@ class HibariEngine:
         durations = self._durations.get(voice)
         if durations is None:
             raise ValueError(f"voice {voice!r} is not one of this engine's {self.voices}")
-        if durations.graph() is None:
-            return None
+        if durations.graph() is None or durations.broken is not None:
+            return None  # (runs counted before a pass was disabled are not lengths)
         runs = self._text_runs(voice, text, speed)
         total = 0
         # From the last piece back: a render beside this pass counts from the first.

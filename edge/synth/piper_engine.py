@@ -328,8 +328,8 @@ class PiperEngine:
         loaded = self._voice(voice)
         synthesis = self._synthesis(loaded, speed)
         durations = self._durations[voice]
-        if durations.graph() is None:
-            return None
+        if durations.graph() is None or durations.broken is not None:
+            return None  # (runs counted before a pass was disabled are not lengths)
         runs = self._text_runs(voice, text, speed)
         counted: list[Counted | None] = []
         # From the last piece back: a render beside this pass counts from the first.
