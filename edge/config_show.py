@@ -21,14 +21,14 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from nearvoice.edge.apikeys import API_KEYS_ENV, ApiKeys
 from nearvoice.edge.config import ADMIN_TOKEN_ENV, MINT_TOKEN_ENV, NodeConfig, Role, load
-from nearvoice.edge.keyring import KEYS_ENV, Keyring, KeyringError
+from nearvoice.edge.keyring import KEYS_ENV, Keyring
 
 MASK = "********"
 LOG_LEVEL_ENV = "NEARVOICE_LOG_LEVEL"
@@ -93,23 +93,22 @@ def _set(env: Mapping[str, str], name: str) -> str:
 
 
 def _keys(raw: str | None) -> str:
-    if not raw:
-        return "(not set)"
-    try:
-        kids = Keyring.parse(raw).kids
-    except KeyringError:
-        return f"{MASK} (set, but not valid: `nearvoice edge` says why)"
-    return ", ".join(f"{kid}:{MASK}" for kid in kids)
+    return _names(raw, lambda text: Keyring.parse(text).kids)
 
 
 def _tenants(raw: str | None) -> str:
+    return _names(raw, lambda text: ApiKeys.parse(text).tenants)
+
+
+def _names(raw: str | None, names: Callable[[str], Iterable[str]]) -> str:
+    """A `name:secret,…` variable as its names, each secret masked."""
     if not raw:
         return "(not set)"
     try:
-        tenants = ApiKeys.parse(raw).tenants
-    except ValueError:
+        listed = names(raw)
+    except ValueError:  # KeyringError is one
         return f"{MASK} (set, but not valid: `nearvoice edge` says why)"
-    return ", ".join(f"{tenant}:{MASK}" for tenant in tenants)
+    return ", ".join(f"{name}:{MASK}" for name in listed)
 
 
 def _plain(value: Any) -> Any:
