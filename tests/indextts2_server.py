@@ -33,7 +33,6 @@ import io
 import json
 import re
 import signal
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
@@ -43,6 +42,7 @@ import soundfile
 from aiohttp import web
 
 from nearvoice.edge.synth.piper_engine import PiperEngine
+from tests.loop_server import LoopServer
 
 SAMPLE_RATE = 22050
 CONTROLS = ("emo_vector", "emo_alpha", "emo_text", "use_emo_text", "duration_factor")
@@ -53,32 +53,18 @@ class IndexTTS2Server:
     def __init__(self, engine: PiperEngine | None = None) -> None:
         self._engine = engine or PiperEngine(voices=("joe",), threads=1)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="indextts2")
-        self._loop = asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
+        self._server = LoopServer("indextts2-loop")
         self.url = ""
         self.log: list[dict[str, Any]] = []
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         app = web.Application()
         app.router.add_post("/tts_url", self._tts_url)
-        runner = self._runner = web.AppRunner(app, shutdown_timeout=5.0)
-        self._loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, host, port)
-        self._loop.run_until_complete(site.start())
-        host, port = runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
+        self.url = self._server.serve(app, host, port)
         return self.url
 
     def stop(self) -> None:
-        if self._thread is not None and self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
-            self._thread = None
-        self._loop.close()
+        self._server.close()
         self._pool.shutdown(wait=True)
 
     def __enter__(self) -> Self:

@@ -43,6 +43,7 @@ from piper import PiperVoice, SynthesisConfig
 
 from nearvoice.edge.synth.engine import Audio
 from nearvoice.edge.synth.piper_engine import BUNDLED
+from tests.loop_server import LoopServer
 
 VOICES = {"joe": "joe"}
 """The voices this server offers (OpenAI name -> piper voice)."""
@@ -88,9 +89,7 @@ class OpenAITTSServer:
         self._voice = PiperVoice.load(BUNDLED["joe"].model_path())
         self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="openai-tts")
         self._released = threading.Event()
-        self._loop = asyncio.new_event_loop()
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
+        self._server = LoopServer("openai-tts-loop")
         self.url = ""
         self.requests = 0
         self.sentences = 0
@@ -104,26 +103,12 @@ class OpenAITTSServer:
         """Starts serving; returns the base URL (`http://127.0.0.1:<port>`)."""
         app = web.Application()
         app.router.add_post("/v1/audio/speech", self._speech)
-        runner = self._runner = web.AppRunner(app, shutdown_timeout=5.0)
-        self._loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, self._host, self._port)
-        self._loop.run_until_complete(site.start())
-        host, port = runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}"
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="openai-tts-loop", daemon=True
-        )
-        self._thread.start()
+        self.url = self._server.serve(app, self._host, self._port)
         return self.url
 
     def stop(self) -> None:
         self._released.set()
-        if self._thread is not None and self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(30)
-            self._thread = None
-        self._loop.close()
+        self._server.close()
         self._render_pool.shutdown(wait=True)
 
     def __enter__(self) -> Self:
