@@ -191,7 +191,9 @@ class Producer:
         if self.renderer.queue_full(engine):
             raise FillFailed("overloaded", "render queue is full", retry_after=RENDER_RETRY_AFTER)
         fill.start(self.renderer.content_type(engine, grant.spec), etag_for(grant.spec.key))
-        await self.renderer.render(engine, grant.spec, fill.append, fill.set_length)
+        await self.renderer.render(
+            engine, grant.spec, fill.append, fill.set_length, fill.length_follows
+        )
         # The last chunks were handed over with call_soon_threadsafe; let them land.
         await asyncio.sleep(0)
 

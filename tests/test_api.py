@@ -557,3 +557,74 @@ async def test_the_spec_extensions_reach_the_spec(api: ApiNode) -> None:
     plain = await speak(sdk, **hinted, extra_body={"lang": "en-US"})
     told = await speak(sdk, **hinted, instructions="Speak warmly.", extra_body={"lang": "en-US"})
     assert plain.status == told.status == 200 and plain.body == told.body
+
+
+# -- a raw stream does not wait for the length --------------------------------------------------
+
+
+class HeldPass:
+    """`heart`, with a duration pass that waits for `release` (the render itself runs)."""
+
+    def __init__(self, inner: HibariEngine) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.sample_rate = inner.sample_rate
+        self.voices = inner.voices
+        self.controls = inner.controls
+        self.counting = threading.Event()
+        self.release = threading.Event()
+
+    def model_id(self, voice: str) -> str:
+        return self._inner.model_id(voice)
+
+    def refuses(self, spec: Spec) -> str | None:
+        return self._inner.refuses(spec)
+
+    def warmup(self) -> None:
+        self._inner.warmup()
+
+    def samples(self, text: str, voice: str, speed: float) -> int | None:
+        if not text.startswith("Warm up"):
+            self.counting.set()
+            self.release.wait(30)
+        return self._inner.samples(text, voice, speed)
+
+    def stream(self, text: str, voice: str, speed: float, seed: int) -> Any:
+        return self._inner.stream(text, voice, speed, seed)
+
+
+async def test_a_raw_pcm_stream_starts_before_the_length_and_ranges_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    """PCM's bytes never depend on the length: the API's raw stream gets the first chunk
+    while the duration pass still runs, and a signed URL's `bytes=0-` on the same object
+    waits for the length, then answers it exactly."""
+    engine = HeldPass(HibariEngine(("heart",), threads=1))
+    config = make_config(tmp_path, synth=SynthSettings(workers=2), api=API_SETTINGS)
+    async with api_node(config, [engine]) as node:  # type: ignore[list-item]
+        sdk = node.sdk()
+        text = line("The first chunk leaves before the pass ends. Then the rest follows.")
+        try:
+            async with sdk.audio.speech.with_streaming_response.create(
+                model="tts-1", voice="heart", input=text, response_format="pcm"
+            ) as response:
+                chunks = response.iter_bytes()
+                first = await anext(chunks)
+                assert first and engine.counting.is_set() and not engine.release.is_set()
+                assert "content-length" not in response.headers  # not known yet: chunked
+                url = response.headers["content-location"]
+                fill = next(iter(node.node._fills.values()))
+                assert not fill.sized
+                ranged = asyncio.ensure_future(
+                    node.client.session.get(url, headers={"Range": "bytes=0-"})
+                )
+                await eventually(lambda: fill.readers == 2)
+                assert not ranged.done()  # an exact answer needs the length
+                engine.release.set()
+                body = first + b"".join([chunk async for chunk in chunks])
+        finally:
+            engine.release.set()
+        async with await ranged as answer:
+            assert answer.status == 206
+            assert answer.headers["Content-Range"] == f"bytes 0-{len(body) - 1}/{len(body)}"
+            assert await answer.read() == body

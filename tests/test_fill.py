@@ -348,3 +348,45 @@ async def test_readers_joining_at_different_moments_get_identical_bytes() -> Non
     bodies = await asyncio.gather(*readers)
     assert {len(bodies), len(set(bodies))} == {400, 1}
     assert bodies[0] == b"".join(chunks)
+
+
+async def test_a_length_that_follows_the_first_bytes_is_still_waited_for() -> None:
+    fill = started_fill()
+    fill.length_follows()
+    fill.append(b"first bytes")
+    sized = asyncio.ensure_future(fill.until_sized())
+    await settle()
+    assert not sized.done()  # bytes alone do not make the length unknown now
+    fill.set_length(len(b"first bytes") + 3)
+    async with asyncio.timeout(WAIT):
+        await sized
+    assert fill.length == 14
+
+
+async def test_without_the_promise_bytes_before_the_length_mean_no_length() -> None:
+    fill = started_fill()
+    fill.append(b"first bytes")
+    async with asyncio.timeout(WAIT):
+        await fill.until_sized()  # the first byte came unannounced: the length is unknown
+    assert fill.length is None
+    with pytest.raises(RuntimeError, match="before its first byte"):
+        fill.set_length(20)
+
+
+async def test_the_promise_comes_before_the_first_byte() -> None:
+    fill = started_fill()
+    fill.append(b"x")
+    with pytest.raises(RuntimeError, match="promised before its first byte"):
+        fill.length_follows()
+
+
+async def test_a_fill_that_fails_before_its_promised_length_wakes_its_readers() -> None:
+    fill = started_fill()
+    fill.length_follows()
+    fill.append(b"first")
+    sized = asyncio.ensure_future(fill.until_sized())
+    await settle()
+    fill.fail(FillFailed("render_failed", "the pass broke"))
+    with pytest.raises(FillFailed):
+        async with asyncio.timeout(WAIT):
+            await sized

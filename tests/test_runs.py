@@ -103,3 +103,69 @@ def test_a_pass_beside_a_render_counts_each_piece_once() -> None:
     assert b"".join(a.tobytes() for a in again.stream(text, "joe", 1.0, 0)) == b"".join(
         a.tobytes() for a in audio
     )
+
+
+def test_claim_counts_an_unclaimed_piece_and_skips_a_claimed_one_without_waiting() -> None:
+    runs: Runs[str, str] = Runs(made([], 2))
+    counting, finish = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        counting.set()
+        finish.wait(10)
+        return "by the pass"
+
+    with ThreadPoolExecutor(2) as pool:
+        claimed = pool.submit(runs.run, 1, slow)
+        counting.wait(10)
+        # Piece 1 is being counted: claim returns at once; piece 0 is counted here.
+        helper = pool.submit(
+            lambda: [runs.claim(i, lambda i=i: f"by the render {i}") for i in (0, 1)]
+        )
+        assert helper.result(10) == [True, False]
+        assert not claimed.done()
+        finish.set()
+        assert claimed.result(10) == "by the pass"
+    assert runs.run(0, lambda: "again") == "by the render 0"
+    assert not runs.claim(0, lambda: "again")
+
+
+def test_a_render_waiting_for_the_length_counts_what_the_pass_has_not_reached() -> None:
+    """help_count counts, first to last, the pieces nobody has claimed, and does not wait
+    for the one the pass is counting; the pass then finds the rest counted."""
+    engine = PiperEngine()
+    engine.warmup()
+    durations = engine._durations["joe"]
+    count = durations.count
+    counted_by: list[str] = []
+    held, release = threading.Event(), threading.Event()
+
+    def counting(feeds):  # type: ignore[no-untyped-def]
+        name = threading.current_thread().name
+        counted_by.append(name.split("_")[0])
+        if name.startswith("pass"):
+            held.set()
+            release.wait(10)
+        return count(feeds)
+
+    durations.count = counting  # type: ignore[method-assign]
+    text = (
+        "Your order has shipped. Please hold for the next agent. "
+        "The meeting moved to three. Bring the blue folder."
+    )
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="pass") as passes,
+        ThreadPoolExecutor(1, thread_name_prefix="render") as renders,
+    ):
+        counted = passes.submit(engine.samples, text, "joe", 1.0)
+        held.wait(10)  # the pass holds the last piece
+        renders.submit(engine.help_count, text, "joe", 1.0).result(10)  # never waits for it
+        assert counted_by == ["pass", "render", "render", "render"]
+        release.set()
+        total = counted.result(60)
+        audio = list(engine.stream(text, "joe", 1.0, 0))
+    assert len(counted_by) == 4  # the render found every piece counted
+    assert total == sum(map(len, audio))
+    fresh = PiperEngine()
+    assert b"".join(a.tobytes() for a in fresh.stream(text, "joe", 1.0, 0)) == b"".join(
+        a.tobytes() for a in audio
+    )

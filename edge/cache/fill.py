@@ -11,7 +11,10 @@ Sizing: before its first byte a fill says how long the object will be, when its 
 knows (`set_length`): a local engine's duration pass, or an upstream's Content-Length.
 Readers wait for that decision (`until_sized`), so every answer about an object of known
 length is exact from the first byte (docs/contracts.md#exact-length-from-the-first-byte);
-the producer fails the fill rather than let it end at any other length.
+the producer fails the fill rather than let it end at any other length. A source whose
+bytes never depend on the length (raw PCM, MP3) may say that the length follows its first
+bytes (`length_follows`): readers that need the length still wait for it, while a reader
+that needs none (the speech API's streams) can start with the first byte.
 
 A fill that fails is marked failed and forgotten at once, so the next request starts afresh;
 nothing of it is stored. A completed fill lingers for a short grace period so that requests
@@ -63,6 +66,8 @@ class Fill:
         """The object's exact length, when the source announced it before its first byte."""
         self.sized = False
         """Whether the source has said if it knows the length (`set_length`)."""
+        self.length_later = False
+        """Whether the source said its length follows its first bytes (`length_follows`)."""
         self.started_at = time.time()
         """Unix seconds the fill began: the object's Last-Modified, in flight and stored."""
         self.from_upstream = False
@@ -111,11 +116,18 @@ class Fill:
                     retry_after=1,
                 )
             return
-        if self._size:
+        if self._size and not self.length_later:
             raise RuntimeError("a fill's length is announced before its first byte")
         self.length = length
         self.sized = True
         self._notify()
+
+    def length_follows(self) -> None:
+        """Says, before the first byte, that `set_length` comes after some bytes: until it
+        does, the fill is not sized, whatever bytes it holds."""
+        if self._size:
+            raise RuntimeError("a fill's length is promised before its first byte")
+        self.length_later = True
 
     def append(self, data: bytes) -> None:
         if not data or self.state is not FillState.RUNNING:
@@ -176,8 +188,9 @@ class Fill:
 
     async def until_sized(self) -> None:
         """Until the source said whether it knows the length, or the fill ended. A fill
-        that starts producing bytes without saying has an unknown length."""
-        while self.is_running() and not self.sized and not self._size:
+        that starts producing bytes without saying has an unknown length, unless it said
+        that the length follows them."""
+        while self.is_running() and not self.sized and not (self._size and not self.length_later):
             await self.changed()
         self.raise_if_failed()
 

@@ -49,6 +49,17 @@ class Engine(Protocol):
 
 
 @runtime_checkable
+class HelpsCount(Protocol):
+    """An engine whose duration pass shares its work piece by piece with the render of the
+    same text (edge.synth.runs), so a render waiting for the length can count too."""
+
+    def help_count(self, text: str, voice: str, speed: float) -> None:
+        """Counts, first to last, the pieces of `text` that no thread has begun counting,
+        as `samples` would count them; skips the others without waiting for them."""
+        ...
+
+
+@runtime_checkable
 class SpecEngine(Protocol):
     """An engine that takes the whole spec and applies its controls itself (emotion, a
     reference voice, a target duration): an external server does the work, so the node

@@ -213,6 +213,15 @@ class HibariEngine:
             total += run.samples
         return total
 
+    def help_count(self, text: str, voice: str, speed: float) -> None:
+        durations = self._durations.get(voice)
+        if durations is None or durations.graph() is None or durations.broken is not None:
+            return
+        runs = self._text_runs(voice, text, speed)
+        for i, ids in enumerate(runs):
+            if len(ids) >= MIN_IDS:
+                runs.claim(i, functools.partial(durations.count, _feeds(ids, speed)))
+
     def _text_runs(self, voice: str, text: str, speed: float) -> Runs[list[int], Counted | None]:
         """The pieces of `text` and their passes' runs, shared by the pass and the render
         (edge.synth.runs)."""

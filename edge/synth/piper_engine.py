@@ -340,6 +340,20 @@ class PiperEngine:
             return None
         return sum(run.samples for run in counted if run is not None)
 
+    def help_count(self, text: str, voice: str, speed: float) -> None:
+        loaded = self._voice(voice)
+        synthesis = self._synthesis(loaded, speed)
+        durations = self._durations[voice]
+        if durations.graph() is None or durations.broken is not None:
+            return
+        runs = self._text_runs(voice, text, speed)
+
+        def count(ids: list[int]) -> Counted | None:
+            return durations.count(self._feeds(loaded, ids, synthesis))
+
+        for i, ids in enumerate(runs):
+            runs.claim(i, functools.partial(count, ids))
+
     def _text_runs(self, voice: str, text: str, speed: float) -> Runs[list[int], Counted | None]:
         """The pieces of `text` and their passes' runs, shared by the pass and the render
         (edge.synth.runs)."""

@@ -10,7 +10,14 @@ MP3), so the node answers exact ranges from the first byte
 (docs/contracts.md#exact-length-from-the-first-byte). The pass runs in its own thread beside
 the render of the first chunk, so the first byte waits for the longer of the two rather than
 their sum: for a long text the pass covers every sentence, and run first it would stand
-between the player and the first phrase. The render then checks that the engine produced
+between the player and the first phrase; once the first chunk is rendered, the render
+thread helps count the pieces the pass has not reached (edge.synth.engine.HelpsCount), so
+a long text's length comes after about half its pass on two threads. Where the format's
+bytes never depend on the length (`LENGTH_FREE`: raw PCM, MP3, AAC) and the caller can
+take the length after the first bytes (`on_length_later`), the first chunk goes out
+before the pass ends: a reader that needs no length (the speech API's raw and SSE
+streams) starts at once, while readers that answer ranges still wait for the length,
+which comes as soon as the pass ends. The render then checks that the engine produced
 exactly that many samples. If the pass and the render ever disagree, the object is aborted
 (never padded or cut to fit), the mismatch is counted in
 `nearvoice_length_mismatches_total`, and that voice's lengths are treated as unknown from
@@ -48,11 +55,12 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.metrics import Metrics
 from nearvoice.edge.spec import Spec
 from nearvoice.edge.synth import fit
 from nearvoice.edge.synth.batching import Batcher, Dispatch, batcher_of
-from nearvoice.edge.synth.engine import Audio, Engine, SpecEngine
+from nearvoice.edge.synth.engine import Audio, Engine, HelpsCount, SpecEngine
 from nearvoice.edge.synth.priority import CURRENT, PriorityPool, RenderTicket
 from nearvoice.edge.synth.resample import Resampler
 from nearvoice.edge.synth.streaming import (
@@ -88,7 +96,12 @@ class LengthMismatch(RenderError):
 
 
 LengthSink = Callable[[int | None], None]
-"""Told the object's exact byte length (None: unknown) once, before the first byte."""
+"""Told the object's exact byte length (None: unknown) once, before the first byte unless
+the render said first that the length follows the first bytes."""
+LENGTH_FREE = frozenset({AudioFormat.PCM, AudioFormat.MP3, AudioFormat.AAC})
+"""Formats whose bytes never depend on the object's length: no header states it (the MP3
+encoder's Info frame, which would, is cut: edge.synth.streaming), so their first bytes
+can leave before the duration pass ends."""
 
 
 @dataclass(slots=True)
@@ -214,10 +227,13 @@ class Renderer:
         spec: Spec,
         sink: Callable[[bytes], None],
         on_length: LengthSink | None = None,
+        on_length_later: Callable[[], None] | None = None,
     ) -> float:
         """Renders `spec`, calling `sink` on the event loop with each encoded chunk as soon
         as it exists, and `on_length` with the object's exact length (or None) before the
-        first chunk. Returns the seconds of audio rendered; raises RenderError."""
+        first chunk; or, if `on_length_later` is given and the format allows, calling that
+        first, then the first chunk, then `on_length`. Returns the seconds of audio
+        rendered; raises RenderError."""
         loop = asyncio.get_running_loop()
         metrics = self._metrics
         load = self._load[engine.name]
@@ -235,6 +251,10 @@ class Renderer:
             if on_length is not None:
                 loop.call_soon_threadsafe(on_length, length)
 
+        def later() -> None:
+            assert on_length_later is not None
+            loop.call_soon_threadsafe(on_length_later)
+
         sized = spec.voice not in self._unsized
         pool, passes = self._pools(engine)
         try:
@@ -251,6 +271,7 @@ class Renderer:
                 announce,
                 sized,
                 passes,
+                later if on_length_later is not None else None,
             )
             if spec.duration is not None:
                 error = abs(audio_seconds - spec.duration) / spec.duration
@@ -322,11 +343,13 @@ def _render_stream(
     announce: LengthSink,
     sized: bool,
     passes: Executor | None = None,
+    later: Callable[[], None] | None = None,
 ) -> float:
     """In an inference thread: the duration pass (in `passes`, beside the first chunk's
     render), then chunk by chunk, encode and hand over at once."""
     samples = 0
     produced = False
+    encoder: StreamEncoder | None = None
     try:
         chunks: Iterator[Audio]
         if isinstance(engine, SpecEngine):  # it applies every control itself
@@ -340,6 +363,17 @@ def _render_stream(
                 )
                 chunks = engine.stream(spec.text, spec.voice, speed, spec.seed)
                 first = next(chunks, None)  # rendered while the pass counts
+                if first is not None and later is not None and spec.format in LENGTH_FREE:
+                    # No byte depends on the length: the first chunk need not wait for it.
+                    encoder = _encoder(engine, spec, None)
+                    later()
+                    samples = len(first)
+                    data = encoder.feed(first)
+                    produced = bool(data)
+                    emit(data)
+                    first = None
+                if not counting.done() and isinstance(engine, HelpsCount):
+                    engine.help_count(spec.text, spec.voice, speed)
                 total = counting.result()
                 chunks = itertools.chain(() if first is None else (first,), chunks)
             else:
@@ -349,8 +383,9 @@ def _render_stream(
                     fitted = _fit(engine, spec)
                     speed, total = fitted.speed, fitted.samples if sized else None
                 chunks = engine.stream(spec.text, spec.voice, speed, spec.seed)
-        encoder, length = _encoder(engine, spec, total)
-        announce(length)
+        if encoder is None:
+            encoder = _encoder(engine, spec, total)
+        announce(_length(engine, spec, total))
         for audio in chunks:
             samples += len(audio)
             if total is not None and samples > total:
@@ -383,17 +418,25 @@ def _fit(engine: Engine, spec: Spec) -> fit.Fit:
         raise RenderError(str(exc), produced=False) from exc
 
 
-def _encoder(engine: Engine, spec: Spec, total: int | None) -> tuple[StreamEncoder, int | None]:
-    """The object's encoder, at the spec's output rate, and its exact byte length when
-    `total` (the engine's sample count) makes it known."""
+def _encoder(engine: Engine, spec: Spec, total: int | None) -> StreamEncoder:
+    """The object's encoder, at the spec's output rate; with `total` (the engine's sample
+    count), one whose headers state the length that follows from it."""
     rate = spec.rate or engine.sample_rate
     if rate == engine.sample_rate:
-        length = None if total is None else encoded_length(spec.format, rate, total)
-        return stream_encoder(spec.format, rate, total), length
-    resampled = None if total is None else Resampler(engine.sample_rate, rate).output_count(total)
-    length = None if resampled is None else encoded_length(spec.format, rate, resampled)
-    inner = stream_encoder(spec.format, rate, resampled)
-    return ResamplingEncoder(inner, engine.sample_rate, rate), length
+        return stream_encoder(spec.format, rate, total)
+    inner = stream_encoder(spec.format, rate, _resampled(engine, rate, total))
+    return ResamplingEncoder(inner, engine.sample_rate, rate)
+
+
+def _length(engine: Engine, spec: Spec, total: int | None) -> int | None:
+    """The object's exact byte length when `total` makes it known."""
+    rate = spec.rate or engine.sample_rate
+    count = total if rate == engine.sample_rate else _resampled(engine, rate, total)
+    return None if count is None else encoded_length(spec.format, rate, count)
+
+
+def _resampled(engine: Engine, rate: int, total: int | None) -> int | None:
+    return None if total is None else Resampler(engine.sample_rate, rate).output_count(total)
 
 
 def _provider_of(engine: Engine) -> str:

@@ -11,8 +11,10 @@ So a text's `Runs` is shared: the pieces are made once, lazily, in order, and ea
 is counted once, by whichever thread claims it first; a thread that needs a piece another
 thread is counting waits for it. The pass claims from the last piece back and the render
 from the first forward, so at concurrency one the two meet in the middle and the length is
-known after about half the pass. `Table` keeps the last few texts' Runs, so the pass and
-the render find the same one.
+known after about half the pass. Once its first audio is out, a render waiting for the
+length helps the pass (`claim`): it counts, first to last, every piece no thread has
+claimed yet, and skips, without waiting, those another thread is counting. `Table` keeps the last
+few texts' Runs, so the pass and the render find the same one.
 """
 
 from __future__ import annotations
@@ -81,6 +83,18 @@ class Runs(Generic[P, R]):
             finally:
                 done.set()
             return self._runs[index]
+        return self._wait(index, done)
+
+    def claim(self, index: int, compute: Callable[[], R]) -> bool:
+        """Computes the run of piece `index` here if no thread has claimed it yet (True);
+        False at once, without waiting, if one has."""
+        with self._lock:
+            if index in self._claimed:
+                return False
+        self.run(index, compute)  # (claimed meanwhile by another thread: waits for that)
+        return True
+
+    def _wait(self, index: int, done: threading.Event) -> R:
         done.wait()
         failed = self._failed.get(index)
         if failed is not None:

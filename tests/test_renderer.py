@@ -1,0 +1,121 @@
+"""edge.synth.renderer: the order in which a render hands over its length and its bytes,
+with the real engines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.metrics import Metrics
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.engine import Audio, Engine
+from nearvoice.edge.synth.hibari_engine import HibariEngine
+from nearvoice.edge.synth.piper_engine import PiperEngine
+from nearvoice.edge.synth.renderer import LENGTH_FREE, LengthMismatch, Renderer
+from nearvoice.edge.synth.streaming import stream_encoder
+
+TEXT = "The first phrase leaves at once. The length follows it, exactly. Then the rest."
+
+
+@pytest.fixture(scope="module")
+def engines() -> list[Engine]:
+    return [HibariEngine(threads=1), PiperEngine(voices=("joe",), threads=1)]
+
+
+async def render_events(
+    engines: list[Engine], engine: Engine, spec: Spec, later: bool
+) -> tuple[list[str], bytes, list[int | None]]:
+    """What the render handed over, in order: `later`, `length` and `bytes` events."""
+    renderer = Renderer(engines, workers=2, metrics=Metrics())
+    events: list[str] = []
+    pieces: list[bytes] = []
+    lengths: list[int | None] = []
+
+    def sink(data: bytes) -> None:
+        events.append("bytes")
+        pieces.append(data)
+
+    def on_length(length: int | None) -> None:
+        events.append("length")
+        lengths.append(length)
+
+    try:
+        await renderer.render(
+            engine, spec, sink, on_length, (lambda: events.append("later")) if later else None
+        )
+    finally:
+        renderer.close()
+    return events, b"".join(pieces), lengths
+
+
+@pytest.mark.parametrize("fmt", [AudioFormat.PCM, AudioFormat.MP3, AudioFormat.WAV])
+@pytest.mark.parametrize(("voice", "rate"), [("heart", None), ("joe", None), ("joe", 24000)])
+async def test_a_length_free_format_sends_its_first_chunk_before_the_length(
+    engines: list[Engine], voice: str, rate: int | None, fmt: AudioFormat
+) -> None:
+    engine = next(e for e in engines if voice in e.voices)
+    spec = Spec.create(text=TEXT, voice=voice, format=fmt, model=engine.model_id(voice), rate=rate)
+    events, data, lengths = await render_events(engines, engine, spec, later=True)
+    if fmt in LENGTH_FREE:
+        assert events[:3] == ["later", "bytes", "length"]
+    else:  # the header states the length: it comes first, and nothing is promised
+        assert events[0] == "length" and "later" not in events
+    assert events.count("length") == 1 and lengths == [len(data)]
+    # The same bytes as a render that announces the length first.
+    plain_events, plain, plain_lengths = await render_events(engines, engine, spec, later=False)
+    assert plain_events[0] == "length" and plain == data and plain_lengths == lengths
+
+
+@pytest.mark.parametrize("fmt", sorted(LENGTH_FREE, key=lambda f: f.value))
+@pytest.mark.parametrize("rate", [16000, 22050, 24000])
+def test_length_free_encoders_write_the_same_bytes_with_or_without_the_length(
+    fmt: AudioFormat, rate: int
+) -> None:
+    audio = (0.3 * np.sin(np.arange(12345) / 7.0)).astype(np.float32)
+    outputs = []
+    for total in (None, len(audio)):
+        encoder = stream_encoder(fmt, rate, total)
+        outputs.append(
+            b"".join([encoder.feed(audio[:5000]), encoder.feed(audio[5000:])]) + encoder.finish()
+        )
+    assert outputs[0] == outputs[1]
+
+
+class Overcounting:
+    """`heart`, with a duration pass that promises 100 samples too few."""
+
+    def __init__(self, inner: HibariEngine) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.sample_rate = inner.sample_rate
+        self.voices = inner.voices
+        self.controls = inner.controls
+
+    def model_id(self, voice: str) -> str:
+        return self._inner.model_id(voice)
+
+    def refuses(self, spec: Spec) -> str | None:
+        return self._inner.refuses(spec)
+
+    def warmup(self) -> None:
+        self._inner.warmup()
+
+    def samples(self, text: str, voice: str, speed: float) -> int | None:
+        counted = self._inner.samples(text, voice, speed)
+        return None if counted is None else counted - 100
+
+    def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
+        return self._inner.stream(text, voice, speed, seed)
+
+
+async def test_a_length_that_follows_is_still_checked_against_the_render() -> None:
+    engine = Overcounting(HibariEngine(threads=1))
+    spec = Spec.create(
+        text=TEXT, voice="heart", format=AudioFormat.PCM, model=engine.model_id("heart")
+    )
+    with pytest.raises(LengthMismatch) as caught:
+        await render_events([engine], engine, spec, later=True)
+    assert caught.value.produced  # the first chunk had left: the stream is to be aborted
