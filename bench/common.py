@@ -324,11 +324,49 @@ def _latency(text: str, pct: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
+def listening_pids(port: int) -> list[int]:
+    """The processes holding the loopback TCP socket listening on `port` (an nginx's
+    master and worker, an edge's workers), found through /proc: Linux only."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                # local address as HEX_IP:HEX_PORT; state 0A is LISTEN
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+                    inodes.add(f"socket:[{fields[9]}]")
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in inodes for fd in (entry / "fd").iterdir()):
+                pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Keeps every thread of `pids` on `cpus` (threads started later inherit it)."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task.name), cpus)
+
+
 def run_wrk(
-    url: str, *, seconds: int, connections: int, threads: int = 1, script: Path | None = None
+    url: str,
+    *,
+    seconds: int,
+    connections: int,
+    threads: int = 1,
+    script: Path | None = None,
+    cpus: set[int] | None = None,
 ) -> WrkResult:
-    """wrk in its own process, with the latency distribution."""
+    """wrk in its own process, with the latency distribution; on `cpus` only if given."""
     cmd = [require("wrk"), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if cpus is not None:
+        cmd = [require("taskset"), "-c", ",".join(map(str, sorted(cpus))), *cmd]
     if script is not None:
         cmd += ["-s", str(script)]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, check=True).stdout

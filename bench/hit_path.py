@@ -14,6 +14,12 @@ a shared, noisy machine disturbs far less than any absolute number. A bare aioht
 slicing the same bytes from memory, with no checks at all, shows what aiohttp's request
 machinery costs; the edge's fast path answers hits beneath it (edge/http/fastpath.py).
 
+On a machine with two or more cores, every one-worker server (nginx, the edge, the bare
+aiohttp handler) is pinned to CPU 0 and wrk to the other CPUs (`placement` in the
+results): otherwise the scheduler sometimes puts a server and wrk on one core, and the same
+server's throughput moves by half from one run to the next. `edge --workers N` is not
+pinned (its workers need the cores), and neither is its wrk; `--no-pin` pins nothing.
+
 With `--tls` the edge and nginx both terminate TLS with the same certificate and key
 (from a development CA, edge.http.devca), HTTP/1.1 over TLS on keep-alive connections;
 the target there is 0.6x nginx (0.8x in the clear). Every run also measures the limiter's
@@ -21,6 +27,7 @@ cost per hit in microseconds, with no `[limits]` and with limits that never refu
 Results: bench-results/hit_path/ (hit_path_tls/ with `--tls`).
 
     nearvoice bench hit-path [--seconds 5] [--rounds 5] [--connections 16] [--workers 2] [--tls]
+                             [--no-pin]
 """
 
 from __future__ import annotations
@@ -47,7 +54,9 @@ from nearvoice.bench.common import (
     WrkResult,
     edge_process,
     free_port,
+    listening_pids,
     nginx,
+    pin,
     python_server,
     run_wrk,
     write_results,
@@ -176,14 +185,26 @@ class Load:
     connections: int
 
 
+SERVER_CPUS = {0}
+"""Where one-worker servers run when pinned; wrk gets the other CPUs."""
+
+
+def placement(pinned: bool) -> tuple[set[int] | None, set[int] | None]:
+    """The CPUs for one-worker servers and for wrk; (None, None) when not pinning."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not pinned or len(cpus) < 2 or not set(cpus) >= SERVER_CPUS:
+        return None, None
+    return SERVER_CPUS, set(cpus) - SERVER_CPUS
+
+
 def saturating_load(
-    url: str, script: Path, args: argparse.Namespace
+    url: str, script: Path, args: argparse.Namespace, cpus: set[int] | None = None
 ) -> tuple[Load, dict[str, Any]]:
     """Doubles wrk's threads (up to the CPU count) and connections from one thread and
     `--connections` until the throughput rises by less than RISE; returns the level where
     it peaked, and the sweep (`plateau`: false if it was still rising at MAX_CONNECTIONS,
     when the figures may be the load generator's rather than the server's)."""
-    max_threads = max(1, os.cpu_count() or 1)
+    max_threads = len(cpus) if cpus is not None else max(1, os.cpu_count() or 1)
     load = Load(1, args.connections)
     best: tuple[float, Load] | None = None
     steps: list[dict[str, float]] = []
@@ -195,6 +216,7 @@ def saturating_load(
             connections=load.connections,
             threads=load.threads,
             script=script,
+            cpus=cpus,
         ).rps
         steps.append({"threads": load.threads, "connections": load.connections, "rps": rps})
         if best is not None and rps < best[0] * (1 + RISE):
@@ -251,6 +273,15 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                 )
                 urls["bare aiohttp handler"] = f"{base}/object.wav"
 
+            server_cpus, wrk_cpus = placement(args.pin)
+            on: dict[str, set[int] | None] = {name: None for name in urls}
+            if server_cpus is not None:
+                for name, url in urls.items():
+                    if "--workers" not in name:
+                        port = urlsplit(url).port
+                        assert port is not None
+                        pin(listening_pids(port), server_cpus)
+                        on[name] = wrk_cpus
             scripts: dict[str, Path] = {}
             loads: dict[str, Load] = {}
             sweep: dict[str, object] = {}
@@ -262,8 +293,14 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                 wrk_script(
                     scripts[name], f"{target.path}?{target.query}" if target.query else target.path
                 )
-                run_wrk(url, seconds=1, connections=args.connections, script=scripts[name])
-                loads[name], sweep[name] = saturating_load(url, scripts[name], args)
+                run_wrk(
+                    url,
+                    seconds=1,
+                    connections=args.connections,
+                    script=scripts[name],
+                    cpus=on[name],
+                )
+                loads[name], sweep[name] = saturating_load(url, scripts[name], args, on[name])
 
             rounds: dict[str, list[WrkResult]] = {name: [] for name in urls}
             for _ in tqdm(range(args.rounds), desc="rounds", unit="round"):
@@ -275,9 +312,18 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
                             connections=loads[name].connections,
                             threads=loads[name].threads,
                             script=scripts[name],
+                            cpus=on[name],
                         )
                     )
-        report: dict[str, object] = {"load_sweep": sweep}
+        report: dict[str, object] = {
+            "load_sweep": sweep,
+            "placement": {
+                name: {"server_cpus": sorted(server_cpus), "wrk_cpus": sorted(cpus)}
+                if cpus is not None and server_cpus is not None
+                else "unpinned"
+                for name, cpus in on.items()
+            },
+        }
         for name, results in rounds.items():
             report[name] = {
                 "rps": round(statistics.median(r.rps for r in results), 1),
