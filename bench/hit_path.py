@@ -354,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tls", action="store_true", help="edge and nginx both terminating TLS (same cert)"
     )
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="leave one-worker servers and wrk wherever the scheduler puts them",
+    )
     args = parser.parse_args(argv)
     report = measure(args)
     report["limiter_us_per_hit"] = limiter_cost()
