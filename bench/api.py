@@ -148,7 +148,10 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     keyring = Keyring.parse(pair)
     api_key = secrets.token_urlsafe(24)
     config = work / "edge.toml"
-    config.write_text('[synth]\nvoices = ["heart", "joe"]\n')
+    config.write_text(
+        '[synth]\nvoices = ["heart", "joe"]\n'
+        f"workers = {args.synth_workers}\nort_threads = {args.ort_threads}\n"
+    )
     env = {"NEARVOICE_KEYS": pair, "NEARVOICE_API_KEYS": f"bench:{api_key}"}
     heart = resolve("heart")
     report: dict[str, object] = {}
@@ -253,12 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nearvoice bench api", description=__doc__)
     parser.add_argument("--requests", type=int, default=20, help="distinct texts per voice")
     parser.add_argument("--repeats", type=int, default=2, help="repeated passes over them")
+    parser.add_argument(
+        "--synth-workers", type=int, default=0, help="the edge's [synth] workers (0: one per core)"
+    )
+    parser.add_argument("--ort-threads", type=int, default=1, help="the edge's [synth] ort_threads")
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))
     print(json.dumps(report, indent=2))
     context = {
         "requests": args.requests,
         "repeats": args.repeats,
+        "edge_synth": {"workers": args.synth_workers, "ort_threads": args.ort_threads},
         "targets": {
             "heart_mp3.cold_p50_api_over_url": 1.1,
             "heart_mp3.hit_p50_api_over_url": 1.2,
