@@ -26,7 +26,7 @@ from nearvoice.edge.app import create_app
 from nearvoice.edge.cache.meta import etag_for
 from nearvoice.edge.config import HttpSettings
 from nearvoice.edge.handlers.keys import NODE
-from nearvoice.edge.http.fastpath import EdgeServer
+from nearvoice.edge.http.fastpath import PREPARED_PER_ENTRY, EdgeServer
 from nearvoice.edge.keyring import Keyring
 from nearvoice.edge.policy import Policy
 from nearvoice.edge.spec import Spec
@@ -531,3 +531,67 @@ async def test_fast_answers_count_as_hot_key_hits(pair: Pair) -> None:
         await pair.slow.ask(head_of(pair.url))
     assert nodes[0].hotkeys.top(1) == nodes[1].hotkeys.top(1)
     assert nodes[0].hotkeys.top(1)[0].hits == 6
+
+
+# -- what the fast path remembers --------------------------------------------------------------
+
+
+def edge_server(edge: Edge) -> EdgeServer:
+    server = edge.client.server.handler
+    assert isinstance(server, EdgeServer)
+    return server
+
+
+async def test_only_answered_heads_are_remembered(pair: Pair) -> None:
+    answered = head_of(pair.url, ("Range", "bytes=5-9"))
+    assert (await pair.fast.ask(answered)).body == BODY[5:10]
+    unverified = head_of(sign(pair.keyring, make_spec("Another line.")), ("Range", "bytes=5-9"))
+    assert (await pair.fast.ask(unverified)).status == 503  # not held, no renderer: aiohttp's
+    heads = edge_server(pair.fast).heads
+    assert answered.removesuffix(b"\r\n\r\n") in heads
+    assert unverified.removesuffix(b"\r\n\r\n") not in heads
+
+
+async def test_many_ranges_of_one_object_stay_exact(pair: Pair) -> None:
+    """More distinct ranges than an entry keeps ready: each answer is still the ordinary
+    path's, on one keep-alive connection."""
+    conn = await Connection.open(pair.fast.client)
+    try:
+        for i in range(3 * PREPARED_PER_ENTRY):
+            start = i * 997
+            head = head_of(pair.url, ("Range", f"bytes={start}-{start + 499}"))
+            answer = await conn.ask(head)
+            assert answer.status == 206 and answer.body == BODY[start : start + 500]
+            assert (
+                answer.header(b"Content-Range") == f"bytes {start}-{start + 499}/{LENGTH}".encode()
+            )
+        # and the first again, made ready anew
+        assert (await conn.ask(head_of(pair.url, ("Range", "bytes=0-499")))).body == BODY[:500]
+    finally:
+        conn.close()
+    assert pair.fast.fast == 3 * PREPARED_PER_ENTRY + 1
+
+
+async def test_a_refilled_object_is_answered_with_its_new_entry(pair: Pair) -> None:
+    """Ready answers belong to the hot entry: once the object is purged and stored again
+    with other bytes, the fast path answers with the new bytes, never the old ones."""
+    head = head_of(pair.url, ("Range", "bytes=0-99"))
+    assert (await pair.fast.ask(head)).body == BODY[:100]
+    app = pair.fast.app
+    node = app[NODE]
+    await node.purge(pair.spec.key)
+    other = payload(LENGTH, seed=12)
+    put_object(app, pair.spec, other, stored_at=STORED_AT)
+    assert (await pair.fast.ask(head_of(pair.url))).body == other  # the ordinary path refills
+    before = pair.fast.fast
+    assert (await pair.fast.ask(head)).body == other[:100]
+    assert pair.fast.fast == before + 1
+
+
+def test_the_date_line_follows_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nearvoice.edge.http import direct
+
+    monkeypatch.setattr(direct, "rfc822_formatted_time", lambda: "Sat, 28 Nov 2026 10:00:00 GMT")
+    assert direct.date_line() == b"Date: Sat, 28 Nov 2026 10:00:00 GMT\r\n\r\n"
+    monkeypatch.setattr(direct, "rfc822_formatted_time", lambda: "Sat, 28 Nov 2026 10:00:01 GMT")
+    assert direct.date_line() == b"Date: Sat, 28 Nov 2026 10:00:01 GMT\r\n\r\n"

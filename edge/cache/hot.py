@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from nearvoice.edge.cache.meta import ObjectMeta
@@ -66,6 +67,9 @@ class HotEntry:
     body: bytes | None
     file: SharedFile | None
     checked_at: float
+    prepared: dict[Hashable, object] = field(default_factory=dict)
+    """Answers about this object made ready by the fast path (edge.http.fastpath), keyed
+    by what they depend on; they go with the entry."""
 
     @property
     def memory(self) -> int:

@@ -35,8 +35,25 @@ def can_answer_directly(request: web.BaseRequest) -> bool:
 def direct_head(status: HTTPStatus, fixed: bytes, varying: bytes) -> bytes:
     """The status line and header section of a direct answer: the per-object block,
     this answer's own lines, then Server and Date, as aiohttp would add them."""
-    date = f"Date: {rfc822_formatted_time()}\r\n\r\n".encode("latin-1")
-    return b"".join((_REASONS[status], fixed, varying, _SERVER, date))
+    return head_without_date(status, fixed, varying) + date_line()
+
+
+def head_without_date(status: HTTPStatus, fixed: bytes, varying: bytes) -> bytes:
+    """`direct_head` up to its Date line, which `date_line` gives."""
+    return b"".join((_REASONS[status], fixed, varying, _SERVER))
+
+
+_date: tuple[str, bytes] = ("", b"")
+
+
+def date_line() -> bytes:
+    """`Date: ...` and the blank line ending a head; made again only when the second
+    (aiohttp's formatted time, cached per second) changes."""
+    global _date
+    now = rfc822_formatted_time()
+    if now != _date[0]:
+        _date = (now, f"Date: {now}\r\n\r\n".encode("latin-1"))
+    return _date[1]
 
 
 def serialize_headers(headers: dict[str, str]) -> bytes:
