@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -31,6 +31,7 @@ from nearvoice.edge.keyring import Keyring
 from nearvoice.edge.node import Node
 from nearvoice.edge.policy import Policy, Retention
 from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.engine import Audio, Engine
 from nearvoice.edge.synth.hibari_engine import hibari_model_id
 from nearvoice.edge.token import _b64e, _mac, sign_query, speech_path
 
@@ -253,3 +254,31 @@ async def render_through_node(
         body = await resp.read()
     audio, rate = soundfile.read(io.BytesIO(body))
     return client, audio, int(rate)
+
+
+class WrappedEngine:
+    """A real engine passed through unchanged: fault and pause injectors subclass it and
+    override what they change. It has no `help_count`, so a render beside its duration
+    pass waits for that pass (`samples`) rather than counting around it."""
+
+    def __init__(self, inner: Engine) -> None:
+        self._inner = inner
+        self.name = inner.name
+        self.sample_rate = inner.sample_rate
+        self.voices = inner.voices
+        self.controls = inner.controls
+
+    def model_id(self, voice: str) -> str:
+        return self._inner.model_id(voice)
+
+    def refuses(self, spec: Spec) -> str | None:
+        return self._inner.refuses(spec)
+
+    def warmup(self) -> None:
+        self._inner.warmup()
+
+    def samples(self, text: str, voice: str, speed: float) -> int | None:
+        return self._inner.samples(text, voice, speed)
+
+    def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
+        return self._inner.stream(text, voice, speed, seed)

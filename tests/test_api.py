@@ -43,7 +43,14 @@ from tests.api_support import (
     sse_audio,
     sse_events,
 )
-from tests.support import eventually, make_config, metric_from, put_object, scrape_until
+from tests.support import (
+    WrappedEngine,
+    eventually,
+    make_config,
+    metric_from,
+    put_object,
+    scrape_until,
+)
 from tests.test_engine_faults import FailingEngine
 from tests.test_inflight import HeldEngine
 from tests.test_upstream import closed_port_base
@@ -562,35 +569,19 @@ async def test_the_spec_extensions_reach_the_spec(api: ApiNode) -> None:
 # -- a raw stream does not wait for the length --------------------------------------------------
 
 
-class HeldPass:
+class HeldPass(WrappedEngine):
     """`heart`, with a duration pass that waits for `release` (the render itself runs)."""
 
     def __init__(self, inner: HibariEngine) -> None:
-        self._inner = inner
-        self.name = inner.name
-        self.sample_rate = inner.sample_rate
-        self.voices = inner.voices
-        self.controls = inner.controls
+        super().__init__(inner)
         self.counting = threading.Event()
         self.release = threading.Event()
-
-    def model_id(self, voice: str) -> str:
-        return self._inner.model_id(voice)
-
-    def refuses(self, spec: Spec) -> str | None:
-        return self._inner.refuses(spec)
-
-    def warmup(self) -> None:
-        self._inner.warmup()
 
     def samples(self, text: str, voice: str, speed: float) -> int | None:
         if not text.startswith("Warm up"):
             self.counting.set()
             self.release.wait(30)
         return self._inner.samples(text, voice, speed)
-
-    def stream(self, text: str, voice: str, speed: float, seed: int) -> Any:
-        return self._inner.stream(text, voice, speed, seed)
 
 
 async def test_a_raw_pcm_stream_starts_before_the_length_and_ranges_wait_for_it(

@@ -23,11 +23,11 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from nearvoice.edge.app import create_app
 from nearvoice.edge.keyring import Keyring
-from nearvoice.edge.spec import Spec
 from nearvoice.edge.synth.engine import Audio, Engine
 from nearvoice.edge.synth.hibari_engine import HibariEngine
 from nearvoice.edge.upstream import UpstreamSettings
 from tests.support import (
+    WrappedEngine,
     eventually,
     make_config,
     make_keyring,
@@ -45,7 +45,7 @@ TEXT = "The first sentence renders. The second one never does. Nor does the thir
 WAIT_LIMIT = 30.0  # seconds a failing render waits for the test's go-ahead at most
 
 
-class FailingEngine:
+class FailingEngine(WrappedEngine):
     """The real engine, raising RuntimeError once it has yielded `fail_after` sentences.
 
     With `go_ahead`, it waits for that event before raising, so a test can first make
@@ -54,25 +54,9 @@ class FailingEngine:
     def __init__(
         self, inner: Engine, fail_after: int, go_ahead: threading.Event | None = None
     ) -> None:
-        self._inner = inner
-        self.name = inner.name
-        self.sample_rate = inner.sample_rate
-        self.voices = inner.voices
-        self.controls = inner.controls
+        super().__init__(inner)
         self.fail_after = fail_after
         self.go_ahead = go_ahead
-
-    def model_id(self, voice: str) -> str:
-        return self._inner.model_id(voice)
-
-    def refuses(self, spec: Spec) -> str | None:
-        return self._inner.refuses(spec)
-
-    def warmup(self) -> None:
-        self._inner.warmup()
-
-    def samples(self, text: str, voice: str, speed: float) -> int | None:
-        return self._inner.samples(text, voice, speed)
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
         for index, audio in enumerate(self._inner.stream(text, voice, speed, seed)):

@@ -33,6 +33,7 @@ from nearvoice.edge.spec import Spec
 from nearvoice.edge.synth.engine import Audio, Engine
 from nearvoice.edge.synth.hibari_engine import HibariEngine
 from tests.support import (
+    WrappedEngine,
     eventually,
     make_config,
     make_keyring,
@@ -54,18 +55,14 @@ LONG_TEXT = " ".join(f"This is sentence number {n} of a long announcement." for 
 CONCURRENT = 64
 
 
-class HeldEngine:
+class HeldEngine(WrappedEngine):
     """A real engine whose renders pause before sentence `hold_at` until `release()`.
 
     The audio is the inner engine's, unchanged; `holding` is set once a render has reached
     the pause (every sentence before it has been yielded)."""
 
     def __init__(self, inner: Engine, hold_at: int | None = 1) -> None:
-        self._inner = inner
-        self.name = inner.name
-        self.sample_rate = inner.sample_rate
-        self.voices = inner.voices
-        self.controls = inner.controls
+        super().__init__(inner)
         self.hold_at = hold_at
         self.sized = True
         """Whether the duration pass answers (False: lengths unknown, as external engines)."""
@@ -85,15 +82,6 @@ class HeldEngine:
     def run_freely(self) -> None:
         self.hold_at = None
         self.release()
-
-    def model_id(self, voice: str) -> str:
-        return self._inner.model_id(voice)
-
-    def refuses(self, spec: Spec) -> str | None:
-        return self._inner.refuses(spec)
-
-    def warmup(self) -> None:
-        self._inner.warmup()
 
     def samples(self, text: str, voice: str, speed: float) -> int | None:
         return self._inner.samples(text, voice, speed) if self.sized else None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -24,10 +24,11 @@ from nearvoice.edge.app import create_app
 from nearvoice.edge.cache.meta import etag_for
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.spec import Spec
-from nearvoice.edge.synth.engine import Audio, Engine
+from nearvoice.edge.synth.engine import Engine
 from nearvoice.edge.synth.hibari_engine import HibariEngine
 from nearvoice.edge.upstream import CHECKSUM_HEADER
 from tests.support import (
+    WrappedEngine,
     eventually,
     make_config,
     make_keyring,
@@ -217,32 +218,16 @@ async def test_conditionals_in_flight_use_the_etag(edge: Edge) -> None:
     assert status == 200 and len(body) == length
 
 
-class LyingEngine:
+class LyingEngine(WrappedEngine):
     """The real engine, whose duration pass announces more samples than it renders: the
     disagreement a broken pass would cause."""
 
     def __init__(self, inner: Engine) -> None:
-        self._inner = inner
-        self.name = inner.name
-        self.sample_rate = inner.sample_rate
-        self.voices = inner.voices
-        self.controls = inner.controls
-
-    def model_id(self, voice: str) -> str:
-        return self._inner.model_id(voice)
-
-    def refuses(self, spec: Spec) -> str | None:
-        return self._inner.refuses(spec)
-
-    def warmup(self) -> None:
-        self._inner.warmup()
+        super().__init__(inner)
 
     def samples(self, text: str, voice: str, speed: float) -> int | None:
         counted = self._inner.samples(text, voice, speed)
         return None if counted is None else counted + 2400
-
-    def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
-        return self._inner.stream(text, voice, speed, seed)
 
 
 async def test_a_render_that_disagrees_with_its_length_is_aborted_and_never_stored(

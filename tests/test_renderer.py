@@ -3,19 +3,18 @@ with the real engines."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.metrics import Metrics
 from nearvoice.edge.spec import Spec
-from nearvoice.edge.synth.engine import Audio, Engine
+from nearvoice.edge.synth.engine import Engine
 from nearvoice.edge.synth.hibari_engine import HibariEngine
 from nearvoice.edge.synth.piper_engine import PiperEngine
 from nearvoice.edge.synth.renderer import LENGTH_FREE, LengthMismatch, Renderer
 from nearvoice.edge.synth.streaming import stream_encoder
+from tests.support import WrappedEngine
 
 TEXT = "The first phrase leaves at once. The length follows it, exactly. Then the rest."
 
@@ -84,31 +83,15 @@ def test_length_free_encoders_write_the_same_bytes_with_or_without_the_length(
     assert outputs[0] == outputs[1]
 
 
-class Overcounting:
+class Overcounting(WrappedEngine):
     """`heart`, with a duration pass that promises 100 samples too few."""
 
     def __init__(self, inner: HibariEngine) -> None:
-        self._inner = inner
-        self.name = inner.name
-        self.sample_rate = inner.sample_rate
-        self.voices = inner.voices
-        self.controls = inner.controls
-
-    def model_id(self, voice: str) -> str:
-        return self._inner.model_id(voice)
-
-    def refuses(self, spec: Spec) -> str | None:
-        return self._inner.refuses(spec)
-
-    def warmup(self) -> None:
-        self._inner.warmup()
+        super().__init__(inner)
 
     def samples(self, text: str, voice: str, speed: float) -> int | None:
         counted = self._inner.samples(text, voice, speed)
         return None if counted is None else counted - 100
-
-    def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
-        return self._inner.stream(text, voice, speed, seed)
 
 
 async def test_a_length_that_follows_is_still_checked_against_the_render() -> None:
