@@ -64,7 +64,8 @@ class SynthSettings:
     workers: int = 0
     """Inference threads; 0 means one per CPU core."""
     ort_threads: int = 1
-    """onnxruntime intra-op threads per inference thread."""
+    """onnxruntime intra-op threads per inference thread. Renders change in their last
+    bits with it: every node that renders must use the same value (docs/operations.md)."""
     max_text_chars: int = 5000
     """Longest text, in characters after normalization, that a URL may carry."""
     max_queue: int = 64
