@@ -282,3 +282,16 @@ class WrappedEngine:
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
         return self._inner.stream(text, voice, speed, seed)
+
+
+class MiscountingEngine(WrappedEngine):
+    """The real engine, whose duration pass is off by `error` samples: the disagreement
+    between pass and render that a broken pass would cause."""
+
+    def __init__(self, inner: Engine, error: int) -> None:
+        super().__init__(inner)
+        self.error = error
+
+    def samples(self, text: str, voice: str, speed: float) -> int | None:
+        counted = self._inner.samples(text, voice, speed)
+        return None if counted is None else counted + self.error

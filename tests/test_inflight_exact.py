@@ -24,11 +24,10 @@ from nearvoice.edge.app import create_app
 from nearvoice.edge.cache.meta import etag_for
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.spec import Spec
-from nearvoice.edge.synth.engine import Engine
 from nearvoice.edge.synth.hibari_engine import HibariEngine
 from nearvoice.edge.upstream import CHECKSUM_HEADER
 from tests.support import (
-    WrappedEngine,
+    MiscountingEngine,
     eventually,
     make_config,
     make_keyring,
@@ -218,22 +217,12 @@ async def test_conditionals_in_flight_use_the_etag(edge: Edge) -> None:
     assert status == 200 and len(body) == length
 
 
-class LyingEngine(WrappedEngine):
-    """The real engine, whose duration pass announces more samples than it renders: the
-    disagreement a broken pass would cause."""
-
-    def __init__(self, inner: Engine) -> None:
-        super().__init__(inner)
-
-    def samples(self, text: str, voice: str, speed: float) -> int | None:
-        counted = self._inner.samples(text, voice, speed)
-        return None if counted is None else counted + 2400
-
-
 async def test_a_render_that_disagrees_with_its_length_is_aborted_and_never_stored(
     tmp_path: Any,
 ) -> None:
-    app = create_app(make_config(tmp_path), KEYRING, engines=[LyingEngine(HibariEngine(threads=1))])
+    app = create_app(
+        make_config(tmp_path), KEYRING, engines=[MiscountingEngine(HibariEngine(threads=1), 2400)]
+    )
     async with TestClient(TestServer(app)) as client:
         await wait_ready(client)
         spec = make_spec(f"{TEXT} Lying.")

@@ -14,7 +14,7 @@ from nearvoice.edge.synth.hibari_engine import HibariEngine
 from nearvoice.edge.synth.piper_engine import PiperEngine
 from nearvoice.edge.synth.renderer import LENGTH_FREE, LengthMismatch, Renderer
 from nearvoice.edge.synth.streaming import stream_encoder
-from tests.support import WrappedEngine
+from tests.support import MiscountingEngine
 
 TEXT = "The first phrase leaves at once. The length follows it, exactly. Then the rest."
 
@@ -83,19 +83,8 @@ def test_length_free_encoders_write_the_same_bytes_with_or_without_the_length(
     assert outputs[0] == outputs[1]
 
 
-class Overcounting(WrappedEngine):
-    """`heart`, with a duration pass that promises 100 samples too few."""
-
-    def __init__(self, inner: HibariEngine) -> None:
-        super().__init__(inner)
-
-    def samples(self, text: str, voice: str, speed: float) -> int | None:
-        counted = self._inner.samples(text, voice, speed)
-        return None if counted is None else counted - 100
-
-
 async def test_a_length_that_follows_is_still_checked_against_the_render() -> None:
-    engine = Overcounting(HibariEngine(threads=1))
+    engine = MiscountingEngine(HibariEngine(threads=1), -100)  # promises too few
     spec = Spec.create(
         text=TEXT, voice="heart", format=AudioFormat.PCM, model=engine.model_id("heart")
     )

@@ -190,7 +190,7 @@ class Fill:
         """Until the source said whether it knows the length, or the fill ended. A fill
         that starts producing bytes without saying has an unknown length, unless it said
         that the length follows them."""
-        while self.is_running() and not self.sized and not (self._size and not self.length_later):
+        while self.is_running() and not self.sized and (self.length_later or not self._size):
             await self.changed()
         self.raise_if_failed()
 

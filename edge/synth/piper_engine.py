@@ -347,12 +347,9 @@ class PiperEngine:
         if durations.graph() is None or durations.broken is not None:
             return
         runs = self._text_runs(voice, text, speed)
-
-        def count(ids: list[int]) -> Counted | None:
-            return durations.count(self._feeds(loaded, ids, synthesis))
-
         for i, ids in enumerate(runs):
-            runs.claim(i, functools.partial(count, ids))
+            feeds = self._feeds(loaded, ids, synthesis)
+            runs.claim(i, functools.partial(durations.count, feeds))
 
     def _text_runs(self, voice: str, text: str, speed: float) -> Runs[list[int], Counted | None]:
         """The pieces of `text` and their passes' runs, shared by the pass and the render
