@@ -3,18 +3,21 @@ with the real engines."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.metrics import Metrics
 from nearvoice.edge.spec import Spec
-from nearvoice.edge.synth.engine import Engine
+from nearvoice.edge.synth.engine import Audio, Engine
 from nearvoice.edge.synth.hibari_engine import HibariEngine
 from nearvoice.edge.synth.piper_engine import PiperEngine
 from nearvoice.edge.synth.renderer import LENGTH_FREE, LengthMismatch, Renderer
 from nearvoice.edge.synth.streaming import stream_encoder
-from tests.support import MiscountingEngine
+from tests.support import MiscountingEngine, WrappedEngine
 
 TEXT = "The first phrase leaves at once. The length follows it, exactly. Then the rest."
 
@@ -91,3 +94,52 @@ async def test_a_length_that_follows_is_still_checked_against_the_render() -> No
     with pytest.raises(LengthMismatch) as caught:
         await render_events([engine], engine, spec, later=True)
     assert caught.value.produced  # the first chunk had left: the stream is to be aborted
+
+
+class PassWatcher(WrappedEngine):
+    """The real engine, noting when its duration pass starts against its first chunk. Its
+    first chunk waits (up to a minute) for the pass to start when `beside` is set: a
+    render whose pass runs beside the first chunk goes on, one whose pass waits for the
+    first chunk would stall, and the test says so."""
+
+    def __init__(self, inner: Engine, beside: bool) -> None:
+        super().__init__(inner)
+        self.beside = beside
+        self.events: list[str] = []
+        self.pass_started = threading.Event()
+
+    def samples(self, text: str, voice: str, speed: float) -> int | None:
+        self.events.append("pass")
+        self.pass_started.set()
+        return super().samples(text, voice, speed)
+
+    def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
+        chunks = super().stream(text, voice, speed, seed)
+        first = next(chunks)
+        if self.beside and not self.pass_started.wait(60):
+            self.events.append("stalled")
+        self.events.append("first chunk")
+        yield first
+        yield from chunks
+
+
+@pytest.mark.parametrize(
+    ("fmt", "later", "beside"),
+    [
+        (AudioFormat.PCM, True, False),  # the first chunk leaves before the length
+        (AudioFormat.PCM, False, True),  # the length comes first
+        (AudioFormat.WAV, True, True),  # the header states the length
+    ],
+)
+async def test_a_first_chunk_that_need_not_wait_for_the_length_renders_before_the_pass(
+    engines: list[Engine], fmt: AudioFormat, later: bool, beside: bool
+) -> None:
+    engine = PassWatcher(engines[1], beside)
+    spec = Spec.create(text=TEXT, voice="joe", format=fmt, model=engine.model_id("joe"))
+    events, data, lengths = await render_events([engine], engine, spec, later)
+    assert lengths == [len(data)]
+    if beside:
+        assert engine.events == ["pass", "first chunk"]
+    else:
+        assert engine.events == ["first chunk", "pass"]
+        assert events[:3] == ["later", "bytes", "length"]

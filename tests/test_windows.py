@@ -4,6 +4,7 @@ the whole tail, and the engine's first piece in windows."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,33 @@ def test_the_first_piece_comes_in_windows_and_the_render_keeps_its_length() -> N
     assert sum(map(len, audio)) == counted
     again = PiperEngine()
     assert [a.tobytes() for a in again.stream(text, "joe", 1.0, 0)] == [a.tobytes() for a in audio]
+
+
+def test_the_first_window_runs_on_its_own_threads_and_sleeps_between_runs(
+    joe_rest: tuple[object, windows.Tail, PiperEngine],
+) -> None:
+    _, tail, _ = joe_rest
+    sessions = windows.Windowed(tail, HOP, 1, CPU, Settings())._sessions()
+    first = sessions.first.get_session_options()
+    assert first.intra_op_num_threads == Settings().first_threads == 2
+    assert first.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for other in (sessions.head, sessions.tail):  # the engine's own threads
+        assert other.get_session_options().intra_op_num_threads == 1
+
+
+def test_first_windows_rendered_side_by_side_are_the_bytes_of_one_alone() -> None:
+    """The first window's two threads share the cores with another render's: what each
+    computes must not depend on how the threads were scheduled."""
+    text = "Your order has shipped and will arrive on Tuesday. Please hold for the next agent."
+    engines = [PiperEngine(voices=("joe",)) for _ in range(3)]
+
+    def render(engine: PiperEngine) -> list[bytes]:
+        return [a.tobytes() for a in engine.stream(text, "joe", 1.0, 0)]
+
+    alone = render(engines[0])
+    with ThreadPoolExecutor(2) as pool:
+        side_by_side = list(pool.map(render, engines[1:]))
+    assert side_by_side == [alone, alone]
 
 
 def test_warmup_runs_first_pieces_whole_when_windows_differ_from_the_graph() -> None:

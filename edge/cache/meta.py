@@ -42,14 +42,16 @@ class ObjectMeta:
         return cls(**data)
 
 
-RENDER_REVISION = 3
+RENDER_REVISION = 4
 """What the encoders and the chunking write, as a number: bumped whenever a change makes
 the same spec render to other bytes. 1: streams of unknown length, chunks at sentence
 ends. 2: exact sizes in WAV and FLAC headers from the duration pass, a first chunk that
 ends at its first clause boundary (docs/contracts.md#exact-length-from-the-first-byte).
 3: a render's first piece vocoded in windows (edge.synth.windows), which moves samples at
 the window edges by about 1e-7; Ogg Opus in constant-bitrate packets and fixed pages
-(edge.synth.opus)."""
+(edge.synth.opus). 4: the first window vocoded on two onnxruntime threads on every node
+(edge.synth.windows.Settings.first_threads), whose float rounding may differ from one
+thread's."""
 
 
 def etag_for(key: str, revision: int = RENDER_REVISION) -> str:

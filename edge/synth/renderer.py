@@ -15,9 +15,11 @@ thread helps count the pieces the pass has not reached (edge.synth.engine.HelpsC
 a long text's length comes after about half its pass on two threads. Where the format's
 bytes never depend on the length (`LENGTH_FREE`: raw PCM, MP3, AAC) and the caller can
 take the length after the first bytes (`on_length_later`), the first chunk goes out
-before the pass ends: a reader that needs no length (the speech API's raw and SSE
-streams) starts at once, while readers that answer ranges still wait for the length,
-which comes as soon as the pass ends. The render then checks that the engine produced
+before the pass: a reader that needs no length (the speech API's raw and SSE streams)
+starts at once, while readers that answer ranges still wait for the length. Such a first
+chunk renders alone, with the pass started once it has left, so that nothing takes cores
+from it (its first window uses two: edge.synth.windows); the length then comes one pass
+after the first chunk. The render then checks that the engine produced
 exactly that many samples. If the pass and the render ever disagree, the object is aborted
 (never padded or cut to fit), the mismatch is counted in
 `nearvoice_length_mismatches_total`, and that voice's lengths are treated as unknown from
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import os
 import threading
@@ -358,13 +361,19 @@ def _render_stream(
         else:
             speed = spec.speed
             if spec.duration is None and sized and passes is not None:
-                counting = passes.submit(
+                count = functools.partial(
                     _ticketed, CURRENT.get(), engine.samples, spec.text, spec.voice, speed
                 )
+                early = later is not None and spec.format in LENGTH_FREE
+                # A first chunk that must wait for the length renders beside the pass. One
+                # that need not renders alone, on every core its engine can use (edge.synth.
+                # windows), and the pass starts once it has left.
+                counting = None if early else passes.submit(count)
                 chunks = engine.stream(spec.text, spec.voice, speed, spec.seed)
-                first = next(chunks, None)  # rendered while the pass counts
-                if first is not None and later is not None and spec.format in LENGTH_FREE:
+                first = next(chunks, None)
+                if first is not None and early:
                     # No byte depends on the length: the first chunk need not wait for it.
+                    assert later is not None
                     encoder = _encoder(engine, spec, None)
                     later()
                     samples = len(first)
@@ -372,6 +381,8 @@ def _render_stream(
                     produced = bool(data)
                     emit(data)
                     first = None
+                if counting is None:
+                    counting = passes.submit(count)
                 if not counting.done() and isinstance(engine, HelpsCount):
                     engine.help_count(spec.text, spec.voice, speed)
                 total = counting.result()

@@ -25,6 +25,18 @@ another window owns: the price of the early first byte, a few tenths of a window
 enough context the samples are those of the whole tail up to float rounding at the window
 edges (about 1e-7 here, far under a 16-bit step); the render revision (edge.cache.meta)
 names these bytes.
+
+The first window runs on `first_threads` onnxruntime threads, whatever the engine's own
+(`[synth] ort_threads`, one by default). Nothing else of a render is running while the
+first byte waits for it (edge.synth.renderer starts a length-free render's duration pass
+after the first chunk), so a second core there is time off the first byte: about 36 to
+21 ms for piper's `joe` (48 frames with their context), where the text encoder before it
+gains nothing from a second thread (its thousands of small operators cost more in
+threads than its convolutions save). The count is a constant of the plan, not of the
+node, since onnxruntime's float rounding may depend on how many threads share an
+operator: every node vocodes the first window alike, and the render revision names it.
+Its session sleeps rather than spins between runs (edge.synth.providers.session), so its
+idle thread takes nothing from the renders beside it.
 """
 
 from __future__ import annotations
@@ -70,6 +82,8 @@ class Settings:
     tolerance: float = 1e-4
     """Largest difference from the whole tail's samples that warmup accepts (a 16-bit
     step is 3.1e-5; the windows measured about 1e-7)."""
+    first_threads: int = 2
+    """onnxruntime threads that vocode the first window, on every node (see above)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +200,18 @@ def cut(model: bytes) -> Tail | None:
 Feeds = Mapping[str, npt.NDArray[Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class Sessions:
+    """One inference thread's sessions of a cut graph."""
+
+    head: Any
+    """The graph up to the tail, on the engine's threads."""
+    tail: Any
+    """The tail, for every window after the first, on the engine's threads."""
+    first: Any
+    """The tail again, for the first window, on `Settings.first_threads` threads."""
+
+
 class Windowed:
     """Runs a graph (the rest after a duration pass) with its tail in windows. Each
     inference thread has its own sessions, as engines keep theirs."""
@@ -204,22 +230,25 @@ class Windowed:
         """Loads this thread's sessions of the head and the tail."""
         self._sessions()
 
-    def _sessions(self) -> tuple[Any, Any]:
-        pair: tuple[Any, Any] | None = getattr(self._local, "pair", None)
-        if pair is None:
-            pair = self._local.pair = (
-                session(self._cut.head, self._threads, self._providers),
-                session(self._cut.tail, self._threads, self._providers),
+    def _sessions(self) -> Sessions:
+        sessions: Sessions | None = getattr(self._local, "sessions", None)
+        if sessions is None:
+            cut, providers = self._cut, self._providers
+            sessions = self._local.sessions = Sessions(
+                head=session(cut.head, self._threads, providers),
+                tail=session(cut.tail, self._threads, providers),
+                first=session(cut.tail, self.settings.first_threads, providers, spin=False),
             )
-        return pair
+        return sessions
 
     def run(self, feeds: Feeds, frames: int) -> Iterator[npt.NDArray[np.float32]]:
         """The graph's first output for `feeds`, `frames` frames long, window by window:
         each piece is yielded as soon as its window has run."""
-        head, tail = self._sessions()
-        cut_inputs = dict(zip(self._cut.inputs, head.run(None, dict(feeds)), strict=True))
+        sessions = self._sessions()
+        cut_inputs = dict(zip(self._cut.inputs, sessions.head.run(None, dict(feeds)), strict=True))
         given = {name: feeds[name] for name in self._cut.feeds}
-        for window in plan(frames, self.settings):
+        for n, window in enumerate(plan(frames, self.settings)):
+            tail = sessions.first if n == 0 else sessions.tail
             sliced = {
                 name: value[..., window.lo : window.hi]
                 if value.ndim and value.shape[-1] == frames
