@@ -45,6 +45,11 @@ def test_windows_tile_the_frames_in_order_with_bounded_context(
     for i, w in enumerate(windows_):
         assert w.start < w.stop
         assert w.lo == max(0, w.start - context) and w.hi == min(frames, w.stop + context)
+        if len(windows_) > 1:  # the vocoder's frames: its own context, within the window's
+            vocoder = config.vocoder_context
+            assert w.vlo == max(w.lo, w.start - vocoder) and w.vhi == min(w.hi, w.stop + vocoder)
+        else:
+            assert (w.vlo, w.vhi) == (0, frames)
         if i == 0 and len(windows_) > 1:
             assert w.stop == first
         elif i < len(windows_) - 1:
@@ -53,9 +58,9 @@ def test_windows_tile_the_frames_in_order_with_bounded_context(
 
 
 def test_short_pieces_run_in_one_window_and_long_ones_grow() -> None:
-    config = Settings(first=16, context=32, growth=12)
-    assert plan(48, config) == [Window(0, 48, 0, 48)]
-    assert plan(212, config) == [Window(0, 16, 0, 48), Window(16, 212, 0, 212)]
+    config = Settings(first=16, context=32, growth=12, vocoder_context=12)
+    assert plan(48, config) == [Window(0, 48, 0, 48, 0, 48)]
+    assert plan(212, config) == [Window(0, 16, 0, 48, 0, 28), Window(16, 212, 0, 212, 4, 212)]
     assert [(w.start, w.stop) for w in plan(603, config)] == [(0, 16), (16, 208), (208, 603)]
     assert plan(0, config) == []
 
@@ -84,6 +89,25 @@ def test_the_cut_takes_the_flow_and_the_vocoder_and_stops_at_the_expansion(
     assert tail.feeds == frozenset({"scales"})  # the noise scale, read as given
 
 
+def test_the_vocoder_is_cut_at_its_first_upsampling(
+    joe_rest: tuple[object, windows.Tail, PiperEngine],
+) -> None:
+    import onnx
+
+    _, tail, _ = joe_rest
+    vocoder = tail.vocoder
+    assert vocoder is not None
+    front = onnx.load_from_string(vocoder.front).graph
+    back = onnx.load_from_string(vocoder.back).graph
+    assert "ConvTranspose" not in {node.op_type for node in front.node}
+    assert back.node[0].op_type == "ConvTranspose"
+    assert len(front.node) + len(back.node) == tail.nodes  # every node once
+    # One tensor crosses: the first upsampling's input, at the frame rate.
+    assert vocoder.joints == (back.node[0].input[0],)
+    assert [o.name for o in front.output] == list(vocoder.joints)
+    assert vocoder.back_inputs == frozenset()  # nothing else of the tail's inputs
+
+
 @settings(max_examples=12, deadline=None)
 @given(text=st.sampled_from(SENTENCES), speed=st.sampled_from([0.6, 1.0, 1.7]))
 def test_a_windowed_tail_is_the_whole_tail_within_tolerance(
@@ -105,10 +129,13 @@ def test_a_windowed_tail_is_the_whole_tail_within_tolerance(
         (w.stop - w.start) * HOP for w in plan(counted.samples // HOP, Settings())
     ]
     assert windowed.close_to(np.concatenate(pieces), whole)
-    # Without context the window edges are wrong: the check can fail.
-    bare = windows.Windowed(tail, HOP, 1, CPU, Settings(context=0))
-    if len(pieces) > 1:
-        assert not bare.close_to(np.concatenate(list(bare.run(inputs, len(whole) // HOP))), whole)
+    # Without context the window edges are wrong, the flow's or the vocoder's: the check
+    # can fail.
+    for bare_settings in (Settings(context=0), Settings(vocoder_context=0)):
+        bare = windows.Windowed(tail, HOP, 1, CPU, bare_settings)
+        if len(pieces) > 1:
+            bare_pieces = list(bare.run(inputs, len(whole) // HOP))
+            assert not bare.close_to(np.concatenate(bare_pieces), whole)
 
 
 def test_a_graph_without_a_vocoder_has_no_tail() -> None:
@@ -147,10 +174,11 @@ def test_the_first_window_runs_on_its_own_threads_and_sleeps_between_runs(
 ) -> None:
     _, tail, _ = joe_rest
     sessions = windows.Windowed(tail, HOP, 1, CPU, Settings())._sessions()
-    first = sessions.first.get_session_options()
-    assert first.intra_op_num_threads == Settings().first_threads == 2
-    assert first.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    for other in (sessions.head, sessions.tail):  # the engine's own threads
+    for first in (sessions.first.front, sessions.first.back):
+        options = first.get_session_options()
+        assert options.intra_op_num_threads == Settings().first_threads == 2
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    for other in (sessions.head, sessions.tail.front, sessions.tail.back):  # the engine's own
         assert other.get_session_options().intra_op_num_threads == 1
 
 
@@ -176,6 +204,23 @@ def test_warmup_runs_first_pieces_whole_when_windows_differ_from_the_graph() -> 
     engine.warmup()
     assert durations.windowed() is None and durations.unwindowed is not None
     assert durations.splits()  # the split itself still holds
+    text = "Your order has shipped and will arrive on Tuesday."
+    whole = list(engine._whole("joe", text))
+    assert [a.tobytes() for a in engine.stream(text, "joe", 1.0, 0)] == [a.tobytes() for a in whole]
+
+
+def test_warmup_runs_first_pieces_whole_when_windows_cannot_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(self: windows.Windowed, feeds: object, frames: int) -> Iterator[object]:
+        raise RuntimeError("a cut onnxruntime cannot run on a window")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(windows.Windowed, "run", broken)
+    engine = PiperEngine()
+    engine.warmup()
+    durations: Durations = engine._durations["joe"]
+    assert durations.windowed() is None and "cannot run" in (durations.unwindowed or "")
     text = "Your order has shipped and will arrive on Tuesday."
     whole = list(engine._whole("joe", text))
     assert [a.tobytes() for a in engine.stream(text, "joe", 1.0, 0)] == [a.tobytes() for a in whole]

@@ -23,20 +23,28 @@ audio already out (so it is vocoded well before the audio ahead of it has played
 last takes all that remains. Each window recomputes `context` frames on each side that
 another window owns: the price of the early first byte, a few tenths of a window. With
 enough context the samples are those of the whole tail up to float rounding at the window
-edges (about 1e-7 here, far under a 16-bit step); the render revision (edge.cache.meta)
-names these bytes.
+edges (a few millionths here, at most about a 16-bit step); the render revision
+(edge.cache.meta) names these bytes.
+
+The context is the flow's: its stacks of convolutions see about thirty frames each way.
+The vocoder after it sees about a dozen, and costs most of a window, so the tail is cut
+once more, at its first upsampling (`Vocoder`): the front (the flow) runs over the
+window with `context`, the back (the upsampling stacks) over the window with only
+`vocoder_context` frames each side, taken from what the front computed.
 
 The first window runs on `first_threads` onnxruntime threads, whatever the engine's own
 (`[synth] ort_threads`, one by default). Nothing else of a render is running while the
 first byte waits for it (edge.synth.renderer starts a length-free render's duration pass
-after the first chunk), so a second core there is time off the first byte: about 36 to
-21 ms for piper's `joe` (48 frames with their context), where the text encoder before it
-gains nothing from a second thread (its thousands of small operators cost more in
-threads than its convolutions save). The count is a constant of the plan, not of the
-node, since onnxruntime's float rounding may depend on how many threads share an
-operator: every node vocodes the first window alike, and the render revision names it.
-Its session sleeps rather than spins between runs (edge.synth.providers.session), so its
-idle thread takes nothing from the renders beside it.
+after the first chunk), so a second core there is time off the first byte. For piper's
+`joe` (16 frames, 48 with the flow's context, 28 with the vocoder's) the first window
+took 36 ms on one thread with the tail whole, 21 ms on two, and 17 ms on two with the
+vocoder cut; the text encoder before it gains nothing from a second thread (its
+thousands of small operators cost more in threads than its convolutions save). The
+count is a constant of the plan, not of the node, since onnxruntime's float rounding may
+depend on how many threads share an operator: every node vocodes the first window alike,
+and the render revision names it. Its sessions sleep rather than spin between runs
+(edge.synth.providers.session), so their idle threads take nothing from the renders
+beside them.
 """
 
 from __future__ import annotations
@@ -81,19 +89,30 @@ class Settings:
     than playing the audio already out (11.6 ms a frame)."""
     tolerance: float = 1e-4
     """Largest difference from the whole tail's samples that warmup accepts (a 16-bit
-    step is 3.1e-5; the windows measured about 1e-7)."""
+    step is 3.1e-5; over the 20 export sentences the windows measured 3.2e-6 at the
+    median and 3.2e-5 at most)."""
     first_threads: int = 2
     """onnxruntime threads that vocode the first window, on every node (see above)."""
+    vocoder_context: int = 12
+    """Frames of context the vocoder (the tail from its first upsampling on, `Vocoder`)
+    computes on each side of a window, within the window's `context`: it sees fewer
+    frames than the flow before it (HiFi-GAN's receptive field is about a dozen frames,
+    the flow's about thirty), and it is most of a window's cost. Measured on piper's
+    `joe`: 12 frames agree with 32 to the last float rounding (8e-6 from the whole tail's
+    samples, as 32 does), 8 frames do not (1e-3)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """Frames [start, stop) of the output, computed from input frames [lo, hi)."""
+    """Frames [start, stop) of the output, computed from input frames [lo, hi); the
+    vocoder runs over frames [vlo, vhi) of those."""
 
     start: int
     stop: int
     lo: int
     hi: int
+    vlo: int
+    vhi: int
 
 
 def plan(frames: int, settings: Settings) -> list[Window]:
@@ -102,13 +121,15 @@ def plan(frames: int, settings: Settings) -> list[Window]:
     if frames <= 0:
         return []
     if frames <= settings.first + settings.context:
-        return [Window(0, frames, 0, frames)]
+        return [Window(0, frames, 0, frames, 0, frames)]
     windows: list[Window] = []
     start, size = 0, settings.first
     while start < frames:
         stop = frames if frames - start <= size + settings.context else start + size
         lo, hi = max(0, start - settings.context), min(frames, stop + settings.context)
-        windows.append(Window(start, stop, lo, hi))
+        vlo = max(lo, start - settings.vocoder_context)
+        vhi = min(hi, stop + settings.vocoder_context)
+        windows.append(Window(start, stop, lo, hi, vlo, vhi))
         start = stop
         size = settings.growth * stop
     return windows
@@ -128,6 +149,28 @@ class Tail:
     """The source's own inputs the tail reads too (a noise scale), fed as given."""
     nodes: int
     """Nodes in the tail."""
+    vocoder: Vocoder | None = None
+    """The tail in two, before and from its first upsampling (None: run it whole)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Vocoder:
+    """A tail cut in two at its first upsampling (ConvTranspose): the front (a VITS flow,
+    and the vocoder's first convolution) at the frame rate, and the back (the vocoder's
+    upsampling stacks) from there. Each runs over its own frames: the back sees
+    `Settings.vocoder_context` frames of context, the front all of `Settings.context`."""
+
+    front: bytes
+    """The tail's nodes before the first upsampling: the tail's inputs in, `joints` out."""
+    back: bytes
+    """The first upsampling and every node computed from it: `joints` (and `reads`) in,
+    the tail's output out."""
+    joints: tuple[str, ...]
+    """Tensors the front computes and the back reads."""
+    front_inputs: frozenset[str]
+    """The tail's inputs the front reads."""
+    back_inputs: frozenset[str]
+    """The tail's inputs the back reads too."""
 
 
 def cut(model: bytes) -> Tail | None:
@@ -180,11 +223,13 @@ def cut(model: bytes) -> Tail | None:
         head_reads,
     )
     tail_nodes = [graph.node[i] for i in sorted(tail)]  # the source's order is topological
+    tail_inputs = [
+        onnx.helper.make_tensor_value_info(name, types[name], None) for name in ordered
+    ] + [i for i in graph.input if i.name in inputs]
     tail_model = build_model(
         source,
         tail_nodes,
-        [onnx.helper.make_tensor_value_info(name, types[name], None) for name in ordered]
-        + [i for i in graph.input if i.name in inputs],
+        tail_inputs,
         [graph.output[0]],
         {n for node in tail_nodes for n in reads_of(node)},
     )
@@ -194,10 +239,64 @@ def cut(model: bytes) -> Tail | None:
         inputs=ordered,
         feeds=frozenset(inputs & sources),
         nodes=len(tail),
+        vocoder=_vocoder(source, tail_nodes, tail_inputs, types),
+    )
+
+
+def _vocoder(
+    source: Any, nodes: list[Any], inputs: list[Any], types: Mapping[str, int]
+) -> Vocoder | None:
+    """The tail `nodes` (in order) cut at their first ConvTranspose (see `Vocoder`); None
+    when a tensor the back reads from the front has no known type."""
+    import onnx
+
+    first = next(i for i, node in enumerate(nodes) if node.op_type == "ConvTranspose")
+    back_outputs = set(nodes[first].output)
+    back = [first]
+    for i in range(first + 1, len(nodes)):  # in order: a node's producers come before it
+        if any(name in back_outputs for name in reads_of(nodes[i])):
+            back.append(i)
+            back_outputs.update(nodes[i].output)
+    front = [i for i in range(len(nodes)) if i not in set(back)]
+    front_outputs = {name for i in front for name in nodes[i].output}
+    back_reads = {name for i in back for name in reads_of(nodes[i])}
+    joints = tuple(sorted(back_reads & front_outputs))
+    if not all(types.get(name) for name in joints):
+        return None
+    tail_inputs = {i.name: i for i in inputs}
+    front_reads = {name for i in front for name in reads_of(nodes[i])}
+    outputs = [onnx.helper.make_tensor_value_info(name, types[name], None) for name in joints]
+    return Vocoder(
+        front=build_model(
+            source,
+            [nodes[i] for i in front],
+            [tail_inputs[name] for name in tail_inputs if name in front_reads],
+            outputs,
+            front_reads,
+        ),
+        back=build_model(
+            source,
+            [nodes[i] for i in back],
+            outputs + [tail_inputs[name] for name in tail_inputs if name in back_reads],
+            [source.graph.output[0]],
+            back_reads,
+        ),
+        joints=joints,
+        front_inputs=frozenset(front_reads & set(tail_inputs)),
+        back_inputs=frozenset(back_reads & set(tail_inputs)),
     )
 
 
 Feeds = Mapping[str, npt.NDArray[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """Sessions that run a window's tail: the vocoder's front and back, or (`front` None)
+    the tail whole."""
+
+    front: Any | None
+    back: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,10 +305,10 @@ class Sessions:
 
     head: Any
     """The graph up to the tail, on the engine's threads."""
-    tail: Any
-    """The tail, for every window after the first, on the engine's threads."""
-    first: Any
-    """The tail again, for the first window, on `Settings.first_threads` threads."""
+    tail: Stage
+    """For every window after the first, on the engine's threads."""
+    first: Stage
+    """For the first window, on `Settings.first_threads` threads."""
 
 
 class Windowed:
@@ -233,35 +332,67 @@ class Windowed:
     def _sessions(self) -> Sessions:
         sessions: Sessions | None = getattr(self._local, "sessions", None)
         if sessions is None:
-            cut, providers = self._cut, self._providers
             sessions = self._local.sessions = Sessions(
-                head=session(cut.head, self._threads, providers),
-                tail=session(cut.tail, self._threads, providers),
-                first=session(cut.tail, self.settings.first_threads, providers, spin=False),
+                head=session(self._cut.head, self._threads, self._providers),
+                tail=self._stage(self._threads),
+                first=self._stage(self.settings.first_threads, spin=False),
             )
         return sessions
+
+    def _stage(self, threads: int, spin: bool = True) -> Stage:
+        vocoder, providers = self._cut.vocoder, self._providers
+        if vocoder is None:
+            return Stage(None, session(self._cut.tail, threads, providers, spin))
+        return Stage(
+            session(vocoder.front, threads, providers, spin),
+            session(vocoder.back, threads, providers, spin),
+        )
 
     def run(self, feeds: Feeds, frames: int) -> Iterator[npt.NDArray[np.float32]]:
         """The graph's first output for `feeds`, `frames` frames long, window by window:
         each piece is yielded as soon as its window has run."""
         sessions = self._sessions()
-        cut_inputs = dict(zip(self._cut.inputs, sessions.head.run(None, dict(feeds)), strict=True))
-        given = {name: feeds[name] for name in self._cut.feeds}
+        head = sessions.head.run(None, dict(feeds))
+        inputs = dict(zip(self._cut.inputs, head, strict=True))
+        inputs.update((name, feeds[name]) for name in self._cut.feeds)
         for n, window in enumerate(plan(frames, self.settings)):
-            tail = sessions.first if n == 0 else sessions.tail
-            sliced = {
-                name: value[..., window.lo : window.hi]
-                if value.ndim and value.shape[-1] == frames
-                else value
-                for name, value in cut_inputs.items()
-            }
-            sliced.update(given)
-            out = np.asarray(tail.run(None, sliced)[0], dtype=np.float32).reshape(-1)
-            begin = (window.start - window.lo) * self._hop
+            stage = sessions.first if n == 0 else sessions.tail
+            if stage.front is None:
+                out = stage.back.run(None, _frames(inputs, frames, window.lo, window.hi))[0]
+                lo = window.lo
+            else:
+                out = self._vocode(stage, inputs, frames, window)
+                lo = window.vlo
+            out = np.asarray(out, dtype=np.float32).reshape(-1)
+            begin = (window.start - lo) * self._hop
             yield out[begin : begin + (window.stop - window.start) * self._hop]
+
+    def _vocode(self, stage: Stage, inputs: Feeds, frames: int, window: Window) -> npt.NDArray[Any]:
+        """One window through the front over frames [lo, hi), then the back over [vlo,
+        vhi) of what the front gave."""
+        vocoder = self._cut.vocoder
+        assert vocoder is not None and stage.front is not None
+        front = {name: inputs[name] for name in vocoder.front_inputs}
+        computed = stage.front.run(None, _frames(front, frames, window.lo, window.hi))
+        joints = dict(zip(vocoder.joints, computed, strict=True))
+        lo, width = window.lo, window.hi - window.lo
+        back = _frames(joints, width, window.vlo - lo, window.vhi - lo)
+        given = {name: inputs[name] for name in vocoder.back_inputs}
+        back.update(_frames(given, frames, window.vlo, window.vhi))
+        out: npt.NDArray[Any] = stage.back.run(None, back)[0]
+        return out
 
     def close_to(self, windowed: npt.NDArray[np.float32], whole: npt.NDArray[np.float32]) -> bool:
         """Whether a windowed render is the whole graph's, within `settings.tolerance`."""
         return windowed.shape == whole.shape and bool(
             np.max(np.abs(windowed - whole), initial=0.0) <= self.settings.tolerance
         )
+
+
+def _frames(values: Feeds, frames: int, lo: int, hi: int) -> dict[str, npt.NDArray[Any]]:
+    """`values` with each tensor whose last axis has `frames` frames cut to [lo, hi); the
+    others (a scale, a speaker) whole."""
+    return {
+        name: value[..., lo:hi] if value.ndim and value.shape[-1] == frames else value
+        for name, value in values.items()
+    }
