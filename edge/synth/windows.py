@@ -163,7 +163,7 @@ class Vocoder:
     front: bytes
     """The tail's nodes before the first upsampling: the tail's inputs in, `joints` out."""
     back: bytes
-    """The first upsampling and every node computed from it: `joints` (and `reads`) in,
+    """The first upsampling and every node computed from it: `joints` (and `back_inputs`) in,
     the tail's output out."""
     joints: tuple[str, ...]
     """Tensors the front computes and the back reads."""
