@@ -21,12 +21,12 @@ from nearvoice.edge.app import create_app
 from nearvoice.edge.cache.meta import etag_for
 from nearvoice.edge.config import ADMIN_TOKEN_ENV
 from nearvoice.edge.policy import Policy
-from nearvoice.edge.spec import Spec
 from nearvoice.edge.synth.engine import Audio, Engine
 from nearvoice.edge.synth.hibari_engine import HibariEngine
 from nearvoice.edge.synth.piper_engine import piper_model_id
 from nearvoice.edge.upstream import CHECKSUM_HEADER
 from tests.support import (
+    WrappedEngine,
     eventually,
     make_config,
     make_keyring,
@@ -49,30 +49,14 @@ def admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
 
 
-class HeldEngine:
+class HeldEngine(WrappedEngine):
     """The real engine, recording the order renders start in; the render of `HOLD`
     waits for `go` before its first sentence."""
 
     def __init__(self, inner: Engine) -> None:
-        self._inner = inner
-        self.name = inner.name
-        self.sample_rate = inner.sample_rate
-        self.voices = inner.voices
-        self.controls = inner.controls
+        super().__init__(inner)
         self.go = threading.Event()
         self.started: list[str] = []
-
-    def model_id(self, voice: str) -> str:
-        return self._inner.model_id(voice)
-
-    def warmup(self) -> None:
-        self._inner.warmup()
-
-    def samples(self, text: str, voice: str, speed: float) -> int | None:
-        return self._inner.samples(text, voice, speed)
-
-    def refuses(self, spec: Spec) -> str | None:
-        return self._inner.refuses(spec)
 
     def stream(self, text: str, voice: str, speed: float, seed: int) -> Iterator[Audio]:
         self.started.append(text)
