@@ -51,8 +51,9 @@ ends at its first clause boundary (docs/contracts.md#exact-length-from-the-first
 the window edges by about 1e-7; Ogg Opus in constant-bitrate packets and fixed pages
 (edge.synth.opus). 4: the first window vocoded on two onnxruntime threads on every node
 (edge.synth.windows.Settings.first_threads), whose float rounding may differ from one
-thread's, and every window's vocoder run with 12 frames of context rather than the
-flow's 32 (edge.synth.windows.Vocoder)."""
+thread's; every window's vocoder run with 12 frames of context rather than the flow's 32
+(edge.synth.windows.Vocoder); later windows at most 8 times the frames already out, not
+12."""
 
 
 def etag_for(key: str, revision: int = RENDER_REVISION) -> str:

@@ -18,8 +18,10 @@ take the length after the first bytes (`on_length_later`), the first chunk goes 
 before the pass: a reader that needs no length (the speech API's raw and SSE streams)
 starts at once, while readers that answer ranges still wait for the length. Such a first
 chunk renders alone, with the pass started once it has left, so that nothing takes cores
-from it (its first window uses two: edge.synth.windows); the length then comes one pass
-after the first chunk. The render then checks that the engine produced
+from it (its first window uses two: edge.synth.windows), and the render goes on beside
+the pass rather than waiting for it: the stream of a long text does not pause for its
+count after the first chunk. The length comes when the pass ends, and a render that
+passes it stops there. The render then checks that the engine produced
 exactly that many samples. If the pass and the render ever disagree, the object is aborted
 (never padded or cut to fit), the mismatch is counted in
 `nearvoice_length_mismatches_total`, and that voice's lengths are treated as unknown from
@@ -54,7 +56,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -349,10 +351,14 @@ def _render_stream(
     later: Callable[[], None] | None = None,
 ) -> float:
     """In an inference thread: the duration pass (in `passes`, beside the first chunk's
-    render), then chunk by chunk, encode and hand over at once."""
+    render), then chunk by chunk, encode and hand over at once. An early render (a
+    length-free format whose reader takes the length later) hands over its first chunk,
+    starts the pass, and goes on rendering while it counts."""
     samples = 0
     produced = False
     encoder: StreamEncoder | None = None
+    pending: Future[int | None] | None = None
+    """An early render's pass, which announces the length itself when it ends."""
     try:
         chunks: Iterator[Audio]
         if isinstance(engine, SpecEngine):  # it applies every control itself
@@ -380,13 +386,21 @@ def _render_stream(
                     data = encoder.feed(first)
                     produced = bool(data)
                     emit(data)
-                    first = None
-                if counting is None:
-                    counting = passes.submit(count)
-                if not counting.done() and isinstance(engine, HelpsCount):
-                    engine.help_count(spec.text, spec.voice, speed)
-                total = counting.result()
-                chunks = itertools.chain(() if first is None else (first,), chunks)
+                    # The render goes on while the pass counts, so a long text's stream
+                    # never waits for its count. The pass announces the length in its own
+                    # thread, before its future is done: the length is handed to the loop
+                    # before whatever this thread hands over once it has seen the count.
+                    total = None
+                    pending = passes.submit(
+                        _then, count, lambda n: announce(_length(engine, spec, n))
+                    )
+                else:
+                    if counting is None:
+                        counting = passes.submit(count)
+                    if not counting.done() and isinstance(engine, HelpsCount):
+                        engine.help_count(spec.text, spec.voice, speed)
+                    total = counting.result()
+                    chunks = itertools.chain(() if first is None else (first,), chunks)
             else:
                 if spec.duration is None:
                     total = engine.samples(spec.text, spec.voice, speed) if sized else None
@@ -396,14 +410,19 @@ def _render_stream(
                 chunks = engine.stream(spec.text, spec.voice, speed, spec.seed)
         if encoder is None:
             encoder = _encoder(engine, spec, total)
-        announce(_length(engine, spec, total))
+        if pending is None:
+            announce(_length(engine, spec, total))
         for audio in chunks:
+            if total is None and pending is not None and pending.done():
+                total = pending.result()
             samples += len(audio)
             if total is not None and samples > total:
                 break  # checked below, before these samples reach the encoder
             data = encoder.feed(audio)
             produced = produced or bool(data)
             emit(data)
+        if pending is not None:
+            total = pending.result()
         if total is not None and samples != total:
             raise LengthMismatch(
                 f"{engine.name} rendered {samples if samples <= total else 'more than'} "
@@ -417,6 +436,13 @@ def _render_stream(
     except Exception as exc:
         raise RenderError(f"{engine.name} failed: {type(exc).__name__}: {exc}", produced) from exc
     return samples / engine.sample_rate
+
+
+def _then(count: Callable[[], int | None], then: Callable[[int | None], None]) -> int | None:
+    """`count()`, handed to `then` before it is returned."""
+    total = count()
+    then(total)
+    return total
 
 
 def _fit(engine: Engine, spec: Spec) -> fit.Fit:
