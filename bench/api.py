@@ -12,6 +12,10 @@ One real `nearvoice edge` process renders `heart` (hibari) and `joe` (piper) its
    same piper `joe` model, streaming each sentence as it is rendered), voice `joe`, pcm,
    both through the SDK: cold, and repeated (the peer has no cache and renders again).
    Target: the edge >= 3x faster to first byte than the peer.
+3. Long texts keep ahead of playback: `--long` cold one-minute texts per voice (`heart`,
+   `joe`), pcm through the SDK, played from the first byte in real time. Reported: the
+   first byte, and the longest the audio ran dry before the next bytes came (a stall).
+   Target: no stall over 50 ms (the realtime benchmark's jitter buffer).
 
 For reference only, not measured here: Kokoro-FastAPI documents about 300 ms to first
 audio on a GPU. Timings on a shared, loaded machine are noisy; compare ratios, not
@@ -19,7 +23,7 @@ absolute numbers.
 
 Results: bench-results/api/.
 
-    nearvoice bench api [--requests 20] [--repeats 2]
+    nearvoice bench api [--requests 20] [--repeats 2] [--long 2]
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import httpx2
 import openai
 
 from nearvoice.bench.common import ROOT, child_env, edge_process, free_port, write_results
-from nearvoice.bench.miss_latency import percentile, texts
+from nearvoice.bench.miss_latency import MINUTE, percentile, texts
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.keyring import Keyring, generate_pair
 from nearvoice.edge.policy import Policy
@@ -51,6 +55,10 @@ from nearvoice.edge.token import sign_url
 from nearvoice.edge.voices import resolve
 
 KOKORO_FASTAPI_GPU_FIRST_AUDIO_MS = 300  # documented by Kokoro-FastAPI; a reference only
+PCM_BYTES_PER_SECOND = 24000 * 2
+"""The speech API's pcm: 24 kHz, 16-bit, mono."""
+STALL_LIMIT_MS = 50
+"""A stall longer than this is one a player would hear (the realtime bench's jitter buffer)."""
 Timed = Callable[[str], Awaitable[float]]
 
 
@@ -69,6 +77,35 @@ async def sdk_first_byte(sdk: openai.AsyncOpenAI, text: str, voice: str, fmt: st
                 first = time.perf_counter() - started
     assert first is not None
     return first
+
+
+def longest_dry(arrivals: list[tuple[float, int]], bytes_per_second: float) -> float:
+    """Seconds the audio ran dry at worst, played in real time from the first arrival:
+    `arrivals` are (seconds, bytes) in the order they came. 0 when every byte came before
+    its time to play."""
+    if not arrivals:
+        return 0.0
+    start, have, worst = arrivals[0][0], 0, 0.0
+    for at, size in arrivals:
+        worst = max(worst, (at - start) - have / bytes_per_second)
+        have += size
+    return worst
+
+
+async def sdk_stream(sdk: openai.AsyncOpenAI, text: str, voice: str) -> tuple[float, float, float]:
+    """pcm through the SDK: seconds to the first byte, seconds the audio ran dry at worst,
+    and the audio's seconds."""
+    started = time.perf_counter()
+    arrivals: list[tuple[float, int]] = []
+    async with sdk.audio.speech.with_streaming_response.create(
+        model="tts-1", voice=voice, input=text, response_format="pcm"
+    ) as response:
+        async for chunk in response.iter_bytes():
+            if chunk:
+                arrivals.append((time.perf_counter(), len(chunk)))
+    assert arrivals
+    audio = sum(size for _, size in arrivals) / PCM_BYTES_PER_SECOND
+    return arrivals[0][0] - started, longest_dry(arrivals, PCM_BYTES_PER_SECOND), audio
 
 
 async def url_first_byte(client: httpx2.AsyncClient, url: str) -> float:
@@ -246,6 +283,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                         statistics.median(peer_again) / statistics.median(edge_hit), 2
                     ),
                 }
+
+                streams: dict[str, object] = {}
+                for voice in ("heart", "joe"):
+                    runs = [
+                        await sdk_stream(edge_sdk, f"{MINUTE} Long {voice}-{i}.", voice)
+                        for i in range(args.long)
+                    ]
+                    streams[voice] = {
+                        "first_byte": summary([first for first, _, _ in runs]),
+                        "longest_dry_ms_max": round(max(dry for _, dry, _ in runs) * 1e3, 1),
+                        "audio_seconds": round(statistics.median(a for _, _, a in runs), 1),
+                    }
+                report["long_text_pcm_streams"] = streams
     finally:
         stop_processes([peer_proc])
         shutil.rmtree(work, ignore_errors=True)
@@ -257,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20, help="distinct texts per voice")
     parser.add_argument("--repeats", type=int, default=2, help="repeated passes over them")
     parser.add_argument(
+        "--long", type=int, default=2, help="one-minute texts per voice, for stalls"
+    )
+    parser.add_argument(
         "--synth-workers", type=int, default=0, help="the edge's [synth] workers (0: one per core)"
     )
     parser.add_argument("--ort-threads", type=int, default=1, help="the edge's [synth] ort_threads")
@@ -266,11 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     context = {
         "requests": args.requests,
         "repeats": args.repeats,
+        "long": args.long,
         "edge_synth": {"workers": args.synth_workers, "ort_threads": args.ort_threads},
         "targets": {
             "heart_mp3.cold_p50_api_over_url": 1.1,
             "heart_mp3.hit_p50_api_over_url": 1.2,
             "joe_pcm_edge_vs_openai_peer.cold_p50_peer_over_edge": 3.0,
+            "long_text_pcm_streams.<voice>.longest_dry_ms_max": STALL_LIMIT_MS,
         },
         "reference_kokoro_fastapi_gpu_first_audio_ms": KOKORO_FASTAPI_GPU_FIRST_AUDIO_MS,
     }
