@@ -62,10 +62,13 @@ STALL_LIMIT_MS = 50
 Timed = Callable[[str], Awaitable[float]]
 
 
-async def sdk_first_byte(sdk: openai.AsyncOpenAI, text: str, voice: str, fmt: str) -> float:
-    """Seconds from the SDK call to the first audio byte; the body is read to the end."""
+async def sdk_arrivals(
+    sdk: openai.AsyncOpenAI, text: str, voice: str, fmt: str
+) -> tuple[float, list[tuple[float, int]]]:
+    """When the SDK call started, and when each piece of the body came and its bytes
+    (the body is read to the end)."""
     started = time.perf_counter()
-    first = None
+    arrivals: list[tuple[float, int]] = []
     async with sdk.audio.speech.with_streaming_response.create(
         model="tts-1",
         voice=voice,
@@ -73,10 +76,16 @@ async def sdk_first_byte(sdk: openai.AsyncOpenAI, text: str, voice: str, fmt: st
         response_format=fmt,  # type: ignore[arg-type]
     ) as response:
         async for chunk in response.iter_bytes():
-            if first is None and chunk:
-                first = time.perf_counter() - started
-    assert first is not None
-    return first
+            if chunk:
+                arrivals.append((time.perf_counter(), len(chunk)))
+    assert arrivals
+    return started, arrivals
+
+
+async def sdk_first_byte(sdk: openai.AsyncOpenAI, text: str, voice: str, fmt: str) -> float:
+    """Seconds from the SDK call to the first audio byte; the body is read to the end."""
+    started, arrivals = await sdk_arrivals(sdk, text, voice, fmt)
+    return arrivals[0][0] - started
 
 
 def longest_dry(arrivals: list[tuple[float, int]], bytes_per_second: float) -> float:
@@ -95,15 +104,7 @@ def longest_dry(arrivals: list[tuple[float, int]], bytes_per_second: float) -> f
 async def sdk_stream(sdk: openai.AsyncOpenAI, text: str, voice: str) -> tuple[float, float, float]:
     """pcm through the SDK: seconds to the first byte, seconds the audio ran dry at worst,
     and the audio's seconds."""
-    started = time.perf_counter()
-    arrivals: list[tuple[float, int]] = []
-    async with sdk.audio.speech.with_streaming_response.create(
-        model="tts-1", voice=voice, input=text, response_format="pcm"
-    ) as response:
-        async for chunk in response.iter_bytes():
-            if chunk:
-                arrivals.append((time.perf_counter(), len(chunk)))
-    assert arrivals
+    started, arrivals = await sdk_arrivals(sdk, text, voice, "pcm")
     audio = sum(size for _, size in arrivals) / PCM_BYTES_PER_SECOND
     return arrivals[0][0] - started, longest_dry(arrivals, PCM_BYTES_PER_SECOND), audio
 

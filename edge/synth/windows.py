@@ -260,7 +260,8 @@ def _vocoder(
         if any(name in back_outputs for name in reads_of(nodes[i])):
             back.append(i)
             back_outputs.update(nodes[i].output)
-    front = [i for i in range(len(nodes)) if i not in set(back)]
+    in_back = set(back)
+    front = [i for i in range(len(nodes)) if i not in in_back]
     front_outputs = {name for i in front for name in nodes[i].output}
     back_reads = {name for i in back for name in reads_of(nodes[i])}
     joints = tuple(sorted(back_reads & front_outputs))
