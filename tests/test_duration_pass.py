@@ -20,6 +20,7 @@ from nearvoice.edge.synth.engine import Engine
 from nearvoice.edge.synth.hibari_engine import HibariEngine
 from nearvoice.edge.synth.piper_engine import BUNDLED, PiperEngine
 from nearvoice.edge.synth.vits_engine import VitsEngine
+from nearvoice.edge.synth.windows import Settings
 from nearvoice.export.sentences import SENTENCES
 from tests.export_support import graph_with_inputs
 
@@ -304,6 +305,65 @@ def test_a_split_that_renders_other_samples_is_dropped_by_warmup() -> None:
         list(engine.stream("Hello there.", "joe", 1.0, 0)),
         as_piper_renders(engine, "Hello there.", 1.0),
     )
+
+
+def first_feeds(engine: PiperEngine, text: str) -> dict[str, np.ndarray]:
+    """The graph's inputs for `text`'s first piece."""
+    loaded = engine._voice("joe")
+    return dict(
+        engine._feeds(loaded, next(engine._pieces(loaded, text)), engine._synthesis(loaded, 1.0))
+    )
+
+
+def test_a_first_piece_is_counted_on_the_first_windows_threads_as_on_the_engines(
+    joe: PiperEngine,
+) -> None:
+    durations = joe._durations["joe"]
+    graph = durations.graph()
+    assert graph is not None and durations.first_alike is None
+    first, own = durations._first_session(graph), durations._session(graph)
+    options = first.get_session_options()
+    assert options.intra_op_num_threads == Settings().first_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert own.get_session_options().intra_op_num_threads == 1
+    for text in (*SENTENCES[:8], " ".join(SENTENCES)):
+        feeds = first_feeds(joe, text)
+        on_two, on_one = durations.count(feeds, first=True), durations.count(feeds)
+        assert on_two is not None and on_one is not None
+        assert on_two.samples == on_one.samples
+        assert all(
+            np.array_equal(a, b) for a, b in zip(on_two.handoff, on_one.handoff, strict=True)
+        )
+
+
+class OneStepUp:
+    """A real onnxruntime session whose float outputs come one float step higher."""
+
+    def __init__(self, inner: object) -> None:
+        self._inner = inner
+
+    def run(self, names: object, feeds: object) -> list[np.ndarray]:
+        outputs: list[np.ndarray] = self._inner.run(names, feeds)  # type: ignore[attr-defined]
+        return [
+            np.nextafter(o, np.inf, dtype=o.dtype) if o.dtype.kind == "f" else o for o in outputs
+        ]
+
+
+def test_first_pieces_are_counted_on_the_engines_threads_when_the_two_differ(
+    joe: PiperEngine,
+) -> None:
+    engine = PiperEngine()
+    durations = engine._durations["joe"]
+    graph = durations.graph()
+    assert graph is not None
+    durations._local.first = OneStepUp(durations._first_session(graph))
+    engine.warmup()
+    assert durations.first_alike is not None
+    assert durations._first_session(graph) is durations._session(graph)
+    text = "Your order has shipped and will arrive on Tuesday. Please hold."
+    assert [a.tobytes() for a in engine.stream(text, "joe", 1.0, 0)] == [
+        a.tobytes() for a in joe.stream(text, "joe", 1.0, 0)
+    ]
 
 
 # vits (a tiny random transformers VitsModel through from-transformers and optimize)

@@ -202,6 +202,9 @@ class Durations:
         self._windowed: windows.Windowed | None = None
         self.unwindowed: str | None = None if window_settings else "not asked for"
         """Why first pieces run the rest of the graph whole rather than in windows."""
+        self.first_alike: str | None = None if window_settings else "not asked for"
+        """Why a render's first piece is counted on the engine's threads rather than on
+        the first window's (`count`); None while it is counted on those."""
         self._local = threading.local()
 
     def graph(self) -> DurationGraph | None:
@@ -222,21 +225,67 @@ class Durations:
         counted = self.count(feeds)
         return None if counted is None else counted.samples
 
-    def count(self, feeds: Feeds) -> Counted | None:
-        """`samples`, with what the rest of the graph needs to render `feeds`."""
+    def count(self, feeds: Feeds, first: bool = False) -> Counted | None:
+        """`samples`, with what the rest of the graph needs to render `feeds`.
+
+        `first`: the count a render's first piece waits for, with nothing else of the
+        render running beside it (edge.synth.renderer). It runs on the first window's
+        threads (`windows.Settings.first_threads`), as the first window after it does:
+        piper's `joe`, first sentences of about 100 ids, 23.4 ms on one thread and 18.7 ms
+        on two (p50, runs interleaved, sessions sleeping between runs). Either count is
+        the other bit for bit (its operators split their work by output, never a sum),
+        which warmup checks (`check_first`): the pass and the render may count the same
+        piece, and whichever does must give the same handoff."""
         graph = self.graph()
         if graph is None or self.broken is not None:
             return None
-        sess = getattr(self._local, "session", None)
-        if sess is None:
-            try:
-                sess = session(graph.model, self._threads, self._providers)
-            except Exception as exc:  # a provider that cannot build the part
-                self.disable(f"{type(exc).__name__}: {exc}")
-                return None
-            self._local.session = sess
+        try:
+            sess = self._first_session(graph) if first else self._session(graph)
+        except Exception as exc:  # a provider that cannot build the part
+            self.disable(f"{type(exc).__name__}: {exc}")
+            return None
         frames, *handoff = sess.run(None, {k: v for k, v in feeds.items() if k in graph.inputs})
         return Counted(int(np.asarray(frames).reshape(-1)[0]) * self._scale, tuple(handoff))
+
+    def _session(self, graph: DurationGraph) -> Any:
+        """This thread's session of the part, on the engine's threads."""
+        sess = getattr(self._local, "session", None)
+        if sess is None:
+            sess = self._local.session = session(graph.model, self._threads, self._providers)
+        return sess
+
+    def _first_session(self, graph: DurationGraph) -> Any:
+        """This thread's session of the part for first pieces (see `count`): on the first
+        window's threads, sleeping between runs as the first window's sessions do."""
+        if (
+            self.first_alike is not None
+            or self._windows is None
+            or self._windows.first_threads == self._threads
+        ):
+            return self._session(graph)
+        sess = getattr(self._local, "first", None)
+        if sess is None:
+            threads = self._windows.first_threads
+            sess = self._local.first = session(graph.model, threads, self._providers, spin=False)
+        return sess
+
+    def check_first(self, feeds: Feeds) -> None:
+        """Counts `feeds` on both sessions; first pieces are counted on the engine's own
+        threads from now on unless every output agrees bit for bit (see `count`)."""
+        graph = self.graph()
+        if graph is None or self.broken is not None or self.first_alike is not None:
+            return
+        given = {k: v for k, v in feeds.items() if k in graph.inputs}
+        own = self._session(graph).run(None, given)
+        first = self._first_session(graph).run(None, given)
+        if not all(np.array_equal(a, b) for a, b in zip(own, first, strict=True)):
+            log.warning(
+                "%s: first pieces are counted on %d thread(s): %d give other values",
+                self._path,
+                self._threads,
+                self._windows.first_threads if self._windows else self._threads,
+            )
+            self.first_alike = "the first window's threads count other values"
 
     def splits(self) -> bool:
         """Whether renders run the rest of the graph after the pass (see `rest`)."""
@@ -292,14 +341,15 @@ class Durations:
         return windowed.run(inputs, counted.samples // self._scale)
 
     def prepare(self) -> None:
-        """Loads this thread's sessions now (the pass's, the rest's, the windowed tail's),
-        not at the thread's first render: each is an onnxruntime arena of its own, and a
-        node's memory should be what warmup left, not grow when a thread first gets work."""
+        """Loads this thread's sessions now (the pass's, for first pieces and for the
+        others, the rest's, the windowed tail's), not at the thread's first render: each
+        is an onnxruntime arena of its own, and a node's memory should be what warmup
+        left, not grow when a thread first gets work (nor a first render wait for one)."""
         graph = self.graph()
         if graph is None or self.broken is not None:
             return
-        if getattr(self._local, "session", None) is None:
-            self._local.session = session(graph.model, self._threads, self._providers)
+        self._session(graph)
+        self._first_session(graph)
         if self.splits() and graph.rest is not None and getattr(self._local, "rest", None) is None:
             self._local.rest = session(graph.rest, self._threads, self._providers)
         windowed = self.windowed()

@@ -247,6 +247,9 @@ class PiperEngine:
             durations.check(counted, sum(len(a) for a in whole))
             if durations.splits() and not _same(list(self._stream(WARM_UP, voice, 1.0)), whole):
                 durations.no_split("the rest after the pass renders other samples")
+            loaded = self._voice(voice)
+            checked = next(self._pieces(loaded, WINDOW_CHECK))
+            durations.check_first(self._feeds(loaded, checked, self._synthesis(loaded, 1.0)))
             windowed = durations.windowed()
             if windowed is not None:
                 first = next(self._whole(voice, WINDOW_CHECK))
@@ -316,9 +319,9 @@ class PiperEngine:
         runs = self._text_runs(voice, text, speed)
         for i, ids in enumerate(runs):
             feeds = self._feeds(loaded, ids, synthesis)
-            if durations.splits() and (
-                run := runs.run(i, functools.partial(durations.count, feeds))
-            ):
+            # The first piece is counted on the first window's threads (Durations.count).
+            count = functools.partial(durations.count, feeds, i == 0 and windowed)
+            if durations.splits() and (run := runs.run(i, count)):
                 if i == 0 and windowed and durations.windowed() is not None:
                     # The first piece in windows: the first byte waits for its first
                     # frames, not for the whole piece (edge.synth.windows).
