@@ -3,6 +3,7 @@ with the real engines."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 
@@ -181,3 +182,26 @@ async def test_an_early_render_streams_on_while_its_pass_counts(
     assert lengths == [len(data)]
     _, plain, _ = await render_events([inner], inner, spec, later=False)
     assert plain == data
+
+
+async def test_an_early_render_starts_its_pass_once_its_readers_have_the_first_chunk(
+    engines: list[Engine],
+) -> None:
+    """The pass starts by phonemizing, which keeps the GIL: it must not start while the
+    event loop writes the first chunk out."""
+    engine = PassWatcher(engines[1], beside=False)
+    spec = Spec.create(text=TEXT, voice="joe", format=AudioFormat.PCM, model=engine.model_id("joe"))
+    renderer = Renderer([engine], workers=2, metrics=Metrics())
+    arrived = asyncio.Event()
+
+    async def reader() -> None:
+        await arrived.wait()
+        engine.events.append("read")
+
+    reading = asyncio.create_task(reader())
+    try:
+        await renderer.render(engine, spec, lambda _: arrived.set(), lambda _: None, lambda: None)
+    finally:
+        renderer.close()
+    await reading
+    assert engine.events == ["first chunk", "read", "pass"]

@@ -18,11 +18,12 @@ take the length after the first bytes (`on_length_later`), the first chunk goes 
 before the pass: a reader that needs no length (the speech API's raw and SSE streams)
 starts at once, while readers that answer ranges still wait for the length. Such a first
 chunk renders alone, with the pass started once it has left, so that nothing takes cores
-from it (its first window uses two: edge.synth.windows), and the render goes on beside
-the pass rather than waiting for it: the stream of a long text does not pause for its
-count after the first chunk. The length comes when the pass ends, and a render that
-passes it stops there. The render then checks that the engine produced
-exactly that many samples. If the pass and the render ever disagree, the object is aborted
+from it (its first window uses two: edge.synth.windows), nor the event loop's GIL while
+the loop writes it out (the pass starts by phonemizing, and espeak-ng keeps the GIL), and
+the render goes on beside the pass rather than waiting for it: the stream of a long
+text does not pause for its count after the first chunk. The length comes when the pass
+ends, and a render that passes it stops there. The render then checks that the engine
+produced exactly that many samples. If the pass and the render ever disagree, the object is aborted
 (never padded or cut to fit), the mismatch is counted in
 `nearvoice_length_mismatches_total`, and that voice's lengths are treated as unknown from
 then on in this process, until the disagreement is fixed.
@@ -78,6 +79,9 @@ from nearvoice.edge.synth.streaming import (
 T = TypeVar("T")
 EWMA_WEIGHT = 0.2  # weight of the newest render time in the running mean
 INITIAL_RENDER_SECONDS = 0.05  # assumed per render until one has been measured
+WRITTEN_WAIT_SECONDS = 0.1
+"""How long an early render's pass waits for the event loop to write the first chunk out
+before it starts anyway (it takes well under a millisecond on a running loop)."""
 
 
 class RenderError(Exception):
@@ -260,6 +264,17 @@ class Renderer:
             assert on_length_later is not None
             loop.call_soon_threadsafe(on_length_later)
 
+        def written() -> threading.Event:
+            # Set behind the chunks already handed over (call_soon_threadsafe is FIFO),
+            # then once more behind the readers those chunks woke: once the readers have
+            # written them out. Ordering only, for speed; nothing relies on it.
+            event = threading.Event()
+            try:
+                loop.call_soon_threadsafe(loop.call_soon, event.set)
+            except RuntimeError:  # the loop is closed: nobody is writing
+                event.set()
+            return event
+
         sized = spec.voice not in self._unsized
         pool, passes = self._pools(engine)
         try:
@@ -277,6 +292,7 @@ class Renderer:
                 sized,
                 passes,
                 later if on_length_later is not None else None,
+                written,
             )
             if spec.duration is not None:
                 error = abs(audio_seconds - spec.duration) / spec.duration
@@ -349,11 +365,13 @@ def _render_stream(
     sized: bool,
     passes: Executor | None = None,
     later: Callable[[], None] | None = None,
+    written: Callable[[], threading.Event] | None = None,
 ) -> float:
     """In an inference thread: the duration pass (in `passes`, beside the first chunk's
     render), then chunk by chunk, encode and hand over at once. An early render (a
     length-free format whose reader takes the length later) hands over its first chunk,
-    starts the pass, and goes on rendering while it counts."""
+    starts the pass, which begins once the readers have written that chunk out
+    (`written`, set on the event loop), and goes on rendering while it counts."""
     samples = 0
     produced = False
     encoder: StreamEncoder | None = None
@@ -391,8 +409,11 @@ def _render_stream(
                     # thread, before its future is done: the length is handed to the loop
                     # before whatever this thread hands over once it has seen the count.
                     total = None
+                    out = written() if written is not None else None
                     pending = passes.submit(
-                        _then, count, lambda n: announce(_length(engine, spec, n))
+                        _then,
+                        functools.partial(_once_set, out, count),
+                        lambda n: announce(_length(engine, spec, n)),
                     )
                 else:
                     if counting is None:
@@ -436,6 +457,14 @@ def _render_stream(
     except Exception as exc:
         raise RenderError(f"{engine.name} failed: {type(exc).__name__}: {exc}", produced) from exc
     return samples / engine.sample_rate
+
+
+def _once_set(event: threading.Event | None, call: Callable[[], T]) -> T:
+    """`call()` once `event` is set, or after WRITTEN_WAIT_SECONDS: a loop that stopped
+    before setting it (a node shutting down) holds the caller no longer."""
+    if event is not None:
+        event.wait(WRITTEN_WAIT_SECONDS)
+    return call()
 
 
 def _then(count: Callable[[], int | None], then: Callable[[int | None], None]) -> int | None:
