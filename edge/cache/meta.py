@@ -42,7 +42,7 @@ class ObjectMeta:
         return cls(**data)
 
 
-RENDER_REVISION = 4
+RENDER_REVISION = 5
 """What the encoders and the chunking write, as a number: bumped whenever a change makes
 the same spec render to other bytes. 1: streams of unknown length, chunks at sentence
 ends. 2: exact sizes in WAV and FLAC headers from the duration pass, a first chunk that
@@ -53,7 +53,8 @@ the window edges by about 1e-7; Ogg Opus in constant-bitrate packets and fixed p
 (edge.synth.windows.Settings.first_threads), whose float rounding may differ from one
 thread's; every window's vocoder run with 12 frames of context rather than the flow's 32
 (edge.synth.windows.Vocoder); later windows at most 8 times the frames already out, not
-12."""
+12. 5: a first window of 8 frames, not 16, and later windows at most 4 times the frames
+already out, not 8 (edge.synth.windows.Settings)."""
 
 
 def etag_for(key: str, revision: int = RENDER_REVISION) -> str:

@@ -36,10 +36,10 @@ The first window runs on `first_threads` onnxruntime threads, whatever the engin
 (`[synth] ort_threads`, one by default). Nothing else of a render is running while the
 first byte waits for it (edge.synth.renderer starts a length-free render's duration pass
 after the first chunk), so a second core there is time off the first byte. For piper's
-`joe` (16 frames, 48 with the flow's context, 28 with the vocoder's) the first window
-took 36 ms on one thread with the tail whole, 21 ms on two, and 17 ms on two with the
-vocoder cut; the text encoder before it gains nothing from a second thread (its
-thousands of small operators cost more in threads than its convolutions save). The
+`joe` with 16 frames first (48 with the flow's context, 28 with the vocoder's) the first
+window took 36 ms on one thread with the tail whole, 21 ms on two, and 17 ms on two with
+the vocoder cut; with 8 frames first (40 and 20), 14 ms. The text encoder before it runs
+on the same threads for the first piece (edge.synth.durations.Durations.count). The
 count is a constant of the plan, not of the node, since onnxruntime's float rounding may
 depend on how many threads share an operator: every node vocodes the first window alike,
 and the render revision names it. Its sessions sleep rather than spin between runs
@@ -79,17 +79,22 @@ class Settings:
     """How a render's first piece is windowed. Frames are the duration frames (one frame is
     `hop` samples of audio: 256 at 22.05 kHz is 11.6 ms)."""
 
-    first: int = 16
-    """Frames in the first window: what the first byte waits for, with its context."""
+    first: int = 8
+    """Frames in the first window (93 ms of audio at 22.05 kHz): what the first byte waits
+    for, with its context. Measured on `joe`'s first pieces (20 texts, two threads): 16.6
+    ms at 16 frames, 14.1 at 8. Over the 20 export sentences, windowed first pieces at 8
+    frames differ from the whole graph's by 1.2e-5 at most (3.2e-5 at 16)."""
     context: int = 32
     """Frames of context computed on each side of a window and thrown away."""
-    growth: int = 8
+    growth: int = 4
     """Each later window holds at most `growth` times the frames already out: vocoding
     it (at about 0.8 ms a frame on one core for piper's medium voices, more with the
     duration pass counting on the other) takes less time than playing the audio already
     out (11.6 ms a frame). Measured on `joe`'s stream of a one-minute text over the
-    speech API, with the pass beside: at 12 the second window came 24 to 47 ms after the
-    first one's 186 ms of audio had played; at 8 it comes 17 to 42 ms before."""
+    speech API, with the pass beside: after a first window of 16 frames (186 ms of
+    audio), the second came 24 to 47 ms after that audio had played at 12 and 17 to 42
+    ms before it at 8; after a first window of 8 frames (93 ms), 5 to 12 ms before it at
+    8 and 32 to 34 ms before it at 4."""
     tolerance: float = 1e-4
     """Largest difference from the whole tail's samples that warmup accepts (a 16-bit
     step is 3.1e-5; over the 20 export sentences the windows measured 3.2e-6 at the
