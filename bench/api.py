@@ -17,13 +17,21 @@ One real `nearvoice edge` process renders `heart` (hibari) and `joe` (piper) its
    first byte, and the longest the audio ran dry before the next bytes came (a stall).
    Target: no stall over 50 ms (the realtime benchmark's jitter buffer).
 
+Requests are paced: each starts `--pace` seconds (0.2 by default) after the one before
+ends, so every server is measured at rest, as a player arriving at a quiet PoP finds it.
+Back to back, one server's leftovers land on the other's next first byte: the peer's
+onnxruntime threads spin on after each render (its default sessions), and the edge's
+cold `joe` first byte measured 49 to 53 ms right after a peer request against 41 to 43 ms
+paced, while the peer's measured the same either way (125 to 141 ms); alone, the edge
+measures the same paced or not.
+
 For reference only, not measured here: Kokoro-FastAPI documents about 300 ms to first
 audio on a GPU. Timings on a shared, loaded machine are noisy; compare ratios, not
 absolute numbers.
 
 Results: bench-results/api/.
 
-    nearvoice bench api [--requests 20] [--repeats 2] [--long 2]
+    nearvoice bench api [--requests 20] [--repeats 2] [--long 2] [--pace 0.2]
 """
 
 from __future__ import annotations
@@ -148,18 +156,18 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
-async def alternate(items: list[str], first: Timed, second: Timed) -> tuple[list[float], ...]:
-    """Each item through both, alternating which goes first, so load drifts hit both."""
-    a: list[float] = []
-    b: list[float] = []
+async def alternate(
+    items: list[str], first: Timed, second: Timed, pace: float
+) -> tuple[list[float], list[float]]:
+    """Each item through both, alternating which goes first, so load drifts hit both;
+    each request starts `pace` seconds after the one before it ended."""
+    timings: tuple[list[float], list[float]] = ([], [])
+    doors = (first, second)
     for i, item in enumerate(items):
-        if i % 2:
-            b.append(await second(item))
-            a.append(await first(item))
-        else:
-            a.append(await first(item))
-            b.append(await second(item))
-    return a, b
+        for which in (1, 0) if i % 2 else (0, 1):
+            await asyncio.sleep(pace)
+            timings[which].append(await doors[which](item))
+    return timings
 
 
 def start_peer() -> tuple[subprocess.Popen[str], str]:
@@ -228,16 +236,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 await sdk_first_byte(peer_sdk, "Warm up.", "joe", "pcm")
 
                 items = texts(args.requests, "heart")
-                api_cold, url_cold = await alternate(items, api_heart, url_heart)
+                api_cold, url_cold = await alternate(items, api_heart, url_heart, args.pace)
                 api_hit: list[float] = []
                 url_hit: list[float] = []
                 raw_hit: list[float] = []
                 raw_url_hit: list[float] = []
                 for _ in range(args.repeats):
-                    a, u = await alternate(items, api_heart, url_heart)
+                    a, u = await alternate(items, api_heart, url_heart, args.pace)
                     api_hit += a
                     url_hit += u
-                    a, u = await alternate(items, raw_heart, url_heart)
+                    a, u = await alternate(items, raw_heart, url_heart, args.pace)
                     raw_hit += a
                     raw_url_hit += u
                 report["heart_mp3"] = {
@@ -265,11 +273,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     return await sdk_first_byte(peer_sdk, text, "joe", "pcm")
 
                 items = texts(args.requests, "joe")
-                edge_cold, peer_cold = await alternate(items, edge_joe, peer_joe)
+                edge_cold, peer_cold = await alternate(items, edge_joe, peer_joe, args.pace)
                 edge_hit: list[float] = []
                 peer_again: list[float] = []
                 for _ in range(args.repeats):
-                    e, p = await alternate(items, edge_joe, peer_joe)
+                    e, p = await alternate(items, edge_joe, peer_joe, args.pace)
                     edge_hit += e
                     peer_again += p
                 report["joe_pcm_edge_vs_openai_peer"] = {
@@ -314,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         "--synth-workers", type=int, default=0, help="the edge's [synth] workers (0: one per core)"
     )
     parser.add_argument("--ort-threads", type=int, default=1, help="the edge's [synth] ort_threads")
+    parser.add_argument(
+        "--pace", type=float, default=0.2, help="seconds between one request's end and the next"
+    )
     args = parser.parse_args(argv)
     report = asyncio.run(run(args))
     print(json.dumps(report, indent=2))
@@ -321,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         "requests": args.requests,
         "repeats": args.repeats,
         "long": args.long,
+        "pace_seconds": args.pace,
         "edge_synth": {"workers": args.synth_workers, "ort_threads": args.ort_threads},
         "targets": {
             "heart_mp3.cold_p50_api_over_url": 1.1,

@@ -1,10 +1,11 @@
-"""bench/api.py's stall measure: how long played audio runs dry between arrivals."""
+"""bench/api.py's pure parts: the stall measure (how long played audio runs dry between
+arrivals) and the alternation of the two doors it compares."""
 
 from __future__ import annotations
 
 import pytest
 
-from nearvoice.bench.api import longest_dry
+from nearvoice.bench.api import alternate, longest_dry
 
 RATE = 1000.0  # bytes per second: 1000 bytes are one second of audio
 
@@ -22,3 +23,18 @@ def test_a_late_arrival_is_the_time_past_the_end_of_what_had_come() -> None:
     arrivals = [(0.0, 200), (0.5, 100), (0.9, 1000)]
     assert longest_dry(arrivals, RATE) == pytest.approx(0.6)  # 0.9 - (200 + 100) / 1000
     assert longest_dry(arrivals[:2], RATE) == pytest.approx(0.3)
+
+
+async def test_alternate_takes_turns_going_first_and_keeps_each_doors_timings() -> None:
+    calls: list[tuple[str, str]] = []
+
+    def door(name: str):  # type: ignore[no-untyped-def]
+        async def timed(item: str) -> float:
+            calls.append((name, item))
+            return float(len(calls))
+
+        return timed
+
+    a, b = await alternate(["x", "y", "z"], door("a"), door("b"), 0.0)
+    assert calls == [("a", "x"), ("b", "x"), ("b", "y"), ("a", "y"), ("a", "z"), ("b", "z")]
+    assert a == [1.0, 4.0, 5.0] and b == [2.0, 3.0, 6.0]
