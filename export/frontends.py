@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from nearvoice.edge.synth.engine import Audio
+from nearvoice.edge.synth.piper_engine import phonemize
 from nearvoice.edge.synth.vits_engine import VITS_SIDECAR, vits_feeds
 from nearvoice.edge.synth.vits_text import CharTokenizer, UnsupportedTokenizer, chunks
 from nearvoice.export.errors import CorruptModel, ModelNotFound, UnsupportedArchitecture
@@ -69,7 +70,7 @@ class PiperFrontend(Frontend):
         voice = self._voice
         scales = np.array([0.0, voice.config.length_scale, 0.0], dtype=np.float32)
         feeds: list[Feeds] = []
-        for phonemes in voice.phonemize(text):
+        for phonemes in phonemize(voice, text):
             ids = np.array([voice.phonemes_to_ids(phonemes)], dtype=np.int64)
             feed: Feeds = {
                 "input": ids,

@@ -196,3 +196,14 @@ def test_wav_of_a_render_decodes(engine: PiperEngine) -> None:
     assert rate == RATE
     assert len(samples) == len(audio)
     assert np.max(np.abs(samples - audio)) < 1e-3
+
+
+@pytest.mark.parametrize("before", ["Dr..", "I met Mr..", "It is 3.5..", "See e.g.."])
+def test_a_text_leaves_nothing_in_espeak_for_the_next_one(engine: PiperEngine, before: str) -> None:
+    """espeak-ng is process-wide and keeps state between calls: what one request's text
+    leaves there must not reach the next request's phonemes."""
+    loaded = engine._voice("joe")
+    clean = list(engine._pieces(loaded, "Hello there."))
+    counted = engine.samples(before, "joe", 1.0)
+    assert counted == sum(len(a) for a in engine.stream(before, "joe", 1.0, 0))
+    assert list(engine._pieces(loaded, "Hello there.")) == clean
