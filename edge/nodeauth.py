@@ -141,9 +141,7 @@ class NonceStore:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(path, timeout=1.0, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=OFF")
-            db.execute("CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, until REAL)")
+            _open_shared(db)
             self._db = db
             os.chmod(path, 0o600)
 
@@ -172,6 +170,30 @@ class NonceStore:
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
+
+
+OPEN_SECONDS = 10.0
+"""How long a worker opening the nonce file keeps trying while the others open it too."""
+
+
+def _open_shared(db: sqlite3.Connection) -> None:
+    """WAL, no fsync, and the table, on a file that every worker opens at once when a node
+    starts. Switching the journal to WAL takes the file exclusively, and SQLite answers a
+    second opener "database is locked" at once rather than through its busy timeout
+    while the first one is switching or recovering, so the opening is retried until
+    OPEN_SECONDS. The mode is stored in the file: only its first opener switches it."""
+    deadline = time.monotonic() + OPEN_SECONDS
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=OFF")
+            db.execute("CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, until REAL)")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class NodeVerifier:

@@ -5,6 +5,7 @@ shared by a node's workers through SQLite), and the first format accepted only w
 
 from __future__ import annotations
 
+import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -178,3 +179,29 @@ async def test_a_configured_audience_accepts_the_balancers_name(
     exact = URL(f"http://127.0.0.1:{client.port}{url}", encoded=True)
     async with client.session.get(exact, headers=header) as resp:
         assert resp.status == 503
+
+
+def _open_at_once(path: str, barrier: Any, results: Any) -> None:
+    barrier.wait(30)
+    try:
+        NonceStore(Path(path)).close()
+        results.put("opened")
+    except Exception as exc:  # reported to the test, which names it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_workers_opening_a_new_nonce_file_at_once_all_open_it(tmp_path: Path) -> None:
+    """A node's workers start together and open the same new file: none may fail."""
+    context = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        path = str(tmp_path / f"nonces-{round_}.sqlite")
+        barrier, results = context.Barrier(6), context.Queue()
+        workers = [
+            context.Process(target=_open_at_once, args=(path, barrier, results)) for _ in range(6)
+        ]
+        for worker in workers:
+            worker.start()
+        outcomes = [results.get(timeout=60) for _ in workers]
+        for worker in workers:
+            worker.join(30)
+        assert outcomes == ["opened"] * 6
