@@ -23,8 +23,8 @@ the loop writes it out (the pass starts by phonemizing, and espeak-ng keeps the 
 the render goes on beside the pass rather than waiting for it: the stream of a long
 text does not pause for its count after the first chunk. The length comes when the pass
 ends, and a render that passes it stops there. The render then checks that the engine
-produced exactly that many samples. If the pass and the render ever disagree, the object is aborted
-(never padded or cut to fit), the mismatch is counted in
+produced exactly that many samples. If the pass and the render ever disagree, the object
+is aborted (never padded or cut to fit), the mismatch is counted in
 `nearvoice_length_mismatches_total`, and that voice's lengths are treated as unknown from
 then on in this process, until the disagreement is fixed.
 

@@ -97,8 +97,8 @@ class Settings:
     8 and 32 to 34 ms before it at 4."""
     tolerance: float = 1e-4
     """Largest difference from the whole tail's samples that warmup accepts (a 16-bit
-    step is 3.1e-5; over the 20 export sentences the windows measured 3.2e-6 at the
-    median and 3.2e-5 at most)."""
+    step is 3.1e-5; over the 20 export sentences the windows measure 1.4e-6 at the
+    median and 1.2e-5 at most)."""
     first_threads: int = 2
     """onnxruntime threads that vocode the first window, on every node (see above)."""
     vocoder_context: int = 12
