@@ -324,7 +324,7 @@ def test_a_first_piece_is_counted_on_the_first_windows_threads_as_on_the_engines
     first, own = durations._first_session(graph), durations._session(graph)
     options = first.get_session_options()
     assert options.intra_op_num_threads == Settings().first_threads == 2
-    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert own.get_session_options().intra_op_num_threads == 1
     for text in (*SENTENCES[:8], " ".join(SENTENCES)):
         feeds = first_feeds(joe, text)

@@ -169,7 +169,7 @@ def test_the_first_piece_comes_in_windows_and_the_render_keeps_its_length() -> N
     assert [a.tobytes() for a in again.stream(text, "joe", 1.0, 0)] == [a.tobytes() for a in audio]
 
 
-def test_the_first_window_runs_on_its_own_threads_and_stops_spinning_after_each_run(
+def test_the_first_window_runs_on_its_own_threads_and_sleeps_between_runs(
     joe_rest: tuple[object, windows.Tail, PiperEngine],
 ) -> None:
     _, tail, _ = joe_rest
@@ -177,7 +177,7 @@ def test_the_first_window_runs_on_its_own_threads_and_stops_spinning_after_each_
     for first in (sessions.first.front, sessions.first.back):
         options = first.get_session_options()
         assert options.intra_op_num_threads == Settings().first_threads == 2
-        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     for other in (sessions.head, sessions.tail.front, sessions.tail.back):  # the engine's own
         assert other.get_session_options().intra_op_num_threads == 1
 

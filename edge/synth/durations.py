@@ -232,12 +232,10 @@ class Durations:
         render running beside it (edge.synth.renderer). It runs on the first window's
         threads (`windows.Settings.first_threads`), as the first window after it does:
         piper's `joe`, first sentences of about 100 ids, 23.4 ms on one thread and 18.7 ms
-        on two (p50, runs interleaved, the threads sleeping between operators); 17.2 ms
-        against 19.6 in another run when they spin between operators and stop after the
-        run (edge.synth.providers.session). Either count is the other bit for bit (its
-        operators split their work by output, never a sum), which warmup checks
-        (`check_first`): the pass and the render may count the same piece, and whichever
-        does must give the same handoff."""
+        on two (p50, runs interleaved, sessions sleeping between runs). Either count is
+        the other bit for bit (its operators split their work by output, never a sum),
+        which warmup checks (`check_first`): the pass and the render may count the same
+        piece, and whichever does must give the same handoff."""
         graph = self.graph()
         if graph is None or self.broken is not None:
             return None
@@ -258,7 +256,7 @@ class Durations:
 
     def _first_session(self, graph: DurationGraph) -> Any:
         """This thread's session of the part for first pieces (see `count`): on the first
-        window's threads, idle between runs as the first window's sessions are."""
+        window's threads, sleeping between runs as the first window's sessions do."""
         if (
             self.first_alike is not None
             or self._windows is None
@@ -268,8 +266,7 @@ class Durations:
         sess = getattr(self._local, "first", None)
         if sess is None:
             threads = self._windows.first_threads
-            sess = session(graph.model, threads, self._providers, spin_after=False)
-            self._local.first = sess
+            sess = self._local.first = session(graph.model, threads, self._providers, spin=False)
         return sess
 
     def check_first(self, feeds: Feeds) -> None:

@@ -81,31 +81,25 @@ def with_profile(providers: list[Any], profile: dict[str, str]) -> list[Any]:
 
 
 def session(
-    model: Path | str | bytes, threads: int, providers: list[Any], spin_after: bool = True
+    model: Path | str | bytes, threads: int, providers: list[Any], spin: bool = True
 ) -> Any:
     """An onnxruntime session as every engine runs one, and as `nearvoice export` times
     one: `threads` intra- and inter-op threads, sequential execution (the owner sizes
     its pool so threads times workers fits the cores), errors-only logging. `model` is a
     file or a serialized model (the duration pass's part of a graph).
 
-    A session of more than one thread hands each operator's work to its pool, whose
-    threads spin between operators rather than sleep and be woken for the next one.
-    `spin_after=False` stops them spinning as soon as a run returns
-    (`session.force_spinning_stop`), instead of onnxruntime's default of spinning on,
-    waiting for a next run: for a session that runs now and then beside the node's other
-    work (the first window, edge.synth.windows), whose idle threads would otherwise take
-    a core from the renders and passes beside it. Measured on piper's `joe` (two threads,
-    the first piece's count and first window): spinning on burns about 40 ms of a core
-    after every run; sleeping between operators too costs about 4 ms of the first piece's
-    35 (p50, runs interleaved)."""
+    `spin=False` makes the session's pool threads sleep between runs instead of spinning
+    for the next one: for a session that runs now and then beside the node's other work
+    (edge.synth.windows's first window), whose idle threads would otherwise take cores
+    from the renders and passes running beside it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
-    if not spin_after:
-        options.add_session_config_entry("session.force_spinning_stop", "1")
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=providers)
 

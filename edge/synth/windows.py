@@ -42,9 +42,9 @@ the vocoder cut; with 8 frames first (40 and 20), 14 ms. The text encoder before
 on the same threads for the first piece (edge.synth.durations.Durations.count). The
 count is a constant of the plan, not of the node, since onnxruntime's float rounding may
 depend on how many threads share an operator: every node vocodes the first window alike,
-and the render revision names it. Its sessions' threads spin between operators during
-a run and stop when it returns (edge.synth.providers.session), so their idle threads take
-nothing from the renders beside them.
+and the render revision names it. Its sessions sleep rather than spin between runs
+(edge.synth.providers.session), so their idle threads take nothing from the renders
+beside them.
 """
 
 from __future__ import annotations
@@ -344,17 +344,17 @@ class Windowed:
             sessions = self._local.sessions = Sessions(
                 head=session(self._cut.head, self._threads, self._providers),
                 tail=self._stage(self._threads),
-                first=self._stage(self.settings.first_threads, spin_after=False),
+                first=self._stage(self.settings.first_threads, spin=False),
             )
         return sessions
 
-    def _stage(self, threads: int, spin_after: bool = True) -> Stage:
+    def _stage(self, threads: int, spin: bool = True) -> Stage:
         vocoder, providers = self._cut.vocoder, self._providers
         if vocoder is None:
-            return Stage(None, session(self._cut.tail, threads, providers, spin_after))
+            return Stage(None, session(self._cut.tail, threads, providers, spin))
         return Stage(
-            session(vocoder.front, threads, providers, spin_after),
-            session(vocoder.back, threads, providers, spin_after),
+            session(vocoder.front, threads, providers, spin),
+            session(vocoder.back, threads, providers, spin),
         )
 
     def run(self, feeds: Feeds, frames: int) -> Iterator[npt.NDArray[np.float32]]:
