@@ -42,7 +42,7 @@ class ObjectMeta:
         return cls(**data)
 
 
-RENDER_REVISION = 5
+RENDER_REVISION = 6
 """What the encoders and the chunking write, as a number: bumped whenever a change makes
 the same spec render to other bytes. 1: streams of unknown length, chunks at sentence
 ends. 2: exact sizes in WAV and FLAC headers from the duration pass, a first chunk that
@@ -54,7 +54,9 @@ the window edges by about 1e-7; Ogg Opus in constant-bitrate packets and fixed p
 thread's; every window's vocoder run with 12 frames of context rather than the flow's 32
 (edge.synth.windows.Vocoder); later windows at most 8 times the frames already out, not
 12. 5: a first window of 8 frames, not 16, and later windows at most 4 times the frames
-already out, not 8 (edge.synth.windows.Settings)."""
+already out, not 8 (edge.synth.windows.Settings). 6: piper's layer norms run as one
+operator each on the CPU (edge.synth.fusion), which moves the duration pass's outputs by
+about 1e-6."""
 
 
 def etag_for(key: str, revision: int = RENDER_REVISION) -> str:

@@ -42,7 +42,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from nearvoice.edge.synth import windows
+from nearvoice.edge.synth import fusion, windows
 from nearvoice.edge.synth.onnxgraph import behind, build_model, reads_of
 from nearvoice.edge.synth.providers import session
 from nearvoice.edge.synth.windows import Windowed
@@ -83,12 +83,14 @@ class DurationGraph:
     rest_inputs: frozenset[str] = frozenset()
 
 
-def extract(path: Path, split: bool = False) -> DurationGraph:
+def extract(path: Path, split: bool = False, fuse: bool = False) -> DurationGraph:
     """Cuts the frame-count part out of the ONNX model at `path`; with `split`, the rest
-    of the graph too, as a second model fed with what the part hands off."""
+    of the graph too, as a second model fed with what the part hands off. With `fuse`,
+    both are cut from the model with its layer norms fused (edge.synth.fusion), as the
+    engine's whole-graph sessions then load it."""
     import onnx
 
-    model = onnx.load(str(path))
+    model = fusion.load(path) if fuse else onnx.load(str(path))
     graph = model.graph
     producers = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
     rounding = {i for i, node in enumerate(graph.node) if node.op_type in ROUNDING}
@@ -185,9 +187,13 @@ class Durations:
         samples_per_frame: Callable[[DurationGraph], int],
         split: bool = False,
         window_settings: windows.Settings | None = None,
+        fuse: bool = False,
     ) -> None:
         self._path = model
         self._split = split
+        self.fuse = fuse
+        """Whether the parts are cut from the model with its layer norms fused (`extract`):
+        the engine's whole-graph sessions must load it so too."""
         self._threads = threads
         self._providers = providers
         self._per_frame = samples_per_frame
@@ -213,7 +219,7 @@ class Durations:
             with self._lock:
                 if self._graph is None and self.broken is None:
                     try:
-                        graph = extract(self._path, self._split)
+                        graph = extract(self._path, self._split, self.fuse)
                         self._scale = self._per_frame(graph)
                         self._graph = graph
                     except Exception as exc:  # unreadable graphs too (onnx's own errors)
@@ -231,8 +237,9 @@ class Durations:
         `first`: the count a render's first piece waits for, with nothing else of the
         render running beside it (edge.synth.renderer). It runs on the first window's
         threads (`windows.Settings.first_threads`), as the first window after it does:
-        piper's `joe`, first sentences of about 100 ids, 23.4 ms on one thread and 18.7 ms
-        on two (p50, runs interleaved, sessions sleeping between runs). Either count is
+        piper's `joe`, first sentences of about 100 ids, 21.3 to 21.7 ms on one thread and
+        16.6 to 17.4 ms on two, layer norms fused (p50, runs interleaved, sessions sleeping
+        between runs). Either count is
         the other bit for bit (its operators split their work by output, never a sum),
         which warmup checks (`check_first`): the pass and the render may count the same
         piece, and whichever does must give the same handoff."""

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nearvoice.edge.synth import capability, hints, windows
+from nearvoice.edge.synth import capability, fusion, hints, windows
 from nearvoice.edge.synth.chunking import split_chunks
 from nearvoice.edge.synth.durations import Counted, DurationGraph, Durations, Feeds
 from nearvoice.edge.synth.engine import Audio
@@ -134,6 +134,8 @@ class PiperEngine:
     rest of the graph on what the pass handed off (`edge.synth.durations`), every node
     once, the same samples as the whole graph (warmup checks it, else renders run the
     whole graph). On GPU providers the whole graph renders and the pass runs beside it.
+    On the CPU every session loads the model with its layer norms as one operator each
+    (edge.synth.fusion), the whole graph's as the parts'.
     """
 
     name = ENGINE_NAME
@@ -185,7 +187,13 @@ class PiperEngine:
         split = providers == ["CPUExecutionProvider"]
         windowed = windows.Settings() if split else None
         return Durations(
-            self._model_path(voice), self._threads, providers, per_frame, split, windowed
+            self._model_path(voice),
+            self._threads,
+            providers,
+            per_frame,
+            split,
+            windowed,
+            fuse=split,
         )
 
     def _providers_for(self, voice: str) -> list[Any]:
@@ -240,7 +248,9 @@ class PiperEngine:
         loaded = self._voice(voice)
         if loaded.session is None:
             path, providers = self._model_path(voice), self._providers_for(voice)
-            loaded.session = session(path, self._threads, providers)
+            # The model the duration pass and the rest are cut from (edge.synth.fusion).
+            model = fusion.fused(path) if self._durations[voice].fuse else path
+            loaded.session = session(model, self._threads, providers)
         return loaded.session
 
     def model_id(self, voice: str) -> str:
