@@ -266,10 +266,11 @@ def test_piper_over_http_matches_the_local_engine_up_to_normalization(
 ) -> None:
     """Both run piper with zero noise, so the server is deterministic, and its samples are
     the local engine's, peak-normalized per sentence (the server always normalizes; the
-    local engine never does) and quantized to 16 bits. The match is exact when both use
-    the same onnxruntime thread count (the server uses its default, one per core); float
-    rounding under other thread counts can move a sample by one step (observed at speed
-    2.0 with the local engine on one thread), hence the tolerance of 1."""
+    local engine never does) and quantized to 16 bits, up to float rounding: the local
+    engine runs the model with its layer norms as one operator each (edge.synth.fusion)
+    and the server as exported, on its default thread count. Measured: at most 2 steps
+    apart, in 2.2%, 1.6% and 1.1% of the samples at speeds 1.0, 1.25 and 2.0. An adapter
+    that got the rate, the speed or the sample format wrong would differ everywhere."""
     engine = piper_engine(piper_server)
     for speed in (1.0, 1.25, 2.0):
         first = as_int16(np.concatenate(list(engine.stream(PIPER_TEXT, "joe-http", speed, 0))))
@@ -279,8 +280,8 @@ def test_piper_over_http_matches_the_local_engine_up_to_normalization(
         expected = piper_server_int16(list(local_piper._stream(PIPER_TEXT, "joe", speed)))
         assert len(first) == len(expected)
         diff = np.abs(first.astype(np.int32) - expected.astype(np.int32))
-        assert int(diff.max()) <= 1, speed
-        assert np.count_nonzero(diff) <= len(diff) // 100, speed
+        assert int(diff.max()) <= 2, speed
+        assert np.count_nonzero(diff) <= len(diff) // 25, speed
         # ...and not the local engine's own, unnormalized, samples
         raw = np.concatenate(list(local_piper.stream(PIPER_TEXT, "joe", speed, 0)))
         assert not np.array_equal(first, np.round(raw * 32767).astype(np.int16))
