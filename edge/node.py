@@ -422,29 +422,35 @@ class Node:
                 del self._purging[key]
 
     async def _purge(self, key: str) -> bool:
-        self.forget(key)
+        forgotten = self.forget(key)
         loop = asyncio.get_running_loop()
         removed = await loop.run_in_executor(self.io, self.store.delete, key)
         persistent = self.producer.persistent
         if persistent is not None:
             removed = await loop.run_in_executor(self.io, persistent.delete, key) or removed
+        for fill in forgotten:  # a write it raced with lands and is undone first
+            await fill.settled()
         await loop.run_in_executor(self.io, self.purges.bump)
         return removed
 
-    def forget(self, key: str) -> None:
+    def forget(self, key: str) -> list[Fill]:
         """Drops what this worker holds of `key` in memory: its hot entry, its hot-key
         counter, lookups of it waiting on the disk (they must not refill the hot tier) and
         its fills, which must neither commit nor be joined after this (their bytes are
         exactly what is being purged). Fills under way keep streaming to the listeners
-        they have. Called by `purge`, and by a sibling worker's purge (edge.workers)."""
+        they have. Called by `purge`, and by a sibling worker's purge (edge.workers).
+        Returns the fills it marked, whose writes the purge waits for (`Fill.settled`)."""
         self.hot.drop(key)
         for read in self._reading.get(key, ()):
             read.purged = True
         self.hotkeys.discard(key)
+        marked: list[Fill] = []
         for name in (key, f"draft:{key}"):
             fill = self._fills.pop(name, None)
             if fill is not None:
                 fill.purged = True
+                marked.append(fill)
+        return marked
 
     async def flush_recency(self) -> None:
         keys, self._recent = self._recent, set()

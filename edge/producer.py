@@ -121,7 +121,9 @@ class Producer:
         """Fills `fill` and commits the result. Never raises: failures mark the fill."""
         try:
             if await self._from_persistent(fill, grant):
-                fill.finish(await self._commit(fill, grant))
+                async with fill.writing():
+                    meta = await self._commit(fill, grant)
+                fill.finish(meta)
                 return
             choice = self.choose(grant)
             if isinstance(choice, UpstreamReason):
@@ -144,8 +146,9 @@ class Producer:
                     f"the object ended at {fill.size} of the {fill.length} bytes announced",
                     retry_after=RENDER_RETRY_AFTER,
                 )
-            meta = await self._commit(fill, grant)
-            await self._persist(meta, fill)
+            async with fill.writing():  # a purge meanwhile waits for it (Fill.settled)
+                meta = await self._commit(fill, grant)
+                await self._persist(meta, fill)
             fill.finish(meta)
             if fill.stored:
                 for hook in self.on_stored:
@@ -185,6 +188,9 @@ class Producer:
         except Exception as exc:  # full, read-only or broken: logged and counted
             log.error("persistent store %s refused %s: %s", self.persistent.name, meta.key, exc)
             self.metrics.store_errors.inc()
+            return
+        if fill.is_purged():  # purged while the write ran: undo it, as _commit does
+            await loop.run_in_executor(self.io, self.persistent.delete, meta.key)
 
     async def _render(self, fill: Fill, grant: Grant, engine: Engine) -> None:
         assert self.renderer is not None

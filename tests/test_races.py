@@ -110,6 +110,56 @@ async def test_a_purge_right_after_a_fill_is_not_undone_by_the_lingering_fill(
     assert state["hits"] == 2
 
 
+async def test_a_purge_answers_only_once_a_commit_it_raced_with_is_undone(
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sequence behind the test above's rare failure: the client has read the whole
+    body (its length was known), the fill is still writing it to the disk store, the
+    purge's delete runs first and finds nothing, then the write lands. Its producer
+    deletes it again; the purge must not answer before that, or the next request reads
+    the purged bytes. The store's own put and delete run, held and logged here."""
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, TOKEN)
+    state: dict[str, Any] = {"hits": 0, "body": b"OLD" * 400}
+    base = await upstream(aiohttp_server, state)
+    app = create_app(make_config(tmp_path, upstreams=(base,)), KEYRING, engines=[])
+    client = await aiohttp_client(app)
+    store = node_of(app).store
+    put, delete = store.put, store.delete
+    writing, landed = threading.Event(), threading.Event()
+    log: list[str] = []
+
+    def held_put(meta: ObjectMeta, body: bytes) -> int:
+        writing.set()
+        landed.wait(10)  # until the purge's delete has run
+        evicted = put(meta, body)
+        log.append("put")
+        return evicted
+
+    def logged_delete(key: str) -> bool:
+        removed = delete(key)
+        log.append("delete")
+        landed.set()  # the write lands after the purge's delete: the race
+        return removed
+
+    monkeypatch.setattr(store, "put", held_put)
+    monkeypatch.setattr(store, "delete", logged_delete)
+    spec = joe("purged while committing")
+    _, first, _ = await get(client, sign(KEYRING, spec))
+    assert first == b"OLD" * 400
+    assert await asyncio.to_thread(writing.wait, 10)
+    state["body"] = b"NEW" * 400
+    async with client.post("/admin/purge", json={"keys": [spec.key]}, headers=ADMIN) as resp:
+        assert resp.status == 200
+    log.append("answered")
+    assert log == ["delete", "put", "delete", "answered"]
+    assert store.open(spec.key, 0).outcome is Outcome.MISS
+    status, second, _ = await get(client, sign(KEYRING, spec))
+    assert (status, second) == (200, b"NEW" * 400)
+
+
 async def test_prefetch_refills_stale_objects_and_keeps_no_descriptor(
     aiohttp_client: AiohttpClient,
     aiohttp_server: AiohttpServer,

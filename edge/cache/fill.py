@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from enum import Enum, auto
@@ -78,6 +79,9 @@ class Fill:
         """Hex digest of the complete body, once someone has computed it."""
         self.purged = False
         """Set by a purge: the object must not be committed or joined any more."""
+        self._writes = 0
+        self._written = asyncio.Event()
+        self._written.set()
         self.meta: ObjectMeta | None = None
         self.error: FillFailed | None = None
         self.first_byte_at: float | None = None
@@ -162,6 +166,26 @@ class Fill:
 
     def is_purged(self) -> bool:
         return self.purged
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """Around the producer's writes of this object to the stores, and its undoing of
+        them when a purge lands meanwhile (`settled`)."""
+        self._writes += 1
+        self._written.clear()
+        try:
+            yield
+        finally:
+            self._writes -= 1
+            if not self._writes:
+                self._written.set()
+
+    async def settled(self) -> None:
+        """Returns once no write of this object is under way. A purge marks the fill and
+        deletes the object, but a write already in a store's thread can land after that
+        delete; its producer sees the mark and deletes it again. The purge waits here
+        before it answers, or a request right after it could read the purged bytes."""
+        await self._written.wait()
 
     def is_running(self) -> bool:
         return self.state is FillState.RUNNING

@@ -136,7 +136,8 @@ async def purge(request: web.Request) -> web.Response:
         raise BadRequest("bad_keys", "keys must be 64 lowercase hex characters")
     node = request.app[NODE]
     for key in keys:
-        node.forget(key)
+        for fill in node.forget(key):
+            await fill.settled()  # (edge.node.Node._purge)
     return web.json_response({"forgot": len(keys)})
 
 
