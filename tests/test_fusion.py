@@ -204,3 +204,11 @@ def test_joe_renders_from_the_fused_model_on_the_cpu() -> None:
 def test_other_providers_get_the_model_as_exported() -> None:
     engine = PiperEngine(providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert not engine._durations["joe"].fuse
+
+
+def test_the_fused_file_is_the_fused_model_and_goes_away_after(joe_path: Path) -> None:
+    with fusion.fused_file(joe_path) as fused:
+        assert fused.name == joe_path.name and fused.parent != joe_path.parent
+        assert ops(onnx.load(str(fused)))["LayerNormalization"] == 36
+        assert ops(onnx.load(str(joe_path)))["LayerNormalization"] == 0  # source untouched
+    assert not fused.exists() and not fused.parent.exists()

@@ -248,9 +248,12 @@ class PiperEngine:
         loaded = self._voice(voice)
         if loaded.session is None:
             path, providers = self._model_path(voice), self._providers_for(voice)
-            # The model the duration pass and the rest are cut from (edge.synth.fusion).
-            model = fusion.fused(path) if self._durations[voice].fuse else path
-            loaded.session = session(model, self._threads, providers)
+            if self._durations[voice].fuse:
+                # The model the duration pass and the rest are cut from (edge.synth.fusion).
+                with fusion.fused_file(path) as fused:
+                    loaded.session = session(fused, self._threads, providers)
+            else:
+                loaded.session = session(path, self._threads, providers)
         return loaded.session
 
     def model_id(self, voice: str) -> str:
