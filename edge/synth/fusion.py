@@ -38,16 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-NORM_OPS = ("ReduceMean", "Sub", "Pow", "ReduceMean", "Add", "Sqrt", "Div", "Mul", "Add")
-"""The decomposed layer norm, in the order torch.onnx exports `F.layer_norm` below 17."""
-
 
 @dataclass(frozen=True, slots=True)
 class Norm:
     """One decomposed layer norm found in a graph."""
 
     nodes: tuple[int, ...]
-    """Indices of its nine operators, in `NORM_OPS` order."""
+    """Indices of its nine operators, in the order torch.onnx exports `F.layer_norm`
+    below opset 17: ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add."""
     x: str
     scale: str
     bias: str
