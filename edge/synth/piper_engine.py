@@ -250,7 +250,7 @@ class PiperEngine:
             path, providers = self._model_path(voice), self._providers_for(voice)
             if self._durations[voice].fuse:
                 # The model the duration pass and the rest are cut from (edge.synth.fusion).
-                with fusion.fused_file(path) as fused:
+                with fusion.fused_source(path) as fused:
                     loaded.session = session(fused, self._threads, providers)
             else:
                 loaded.session = session(path, self._threads, providers)
