@@ -134,6 +134,25 @@ def test_anything_but_the_exact_pattern_is_left_as_it_was(changed: dict[str, Any
     assert model.SerializeToString() == before
 
 
+def test_a_value_a_subgraph_reads_is_not_fused_away() -> None:
+    model = norm_model()
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["centred"], ["seen"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("seen", TensorProto.FLOAT, None)],
+    )
+    graph = model.graph
+    graph.input.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+    graph.node.append(
+        helper.make_node("If", ["flag"], ["peek"], then_branch=branch, else_branch=branch)
+    )
+    graph.output.append(helper.make_tensor_value_info("peek", TensorProto.FLOAT, None))
+    before = model.SerializeToString()
+    assert fusion.fuse(model) == 0
+    assert model.SerializeToString() == before
+
+
 def test_a_graph_without_layer_norms_is_unchanged() -> None:
     graph = helper.make_graph(
         [helper.make_node("Relu", ["x"], ["y"])],

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nearvoice.edge.synth.onnxgraph import reads_of
+
 log = logging.getLogger("nearvoice.fusion")
 
 
@@ -112,7 +114,7 @@ def fuse(model: Any) -> int:
     # Each fused operator takes the place of its last node: its inputs are computed
     # before the first one, so the order stays topological.
     nodes = [made.get(i, node) for i, node in enumerate(graph.node) if i not in gone or i in made]
-    read = {name for node in nodes for name in node.input}
+    read = {name for node in nodes for name in reads_of(node)}
     read |= {output.name for output in graph.output}
     nodes = [n for n in nodes if n.op_type != "Constant" or any(o in read for o in n.output)]
     del graph.node[:]
@@ -124,7 +126,7 @@ def find(graph: Any) -> Iterator[Norm]:
     """The decomposed layer norms in `graph`, as `fuse` matches them."""
     readers: dict[str, list[int]] = {}
     for i, node in enumerate(graph.node):
-        for name in node.input:
+        for name in reads_of(node):  # (subgraphs' reads of outer names count)
             readers.setdefault(name, []).append(i)
     for output in graph.output:
         readers.setdefault(output.name, []).append(-1)
