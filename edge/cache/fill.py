@@ -79,8 +79,8 @@ class Fill:
         """Hex digest of the complete body, once someone has computed it."""
         self.purged = False
         """Set by a purge: the object must not be committed or joined any more."""
-        self._writes = 0
         self._written = asyncio.Event()
+        """Clear while the producer writes the object to the stores (`writing`)."""
         self._written.set()
         self.meta: ObjectMeta | None = None
         self.error: FillFailed | None = None
@@ -171,14 +171,11 @@ class Fill:
     async def writing(self) -> AsyncIterator[None]:
         """Around the producer's writes of this object to the stores, and its undoing of
         them when a purge lands meanwhile (`settled`)."""
-        self._writes += 1
         self._written.clear()
         try:
             yield
         finally:
-            self._writes -= 1
-            if not self._writes:
-                self._written.set()
+            self._written.set()
 
     async def settled(self) -> None:
         """Returns once no write of this object is under way. A purge marks the fill and
