@@ -3,6 +3,7 @@ the whole tail, and the engine's first piece in windows."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_the_cut_takes_the_flow_and_the_vocoder_and_stops_at_the_expansion(
     assert tail.feeds == frozenset({"scales"})  # the noise scale, read as given
 
 
-def test_the_vocoder_is_cut_at_its_first_upsampling(
+def test_the_vocoder_is_cut_at_each_upsampling(
     joe_rest: tuple[object, windows.Tail, PiperEngine],
 ) -> None:
     import onnx
@@ -98,14 +99,97 @@ def test_the_vocoder_is_cut_at_its_first_upsampling(
     vocoder = tail.vocoder
     assert vocoder is not None
     front = onnx.load_from_string(vocoder.front).graph
-    back = onnx.load_from_string(vocoder.back).graph
+    stages = [onnx.load_from_string(stage.model).graph for stage in vocoder.stages]
     assert "ConvTranspose" not in {node.op_type for node in front.node}
-    assert back.node[0].op_type == "ConvTranspose"
-    assert len(front.node) + len(back.node) == tail.nodes  # every node once
-    # One tensor crosses: the first upsampling's input, at the frame rate.
-    assert vocoder.joints == (back.node[0].input[0],)
+    assert len(stages) == 3  # piper's medium voices upsample 8, 8 and 4 times
+    for stage in stages:  # each starts at an upsampling and holds only that one
+        assert stage.node[0].op_type == "ConvTranspose"
+        assert [node.op_type for node in stage.node].count("ConvTranspose") == 1
+    assert len(front.node) + sum(len(stage.node) for stage in stages) == tail.nodes
+    # One tensor crosses each cut: the upsampling's input.
+    assert vocoder.joints == vocoder.stages[0].inputs == (stages[0].node[0].input[0],)
     assert [o.name for o in front.output] == list(vocoder.joints)
+    for before, after, graph in zip(vocoder.stages, vocoder.stages[1:], stages[1:], strict=False):
+        assert before.outputs == after.inputs == (graph.node[0].input[0],)
+    assert vocoder.stages[-1].outputs == ("output",)
     assert vocoder.back_inputs == frozenset()  # nothing else of the tail's inputs
+
+
+def test_a_later_stage_that_reads_more_than_the_stage_before_is_not_cut_off() -> None:
+    """An upsampling part that reads a tensor from before the stage ahead of it (here a
+    scale that the tail takes as an input) cannot run on that stage's window alone: it
+    stays in that stage."""
+    plain = windows.cut(_upsampler(scaled_after_second=False))
+    scaled = windows.cut(_upsampler(scaled_after_second=True))
+    assert plain is not None and plain.vocoder is not None
+    assert scaled is not None and scaled.vocoder is not None
+    assert len(plain.vocoder.stages) == 2
+    assert len(scaled.vocoder.stages) == 1
+
+
+def test_staged_windows_of_a_built_upsampler_are_its_whole_output() -> None:
+    model = _upsampler(scaled_after_second=False)
+    tail = windows.cut(model)
+    assert tail is not None and tail.vocoder is not None and len(tail.vocoder.stages) == 2
+    frames = 64
+    x = np.random.default_rng(7).standard_normal((1, 4, frames)).astype(np.float32)
+    scale = np.array([0.5], np.float32)
+    whole = session(model, 1, CPU).run(None, {"x": x, "scale": scale})[0].reshape(-1)
+    inputs = {"x": x, "scale": scale}  # the windowed graph runs its head itself
+    config = Settings(first=4, context=8, growth=2, vocoder_context=6, upsampled_context=2)
+    windowed = windows.Windowed(tail, 4, 1, CPU, config)
+    pieces = list(windowed.run(inputs, frames))
+    assert len(pieces) > 3
+    np.testing.assert_allclose(np.concatenate(pieces), whole, atol=1e-5)
+    bare = windows.Windowed(tail, 4, 1, CPU, dataclasses.replace(config, upsampled_context=0))
+    assert not bare.close_to(np.concatenate(list(bare.run(inputs, frames))), whole)
+
+
+def _upsampler(*, scaled_after_second: bool) -> bytes:
+    """A small vocoder-like graph: a Softmax (the end of what windows may not cut), a
+    convolution at the frame rate, then two upsamplings by 2, each followed by a
+    convolution; 4 samples a frame. With `scaled_after_second`, the last convolution's
+    output is multiplied by the graph input `scale`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+
+    def weight(name: str, *shape: int) -> TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Softmax", ["x"], ["h"], axis=1),
+        helper.make_node("Conv", ["h", "w0"], ["a"], pads=[1, 1]),
+        helper.make_node("LeakyRelu", ["a"], ["a1"], alpha=0.1),
+        helper.make_node("ConvTranspose", ["a1", "u1"], ["b"], strides=[2], pads=[1, 1]),
+        helper.make_node("Conv", ["b", "w1"], ["b1"], pads=[2, 2], dilations=[2]),
+        helper.make_node("Add", ["b", "b1"], ["b2"]),
+        helper.make_node("ConvTranspose", ["b2", "u2"], ["c"], strides=[2], pads=[1, 1]),
+        helper.make_node(
+            "Conv", ["c", "w2"], ["y" if not scaled_after_second else "c1"], pads=[1, 1]
+        ),
+    ]
+    if scaled_after_second:
+        nodes.append(helper.make_node("Mul", ["c1", "scale"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "upsampler",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, "frames"]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [
+            weight("w0", 6, 4, 3),
+            weight("u1", 6, 5, 4),
+            weight("w1", 5, 5, 3),
+            weight("u2", 5, 3, 4),
+            weight("w2", 1, 3, 3),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    serialized: bytes = model.SerializeToString()
+    return serialized
 
 
 @settings(max_examples=12, deadline=None)
@@ -129,9 +213,21 @@ def test_a_windowed_tail_is_the_whole_tail_within_tolerance(
         (w.stop - w.start) * HOP for w in plan(counted.samples // HOP, Settings())
     ]
     assert windowed.close_to(np.concatenate(pieces), whole)
-    # Without context the window edges are wrong, the flow's or the vocoder's: the check
-    # can fail.
-    for bare_settings in (Settings(context=0), Settings(vocoder_context=0)):
+    # The later upsampling stages, each over the window with its own context, compute what
+    # they would over the first stage's frames, to the bit.
+    wide = windows.Windowed(
+        tail, HOP, 1, CPU, Settings(upsampled_context=Settings().vocoder_context)
+    )
+    assert [p.tobytes() for p in wide.run(inputs, counted.samples // HOP)] == [
+        p.tobytes() for p in pieces
+    ]
+    # Without context the window edges are wrong, the flow's, the vocoder's or a later
+    # stage's: the check can fail.
+    for bare_settings in (
+        Settings(context=0),
+        Settings(vocoder_context=0),
+        Settings(upsampled_context=0),
+    ):
         bare = windows.Windowed(tail, HOP, 1, CPU, bare_settings)
         if len(pieces) > 1:
             bare_pieces = list(bare.run(inputs, len(whole) // HOP))
@@ -174,11 +270,11 @@ def test_the_first_window_runs_on_its_own_threads_and_sleeps_between_runs(
 ) -> None:
     _, tail, _ = joe_rest
     sessions = windows.Windowed(tail, HOP, 1, CPU, Settings())._sessions()
-    for first in (sessions.first.front, sessions.first.back):
+    for first in (sessions.first.front, *sessions.first.back):
         options = first.get_session_options()
         assert options.intra_op_num_threads == Settings().first_threads == 2
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    for other in (sessions.head, sessions.tail.front, sessions.tail.back):  # the engine's own
+    for other in (sessions.head, sessions.tail.front, *sessions.tail.back):  # the engine's own
         assert other.get_session_options().intra_op_num_threads == 1
 
 

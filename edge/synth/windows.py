@@ -30,7 +30,13 @@ The context is the flow's: its stacks of convolutions see about thirty frames ea
 The vocoder after it sees about a dozen, and costs most of a window, so the tail is cut
 once more, at its first upsampling (`Vocoder`): the front (the flow) runs over the
 window with `context`, the back (the upsampling stacks) over the window with only
-`vocoder_context` frames each side, taken from what the front computed.
+`vocoder_context` frames each side, taken from what the front computed. The back is cut
+again at each later upsampling (`Vocoder.stages`): a stack's receptive field is a number
+of its own samples, so the higher its rate the fewer frames it sees (piper's medium
+voices: about 45 samples each way at every stage, 5.6 frames at 8 samples a frame, 0.7 at
+64, 0.2 at 256). Each later stage runs over the window with `upsampled_context` frames
+each side, cut from what the stage before computed, and those stages are where a HiFi-GAN
+spends most of its work.
 
 The first window runs on `first_threads` onnxruntime threads, whatever the engine's own
 (`[synth] ort_threads`, one by default). Nothing else of a render is running while the
@@ -38,7 +44,8 @@ first byte waits for it (edge.synth.renderer starts a length-free render's durat
 after the first chunk), so a second core there is time off the first byte. For piper's
 `joe` with 16 frames first (48 with the flow's context, 28 with the vocoder's) the first
 window took 36 ms on one thread with the tail whole, 21 ms on two, and 17 ms on two with
-the vocoder cut; with 8 frames first (40 and 20), 14 ms. The text encoder before it runs
+the vocoder cut; with 8 frames first (40 and 20), 14 ms, and about 11.5 with the later
+upsampling stages over 10 frames rather than 20. The text encoder before it runs
 on the same threads for the first piece (edge.synth.durations.Durations.count). The
 count is a constant of the plan, not of the node, since onnxruntime's float rounding may
 depend on how many threads share an operator: every node vocodes the first window alike,
@@ -108,6 +115,14 @@ class Settings:
     the flow's about thirty), and it is most of a window's cost. Measured on piper's
     `joe`: 12 frames agree with 32 to the last float rounding (8e-6 from the whole tail's
     samples, as 32 does), 8 frames do not (1e-3)."""
+    upsampled_context: int = 2
+    """Frames of context each upsampling stage after the vocoder's first computes on each
+    side of a window, within `vocoder_context` (`Vocoder.stages`). Their receptive fields
+    are under a frame on piper's medium voices, so from 1 frame on the samples are those
+    of stages run over the first stage's frames, to the bit; 0 is wrong by 0.16. Measured
+    on `joe`'s first pieces (20 texts x 4, on the engine's threads): 32.5 ms to the first
+    window with every stage over the first stage's 20 frames, 29.8 ms with the later two
+    over 10, which hold about four fifths of a HiFi-GAN's work."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,23 +177,41 @@ class Tail:
 
 
 @dataclass(frozen=True, slots=True)
+class Upsampling:
+    """One stage of a vocoder's back: an upsampling (ConvTranspose) and every node computed
+    from it before the next upsampling."""
+
+    model: bytes
+    """`inputs` in, `outputs` out."""
+    inputs: tuple[str, ...]
+    """Tensors the stage reads from the front (the first stage) or from the stage before,
+    all along time."""
+    outputs: tuple[str, ...]
+    """What the next stage reads, or the tail's output (the last stage)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Vocoder:
-    """A tail cut in two at its first upsampling (ConvTranspose): the front (a VITS flow,
-    and the vocoder's first convolution) at the frame rate, and the back (the vocoder's
-    upsampling stacks) from there. Each runs over its own frames: the back sees
-    `Settings.vocoder_context` frames of context, the front all of `Settings.context`."""
+    """A tail cut at its upsamplings (ConvTranspose): the front (a VITS flow, and the
+    vocoder's first convolution) at the frame rate, then the back, one stage per
+    upsampling. Each runs over its own frames: the first stage sees
+    `Settings.vocoder_context` frames of context, the later ones
+    `Settings.upsampled_context`, the front all of `Settings.context`."""
 
     front: bytes
     """The tail's nodes before the first upsampling: the tail's inputs in, `joints` out."""
-    back: bytes
-    """The first upsampling and every node computed from it: `joints` (and `back_inputs`) in,
-    the tail's output out."""
-    joints: tuple[str, ...]
-    """Tensors the front computes and the back reads."""
+    stages: tuple[Upsampling, ...]
+    """The back, in order: the first stage reads `joints` (and `back_inputs`), each later
+    one only what the stage before computed, and the last writes the tail's output."""
     front_inputs: frozenset[str]
     """The tail's inputs the front reads."""
     back_inputs: frozenset[str]
-    """The tail's inputs the back reads too."""
+    """The tail's inputs the first stage reads too."""
+
+    @property
+    def joints(self) -> tuple[str, ...]:
+        """Tensors the front computes and the back reads."""
+        return self.stages[0].inputs
 
 
 def cut(model: bytes) -> Tail | None:
@@ -254,46 +287,82 @@ def cut(model: bytes) -> Tail | None:
 def _vocoder(
     source: Any, nodes: list[Any], inputs: list[Any], types: Mapping[str, int]
 ) -> Vocoder | None:
-    """The tail `nodes` (in order) cut at their first ConvTranspose (see `Vocoder`); None
-    when a tensor the back reads from the front has no known type."""
+    """The tail `nodes` (in order) cut at their upsamplings (see `Vocoder`); None when a
+    tensor that crosses a cut has no known type."""
     import onnx
 
-    first = next(i for i, node in enumerate(nodes) if node.op_type == "ConvTranspose")
-    back_outputs = set(nodes[first].output)
-    back = [first]
-    for i in range(first + 1, len(nodes)):  # in order: a node's producers come before it
-        if any(name in back_outputs for name in reads_of(nodes[i])):
-            back.append(i)
-            back_outputs.update(nodes[i].output)
-    in_back = set(back)
-    front = [i for i in range(len(nodes)) if i not in in_back]
-    front_outputs = {name for i in front for name in nodes[i].output}
-    back_reads = {name for i in back for name in reads_of(nodes[i])}
-    joints = tuple(sorted(back_reads & front_outputs))
-    if not all(types.get(name) for name in joints):
-        return None
+    upsamplings = [i for i, node in enumerate(nodes) if node.op_type == "ConvTranspose"]
+    parts = [_computed_from(nodes, first) for first in upsamplings]
+    # A stage ends where the next upsampling's part begins; a later part that reads more
+    # than the stage before it (the front, the tail's inputs) stays in that stage.
+    everything = {name for node in nodes for name in node.output} | {i.name for i in inputs}
+    cuts = [0]
+    for n in range(1, len(parts)):
+        allowed = {name for i in parts[cuts[-1]] for name in nodes[i].output}
+        if {name for i in parts[n] for name in reads_of(nodes[i])} & everything <= allowed:
+            cuts.append(n)
+    front = [i for i in range(len(nodes)) if i not in parts[0]]
+    stages = [
+        sorted(parts[n] - (parts[cuts[k + 1]] if k + 1 < len(cuts) else set()))
+        for k, n in enumerate(cuts)
+    ]  # each in the source's order, which is topological
     tail_inputs = {i.name: i for i in inputs}
+
+    def value(name: str) -> Any:
+        return onnx.helper.make_tensor_value_info(name, types[name], None)
+
+    made: list[Upsampling] = []
+    produced = {name for i in front for name in nodes[i].output}
+    for k, stage in enumerate(stages):
+        reads = {name for i in stage for name in reads_of(nodes[i])}
+        own = {name for i in stage for name in nodes[i].output}
+        later = {name for after in stages[k + 1 :] for i in after for name in reads_of(nodes[i])}
+        crossing = tuple(sorted(reads & produced))
+        handed = tuple(sorted(later & own))
+        if not all(types.get(name) for name in crossing + handed):
+            return None
+        given = [tail_inputs[name] for name in tail_inputs if name in reads] if k == 0 else []
+        last = k + 1 == len(stages)
+        outputs = [source.graph.output[0]] if last else [value(name) for name in handed]
+        made.append(
+            Upsampling(
+                model=build_model(
+                    source,
+                    [nodes[i] for i in stage],
+                    [value(name) for name in crossing] + given,
+                    outputs,
+                    reads,
+                ),
+                inputs=crossing,
+                outputs=tuple(o.name for o in outputs),
+            )
+        )
+        produced = own
     front_reads = {name for i in front for name in reads_of(nodes[i])}
-    outputs = [onnx.helper.make_tensor_value_info(name, types[name], None) for name in joints]
+    first_reads = {name for i in stages[0] for name in reads_of(nodes[i])}
     return Vocoder(
         front=build_model(
             source,
             [nodes[i] for i in front],
             [tail_inputs[name] for name in tail_inputs if name in front_reads],
-            outputs,
+            [value(name) for name in made[0].inputs],
             front_reads,
         ),
-        back=build_model(
-            source,
-            [nodes[i] for i in back],
-            outputs + [tail_inputs[name] for name in tail_inputs if name in back_reads],
-            [source.graph.output[0]],
-            back_reads,
-        ),
-        joints=joints,
+        stages=tuple(made),
         front_inputs=frozenset(front_reads & set(tail_inputs)),
-        back_inputs=frozenset(back_reads & set(tail_inputs)),
+        back_inputs=frozenset(first_reads & set(tail_inputs)),
     )
+
+
+def _computed_from(nodes: list[Any], first: int) -> set[int]:
+    """`first` and every node (of `nodes`, in order) computed from its outputs."""
+    outputs = set(nodes[first].output)
+    part = {first}
+    for i in range(first + 1, len(nodes)):  # in order: a node's producers come before it
+        if any(name in outputs for name in reads_of(nodes[i])):
+            part.add(i)
+            outputs.update(nodes[i].output)
+    return part
 
 
 Feeds = Mapping[str, npt.NDArray[Any]]
@@ -301,11 +370,11 @@ Feeds = Mapping[str, npt.NDArray[Any]]
 
 @dataclass(frozen=True, slots=True)
 class Stage:
-    """Sessions that run a window's tail: the vocoder's front and back, or (`front` None)
-    the tail whole."""
+    """Sessions that run a window's tail: the vocoder's front and its back's stages, or
+    (`front` None) the tail whole, as the one stage."""
 
     front: Any | None
-    back: Any
+    back: tuple[Any, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,10 +420,10 @@ class Windowed:
     def _stage(self, threads: int, spin: bool = True) -> Stage:
         vocoder, providers = self._cut.vocoder, self._providers
         if vocoder is None:
-            return Stage(None, session(self._cut.tail, threads, providers, spin))
+            return Stage(None, (session(self._cut.tail, threads, providers, spin),))
         return Stage(
             session(vocoder.front, threads, providers, spin),
-            session(vocoder.back, threads, providers, spin),
+            tuple(session(stage.model, threads, providers, spin) for stage in vocoder.stages),
         )
 
     def run(self, feeds: Feeds, frames: int) -> Iterator[npt.NDArray[np.float32]]:
@@ -367,35 +436,59 @@ class Windowed:
         for n, window in enumerate(plan(frames, self.settings)):
             stage = sessions.first if n == 0 else sessions.tail
             if stage.front is None:
-                out = stage.back.run(None, _frames(inputs, frames, window.lo, window.hi))[0]
+                out = stage.back[0].run(None, _frames(inputs, frames, window.lo, window.hi))[0]
                 lo = window.lo
             else:
-                out = self._vocode(stage, inputs, frames, window)
-                lo = window.vlo
+                out, lo = self._vocode(stage, inputs, frames, window)
             out = np.asarray(out, dtype=np.float32).reshape(-1)
             begin = (window.start - lo) * self._hop
             yield out[begin : begin + (window.stop - window.start) * self._hop]
 
-    def _vocode(self, stage: Stage, inputs: Feeds, frames: int, window: Window) -> npt.NDArray[Any]:
-        """One window through the front over frames [lo, hi), then the back over [vlo,
-        vhi) of what the front gave."""
+    def _vocode(
+        self, stage: Stage, inputs: Feeds, frames: int, window: Window
+    ) -> tuple[npt.NDArray[Any], int]:
+        """One window through the front over frames [lo, hi), the back's first stage over
+        [vlo, vhi) of what the front gave, and each later stage over the window with
+        `upsampled_context` frames each side of what the stage before gave. Returns the
+        tail's output and the frame it starts at."""
         vocoder = self._cut.vocoder
         assert vocoder is not None and stage.front is not None
         front = {name: inputs[name] for name in vocoder.front_inputs}
         computed = stage.front.run(None, _frames(front, frames, window.lo, window.hi))
         joints = dict(zip(vocoder.joints, computed, strict=True))
         lo, width = window.lo, window.hi - window.lo
-        back = _frames(joints, width, window.vlo - lo, window.vhi - lo)
+        feeds = _frames(joints, width, window.vlo - lo, window.vhi - lo)
         given = {name: inputs[name] for name in vocoder.back_inputs}
-        back.update(_frames(given, frames, window.vlo, window.vhi))
-        out: npt.NDArray[Any] = stage.back.run(None, back)[0]
-        return out
+        feeds.update(_frames(given, frames, window.vlo, window.vhi))
+        lo, hi = window.vlo, window.vhi
+        context = self.settings.upsampled_context
+        for n, (upsampling, run) in enumerate(zip(vocoder.stages, stage.back, strict=True)):
+            if n:
+                # Within what the stage before computed, the frames this one needs.
+                start, stop = max(lo, window.start - context), min(hi, window.stop + context)
+                feeds = {
+                    name: _rate_cut(value, hi - lo, start - lo, stop - lo)
+                    for name, value in feeds.items()
+                }
+                lo, hi = start, stop
+            feeds = dict(zip(upsampling.outputs, run.run(None, feeds), strict=True))
+        (out,) = feeds.values()
+        return out, lo
 
     def close_to(self, windowed: npt.NDArray[np.float32], whole: npt.NDArray[np.float32]) -> bool:
         """Whether a windowed render is the whole graph's, within `settings.tolerance`."""
         return windowed.shape == whole.shape and bool(
             np.max(np.abs(windowed - whole), initial=0.0) <= self.settings.tolerance
         )
+
+
+def _rate_cut(value: npt.NDArray[Any], frames: int, lo: int, hi: int) -> npt.NDArray[Any]:
+    """Frames [lo, hi) of `value`, a tensor `frames` frames long along its last axis at
+    some whole number of samples a frame."""
+    rate, left = divmod(value.shape[-1], frames)
+    if left or not rate:
+        raise ValueError(f"{value.shape[-1]} samples are no whole number a frame over {frames}")
+    return value[..., lo * rate : hi * rate]
 
 
 def _frames(values: Feeds, frames: int, lo: int, hi: int) -> dict[str, npt.NDArray[Any]]:
