@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nearvoice.edge.synth import exported
+from nearvoice.edge.synth import activity, exported
 from nearvoice.edge.synth.chunking import split_chunks
 from nearvoice.edge.synth.durations import Durations, NoDurationPath, extract
 from nearvoice.edge.synth.engine import Engine
@@ -360,6 +361,63 @@ def test_first_pieces_are_counted_on_the_engines_threads_when_the_two_differ(
     engine.warmup()
     assert durations.first_alike is not None
     assert durations._first_session(graph) is durations._session(graph)
+    text = "Your order has shipped and will arrive on Tuesday. Please hold."
+    assert [a.tobytes() for a in engine.stream(text, "joe", 1.0, 0)] == [
+        a.tobytes() for a in joe.stream(text, "joe", 1.0, 0)
+    ]
+
+
+def test_a_first_piece_may_spin_only_alone_and_one_render_at_a_time(joe: PiperEngine) -> None:
+    durations = joe._durations["joe"]
+    assert durations.unspun is None
+    with durations.spinning() as spin:
+        assert spin
+        with durations.spinning() as second:  # another render, alone too: it sleeps
+            assert not second
+    with durations.spinning() as again:  # released
+        assert again
+    activity.RENDERS.started()
+    activity.RENDERS.started()  # two renders in flight: neither is alone
+    try:
+        with durations.spinning() as busy:
+            assert not busy
+    finally:
+        activity.RENDERS.ended()
+        activity.RENDERS.ended()
+
+
+def test_the_spinning_count_is_the_sleeping_one_bit_for_bit(joe: PiperEngine) -> None:
+    durations = joe._durations["joe"]
+    graph = durations.graph()
+    assert graph is not None
+    spinning = durations._spinning_session(graph)
+    assert spinning is not durations._first_session(graph)
+    options = spinning.get_session_options()
+    assert options.intra_op_num_threads == Settings().first_threads == 2
+    # onnxruntime's default, spinning, held to the runs themselves (providers.session)
+    with pytest.raises(RuntimeError, match="allow_spinning"):
+        options.get_session_config_entry("session.intra_op.allow_spinning")
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    with ThreadPoolExecutor(1) as other:  # one per process, not per thread
+        assert other.submit(durations._spinning_session, graph).result() is spinning
+    for text in (*SENTENCES[:8], " ".join(SENTENCES)):
+        feeds = first_feeds(joe, text)
+        spun, slept = durations.count(feeds, True, spin=True), durations.count(feeds, True)
+        assert spun is not None and slept is not None
+        assert spun.samples == slept.samples
+        assert all(np.array_equal(a, b) for a, b in zip(spun.handoff, slept.handoff, strict=True))
+
+
+def test_first_pieces_never_spin_when_the_spinning_sessions_differ(joe: PiperEngine) -> None:
+    engine = PiperEngine()
+    durations = engine._durations["joe"]
+    graph = durations.graph()
+    assert graph is not None
+    durations._spinning = OneStepUp(durations._spinning_session(graph))
+    engine.warmup()
+    assert durations.unspun is not None and durations.first_alike is None
+    with durations.spinning() as spin:
+        assert not spin
     text = "Your order has shipped and will arrive on Tuesday. Please hold."
     assert [a.tobytes() for a in engine.stream(text, "joe", 1.0, 0)] == [
         a.tobytes() for a in joe.stream(text, "joe", 1.0, 0)

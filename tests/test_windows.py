@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearvoice.edge.synth import windows
+from nearvoice.edge.synth import activity, windows
 from nearvoice.edge.synth.durations import Durations, extract
 from nearvoice.edge.synth.piper_engine import BUNDLED, PiperEngine
 from nearvoice.edge.synth.providers import session
@@ -278,6 +278,70 @@ def test_the_first_window_runs_on_its_own_threads_and_sleeps_between_runs(
         assert other.get_session_options().intra_op_num_threads == 1
 
 
+def test_the_spinning_first_window_is_the_sleeping_one_bit_for_bit(
+    joe_rest: tuple[object, windows.Tail, PiperEngine],
+) -> None:
+    graph, tail, engine = joe_rest
+    windowed = windows.Windowed(tail, HOP, 1, CPU, Settings())
+    windowed.prepare(spinning=True)
+    spinning = windowed._spinning
+    assert spinning is not None and spinning.front is not None
+    for stage in (spinning.front, *spinning.back):  # onnxruntime's default: spinning
+        options = stage.get_session_options()
+        assert options.intra_op_num_threads == Settings().first_threads
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    durations = engine._durations["joe"]
+    loaded = engine._voice("joe")
+    for text in SENTENCES[:6]:
+        feeds = engine._feeds(
+            loaded, next(engine._pieces(loaded, text)), engine._synthesis(loaded, 1.0)
+        )
+        counted = durations.count(feeds)
+        assert counted is not None
+        inputs = dict(zip(graph.handoff, counted.handoff, strict=True))  # type: ignore[attr-defined]
+        inputs.update({k: v for k, v in feeds.items() if k in graph.rest_inputs})  # type: ignore[attr-defined]
+        frames = counted.samples // HOP
+        assert [p.tobytes() for p in windowed.run(inputs, frames, spin=True)] == [
+            p.tobytes() for p in windowed.run(inputs, frames)
+        ]
+
+
+class Runs:
+    """A real onnxruntime session that counts its runs."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.runs = 0
+
+    def run(self, names: object, feeds: object) -> object:
+        self.runs += 1
+        return self.inner.run(names, feeds)  # type: ignore[attr-defined]
+
+
+def test_a_render_alone_spins_its_first_piece_and_one_beside_another_does_not() -> None:
+    engine = PiperEngine(voices=("joe",))
+    engine.warmup()
+    durations = engine._durations["joe"]
+    graph = durations.graph()
+    assert graph is not None and durations.unspun is None
+    spy = Runs(durations._spinning_session(graph))
+    durations._spinning = spy
+    text = "Your order has shipped and will arrive on Tuesday. Please hold for the next agent."
+    stream = engine.stream(text, "joe", 1.0, 0)
+    alone = [next(stream).tobytes()]
+    assert spy.runs == 1  # the first piece's count
+    assert not durations._spin.locked()  # held for the first window only
+    alone += [a.tobytes() for a in stream]
+    activity.RENDERS.started()
+    activity.RENDERS.started()  # this render and another
+    try:
+        beside = [a.tobytes() for a in engine.stream(text + " Again.", "joe", 1.0, 0)]
+    finally:
+        activity.RENDERS.ended()
+        activity.RENDERS.ended()
+    assert spy.runs == 1 and beside[: len(alone) - 1] == alone[:-1]
+
+
 def test_first_windows_rendered_side_by_side_are_the_bytes_of_one_alone() -> None:
     """The first window's two threads share the cores with another render's: what each
     computes must not depend on how the threads were scheduled."""
@@ -308,7 +372,9 @@ def test_warmup_runs_first_pieces_whole_when_windows_differ_from_the_graph() -> 
 def test_warmup_runs_first_pieces_whole_when_windows_cannot_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    def broken(self: windows.Windowed, feeds: object, frames: int) -> Iterator[object]:
+    def broken(
+        self: windows.Windowed, feeds: object, frames: int, spin: bool = False
+    ) -> Iterator[object]:
         raise RuntimeError("a cut onnxruntime cannot run on a window")
         yield  # a generator, as the real one
 

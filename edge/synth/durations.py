@@ -35,6 +35,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -42,7 +43,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from nearvoice.edge.synth import fusion, windows
+from nearvoice.edge.synth import activity, fusion, windows
 from nearvoice.edge.synth.onnxgraph import behind, build_model, reads_of
 from nearvoice.edge.synth.providers import session
 from nearvoice.edge.synth.windows import Windowed
@@ -211,6 +212,12 @@ class Durations:
         self.first_alike: str | None = None if window_settings else "not asked for"
         """Why a render's first piece is counted on the engine's threads rather than on
         the first window's (`count`); None while it is counted on those."""
+        self.unspun: str | None = None if window_settings else "not asked for"
+        """Why a render's first piece never runs on the sessions that spin (`spinning`);
+        None while it may."""
+        self._spin = threading.Lock()
+        """Held by the one render whose first piece runs on the sessions that spin."""
+        self._spinning: Any | None = None
         self._local = threading.local()
 
     def graph(self) -> DurationGraph | None:
@@ -231,7 +238,27 @@ class Durations:
         counted = self.count(feeds)
         return None if counted is None else counted.samples
 
-    def count(self, feeds: Feeds, first: bool = False) -> Counted | None:
+    @contextmanager
+    def spinning(self) -> Iterator[bool]:
+        """Whether a render's first piece (its count, `count(first=True)`, and its first
+        window, `rest_windows`) may run on the sessions that spin between operators, for
+        as long as the block runs: only when the process renders nothing else
+        (edge.synth.activity) and no other render holds them. One such set per model and
+        process (about 70 MiB for a piper medium voice), not one per inference thread: it
+        serves the render that is alone, and there is one of those at most."""
+        if (
+            self.unspun is not None
+            or not activity.RENDERS.alone()
+            or not self._spin.acquire(blocking=False)
+        ):
+            yield False
+        else:
+            try:
+                yield True
+            finally:
+                self._spin.release()
+
+    def count(self, feeds: Feeds, first: bool = False, spin: bool = False) -> Counted | None:
         """`samples`, with what the rest of the graph needs to render `feeds`.
 
         `first`: the count a render's first piece waits for, with nothing else of the
@@ -242,12 +269,16 @@ class Durations:
         between runs). Either count is
         the other bit for bit (its operators split their work by output, never a sum),
         which warmup checks (`check_first`): the pass and the render may count the same
-        piece, and whichever does must give the same handoff."""
+        piece, and whichever does must give the same handoff. `spin` (with `first`,
+        inside `spinning`): on the sessions that spin, the same values again."""
         graph = self.graph()
         if graph is None or self.broken is not None:
             return None
         try:
-            sess = self._first_session(graph) if first else self._session(graph)
+            if first:
+                sess = self._spinning_session(graph) if spin else self._first_session(graph)
+            else:
+                sess = self._session(graph)
         except Exception as exc:  # a provider that cannot build the part
             self.disable(f"{type(exc).__name__}: {exc}")
             return None
@@ -276,6 +307,19 @@ class Durations:
             sess = self._local.first = session(graph.model, threads, self._providers, spin=False)
         return sess
 
+    def _spinning_session(self, graph: DurationGraph) -> Any:
+        """The process's one session of the part for first pieces that spins (`spinning`);
+        the first pieces' own where those are the engine's."""
+        first = self._first_session(graph)
+        if self._windows is None or first is self._session(graph):
+            return first
+        if self._spinning is None:
+            with self._lock:
+                if self._spinning is None:
+                    threads = self._windows.first_threads
+                    self._spinning = session(graph.model, threads, self._providers, spin=True)
+        return self._spinning
+
     def check_first(self, feeds: Feeds) -> None:
         """Counts `feeds` on both sessions; first pieces are counted on the engine's own
         threads from now on unless every output agrees bit for bit (see `count`)."""
@@ -293,6 +337,31 @@ class Durations:
                 self._windows.first_threads if self._windows else self._threads,
             )
             self.first_alike = "the first window's threads count other values"
+        self._check_spinning(feeds)
+
+    def _check_spinning(self, feeds: Feeds) -> None:
+        """Counts `feeds` and renders its first window on the sessions that spin and on
+        those that sleep; first pieces never spin from now on unless both agree bit for
+        bit (they share out the same work, only waiting for it differently)."""
+        graph = self.graph()
+        if graph is None or self.unspun is not None:
+            return
+        with self._spin:  # warmup runs on every inference thread at once
+            own = self.count(feeds, first=True)
+            spun = self.count(feeds, first=True, spin=True)
+            same = own is not None and spun is not None and _same_counts(own, spun)
+            if same and own is not None and spun is not None and self.windowed() is not None:
+                try:
+                    sleeping = next(self.rest_windows(own, feeds), None)
+                    spinning = next(self.rest_windows(spun, feeds, spin=True), None)
+                except Exception:  # windows that cannot run: the engine's own check says so
+                    sleeping = spinning = None
+                same = sleeping is None or (
+                    spinning is not None and np.array_equal(sleeping, spinning)
+                )
+        if not same:
+            log.warning("%s: first pieces do not spin: the spinning sessions differ", self._path)
+            self.unspun = "the sessions that spin give other values"
 
     def splits(self) -> bool:
         """Whether renders run the rest of the graph after the pass (see `rest`)."""
@@ -338,14 +407,17 @@ class Durations:
                         )
         return self._windowed if self.unwindowed is None else None
 
-    def rest_windows(self, counted: Counted, feeds: Feeds) -> Iterator[npt.NDArray[np.float32]]:
+    def rest_windows(
+        self, counted: Counted, feeds: Feeds, spin: bool = False
+    ) -> Iterator[npt.NDArray[np.float32]]:
         """`rest`'s audio window by window (only while `windowed()` is not None): the
-        first piece comes after the first window, not the whole utterance."""
+        first piece comes after the first window, not the whole utterance. `spin` (inside
+        `spinning`): the first window on the sessions that spin."""
         graph, windowed = self._graph, self._windowed
         assert graph is not None and windowed is not None
         inputs = dict(zip(graph.handoff, counted.handoff, strict=True))
         inputs.update((k, v) for k, v in feeds.items() if k in graph.rest_inputs)
-        return windowed.run(inputs, counted.samples // self._scale)
+        return windowed.run(inputs, counted.samples // self._scale, spin)
 
     def prepare(self) -> None:
         """Loads this thread's sessions now (the pass's, for first pieces and for the
@@ -357,11 +429,13 @@ class Durations:
             return
         self._session(graph)
         self._first_session(graph)
+        if self.unspun is None:
+            self._spinning_session(graph)
         if self.splits() and graph.rest is not None and getattr(self._local, "rest", None) is None:
             self._local.rest = session(graph.rest, self._threads, self._providers)
         windowed = self.windowed()
         if windowed is not None:
-            windowed.prepare()
+            windowed.prepare(spinning=self.unspun is None)
 
     def no_windows(self, reason: str) -> None:
         """Renders run the rest of the graph whole from now on."""
@@ -416,3 +490,9 @@ class Recent(Generic[K, V]):
         while len(entries) > self._size:
             entries.popitem(last=False)
         return value
+
+
+def _same_counts(one: Counted, other: Counted) -> bool:
+    return one.samples == other.samples and all(
+        np.array_equal(a, b) for a, b in zip(one.handoff, other.handoff, strict=True)
+    )

@@ -346,15 +346,23 @@ class PiperEngine:
         runs = self._text_runs(voice, text, speed)
         for i, ids in enumerate(runs):
             feeds = self._feeds(loaded, ids, synthesis)
-            # The first piece is counted on the first window's threads (Durations.count).
+            if i == 0 and windowed and durations.splits() and durations.windowed() is not None:
+                # The first piece in windows: the first byte waits for its first frames,
+                # not for the whole piece (edge.synth.windows). It is counted on the first
+                # window's threads (Durations.count), which spin while it lasts if this
+                # render is the process's only one (edge.synth.activity).
+                with durations.spinning() as spin:
+                    run = runs.run(i, functools.partial(durations.count, feeds, True, spin))
+                    pieces = durations.rest_windows(run, feeds, spin) if run else None
+                    first = None if pieces is None else next(pieces, None)
+                if pieces is not None:
+                    if first is not None:
+                        yield _audio([first])
+                    yield from (_audio([w]) for w in pieces)
+                    continue
             count = functools.partial(durations.count, feeds, i == 0 and windowed)
             if durations.splits() and (run := runs.run(i, count)):
-                if i == 0 and windowed and durations.windowed() is not None:
-                    # The first piece in windows: the first byte waits for its first
-                    # frames, not for the whole piece (edge.synth.windows).
-                    yield from (_audio([w]) for w in durations.rest_windows(run, feeds))
-                else:
-                    yield _audio(durations.rest(run, feeds))
+                yield _audio(durations.rest(run, feeds))
             else:
                 yield _audio(self.session(voice).run(None, feeds))
 

@@ -64,7 +64,7 @@ from typing import Any, TypeVar
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.metrics import Metrics
 from nearvoice.edge.spec import Spec
-from nearvoice.edge.synth import fit
+from nearvoice.edge.synth import activity, fit
 from nearvoice.edge.synth.batching import Batcher, Dispatch, batcher_of
 from nearvoice.edge.synth.engine import Audio, Engine, HelpsCount, SpecEngine
 from nearvoice.edge.synth.priority import CURRENT, PriorityPool, RenderTicket
@@ -277,6 +277,7 @@ class Renderer:
 
         sized = spec.voice not in self._unsized
         pool, passes = self._pools(engine)
+        activity.RENDERS.started()  # queued or running, its duration pass included
         try:
             # The fill's ticket goes with the render into its thread, where a batcher
             # reads it (edge.synth.batching): a prefetch's pieces wait behind a player's.
@@ -302,6 +303,7 @@ class Renderer:
             metrics.length_mismatches.labels(engine.name).inc()
             raise
         finally:
+            activity.RENDERS.ended()
             load.pending -= 1
             metrics.render_queue.dec()
         elapsed = time.perf_counter() - started
@@ -392,7 +394,7 @@ def _render_stream(
                 # A first chunk that must wait for the length renders beside the pass. One
                 # that need not renders alone, on every core its engine can use (edge.synth.
                 # windows), and the pass starts once it has left.
-                counting = None if early else passes.submit(count)
+                counting = None if early else _submit_pass(passes, count)
                 chunks = engine.stream(spec.text, spec.voice, speed, spec.seed)
                 first = next(chunks, None)
                 if first is not None and early:
@@ -410,14 +412,15 @@ def _render_stream(
                     # before whatever this thread hands over once it has seen the count.
                     total = None
                     out = written() if written is not None else None
-                    pending = passes.submit(
+                    pending = _submit_pass(
+                        passes,
                         _then,
                         functools.partial(_once_set, out, count),
                         lambda n: announce(_length(engine, spec, n)),
                     )
                 else:
                     if counting is None:
-                        counting = passes.submit(count)
+                        counting = _submit_pass(passes, count)
                     if not counting.done() and isinstance(engine, HelpsCount):
                         engine.help_count(spec.text, spec.voice, speed)
                     total = counting.result()
@@ -457,6 +460,21 @@ def _render_stream(
     except Exception as exc:
         raise RenderError(f"{engine.name} failed: {type(exc).__name__}: {exc}", produced) from exc
     return samples / engine.sample_rate
+
+
+def _submit_pass(passes: Executor, call: Callable[..., T], *args: Any) -> Future[T]:
+    """`call` submitted to the pass pool, counted as work in flight (edge.synth.activity)
+    until its future is done, run or cancelled: a first piece must not spin while its own
+    render's duration pass counts beside it (a WAV miss, whose header waits for the
+    length)."""
+    activity.RENDERS.started()
+    try:
+        future = passes.submit(call, *args)
+    except BaseException:
+        activity.RENDERS.ended()
+        raise
+    future.add_done_callback(lambda _: activity.RENDERS.ended())
+    return future
 
 
 def _once_set(event: threading.Event | None, call: Callable[[], T]) -> T:

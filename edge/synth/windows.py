@@ -44,8 +44,9 @@ first byte waits for it (edge.synth.renderer starts a length-free render's durat
 after the first chunk), so a second core there is time off the first byte. For piper's
 `joe` with 16 frames first (48 with the flow's context, 28 with the vocoder's) the first
 window took 36 ms on one thread with the tail whole, 21 ms on two, and 17 ms on two with
-the vocoder cut; with 8 frames first (40 and 20), 14 ms, and about 11.5 with the later
-upsampling stages over 10 frames rather than 20. The text encoder before it runs
+the vocoder cut; with 8 frames first (40 and 20), 14 ms; and side by side, 18.5 ms with
+every upsampling stage over those 20 frames against 15.0 with the later two over 10
+(`Vocoder.stages`). The text encoder before it runs
 on the same threads for the first piece (edge.synth.durations.Durations.count). The
 count is a constant of the plan, not of the node, since onnxruntime's float rounding may
 depend on how many threads share an operator: every node vocodes the first window alike,
@@ -402,10 +403,24 @@ class Windowed:
         self._providers = providers
         self.settings = settings
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._spinning: Stage | None = None
 
-    def prepare(self) -> None:
-        """Loads this thread's sessions of the head and the tail."""
+    def prepare(self, spinning: bool = False) -> None:
+        """Loads this thread's sessions of the head and the tail; with `spinning`, the
+        process's first-window sessions that spin too (`run`)."""
         self._sessions()
+        if spinning:
+            self._spinning_stage()
+
+    def _spinning_stage(self) -> Stage:
+        """The process's one set of first-window sessions whose threads spin between
+        operators (edge.synth.activity): for the render that is alone."""
+        if self._spinning is None:
+            with self._lock:
+                if self._spinning is None:
+                    self._spinning = self._stage(self.settings.first_threads, spin=True)
+        return self._spinning
 
     def _sessions(self) -> Sessions:
         sessions: Sessions | None = getattr(self._local, "sessions", None)
@@ -426,15 +441,19 @@ class Windowed:
             tuple(session(stage.model, threads, providers, spin) for stage in vocoder.stages),
         )
 
-    def run(self, feeds: Feeds, frames: int) -> Iterator[npt.NDArray[np.float32]]:
+    def run(
+        self, feeds: Feeds, frames: int, spin: bool = False
+    ) -> Iterator[npt.NDArray[np.float32]]:
         """The graph's first output for `feeds`, `frames` frames long, window by window:
-        each piece is yielded as soon as its window has run."""
+        each piece is yielded as soon as its window has run. `spin`: the first window on
+        the sessions that spin (the caller holds them; edge.synth.durations.spinning)."""
         sessions = self._sessions()
         head = sessions.head.run(None, dict(feeds))
         inputs = dict(zip(self._cut.inputs, head, strict=True))
         inputs.update((name, feeds[name]) for name in self._cut.feeds)
+        first = self._spinning_stage() if spin else sessions.first
         for n, window in enumerate(plan(frames, self.settings)):
-            stage = sessions.first if n == 0 else sessions.tail
+            stage = first if n == 0 else sessions.tail
             if stage.front is None:
                 out = stage.back[0].run(None, _frames(inputs, frames, window.lo, window.hi))[0]
                 lo = window.lo

@@ -1,0 +1,98 @@
+"""edge.synth.activity: the process's count of renders in flight, as the renderer keeps it
+with real engines."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from nearvoice.edge.formats import AudioFormat
+from nearvoice.edge.metrics import Metrics
+from nearvoice.edge.spec import Spec
+from nearvoice.edge.synth.activity import RENDERS, Activity
+from nearvoice.edge.synth.piper_engine import PiperEngine
+from nearvoice.edge.synth.renderer import Renderer
+
+
+def test_one_render_is_alone_and_two_are_not() -> None:
+    count = Activity()
+    assert count.alone() and count.renders == 0
+    count.started()
+    assert count.alone() and count.renders == 1
+    count.started()
+    assert not count.alone() and count.renders == 2
+    count.ended()
+    count.ended()
+    assert count.alone() and count.renders == 0
+
+
+@pytest.fixture(scope="module")
+def joe() -> PiperEngine:
+    engine = PiperEngine(voices=("joe",), threads=1)
+    engine.warmup()
+    return engine
+
+
+def spec(engine: PiperEngine, text: str) -> Spec:
+    return Spec.create(text=text, voice="joe", format=AudioFormat.PCM, model=engine.model_id("joe"))
+
+
+async def test_the_renderer_counts_each_render_from_its_queueing_to_its_end(
+    joe: PiperEngine,
+) -> None:
+    renderer = Renderer([joe], workers=1, metrics=Metrics())
+    seen: dict[str, list[int]] = {"one": [], "two": []}
+
+    def sink(name: str) -> object:
+        return lambda data: seen[name].append(RENDERS.renders)
+
+    try:
+        assert RENDERS.renders == 0
+        await renderer.render(joe, spec(joe, "A render alone, counted once."), sink("one"))
+        assert RENDERS.renders == 0
+        # One inference thread: the second waits in the queue while the first renders,
+        # and counts from there, so the first is not alone once the second is asked for.
+        await asyncio.gather(
+            renderer.render(joe, spec(joe, "The first of two renders, side by side."), sink("two")),
+            renderer.render(joe, spec(joe, "The second of two, queued behind it."), sink("two")),
+        )
+        assert RENDERS.renders == 0
+    finally:
+        renderer.close()
+    assert seen["one"] and set(seen["one"]) == {1}
+    assert seen["two"][0] == 2 and seen["two"][-1] == 1
+
+
+async def test_a_first_piece_spins_alone_and_not_beside_its_own_duration_pass() -> None:
+    """A PCM miss whose reader takes the length later (the speech API's) starts its pass
+    once its first chunk has left, so the first piece is alone; a WAV miss's pass counts
+    the whole text beside the first piece, whose header waits for the length, so it is
+    not."""
+    engine = PiperEngine(voices=("joe",), threads=1)
+    engine.warmup()
+    durations = engine._durations["joe"]
+    decided: list[bool] = []
+    spinning = durations.spinning
+
+    @contextmanager
+    def recorded() -> Iterator[bool]:
+        with spinning() as spin:
+            decided.append(spin)
+            yield spin
+
+    durations.spinning = recorded  # type: ignore[method-assign]
+    renderer = Renderer([engine], workers=1, metrics=Metrics())
+    # Long enough that the WAV's pass (a minute of speech) is still counting when the
+    # first piece asks.
+    text = " ".join(f"Sentence {n} of a long text, read for a minute or so." for n in range(40))
+    try:
+        for fmt in (AudioFormat.PCM, AudioFormat.WAV):
+            spec = Spec.create(text=text, voice="joe", format=fmt, model=engine.model_id("joe"))
+            await renderer.render(engine, spec, lambda data: None, lambda n: None, lambda: None)
+    finally:
+        renderer.close()
+    assert decided == [True, False]
+    assert RENDERS.renders == 0
