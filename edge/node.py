@@ -31,6 +31,7 @@ from nearvoice.edge.nodeauth import NodeVerifier, NonceStore, own_audience
 from nearvoice.edge.prefetch import Prefetcher
 from nearvoice.edge.producer import Producer
 from nearvoice.edge.spec import KEY_RE
+from nearvoice.edge.synth import activity
 from nearvoice.edge.synth.priority import CURRENT, Priority, RenderTicket
 from nearvoice.edge.synth.renderer import Renderer
 from nearvoice.edge.token import Grant, check_query_shape, check_use, verify_signature
@@ -128,6 +129,9 @@ class Node:
         """The node's one rate limiter, shared by its doors (edge.limits)."""
         self.siblings = Siblings(config, keyring, self.metrics.registry, worker_index())
         """The node's other workers (edge.workers): who produces a key, and the channel."""
+        if config.workers > 1:
+            # A first piece spins only while the node's workers render nothing else.
+            activity.RENDERS.share(data / "activity", self.siblings.index, config.workers)
 
     @property
     def renderer(self) -> Renderer | None:

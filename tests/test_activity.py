@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,29 @@ def test_one_render_is_alone_and_two_are_not() -> None:
     count.ended()
     count.ended()
     assert count.alone() and count.renders == 0
+
+
+def test_a_nodes_workers_see_each_others_renders(tmp_path: Path) -> None:
+    """Each worker counts in its own slot of one file: a render is alone only while the
+    other workers render nothing."""
+    path = tmp_path / "activity"
+    first, second = Activity(), Activity()
+    first.share(path, 0, 2)
+    second.share(path, 1, 2)
+    assert path.stat().st_size == 16
+    second.started()  # a render in the second worker
+    assert second.alone()
+    first.started()  # and one in the first: neither is alone
+    assert not first.alone() and not second.alone()
+    second.ended()
+    assert first.alone() and second.alone()  # the first's own render, alone again
+    first.ended()
+    assert first.renders == second.renders == 0
+    restarted = Activity()  # a worker restarted after dying with a render in flight
+    first.started()
+    first.started()
+    restarted.share(path, 0, 2)  # its slot starts again from its own count: none
+    assert second.alone()
 
 
 @pytest.fixture(scope="module")

@@ -87,9 +87,9 @@ def test_a_pass_beside_a_render_counts_each_piece_once() -> None:
     calls: list[int] = []
     count = durations.count
 
-    def counting(feeds, first=False):  # type: ignore[no-untyped-def]
+    def counting(feeds, first=False, spin=False):  # type: ignore[no-untyped-def]
         calls.append(int(feeds["input"].shape[1]))
-        return count(feeds, first)
+        return count(feeds, first, spin)
 
     durations.count = counting  # type: ignore[method-assign]
     text = "Your order has shipped. Please hold for the next agent. The meeting moved to three."

@@ -381,6 +381,25 @@ def test_hundred_concurrent_cold_requests_over_both_workers_render_once(node: No
     assert in_flight, "no ranged follower in the other worker read the in-flight object"
 
 
+def test_the_workers_count_their_renders_in_one_file(node: Node) -> None:
+    """A first piece spins only while no worker of the node renders anything else
+    (edge.synth.activity): each worker keeps its count of renders in flight in its own
+    slot of one file, and a render that has ended is no longer counted."""
+    spec = fresh("Counted while it renders, and not after.")
+    before = node.metrics()
+    for conn in node.pinned().values():
+        answer = conn.get(sign(KEYRING, spec))
+        assert answer.status == 200
+        conn.close()
+    counted_after(node, before, WORKERS)
+    # A render's count drops once its coroutine has ended, just after its last byte.
+    deadline = time.monotonic() + TIMEOUT
+    while (shared := (node.data / "activity").read_bytes()) != bytes(8 * WORKERS):
+        assert len(shared) == 8 * WORKERS
+        assert time.monotonic() < deadline, f"renders still counted: {shared.hex()}"
+        time.sleep(0.01)
+
+
 def test_a_key_from_upstream_is_fetched_by_one_worker_only(
     node: Node, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

@@ -242,7 +242,7 @@ class Durations:
     def spinning(self) -> Iterator[bool]:
         """Whether a render's first piece (its count, `count(first=True)`, and its first
         window, `rest_windows`) may run on the sessions that spin between operators, for
-        as long as the block runs: only when the process renders nothing else
+        as long as the block runs: only when the node renders nothing else
         (edge.synth.activity) and no other render holds them. One such set per model and
         process (about 70 MiB for a piper medium voice), not one per inference thread: it
         serves the render that is alone, and there is one of those at most."""
