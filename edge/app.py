@@ -29,7 +29,7 @@ from nearvoice.edge.config import NodeConfig
 from nearvoice.edge.handlers import admin, health, openai, realtime, speech
 from nearvoice.edge.handlers.channel import channel_app
 from nearvoice.edge.handlers.keys import API_KEYS, NODE
-from nearvoice.edge.http.middleware import errors_as_json
+from nearvoice.edge.http.middleware import errors_as_json, seen
 from nearvoice.edge.http.proxies import TRUSTED, TrustedProxies
 from nearvoice.edge.keyring import Keyring
 from nearvoice.edge.logredact import install as redact_access_log
@@ -98,7 +98,8 @@ def create_app(
     """A node's application. `engines` overrides the configured ones (tests pass []);
     `api_keys` the tenants' keys, NEARVOICE_API_KEYS by default."""
     app = web.Application(
-        middlewares=[errors_as_json], handler_args={"max_line_size": config.http.max_line_size}
+        middlewares=[seen, errors_as_json],
+        handler_args={"max_line_size": config.http.max_line_size},
     )
     node = Node(config, keyring, renderer=None)
     chosen = default_engines(config) if engines is None else engines

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from nearvoice.edge import activity
 from nearvoice.edge.cache.fill import Fill, FillFailed, FillState
 from nearvoice.edge.cache.hot import HotEntry, HotTier, PurgeStamp, SharedFile
 from nearvoice.edge.cache.hotkeys import SpaceSaving
@@ -31,7 +32,6 @@ from nearvoice.edge.nodeauth import NodeVerifier, NonceStore, own_audience
 from nearvoice.edge.prefetch import Prefetcher
 from nearvoice.edge.producer import Producer
 from nearvoice.edge.spec import KEY_RE
-from nearvoice.edge.synth import activity
 from nearvoice.edge.synth.priority import CURRENT, Priority, RenderTicket
 from nearvoice.edge.synth.renderer import Renderer
 from nearvoice.edge.token import Grant, check_query_shape, check_use, verify_signature

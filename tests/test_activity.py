@@ -1,5 +1,6 @@
-"""edge.synth.activity: the process's count of renders in flight, as the renderer keeps it
-with real engines."""
+"""edge.activity: whether a render is alone on its node: renders and passes in flight, as
+the renderer counts them with real engines, and requests, as the app and the fast path
+report them."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from nearvoice.edge.activity import QUIET_SECONDS, RENDERS, Activity
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.metrics import Metrics
 from nearvoice.edge.spec import Spec
-from nearvoice.edge.synth.activity import RENDERS, Activity
 from nearvoice.edge.synth.piper_engine import PiperEngine
 from nearvoice.edge.synth.renderer import Renderer
 
@@ -37,7 +38,7 @@ def test_a_nodes_workers_see_each_others_renders(tmp_path: Path) -> None:
     first, second = Activity(), Activity()
     first.share(path, 0, 2)
     second.share(path, 1, 2)
-    assert path.stat().st_size == 16
+    assert path.stat().st_size == 32
     second.started()  # a render in the second worker
     assert second.alone()
     first.started()  # and one in the first: neither is alone
@@ -51,6 +52,57 @@ def test_a_nodes_workers_see_each_others_renders(tmp_path: Path) -> None:
     first.started()
     restarted.share(path, 0, 2)  # its slot starts again from its own count: none
     assert second.alone()
+
+
+class Clock:
+    """A monotonic clock that moves when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_render_right_after_another_request_is_not_alone() -> None:
+    clock = Clock()
+    node = Activity(clock)
+    node.request()  # a render's own request
+    node.started()
+    assert node.alone()
+    node.ended()
+    clock.now += QUIET_SECONDS / 2
+    node.request()  # another request, then a render's
+    clock.now += 0.001
+    node.request()
+    node.started()
+    assert not node.alone()  # two requests within QUIET_SECONDS: traffic
+    node.ended()
+    clock.now += QUIET_SECONDS * 1.5
+    node.request()  # a render whose request came after a quiet spell is alone
+    node.started()
+    assert node.alone()
+    clock.now += 0.001
+    node.request()  # until another request comes
+    assert not node.alone()
+    node.ended()
+
+
+def test_a_request_in_another_worker_keeps_a_render_from_being_alone(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "activity"
+    first, second = Activity(clock), Activity(clock)
+    first.share(path, 0, 2)
+    second.share(path, 1, 2)
+    second.request()  # a hit in the second worker
+    clock.now += QUIET_SECONDS / 2
+    first.request()  # then a render's request in the first
+    first.started()
+    assert not first.alone()
+    clock.now += QUIET_SECONDS * 1.5
+    first.request()
+    assert first.alone()
+    first.ended()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nearvoice.edge.synth import activity, exported
+from nearvoice.edge import activity
+from nearvoice.edge.synth import exported
 from nearvoice.edge.synth.chunking import split_chunks
 from nearvoice.edge.synth.durations import Durations, NoDurationPath, extract
 from nearvoice.edge.synth.engine import Engine

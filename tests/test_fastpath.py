@@ -22,6 +22,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
+from nearvoice.edge import activity
+from nearvoice.edge.activity import Activity
 from nearvoice.edge.app import create_app
 from nearvoice.edge.cache.meta import etag_for
 from nearvoice.edge.config import HttpSettings
@@ -235,6 +237,24 @@ async def test_access_logging_keeps_the_fast_path_on(
     server = edge.client.server.handler
     assert isinstance(server, EdgeServer)
     assert server.fast
+
+
+async def test_every_answer_counts_as_traffic_fast_or_not(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two requests close together make a render among them not alone (edge.activity),
+    whichever path answered them: the fast path's hits report themselves, the app's
+    requests pass the `seen` middleware."""
+    for edge, fast in ((pair.fast, 1), (pair.slow, 0)):
+        node = Activity()
+        monkeypatch.setattr(activity, "RENDERS", node)
+        before = edge.fast if fast else 0
+        assert node.alone()
+        assert (await edge.ask(head_of(pair.url))).status == 200
+        assert node.alone()  # one request: a render's own
+        assert (await edge.ask(head_of(pair.url))).status == 200
+        assert not node.alone()
+        assert (edge.fast if fast else 0) == before + 2 * fast
 
 
 # -- answers the fast path gives, identical to the ordinary path's -----------------------------

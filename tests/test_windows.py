@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearvoice.edge.synth import activity, windows
+from nearvoice.edge import activity
+from nearvoice.edge.synth import windows
 from nearvoice.edge.synth.durations import Durations, extract
 from nearvoice.edge.synth.piper_engine import BUNDLED, PiperEngine
 from nearvoice.edge.synth.providers import session

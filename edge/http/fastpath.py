@@ -56,6 +56,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_protocol import RequestHandler
 
+from nearvoice.edge import activity
 from nearvoice.edge.cache.hot import HotEntry
 from nearvoice.edge.handlers.keys import NODE
 from nearvoice.edge.handlers.speech import admission
@@ -287,6 +288,7 @@ class FastHitHandler(EdgeHandler):
         metrics.ttfb_by[Result.HIT].observe(time.perf_counter() - started)
         aiohttp_private.answered_keepalive(self, self._server)
         self._server.fast_answers += 1
+        activity.RENDERS.request()  # traffic, as the app's requests are (edge.http.middleware)
         return True
 
 

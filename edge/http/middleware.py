@@ -1,4 +1,5 @@
-"""Maps every refusal to a JSON body with the right status, in one place."""
+"""Maps every refusal to a JSON body with the right status, in one place; and tells
+edge.activity that a request came (`seen`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from http import HTTPStatus
 
 from aiohttp import hdrs, web
 
+from nearvoice.edge import activity
 from nearvoice.edge.errors import RequestError
 from nearvoice.edge.http.protocol import RawAnswer, error_bytes
 
@@ -25,6 +27,15 @@ def json_error(
 
 SPOKEN = frozenset({(1, 0), (1, 1)})
 """The HTTP versions this server speaks over its HTTP/1 framing."""
+
+
+@web.middleware
+async def seen(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every request the app routes counts as traffic (edge.activity): a render whose
+    request came among others' is not alone. The fast path's hits say so themselves
+    (edge.http.fastpath)."""
+    activity.RENDERS.request()
+    return await handler(request)
 
 
 @web.middleware

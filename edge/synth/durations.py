@@ -43,7 +43,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from nearvoice.edge.synth import activity, fusion, windows
+from nearvoice.edge import activity
+from nearvoice.edge.synth import fusion, windows
 from nearvoice.edge.synth.onnxgraph import behind, build_model, reads_of
 from nearvoice.edge.synth.providers import session
 from nearvoice.edge.synth.windows import Windowed
@@ -242,9 +243,9 @@ class Durations:
     def spinning(self) -> Iterator[bool]:
         """Whether a render's first piece (its count, `count(first=True)`, and its first
         window, `rest_windows`) may run on the sessions that spin between operators, for
-        as long as the block runs: only when the node renders nothing else
-        (edge.synth.activity) and no other render holds them. One such set per model and
-        process (about 70 MiB for a piper medium voice), not one per inference thread: it
+        as long as the block runs: only when the render is alone on its node
+        (edge.activity) and no other render holds them. One such set per model and
+        process (about 85 MiB for a piper medium voice), not one per inference thread: it
         serves the render that is alone, and there is one of those at most."""
         if (
             self.unspun is not None

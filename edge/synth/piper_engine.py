@@ -350,7 +350,7 @@ class PiperEngine:
                 # The first piece in windows: the first byte waits for its first frames,
                 # not for the whole piece (edge.synth.windows). It is counted on the first
                 # window's threads (Durations.count), which spin while it lasts if this
-                # render is the node's only one (edge.synth.activity).
+                # render is alone on its node (edge.activity).
                 with durations.spinning() as spin:
                     run = runs.run(i, functools.partial(durations.count, feeds, True, spin))
                     pieces = durations.rest_windows(run, feeds, spin) if run else None

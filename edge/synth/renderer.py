@@ -61,10 +61,11 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from nearvoice.edge import activity
 from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.metrics import Metrics
 from nearvoice.edge.spec import Spec
-from nearvoice.edge.synth import activity, fit
+from nearvoice.edge.synth import fit
 from nearvoice.edge.synth.batching import Batcher, Dispatch, batcher_of
 from nearvoice.edge.synth.engine import Audio, Engine, HelpsCount, SpecEngine
 from nearvoice.edge.synth.priority import CURRENT, PriorityPool, RenderTicket
@@ -463,7 +464,7 @@ def _render_stream(
 
 
 def _submit_pass(passes: Executor, call: Callable[..., T], *args: Any) -> Future[T]:
-    """`call` submitted to the pass pool, counted as work in flight (edge.synth.activity)
+    """`call` submitted to the pass pool, counted as work in flight (edge.activity)
     until its future is done, run or cancelled: a first piece must not spin while its own
     render's duration pass counts beside it (a WAV miss, whose header waits for the
     length)."""

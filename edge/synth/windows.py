@@ -415,7 +415,7 @@ class Windowed:
 
     def _spinning_stage(self) -> Stage:
         """The process's one set of first-window sessions whose threads spin between
-        operators (edge.synth.activity): for the render that is alone."""
+        operators (edge.activity): for the render that is alone."""
         if self._spinning is None:
             with self._lock:
                 if self._spinning is None:
