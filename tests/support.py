@@ -41,6 +41,16 @@ DEFAULT_TEXT = "Hello from the edge."
 READY_TIMEOUT = 60.0
 
 
+class Clock:
+    """A monotonic clock that moves only when a test moves it (`now`)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def make_keyring(*entries: str) -> Keyring:
     """A keyring from `kid:secret` entries; one fixed test key when none are given."""
     return Keyring.parse(",".join(entries) if entries else f"{KID}:{SECRET}")

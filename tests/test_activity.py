@@ -17,6 +17,7 @@ from nearvoice.edge.metrics import Metrics
 from nearvoice.edge.spec import Spec
 from nearvoice.edge.synth.piper_engine import PiperEngine
 from nearvoice.edge.synth.renderer import Renderer
+from tests.support import Clock
 
 
 def test_one_render_is_alone_and_two_are_not() -> None:
@@ -52,16 +53,6 @@ def test_a_nodes_workers_see_each_others_renders(tmp_path: Path) -> None:
     first.started()
     restarted.share(path, 0, 2)  # its slot starts again from its own count: none
     assert second.alone()
-
-
-class Clock:
-    """A monotonic clock that moves when told."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_render_right_after_another_request_is_not_alone() -> None:

@@ -14,14 +14,7 @@ from nearvoice.edge.formats import AudioFormat
 from nearvoice.edge.limits import Limiter, RateLimited, Rates, Scope
 from nearvoice.edge.policy import Policy
 from nearvoice.edge.spec import Spec, SpecError
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support import Clock
 
 
 def test_a_bucket_allows_its_burst_then_refills_at_its_rate() -> None:

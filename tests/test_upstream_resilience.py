@@ -34,7 +34,7 @@ from nearvoice.edge.upstream import (
     backoff_delay,
     rendezvous_order,
 )
-from tests.support import eventually, make_keyring, payload
+from tests.support import Clock, eventually, make_keyring, payload
 
 KEYRING = make_keyring()
 BODY = payload(200_000, seed=7)
@@ -598,14 +598,6 @@ async def test_slow_first_byte_within_the_timeout_is_served() -> None:
 
 
 # -- the breaker's state machine (unit, on a hand-driven clock) ----------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def state(breaker: CircuitBreaker) -> BreakerState:
