@@ -42,15 +42,14 @@ QUIET_SECONDS = 0.05
 to count as alone: steady traffic of 20 requests a second or more keeps every first
 piece on the sleeping threads."""
 
-PUBLISH_SECONDS = 0.005
-"""A worker writes its latest request's time to the shared file at most this often: hits
-are the fast path, and a time this much stale changes no decision that matters."""
-
 SLOT = struct.Struct("<qd")
 """One worker's slot in the shared file: its renders and passes in flight, and the
 CLOCK_MONOTONIC time (system-wide on Linux) of its latest request. Written only by that
-worker, read by the others without a lock: a read that races a write sees a value from
-before or after it, either of which was true."""
+worker, each field by one writer (the count under `Activity._lock`, the time by the
+event loop), and read by the others without a lock: a read that races a write sees a
+value from before or after it, either of which was true."""
+COUNT = struct.Struct("<q")
+LATEST = struct.Struct("<d")
 
 
 class Activity:
@@ -65,7 +64,6 @@ class Activity:
         """When the latest request came."""
         self._earlier = -1e9
         """When the request before it came."""
-        self._published = -1e9
         self._shared: mmap.mmap | None = None
         self._slot = 0
 
@@ -84,28 +82,28 @@ class Activity:
         finally:
             os.close(fd)  # the mapping keeps the file
         with self._lock:
-            self._shared, self._slot = shared, index * SLOT.size
-            self._publish()
+            self._slot = index * SLOT.size
+            SLOT.pack_into(shared, self._slot, self._renders, self._latest)
+            self._shared = shared
 
     def started(self) -> None:
         """One more render or pass in flight; each is `ended` once, whatever becomes of
         it."""
         with self._lock:
             self._renders += 1
-            self._publish()
+            self._publish_count()
 
     def ended(self) -> None:
         with self._lock:
             self._renders -= 1
-            self._publish()
+            self._publish_count()
 
     def request(self) -> None:
         """A request came in (called on the event loop, for every request it reads)."""
         now = self._clock()
         self._earlier, self._latest = self._latest, now
-        if self._shared is not None and now - self._published >= PUBLISH_SECONDS:
-            with self._lock:
-                self._publish()
+        if self._shared is not None:
+            LATEST.pack_into(self._shared, self._slot + COUNT.size, now)
 
     def alone(self) -> bool:
         """Whether the caller's render is alone: at most one render or pass in flight (its
@@ -130,11 +128,10 @@ class Activity:
     def renders(self) -> int:
         return self._renders
 
-    def _publish(self) -> None:
-        """Writes this worker's slot (under `_lock`)."""
+    def _publish_count(self) -> None:
+        """Writes this worker's count to its slot (under `_lock`)."""
         if self._shared is not None:
-            self._published = self._latest
-            SLOT.pack_into(self._shared, self._slot, self._renders, self._latest)
+            COUNT.pack_into(self._shared, self._slot, self._renders)
 
 
 RENDERS = Activity()
